@@ -1,0 +1,806 @@
+//! Apply: writes incoming ChangeSets to the local database.
+//!
+//! ```text
+//!  link --mpsc<Vec<LogEntry>>--> [apply task: owns one connection]
+//!      BEGIN
+//!        per ChangeSet: pg_logical_emit_message('branchsync.apply', header)   (R3)
+//!                       batched INSERT/UPDATE/DELETE … FROM unnest(text[]…)
+//!                       row versions into branchsync.row_version              (R13)
+//!        branchsync.progress(stream) = last complete ChangeSet's position     (R4)
+//!        pg_replication_origin_xact_setup(author lsn, author commit time)
+//!      COMMIT  --> progress watch --> link sends Ack
+//! ```
+//!
+//! # Exactly once
+//!
+//! The stream position of the last applied ChangeSet is written in the same
+//! transaction as its rows, so after a crash at any instant the database
+//! says exactly what was applied; the link resumes the stream from there
+//! (R4). The session runs under the author's replication origin with
+//! `session_replication_role = replica`, so applied rows remember their
+//! author and time, and capture at a branch never logs them again.
+//! `synchronous_commit` is on for this session, so a commit that returned is
+//! flushed before it is acknowledged (R5).
+//!
+//! # Grouping and batching
+//!
+//! Consecutive ChangeSets of one author share a local transaction while the
+//! transaction is younger than the group budget (default 50 ms), so the
+//! ERP's cashiers never wait long behind an apply lock (R6). Inside a
+//! transaction, the inserts of a ChangeSet are bucketed per table (in order
+//! of first appearance) and sent as one `INSERT … SELECT FROM unnest` per
+//! table; these statements are pipelined without waiting for each answer.
+//! Updates and deletes lock their rows first (`FOR UPDATE`, R7), decide by
+//! the conflict rule, then write in one statement per batch. One ChangeSet
+//! spanning many fragments is one long local transaction: that is
+//! unavoidable, and documented.
+//!
+//! # Error handling
+//!
+//! Any error ends the apply session and rolls back the open transaction;
+//! nothing is half-applied and progress did not move. Transient errors (lock
+//! timeout, deadlock, lost connection) are retried by the link from the
+//! durable progress (R8). A data error (SQLSTATE classes 22, 23, 42) also
+//! marks the failed range as *careful*: it is replayed one ChangeSet per
+//! transaction and one change per savepoint, inserts resolve key conflicts
+//! by the rule, and a change that still fails is quarantined in
+//! `branchsync.conflicts` with its error, while the rest flows on.
+
+mod sql;
+mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc, Value};
+use futures::future::{BoxFuture, FutureExt};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Statement;
+
+use crate::conflict::{self, Decision, Version};
+use crate::error::pg_error_is_data_error;
+use crate::pg::{fmt_lsn, PgConn};
+use crate::scope::Scope;
+use crate::state::{origin_name, APPLY_MESSAGE_PREFIX};
+use crate::{failpoints, EngineError};
+pub use table::{LocalTable, Mapping};
+
+/// Default time budget of one grouped apply transaction.
+pub const DEFAULT_GROUP_BUDGET: Duration = Duration::from_millis(50);
+/// Largest number of rows per batched statement.
+const MAX_BATCH_ROWS: usize = 5_000;
+
+/// How an apply session behaves.
+#[derive(Debug, Clone)]
+pub struct ApplyConfig {
+    /// This node's name (the author of local versions).
+    pub node: String,
+    /// What is replicated here.
+    pub scope: Scope,
+    /// Time budget of a grouped transaction.
+    pub group_budget: Duration,
+    /// `lock_timeout` of the apply session in milliseconds (R8).
+    pub lock_timeout_ms: u64,
+}
+
+/// State of one incoming stream that outlives apply sessions.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    /// Positions up to this one are replayed carefully (after a data error).
+    careful_until: AtomicU64,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApplyStats {
+    /// Durable progress of the stream.
+    pub committed_pos: u64,
+    /// ChangeSets applied.
+    pub changesets: u64,
+    /// Row changes applied.
+    pub rows: u64,
+    /// Conflicts recorded.
+    pub conflicts: u64,
+    /// Changes quarantined.
+    pub quarantined: u64,
+    /// Local transactions committed.
+    pub transactions: u64,
+}
+
+/// Boxed future on the apply connection, sent but not yet awaited.
+type Pending<'a> = BoxFuture<'a, Result<u64, tokio_postgres::Error>>;
+
+struct OpenTxn {
+    started: Instant,
+    author: String,
+    /// A ChangeSet has started and its last fragment has not arrived.
+    mid_changeset: bool,
+    /// Last complete ChangeSet of this transaction.
+    last: Option<(u64, ChangeSetHeader)>,
+    careful: bool,
+}
+
+/// Applies one incoming stream; owns its connection.
+pub struct Applier {
+    conn: PgConn,
+    cfg: ApplyConfig,
+    stream: String,
+    state: Arc<StreamState>,
+    tables: HashMap<(String, String), Option<LocalTable>>,
+    stmts: HashMap<String, Statement>,
+    session_origin: Option<String>,
+    txn: Option<OpenTxn>,
+    committed: u64,
+    seen: u64,
+    stats: ApplyStats,
+    progress_tx: watch::Sender<ApplyStats>,
+}
+
+fn texts(vals: &[Option<String>]) -> Vec<Option<&str>> {
+    vals.iter().map(|v| v.as_deref()).collect()
+}
+
+/// The key text stored in `branchsync.row_version`: the same text as
+/// `json_build_array(k1::text, …)::text` produces in PostgreSQL.
+pub fn key_text(parts: &[&str]) -> String {
+    let inner: Vec<String> = parts.iter().map(|p| serde_json::Value::String(p.to_string()).to_string()).collect();
+    format!("[{}]", inner.join(", "))
+}
+
+fn row_json(desc: &TableDesc, vals: &[Value]) -> String {
+    let mut m = serde_json::Map::new();
+    for (c, v) in desc.columns.iter().zip(vals) {
+        match v {
+            Value::Null => {
+                m.insert(c.clone(), serde_json::Value::Null);
+            }
+            Value::Text(s) => {
+                m.insert(c.clone(), serde_json::Value::String(s.clone()));
+            }
+            Value::Unchanged => {}
+        }
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+impl Applier {
+    /// Opens the apply connection for `stream` and reads its durable progress.
+    pub async fn connect(url: &str, cfg: ApplyConfig, stream: &str, state: Arc<StreamState>) -> Result<(Applier, watch::Receiver<ApplyStats>), EngineError> {
+        let conn = crate::pg::connect(url, &format!("branchsync apply {stream}")).await?;
+        conn.client
+            .batch_execute(&format!(
+                "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0",
+                cfg.lock_timeout_ms
+            ))
+            .await
+            .map_err(EngineError::pg("configuring the apply session"))?;
+        let committed = read_progress(&conn.client, stream).await?;
+        let stats = ApplyStats { committed_pos: committed, ..Default::default() };
+        let (progress_tx, progress_rx) = watch::channel(stats.clone());
+        Ok((
+            Applier {
+                conn,
+                cfg,
+                stream: stream.to_string(),
+                state,
+                tables: HashMap::new(),
+                stmts: HashMap::new(),
+                session_origin: None,
+                txn: None,
+                committed,
+                seen: committed,
+                stats,
+                progress_tx,
+            },
+            progress_rx,
+        ))
+    }
+
+    /// Durable progress of the stream: the position of the last ChangeSet
+    /// committed locally.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Runs until `rx` closes or `shutdown` fires. An open transaction that
+    /// sits at a ChangeSet boundary is committed before returning (drain);
+    /// a half-received ChangeSet is rolled back and resent later.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<LogEntry>>, mut shutdown: watch::Receiver<bool>) -> Result<ApplyStats, EngineError> {
+        let mut closed = self.conn.closed.clone();
+        loop {
+            let at_boundary = self.txn.as_ref().is_some_and(|t| !t.mid_changeset);
+            tokio::select! {
+                biased;
+                // 1. Shutdown: finish what is whole, drop the rest.
+                _ = shutdown.changed() => {
+                    if at_boundary {
+                        self.commit().await?;
+                    }
+                    return Ok(self.stats);
+                }
+                // 2. The connection died: the open transaction is gone.
+                _ = closed.changed() => {
+                    return Err(EngineError::ConnectionLost { context: format!("applying stream {}", self.stream) });
+                }
+                // 3. New entries from the link.
+                msg = rx.recv() => match msg {
+                    Some(entries) => {
+                        if let Err(e) = self.apply_entries(&entries).await {
+                            return Err(self.fail(e));
+                        }
+                        if self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
+                            if let Err(e) = self.commit().await {
+                                return Err(self.fail(e));
+                            }
+                        }
+                    }
+                    None => {
+                        if at_boundary {
+                            self.commit().await?;
+                        }
+                        return Ok(self.stats);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Marks the open range careful after a data error.
+    fn fail(&mut self, e: EngineError) -> EngineError {
+        let data = matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source));
+        if data && self.seen > self.committed {
+            self.state.careful_until.fetch_max(self.seen, Ordering::SeqCst);
+            tracing::warn!(stream = %self.stream, from = self.committed + 1, to = self.seen, error = %e, "data error: replaying this range change by change");
+        }
+        e
+    }
+
+    fn careful_for(&self, pos: u64) -> bool {
+        pos <= self.state.careful_until.load(Ordering::SeqCst)
+    }
+
+    /// Applies entries in order, skipping positions already seen (a resend).
+    pub async fn apply_entries(&mut self, entries: &[LogEntry]) -> Result<(), EngineError> {
+        for e in entries {
+            if e.pos <= self.seen {
+                continue;
+            }
+            if e.part == 0 {
+                let careful = self.careful_for(e.pos);
+                if let Some(t) = &self.txn {
+                    if t.mid_changeset {
+                        return Err(EngineError::Corrupt(format!("stream {} started a new ChangeSet at position {} inside another", self.stream, e.pos)));
+                    }
+                    if t.author != e.header.author || t.started.elapsed() >= self.cfg.group_budget || careful || t.careful {
+                        self.commit().await?;
+                    }
+                }
+                if self.txn.is_none() {
+                    self.begin(&e.header.author, careful).await?;
+                }
+                let msg = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
+                let st = self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?;
+                self.conn
+                    .client
+                    .query_one(&st, &[&APPLY_MESSAGE_PREFIX, &msg])
+                    .await
+                    .map_err(EngineError::pg("writing the apply message"))?;
+                if let Some(t) = self.txn.as_mut() {
+                    t.mid_changeset = true;
+                }
+            } else if !self.txn.as_ref().is_some_and(|t| t.mid_changeset) {
+                return Err(EngineError::Corrupt(format!(
+                    "stream {} sent fragment {} of a ChangeSet at position {} without its start",
+                    self.stream, e.part, e.pos
+                )));
+            }
+            let careful = self.txn.as_ref().is_some_and(|t| t.careful);
+            self.apply_fragment(e, careful).await?;
+            self.seen = e.pos;
+            self.stats.rows += e.changes.len() as u64;
+            if e.last {
+                self.stats.changesets += 1;
+                if let Some(t) = self.txn.as_mut() {
+                    t.mid_changeset = false;
+                    t.last = Some((e.pos, e.header.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn stmt(&mut self, text: &str, types: &[Type]) -> Result<Statement, EngineError> {
+        if let Some(s) = self.stmts.get(text) {
+            return Ok(s.clone());
+        }
+        let s = self
+            .conn
+            .client
+            .prepare_typed(text, types)
+            .await
+            .map_err(EngineError::pg("preparing an apply statement"))?;
+        if self.stmts.len() > 2_000 {
+            self.stmts.clear();
+        }
+        self.stmts.insert(text.to_string(), s.clone());
+        Ok(s)
+    }
+
+    async fn begin(&mut self, author: &str, careful: bool) -> Result<(), EngineError> {
+        let origin = origin_name(author);
+        if self.session_origin.as_deref() != Some(origin.as_str()) {
+            let c = &self.conn.client;
+            if self.session_origin.is_some() {
+                c.batch_execute("SELECT pg_replication_origin_session_reset()").await.map_err(EngineError::pg("resetting the replication origin"))?;
+                self.session_origin = None;
+            }
+            c.execute(
+                "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
+                &[&origin],
+            )
+            .await
+            .map_err(EngineError::pg(format!("creating replication origin {origin}")))?;
+            c.execute("SELECT pg_replication_origin_session_setup($1)::text", &[&origin])
+                .await
+                .map_err(EngineError::pg(format!("setting up replication origin {origin}")))?;
+            self.session_origin = Some(origin);
+        }
+        self.conn.client.batch_execute("BEGIN").await.map_err(EngineError::pg("starting an apply transaction"))?;
+        self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful });
+        Ok(())
+    }
+
+    /// Commits the open transaction (which must sit at a ChangeSet
+    /// boundary) with the stream progress and the author's origin data.
+    async fn commit(&mut self) -> Result<(), EngineError> {
+        let Some(t) = self.txn.take() else { return Ok(()) };
+        let Some((pos, header)) = t.last else {
+            self.conn.client.batch_execute("ROLLBACK").await.map_err(EngineError::pg("ending an empty transaction"))?;
+            return Ok(());
+        };
+        let c = &self.conn.client;
+        let pos_i = pos as i64;
+        c.execute(sql::UPSERT_PROGRESS, &[&self.stream, &pos_i]).await.map_err(EngineError::pg("recording stream progress"))?;
+        c.query_one(sql::XACT_SETUP, &[&fmt_lsn(header.commit_lsn), &header.commit_ts_us])
+            .await
+            .map_err(EngineError::pg("setting the origin of the apply transaction"))?;
+        failpoints::hit(failpoints::APPLY_BEFORE_COMMIT);
+        c.batch_execute("COMMIT").await.map_err(EngineError::pg("committing an apply transaction"))?;
+        // Progress moves only now, after the commit is durable
+        // (synchronous_commit = on): the link may acknowledge it.
+        failpoints::hit(failpoints::APPLY_AFTER_COMMIT);
+        self.committed = pos;
+        self.stats.committed_pos = pos;
+        self.stats.transactions += 1;
+        self.progress_tx.send_replace(self.stats.clone());
+        tracing::debug!(stream = %self.stream, pos, author = %header.author, lsn = %fmt_lsn(header.commit_lsn), "apply transaction committed");
+        Ok(())
+    }
+
+    async fn mapping(&mut self, desc: &TableDesc) -> Result<Option<Mapping>, EngineError> {
+        if !self.cfg.scope.includes(&desc.schema, &desc.name) {
+            return Ok(None);
+        }
+        let key = (desc.schema.clone(), desc.name.clone());
+        if !self.tables.contains_key(&key) {
+            let t = LocalTable::load(&self.conn.client, &desc.schema, &desc.name).await?;
+            self.tables.insert(key.clone(), t);
+        }
+        Ok(self.tables[&key].clone().map(|t| Mapping::new(desc, t)))
+    }
+
+    async fn apply_fragment(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
+        let mut maps = Vec::with_capacity(e.tables.len());
+        for d in &e.tables {
+            let m = self.mapping(d).await?;
+            if m.is_none() && self.cfg.scope.includes(&d.schema, &d.name) {
+                let n = e.changes.iter().filter(|c| change_table(c) == Some(maps.len() as u32)).count();
+                self.record(&format!("{}.{}", d.schema, d.name), None, "missing_table", &e.header, None, None, Some(format!(
+                    "{n} row change(s) of ChangeSet {}@{} not applied: table does not exist here", e.header.author, fmt_lsn(e.header.commit_lsn)
+                ))).await?;
+            }
+            maps.push(m);
+        }
+        if careful {
+            for (i, ch) in e.changes.iter().enumerate() {
+                self.apply_one_carefully(e, &maps, i, ch).await?;
+            }
+            return Ok(());
+        }
+        // Fast path: bucket inserts per table until the next non-insert.
+        let mut buckets: Vec<(u32, Vec<&Vec<Value>>)> = Vec::new();
+        let mut i = 0;
+        while i < e.changes.len() {
+            match &e.changes[i] {
+                RowChange::Insert { table, new } => {
+                    match buckets.iter_mut().find(|(t, _)| t == table) {
+                        Some((_, rows)) => rows.push(new),
+                        None => buckets.push((*table, vec![new])),
+                    }
+                    i += 1;
+                }
+                RowChange::Truncate { .. } => {
+                    tracing::info!(stream = %self.stream, "truncate not replicated (tables have not opted in)");
+                    i += 1;
+                }
+                _ => {
+                    self.flush_inserts(e, &maps, std::mem::take(&mut buckets)).await?;
+                    // A run of updates or deletes on one table, without a
+                    // key repeated (a repeat must see the earlier change).
+                    let start = i;
+                    let mut keys = HashSet::new();
+                    while i < e.changes.len() && i - start < MAX_BATCH_ROWS && same_run(&e.changes[start], &e.changes[i]) {
+                        let m = maps[change_table(&e.changes[i]).unwrap_or(0) as usize].as_ref();
+                        if let Some(k) = m.and_then(|m| change_key(m, &e.changes[i])) {
+                            if !keys.insert(k) {
+                                break;
+                            }
+                        }
+                        i += 1;
+                    }
+                    self.apply_keyed_run(e, &maps, &e.changes[start..i]).await?;
+                }
+            }
+        }
+        self.flush_inserts(e, &maps, buckets).await
+    }
+
+    /// Sends one pipelined insert per table bucket (plus row versions).
+    async fn flush_inserts(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
+        let mut jobs: Vec<(Statement, Vec<Vec<Option<String>>>, Option<Vec<String>>, String)> = Vec::new();
+        for (t, rows) in buckets {
+            let Some(m) = maps[t as usize].as_ref() else { continue };
+            let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
+            if cols.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+            let text = sql::insert(&m.table, &names, false);
+            let st = self.stmt(&text, &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+            for chunk in rows.chunks(MAX_BATCH_ROWS) {
+                let arrays: Vec<Vec<Option<String>>> =
+                    cols.iter().map(|c| chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect()).collect();
+                let keys = m.key_src.as_ref().map(|ks| {
+                    chunk.iter().map(|r| key_text(&ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect::<Vec<_>>())).collect()
+                });
+                jobs.push((st.clone(), arrays, keys, m.table.name.clone()));
+            }
+        }
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
+        let stamp = e.header.stamp as i64;
+        let owned: Vec<(Vec<Vec<Option<&str>>>, Option<&Vec<String>>)> = jobs.iter().map(|(_, a, k, _)| (a.iter().map(|v| texts(v)).collect(), k.as_ref())).collect();
+        let client = &self.conn.client;
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for (j, (st, _, _, tbl)) in jobs.iter().enumerate() {
+            let params: Vec<&(dyn ToSql + Sync)> = owned[j].0.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            pending.push(async move { client.execute(st, &params).await }.boxed());
+            if let Some(keys) = owned[j].1 {
+                let vst = &vst;
+                let author = &e.header.author;
+                pending.push(async move { client.execute(vst, &[tbl, keys, &stamp, author, &false]).await }.boxed());
+            }
+        }
+        futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying inserts"))?;
+        Ok(())
+    }
+
+    /// Updates or deletes of one table: lock, decide, write, record.
+    async fn apply_keyed_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
+        let Some(t) = change_table(&run[0]) else { return Ok(()) };
+        let Some(m) = maps[t as usize].clone() else { return Ok(()) };
+        let desc = &e.tables[t as usize];
+        if m.key_src.is_none() {
+            for ch in run {
+                self.apply_keyless(e, &m, desc, ch).await?;
+            }
+            return Ok(());
+        }
+        let ks = m.key_src.clone().unwrap_or_default();
+        // Old keys (where the row is now) per change.
+        let old_keys: Vec<Vec<String>> = run
+            .iter()
+            .map(|ch| {
+                let vals = match ch {
+                    RowChange::Update { old: Some(o), .. } => &o.values,
+                    RowChange::Update { new, .. } => new,
+                    RowChange::Delete { old, .. } => &old.values,
+                    _ => unreachable_change(),
+                };
+                ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()
+            })
+            .collect();
+        let lock_sql = sql::lock_versions(&m.table);
+        let mut types = vec![Type::TEXT_ARRAY; ks.len()];
+        types.push(Type::TEXT);
+        let st = self.stmt(&lock_sql, &types).await?;
+        let key_arrays: Vec<Vec<&str>> = (0..ks.len()).map(|j| old_keys.iter().map(|k| k[j].as_str()).collect()).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        params.push(&m.table.name);
+        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("locking rows of {}", m.table.name)))?;
+        let mut found: HashMap<usize, Version> = HashMap::new();
+        for r in rows {
+            let i: i64 = r.get(0);
+            let roident: Option<i64> = r.get(2);
+            let ts: Option<i64> = r.get(3);
+            let rv_stamp: Option<i64> = r.get(4);
+            let rv_node: Option<String> = r.get(5);
+            let side = rv_stamp.map(|s| Version { stamp: s as u64, node: rv_node.clone().unwrap_or_default() });
+            let local = match (roident, ts) {
+                (Some(0), Some(ts)) => Version { stamp: ts.max(0) as u64, node: self.cfg.node.clone() },
+                _ => side.unwrap_or(Version { stamp: 0, node: String::new() }),
+            };
+            found.insert(i as usize - 1, local);
+        }
+        let incoming = Version { stamp: e.header.stamp, node: e.header.author.clone() };
+        let is_delete = matches!(run[0], RowChange::Delete { .. });
+        let mut winners = Vec::new();
+        for (idx, ch) in run.iter().enumerate() {
+            let key = key_text(&old_keys[idx].iter().map(String::as_str).collect::<Vec<_>>());
+            match found.get(&idx) {
+                None if is_delete => {}
+                None => {
+                    self.record(&m.table.name, Some(key), "update_missing", &e.header, None, Some(change_json(desc, ch)),
+                        Some("the row does not exist here (deleted here, or never arrived); delete wins".into())).await?;
+                }
+                Some(local) => {
+                    let d = conflict::lww(local, &incoming);
+                    if is_delete {
+                        // Delete wins over a concurrent update everywhere, so sites converge.
+                        if d == Decision::KeepLocal && local.node != e.header.author && !local.node.is_empty() {
+                            let lj = self.local_json(&m, &old_keys[idx]).await?;
+                            self.record(&m.table.name, Some(key), "update_delete", &e.header, lj, Some(change_json(desc, ch)),
+                                Some(format!("a newer update by {} (stamp {}) is discarded: delete wins", local.node, local.stamp))).await?;
+                        }
+                        winners.push(idx);
+                    } else if d == Decision::ApplyIncoming {
+                        winners.push(idx);
+                    } else {
+                        let lj = self.local_json(&m, &old_keys[idx]).await?;
+                        self.record(&m.table.name, Some(key), "update_update", &e.header, lj, Some(change_json(desc, ch)),
+                            Some(format!("local version by {} (stamp {}) is newer than incoming (stamp {})", local.node, local.stamp, e.header.stamp))).await?;
+                    }
+                }
+            }
+        }
+        if winners.is_empty() {
+            return Ok(());
+        }
+        let wkeys: Vec<&Vec<String>> = winners.iter().map(|i| &old_keys[*i]).collect();
+        let key_arrays: Vec<Vec<&str>> = (0..ks.len()).map(|j| wkeys.iter().map(|k| k[j].as_str()).collect()).collect();
+        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
+        let stamp = e.header.stamp as i64;
+        if is_delete {
+            let st = self.stmt(&sql::delete(&m.table), &vec![Type::TEXT_ARRAY; ks.len()]).await?;
+            let params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
+            let tomb: Vec<String> = wkeys.iter().map(|k| key_text(&k.iter().map(String::as_str).collect::<Vec<_>>())).collect();
+            self.conn.client.execute(&vst, &[&m.table.name, &tomb, &stamp, &e.header.author, &true]).await.map_err(EngineError::pg("recording tombstones"))?;
+            return Ok(());
+        }
+        // Updates: columns present (not unchanged TOAST, R12), written and not identity-always.
+        let RowChange::Update { new: first_new, .. } = &run[winners[0]] else { return Ok(()) };
+        let set_src: Vec<usize> = (0..m.targets.len())
+            .filter(|i| m.local(*i).is_some_and(|c| !c.identity_always) && !matches!(first_new.get(*i), Some(Value::Unchanged)))
+            .collect();
+        let set_names: Vec<&str> = set_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        if !set_names.is_empty() {
+            let st = self.stmt(&sql::update(&m.table, &set_names), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
+            let news: Vec<&Vec<Value>> = winners.iter().map(|i| match &run[*i] { RowChange::Update { new, .. } => new, _ => unreachable_change() }).collect();
+            let val_arrays: Vec<Vec<Option<&str>>> = set_src.iter().map(|c| news.iter().map(|n| n.get(*c).and_then(|v| v.as_text())).collect()).collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            params.extend(val_arrays.iter().map(|a| a as &(dyn ToSql + Sync)));
+            self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying updates to {}", m.table.name)))?;
+        }
+        let mut new_keys = Vec::new();
+        let mut moved = Vec::new();
+        for i in &winners {
+            if let RowChange::Update { new, .. } = &run[*i] {
+                let nk: Vec<&str> = ks.iter().map(|k| new.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect();
+                let nk = key_text(&nk);
+                let ok = key_text(&old_keys[*i].iter().map(String::as_str).collect::<Vec<_>>());
+                if nk != ok {
+                    moved.push(ok);
+                }
+                new_keys.push(nk);
+            }
+        }
+        self.conn.client.execute(&vst, &[&m.table.name, &new_keys, &stamp, &e.header.author, &false]).await.map_err(EngineError::pg("recording row versions"))?;
+        if !moved.is_empty() {
+            self.conn
+                .client
+                .execute("DELETE FROM branchsync.row_version WHERE tbl = $1 AND key = ANY($2)", &[&m.table.name, &moved])
+                .await
+                .map_err(EngineError::pg("moving row versions"))?;
+        }
+        Ok(())
+    }
+
+    /// UPDATE/DELETE on a table without a key: touch exactly one matching
+    /// row, NULL-safe (R11). No conflict detection on multisets.
+    async fn apply_keyless(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ch: &RowChange) -> Result<(), EngineError> {
+        let old: &OldRow = match ch {
+            RowChange::Update { old: Some(o), .. } | RowChange::Delete { old: o, .. } => o,
+            RowChange::Update { old: None, .. } => {
+                return self.record(&m.table.name, None, "no_key", &e.header, None, Some(change_json(desc, ch)),
+                    Some("the author sent no old row for a table without a key here; set REPLICA IDENTITY FULL on the author".into())).await;
+            }
+            _ => return Ok(()),
+        };
+        let match_src: Vec<usize> = (0..m.targets.len()).filter(|i| m.local(*i).is_some() && !matches!(old.values.get(*i), Some(Value::Unchanged))).collect();
+        let match_names: Vec<&str> = match_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let mut args: Vec<Option<&str>> = match_src.iter().map(|i| old.values.get(*i).and_then(|v| v.as_text())).collect();
+        let text = match ch {
+            RowChange::Delete { .. } => sql::keyless_delete(&m.table, &match_names),
+            RowChange::Update { new, .. } => {
+                let set_src: Vec<usize> = (0..m.targets.len()).filter(|i| m.local(*i).is_some_and(|c| !c.identity_always) && !matches!(new.get(*i), Some(Value::Unchanged))).collect();
+                let set_names: Vec<&str> = set_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+                args.extend(set_src.iter().map(|i| new.get(*i).and_then(|v| v.as_text())));
+                sql::keyless_update(&m.table, &match_names, &set_names)
+            }
+            _ => return Ok(()),
+        };
+        let st = self.stmt(&text, &vec![Type::TEXT; args.len()]).await?;
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let n = self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying a change to {}", m.table.name)))?;
+        if n == 0 {
+            self.record(&m.table.name, None, "row_missing", &e.header, None, Some(change_json(desc, ch)),
+                Some("no row with these values exists here".into())).await?;
+        }
+        Ok(())
+    }
+
+    /// Careful mode: one change per savepoint; inserts resolve key conflicts
+    /// by the rule; a change that fails with a data error is quarantined.
+    async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
+        let Some(t) = change_table(ch) else { return Ok(()) };
+        let Some(m) = maps[t as usize].clone() else { return Ok(()) };
+        let desc = &e.tables[t as usize];
+        self.conn.client.batch_execute("SAVEPOINT branchsync_change").await.map_err(EngineError::pg("setting a savepoint"))?;
+        let r = match ch {
+            RowChange::Insert { new, .. } => self.insert_or_resolve(e, &m, desc, new).await,
+            RowChange::Truncate { .. } => Ok(()),
+            _ => self.apply_keyed_run(e, maps, std::slice::from_ref(ch)).await,
+        };
+        match r {
+            Ok(()) => {
+                self.conn.client.batch_execute("RELEASE SAVEPOINT branchsync_change").await.map_err(EngineError::pg("releasing a savepoint"))?;
+                Ok(())
+            }
+            Err(EngineError::Postgres { source, context }) if pg_error_is_data_error(&source) => {
+                self.conn.client.batch_execute("ROLLBACK TO SAVEPOINT branchsync_change").await.map_err(EngineError::pg("rolling back to a savepoint"))?;
+                let detail = source.as_db_error().map(|d| format!("{} ({}): {}", context, d.code().code(), d.message())).unwrap_or_else(|| context.clone());
+                tracing::warn!(stream = %self.stream, table = %m.table.name, author = %e.header.author, "change quarantined");
+                self.stats.quarantined += 1;
+                self.record(&m.table.name, None, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn insert_or_resolve(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value]) -> Result<(), EngineError> {
+        let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
+        let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let st = self.stmt(&sql::insert(&m.table, &names, true), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+        let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(|v| v.as_text())]).collect();
+        let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying an insert to {}", m.table.name)))?;
+        let Some(ks) = &m.key_src else { return Ok(()) };
+        let key_parts: Vec<&str> = ks.iter().map(|k| new.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect();
+        let key = key_text(&key_parts);
+        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
+        if !rows.is_empty() {
+            let stamp = e.header.stamp as i64;
+            self.conn.client.execute(&vst, &[&m.table.name, &vec![key], &stamp, &e.header.author, &false]).await.map_err(EngineError::pg("recording row versions"))?;
+            return Ok(());
+        }
+        // Insert/insert on the same key: resolve like an update by the rule.
+        let exists = {
+            let lock = self.stmt(&sql::lock_versions(&m.table), &{
+                let mut t = vec![Type::TEXT_ARRAY; ks.len()];
+                t.push(Type::TEXT);
+                t
+            }).await?;
+            let ka: Vec<Vec<&str>> = key_parts.iter().map(|k| vec![*k]).collect();
+            let mut p: Vec<&(dyn ToSql + Sync)> = ka.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            p.push(&m.table.name);
+            !self.conn.client.query(&lock, &p).await.map_err(EngineError::pg("locking a conflicting row"))?.is_empty()
+        };
+        if !exists {
+            return self.record(&m.table.name, Some(key), "insert_unique", &e.header, None, Some(row_json(desc, new)),
+                Some("another row here holds the same value of a unique constraint".into())).await;
+        }
+        let as_update = RowChange::Update { table: 0, old: None, new: new.to_vec() };
+        let one = LogEntry { tables: vec![desc.clone()], changes: vec![as_update], ..e.clone() };
+        let maps = vec![Some(m.clone())];
+        let before = self.stats.conflicts;
+        self.apply_keyed_run(&one, &maps, &one.changes).await?;
+        if self.stats.conflicts == before {
+            // The incoming row won; the local one it replaced is the loser.
+            self.record(&m.table.name, Some(key), "insert_insert", &e.header, None, Some(row_json(desc, new)),
+                Some("both nodes inserted this key; the incoming row won by the rule".into())).await?;
+        }
+        Ok(())
+    }
+
+    async fn local_json(&mut self, m: &Mapping, key: &[String]) -> Result<Option<String>, EngineError> {
+        let conds: Vec<String> = m.table.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", branchsync_proto::changeset::quote_ident(k), j + 1, m.table.columns[k].type_name)).collect();
+        let q = format!("SELECT to_jsonb(t)::text FROM {} t WHERE {}", m.table.qualified, conds.join(" AND "));
+        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let row = self.conn.client.query_opt(&q, &params).await.map_err(EngineError::pg("reading a conflicting row"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record(&mut self, tbl: &str, key: Option<String>, kind: &str, h: &ChangeSetHeader, local: Option<String>, remote: Option<String>, detail: Option<String>) -> Result<(), EngineError> {
+        let (winner, loser) = match kind {
+            "update_update" => (Some(self.cfg.node.clone()), Some(h.author.clone())),
+            "update_delete" | "insert_insert" => (Some(h.author.clone()), None),
+            _ => (None, Some(h.author.clone())),
+        };
+        let st = self.stmt(sql::RECORD_CONFLICT, &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT]).await?;
+        let rule = conflict::RULE_LWW;
+        self.conn
+            .client
+            .execute(&st, &[&tbl, &key, &kind, &rule, &winner, &loser, &local, &remote, &detail])
+            .await
+            .map_err(EngineError::pg("recording a conflict"))?;
+        self.stats.conflicts += 1;
+        tracing::info!(stream = %self.stream, table = %tbl, kind, author = %h.author, "conflict recorded");
+        Ok(())
+    }
+}
+
+fn unreachable_change() -> ! {
+    panic!("run holds only updates and deletes")
+}
+
+fn change_table(c: &RowChange) -> Option<u32> {
+    match c {
+        RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => Some(*table),
+        RowChange::Truncate { .. } => None,
+    }
+}
+
+fn same_run(a: &RowChange, b: &RowChange) -> bool {
+    match (a, b) {
+        (RowChange::Update { table: ta, new: na, .. }, RowChange::Update { table: tb, new: nb, .. }) => {
+            ta == tb && na.len() == nb.len() && na.iter().zip(nb).all(|(x, y)| matches!(x, Value::Unchanged) == matches!(y, Value::Unchanged))
+        }
+        (RowChange::Delete { table: ta, .. }, RowChange::Delete { table: tb, .. }) => ta == tb,
+        _ => false,
+    }
+}
+
+fn change_key(m: &Mapping, c: &RowChange) -> Option<Vec<String>> {
+    let ks = m.key_src.as_ref()?;
+    let vals = match c {
+        RowChange::Update { old: Some(o), .. } => &o.values,
+        RowChange::Update { new, .. } => new,
+        RowChange::Delete { old, .. } => &old.values,
+        _ => return None,
+    };
+    Some(ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect())
+}
+
+fn change_json(desc: &TableDesc, c: &RowChange) -> String {
+    match c {
+        RowChange::Insert { new, .. } | RowChange::Update { new, .. } => row_json(desc, new),
+        RowChange::Delete { old, .. } => format!("{{\"deleted\": {}}}", row_json(desc, &old.values)),
+        RowChange::Truncate { .. } => "{\"truncate\": true}".into(),
+    }
+}
+
+/// Reads the durable progress of `stream` (0 = nothing applied yet).
+pub async fn read_progress(client: &tokio_postgres::Client, stream: &str) -> Result<u64, EngineError> {
+    let row = client
+        .query_opt("SELECT pos FROM branchsync.progress WHERE stream = $1", &[&stream])
+        .await
+        .map_err(EngineError::pg("reading stream progress"))?;
+    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64).unwrap_or(0))
+}

@@ -1,0 +1,157 @@
+//! SQL text for batched apply. Every statement takes one `text[]` per
+//! column and unnests them, so a batch of rows costs one statement, and
+//! values are cast from text to the receiver's own column types (R10).
+
+use branchsync_proto::changeset::quote_ident;
+
+use super::table::LocalTable;
+
+/// `INSERT … SELECT … FROM unnest(…)`; `careful` adds `ON CONFLICT DO
+/// NOTHING RETURNING key` so conflicting rows can be resolved one by one.
+pub fn insert(t: &LocalTable, cols: &[&str], careful: bool) -> String {
+    let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let casts: Vec<String> = cols.iter().enumerate().map(|(j, c)| format!("u.c{j}::{}", t.columns[*c].type_name)).collect();
+    let arrays: Vec<String> = (1..=cols.len()).map(|j| format!("${j}::text[]")).collect();
+    let aliases: Vec<String> = (0..cols.len()).map(|j| format!("c{j}")).collect();
+    let overriding = if cols.iter().any(|c| t.columns[*c].identity_always) { " OVERRIDING SYSTEM VALUE" } else { "" };
+    let mut sql = format!(
+        "INSERT INTO {} AS t ({}){overriding} SELECT {} FROM unnest({}) AS u({})",
+        t.qualified,
+        names.join(", "),
+        casts.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    );
+    if careful && !t.pk.is_empty() {
+        sql.push_str(&format!(" ON CONFLICT DO NOTHING RETURNING {}", t.key_text_sql("t")));
+    }
+    sql
+}
+
+fn key_join(t: &LocalTable, first_param: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut arrays = Vec::new();
+    let mut aliases = Vec::new();
+    let mut conds = Vec::new();
+    for (j, k) in t.pk.iter().enumerate() {
+        arrays.push(format!("${}::text[]", first_param + j));
+        aliases.push(format!("k{j}"));
+        conds.push(format!("t.{} = u.k{j}::{}", quote_ident(k), t.columns[k].type_name));
+    }
+    (arrays, aliases, conds)
+}
+
+/// Locks the rows with the given keys and returns, per found row: input
+/// ordinal, key text, commit origin and commit time (µs) of its `xmin`, and
+/// the side-table version. Parameters: one `text[]` per key column, then the
+/// table name.
+pub fn lock_versions(t: &LocalTable) -> String {
+    let (arrays, aliases, conds) = key_join(t, 1);
+    let tbl_param = t.pk.len() + 1;
+    format!(
+        "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, rv.stamp, rv.node \
+         FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, i) \
+         JOIN {qt} t ON {conds} \
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true \
+         LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key} \
+         ORDER BY u.i FOR UPDATE OF t",
+        key = t.key_text_sql("t"),
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        qt = t.qualified,
+        conds = conds.join(" AND "),
+    )
+}
+
+/// `UPDATE … FROM unnest(keys…, values…)`.
+pub fn update(t: &LocalTable, set_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, conds) = key_join(t, 1);
+    let base = t.pk.len() + 1;
+    let mut sets = Vec::new();
+    for (j, c) in set_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + j));
+        aliases.push(format!("v{j}"));
+        sets.push(format!("{} = u.v{j}::{}", quote_ident(c), t.columns[*c].type_name));
+    }
+    format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
+        t.qualified,
+        sets.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND ")
+    )
+}
+
+/// `DELETE … USING unnest(keys…)`.
+pub fn delete(t: &LocalTable) -> String {
+    let (arrays, aliases, conds) = key_join(t, 1);
+    format!(
+        "DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {}",
+        t.qualified,
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND ")
+    )
+}
+
+/// Condition matching one row of a keyless table by all old values
+/// (NULL-safe; json and friends compared as text, R11). Parameters start at
+/// `$first`.
+fn keyless_match(t: &LocalTable, match_cols: &[&str], first: usize) -> String {
+    let conds: Vec<String> = match_cols
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let col = &t.columns[*c];
+            if col.compare_as_text {
+                format!("t.{}::text IS NOT DISTINCT FROM ${}", col.quoted, first + j)
+            } else {
+                format!("t.{} IS NOT DISTINCT FROM ${}::{}", col.quoted, first + j, col.type_name)
+            }
+        })
+        .collect();
+    let where_ = if conds.is_empty() { "true".to_string() } else { conds.join(" AND ") };
+    format!("SELECT ctid FROM {} t WHERE {where_} LIMIT 1 FOR UPDATE", t.qualified)
+}
+
+/// Deletes exactly one row of a keyless table matching the old values.
+pub fn keyless_delete(t: &LocalTable, match_cols: &[&str]) -> String {
+    format!("WITH m AS ({}) DELETE FROM {} t USING m WHERE t.ctid = m.ctid", keyless_match(t, match_cols, 1), t.qualified)
+}
+
+/// Updates exactly one row of a keyless table matching the old values.
+pub fn keyless_update(t: &LocalTable, match_cols: &[&str], set_cols: &[&str]) -> String {
+    let base = match_cols.len() + 1;
+    let sets: Vec<String> = set_cols
+        .iter()
+        .enumerate()
+        .map(|(j, c)| format!("{} = ${}::{}", quote_ident(c), base + j, t.columns[*c].type_name))
+        .collect();
+    format!(
+        "WITH m AS ({}) UPDATE {} t SET {} FROM m WHERE t.ctid = m.ctid",
+        keyless_match(t, match_cols, 1),
+        t.qualified,
+        sets.join(", ")
+    )
+}
+
+/// Upserts row versions: `$1` table, `$2` keys, `$3` stamp, `$4` node, `$5` deleted.
+pub const UPSERT_VERSIONS: &str = "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted) \
+     SELECT $1, k, $3, $4, $5 FROM unnest($2::text[]) AS k \
+     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = excluded.deleted";
+
+/// Records a conflict or a quarantined change.
+pub const RECORD_CONFLICT: &str = "INSERT INTO branchsync.conflicts \
+     (tbl, key, kind, rule, winner_node, loser_node, local_version, remote_version, detail) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)";
+
+/// The stream's durable progress, in the apply transaction (R4).
+pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, updated_at) VALUES ($1, $2, now()) \
+     ON CONFLICT (stream) DO UPDATE SET pos = excluded.pos, updated_at = now()";
+
+/// The author's identity on every applied transaction (R3).
+pub const EMIT_APPLY_MESSAGE: &str = "SELECT pg_logical_emit_message(true, $1, $2::bytea)::text";
+
+/// Origin LSN and original commit time of the transaction being applied.
+pub const XACT_SETUP: &str =
+    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2::int8 * interval '1 microsecond')::text";

@@ -1,0 +1,147 @@
+//! The receiver's view of a table: columns matched by name, local types,
+//! primary key, generated and identity columns.
+//!
+//! Apply is schema tolerant: an incoming column the local table lacks is
+//! skipped, a local generated column is never written (R10), and a
+//! `GENERATED ALWAYS` identity column is written with `OVERRIDING SYSTEM
+//! VALUE`. Values are cast from text to the *local* column type.
+
+use std::collections::HashMap;
+
+use branchsync_proto::changeset::quote_ident;
+use branchsync_proto::TableDesc;
+use tokio_postgres::Client;
+
+use crate::EngineError;
+
+/// A local column.
+#[derive(Debug, Clone)]
+pub struct LocalColumn {
+    /// Quoted column name.
+    pub quoted: String,
+    /// `format_type` of the column, used for casts from text.
+    pub type_name: String,
+    /// Generated column: never written.
+    pub generated: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`.
+    pub identity_always: bool,
+    /// Compared as text (json has no equality operator, R11).
+    pub compare_as_text: bool,
+}
+
+/// A local table as apply sees it.
+#[derive(Debug, Clone)]
+pub struct LocalTable {
+    /// `"schema"."name"`.
+    pub qualified: String,
+    /// `schema.name`, unquoted, as stored in `branchsync.row_version`.
+    pub name: String,
+    /// Columns by name.
+    pub columns: HashMap<String, LocalColumn>,
+    /// Primary key column names in key order (empty: a keyless multiset).
+    pub pk: Vec<String>,
+}
+
+impl LocalTable {
+    /// Reads a table from the catalog; `None` if it does not exist.
+    pub async fn load(client: &Client, schema: &str, name: &str) -> Result<Option<LocalTable>, EngineError> {
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
+                        a.attidentity = 'a', t.typname IN ('json', 'xml', 'point', 'polygon', 'box', 'line', 'circle', 'path') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') ORDER BY a.attnum",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the columns of {schema}.{name}")))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut columns = HashMap::new();
+        for r in rows {
+            let n: String = r.get(0);
+            columns.insert(
+                n.clone(),
+                LocalColumn {
+                    quoted: quote_ident(&n),
+                    type_name: r.get(1),
+                    generated: r.get(2),
+                    identity_always: r.get(3),
+                    compare_as_text: r.get(4),
+                },
+            );
+        }
+        let pk_rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary ORDER BY k.ord",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the primary key of {schema}.{name}")))?;
+        Ok(Some(LocalTable {
+            qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
+            name: format!("{schema}.{name}"),
+            columns,
+            pk: pk_rows.iter().map(|r| r.get(0)).collect(),
+        }))
+    }
+
+    /// `json_build_array(pk::text, ...)::text` over alias `t`: the key text
+    /// stored in `branchsync.row_version`.
+    pub fn key_text_sql(&self, alias: &str) -> String {
+        let parts: Vec<String> = self.pk.iter().map(|c| format!("{alias}.{}::text", quote_ident(c))).collect();
+        format!("json_build_array({})::text", parts.join(", "))
+    }
+}
+
+/// How the columns of one incoming [`TableDesc`] map onto a local table.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// The local table.
+    pub table: LocalTable,
+    /// For each incoming column: the local column name, or `None` when the
+    /// value is skipped (missing locally or generated locally).
+    pub targets: Vec<Option<String>>,
+    /// Incoming column indexes of the local primary key, in key order;
+    /// `None` when the local table has no key or the author did not send
+    /// every key column.
+    pub key_src: Option<Vec<usize>>,
+    /// Incoming columns that the local table does not have.
+    pub skipped: Vec<String>,
+}
+
+impl Mapping {
+    /// Maps `desc` onto `table` by column name.
+    pub fn new(desc: &TableDesc, table: LocalTable) -> Mapping {
+        let mut targets = Vec::with_capacity(desc.columns.len());
+        let mut skipped = Vec::new();
+        for c in &desc.columns {
+            match table.columns.get(c) {
+                Some(lc) if !lc.generated => targets.push(Some(c.clone())),
+                Some(_) => targets.push(None),
+                None => {
+                    skipped.push(c.clone());
+                    targets.push(None)
+                }
+            }
+        }
+        let key_src = if table.pk.is_empty() {
+            None
+        } else {
+            table.pk.iter().map(|k| desc.columns.iter().position(|c| c == k)).collect::<Option<Vec<usize>>>()
+        };
+        Mapping { table, targets, key_src, skipped }
+    }
+
+    /// The local column for incoming column `i`, if written.
+    pub fn local(&self, i: usize) -> Option<&LocalColumn> {
+        self.targets[i].as_ref().and_then(|n| self.table.columns.get(n))
+    }
+}

@@ -1,0 +1,100 @@
+//! Errors of the engine, split by what the caller must do.
+//!
+//! [`EngineError::is_transient`] says whether to retry with backoff (the
+//! database restarted, a lock timed out) or to stop and tell the operator
+//! (a setting is wrong, the log is corrupt). Messages follow PostgreSQL
+//! style: a lowercase primary message; detail and hint are sentences.
+
+use tokio_postgres::error::SqlState;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A PostgreSQL call failed; see [`EngineError::is_transient`].
+    #[error("database error while {context}")]
+    Postgres {
+        /// What the engine was doing.
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The server is not configured the way branchsync needs.
+    #[error("{message}\nDETAIL: {detail}\nHINT: {hint}")]
+    Misconfigured { message: String, detail: String, hint: String },
+    /// The local log could not be read or written.
+    #[error("local log error while {context}")]
+    Log {
+        context: String,
+        #[source]
+        source: sled::Error,
+    },
+    /// A log entry or a stream message could not be decoded.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The database went back in time, or belongs to another cluster.
+    #[error("{message}\nDETAIL: {detail}\nHINT: {hint}")]
+    Diverged { message: String, detail: String, hint: String },
+    /// The database connection ended (server restart, network).
+    #[error("lost the database connection while {context}")]
+    ConnectionLost { context: String },
+    /// The component was asked to stop.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl EngineError {
+    /// Wraps a PostgreSQL error with what we were doing.
+    pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::Postgres { context, source }
+    }
+
+    /// Wraps a sled error with what we were doing.
+    pub fn log(context: impl Into<String>) -> impl FnOnce(sled::Error) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::Log { context, source }
+    }
+
+    /// `true` when retrying later can succeed: connection loss, server
+    /// restart, lock timeout, deadlock, serialization failure (R8).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Postgres { source, .. } => pg_error_is_transient(source),
+            EngineError::Log { .. } | EngineError::Corrupt(_) => false,
+            EngineError::Misconfigured { .. } | EngineError::Diverged { .. } => false,
+            EngineError::Shutdown | EngineError::ConnectionLost { .. } => true,
+        }
+    }
+
+    /// The SQLSTATE of a database error, if any.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            EngineError::Postgres { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Classifies a PostgreSQL error: transient (retry) or not.
+pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true, // connection closed, I/O error: the server may be restarting
+        Some(code) => {
+            let c = code.code();
+            c == SqlState::T_R_DEADLOCK_DETECTED.code()
+                || c == SqlState::T_R_SERIALIZATION_FAILURE.code()
+                || c == SqlState::LOCK_NOT_AVAILABLE.code()
+                || c == SqlState::QUERY_CANCELED.code()
+                || c.starts_with("08") // connection exception
+                || c.starts_with("57") // operator intervention (admin shutdown, crash shutdown)
+                || c.starts_with("53") // insufficient resources
+                || c == SqlState::OBJECT_IN_USE.code() // slot active in another session
+        }
+    }
+}
+
+/// `true` for data errors that quarantine a change instead of retrying it
+/// (SQLSTATE classes 22, 23 and 42, R8).
+pub fn pg_error_is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| matches!(&c.code()[..2], "22" | "23" | "42")).unwrap_or(false)
+}

@@ -1,0 +1,59 @@
+//! The branchsync engine: everything that touches the local database and the
+//! local log, and nothing that touches the network.
+//!
+//! ```text
+//!   PostgreSQL WAL --[capture]--> ChangeLog (sled) --(server's link)--> peer
+//!   peer --(server's link)--> [apply] --> PostgreSQL (origin + progress in one xact)
+//! ```
+//!
+//! * [`capture`] drains the node's own logical slot (pgoutput) into the
+//!   [`log`], and confirms the slot only after the log write is durable.
+//! * [`log`] is the durable, ordered store of ChangeSets with per-peer
+//!   acknowledgements; space is reclaimed only after every peer acknowledged.
+//! * [`apply`] writes incoming ChangeSets under the author's replication
+//!   origin, batched, with the stream progress in the same transaction.
+//! * [`conflict`] decides between concurrent versions (last writer wins).
+//! * [`keys`] stripes sequences so nodes never hand out the same id.
+//! * [`setup`] is `branchsync init`: preflight checks, state schema,
+//!   publication, slot, stripes.
+//!
+//! The engine never opens a socket to another node: the `server` crate owns
+//! the link and hands entries to [`apply`] over a channel.
+
+pub mod apply;
+pub mod capture;
+pub mod clock;
+pub mod conflict;
+pub mod error;
+pub mod failpoints;
+pub mod keys;
+pub mod log;
+pub mod pg;
+pub mod pgoutput;
+pub mod scope;
+pub mod setup;
+pub mod state;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+pub use error::EngineError;
+
+/// The role of a node in the hub-and-spoke topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The head office: applies every branch and relays to all.
+    Main,
+    /// A shop: pushes its own changes, applies the main's relay.
+    Branch,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Main => "main",
+            Role::Branch => "branch",
+        })
+    }
+}

@@ -1,0 +1,75 @@
+//! Branchsync's own state inside the application database: the schema
+//! `branchsync`, which is never published (R2) and never touched by the ERP.
+//!
+//! * `node` — who this database belongs to (name, index, role, stride).
+//! * `progress` — the receiver's durable progress per incoming stream,
+//!   written in the same transaction as the applied rows (R4).
+//! * `row_version` — the version (stamp, author) of every row apply wrote,
+//!   keyed by table and primary key (R13); application tables get no column.
+//! * `conflicts` — every version a conflict decision discarded, and every
+//!   change that could not be applied, with the reason.
+//! * `relay_head` — at the main: the last log position capture reached, so
+//!   that a branch seeded from a copy of the main knows where the relay
+//!   stream resumes for it.
+
+/// DDL of the state schema; idempotent.
+pub const STATE_DDL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS branchsync;
+CREATE TABLE IF NOT EXISTS branchsync.node (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    name text NOT NULL,
+    node_index integer NOT NULL,
+    role text NOT NULL,
+    stride integer NOT NULL,
+    system_id text NOT NULL,
+    initialized_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS branchsync.progress (
+    stream text PRIMARY KEY,
+    pos bigint NOT NULL,
+    system_id text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS branchsync.row_version (
+    tbl text NOT NULL,
+    key text NOT NULL,
+    stamp bigint NOT NULL,
+    node text NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (tbl, key)
+);
+CREATE TABLE IF NOT EXISTS branchsync.conflicts (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    tbl text NOT NULL,
+    key text,
+    kind text NOT NULL,
+    rule text NOT NULL,
+    winner_node text,
+    loser_node text,
+    local_version jsonb,
+    remote_version jsonb,
+    detail text
+);
+CREATE TABLE IF NOT EXISTS branchsync.relay_head (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pos bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"#;
+
+/// Prefix of the transactional logical message every apply transaction
+/// writes before each ChangeSet it applies (R3). Its content is the
+/// MessagePack [`branchsync_proto::ChangeSetHeader`] of the ChangeSet.
+pub const APPLY_MESSAGE_PREFIX: &str = "branchsync.apply";
+
+/// Name of the publication `init` creates.
+pub const PUBLICATION: &str = "branchsync";
+
+/// Name of the logical replication slot `init` creates.
+pub const SLOT: &str = "branchsync";
+
+/// Replication origin name for changes authored by `node`.
+pub fn origin_name(node: &str) -> String {
+    format!("branchsync_{node}")
+}

@@ -1,0 +1,23 @@
+//! Wire types and framing of branchsync.
+//!
+//! This crate owns what crosses the link between a branch and the main: the
+//! [`changeset`] types (a committed transaction, cut into log entries), the
+//! [`message`]s of the link protocol with its versioned handshake, and the
+//! [`frame`] codec that turns bytes into messages.
+//!
+//! It must never touch a database or a socket: it is types and pure
+//! functions, so it can be tested and fuzzed without PostgreSQL.
+//!
+//! # Parser safety
+//!
+//! Decoding never panics on input. "Not a whole frame yet" (`Ok(None)`) is
+//! kept apart from a protocol error ([`ProtoError`]), which makes the
+//! connection close and changes nothing.
+
+pub mod changeset;
+pub mod frame;
+pub mod message;
+
+pub use changeset::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc, Value};
+pub use frame::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME};
+pub use message::{Hello, Message, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
