@@ -93,8 +93,10 @@ pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// `true` for data errors that quarantine a change instead of retrying it
-/// (SQLSTATE classes 22, 23 and 42, R8).
+/// `true` for errors that quarantine a change instead of retrying it: data
+/// errors (SQLSTATE classes 22, 23 and 42, R8) and every other error the
+/// server raised for the statement itself (a trigger's exception, a check
+/// constraint) that retrying cannot fix.
 pub fn pg_error_is_data_error(e: &tokio_postgres::Error) -> bool {
-    e.code().map(|c| matches!(&c.code()[..2], "22" | "23" | "42")).unwrap_or(false)
+    e.code().is_some() && !pg_error_is_transient(e)
 }

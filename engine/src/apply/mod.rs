@@ -40,7 +40,8 @@
 //! Any error ends the apply session and rolls back the open transaction;
 //! nothing is half-applied and progress did not move. Transient errors (lock
 //! timeout, deadlock, lost connection) are retried by the link from the
-//! durable progress (R8). A data error (SQLSTATE classes 22, 23, 42) also
+//! durable progress (R8). A data error (SQLSTATE classes 22, 23, 42, or any
+//! other error the server raised for a statement that a retry cannot fix) also
 //! marks the failed range as *careful*: it is replayed one ChangeSet per
 //! transaction and one change per savepoint, inserts resolve key conflicts
 //! by the rule, and a change that still fails is quarantined in
@@ -803,4 +804,32 @@ pub async fn read_progress(client: &tokio_postgres::Client, stream: &str) -> Res
         .await
         .map_err(EngineError::pg("reading stream progress"))?;
     Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64).unwrap_or(0))
+}
+
+impl Applier {
+    /// The sender's `system_identifier` recorded for this stream at its first
+    /// handshake (R4), if any.
+    pub async fn stream_system_id(&self) -> Result<Option<String>, EngineError> {
+        let row = self
+            .conn
+            .client
+            .query_opt("SELECT system_id FROM branchsync.progress WHERE stream = $1", &[&self.stream])
+            .await
+            .map_err(EngineError::pg("reading the stream identity"))?;
+        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+    }
+
+    /// Records the sender's `system_identifier` for this stream.
+    pub async fn set_stream_system_id(&self, system_id: u64) -> Result<(), EngineError> {
+        self.conn
+            .client
+            .execute(
+                "INSERT INTO branchsync.progress (stream, pos, system_id) VALUES ($1, 0, $2) \
+                 ON CONFLICT (stream) DO UPDATE SET system_id = excluded.system_id",
+                &[&self.stream, &system_id.to_string()],
+            )
+            .await
+            .map_err(EngineError::pg("recording the stream identity"))?;
+        Ok(())
+    }
 }

@@ -1,0 +1,362 @@
+//! One branchsync node: the daemon behind `branchsync run`.
+//!
+//! ```text
+//!            +-----------+     +-----------+     +--------------------+
+//!  WAL ----> | capture   | --> | ChangeLog | --> | link (per peer)    | --> peer
+//!            +-----------+     +-----------+     |  apply task <------| <-- peer
+//!            monitor: relay head, conflict count, stripe audit          |
+//!            http: /status /metrics /health     +--------------------+
+//! ```
+//!
+//! [`Node::start`] does all fallible setup first (database identity, log,
+//! the R4 check that the database did not go back in time), then spawns
+//! named tasks that all watch one shutdown signal. [`Node::shutdown`] asks
+//! them to stop: capture finishes its batch, links drain their apply tasks
+//! (committing what is whole), and [`Node::wait`] returns when all are done.
+//! Transient failures (database restarting, peer unreachable) are retried
+//! with backoff inside the tasks; a definite one (misconfiguration, a
+//! diverged database) stops the node with the reason.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use branchsync_engine::apply::ApplyConfig;
+use branchsync_engine::capture::{run_capture, CaptureConfig, CaptureStatus};
+use branchsync_engine::log::ChangeLog;
+use branchsync_engine::pg::{self, fmt_lsn};
+use branchsync_engine::scope::Scope;
+use branchsync_engine::{keys, state, EngineError, Role};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::link::{self, LinkSettings, PeerAuth};
+use crate::status::NodeStatus;
+
+/// Everything a node needs, resolved from the configuration.
+#[derive(Clone)]
+pub struct NodeSettings {
+    /// Node name.
+    pub node: String,
+    /// Main or branch.
+    pub role: Role,
+    /// Node index (key stripe).
+    pub index: u32,
+    /// Key stride.
+    pub stride: u32,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// Local database.
+    pub db_url: String,
+    /// Replicated tables.
+    pub scope: Scope,
+    /// Branch: the main's address.
+    pub main_addr: Option<String>,
+    /// Main: where to listen.
+    pub listen: Option<String>,
+    /// Branch: own token.
+    pub token: Option<String>,
+    /// Main: the branches.
+    pub peers: Vec<PeerAuth>,
+    /// HTTP status address.
+    pub http_listen: Option<String>,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Silence after which a peer is gone.
+    pub peer_timeout: Duration,
+    /// Cap of the reconnect backoff.
+    pub reconnect_max: Duration,
+    /// Group budget of apply transactions.
+    pub group_budget: Duration,
+    /// Largest frame.
+    pub max_frame: usize,
+}
+
+/// A running node.
+pub struct Node {
+    shutdown_tx: watch::Sender<bool>,
+    tasks: JoinSet<(&'static str, Result<(), EngineError>)>,
+    /// Live status.
+    pub status: Arc<NodeStatus>,
+    /// Address the main listens on (after binding port 0, the real one).
+    pub listen_addr: Option<std::net::SocketAddr>,
+    /// Address of the HTTP status server.
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+fn misconfigured(message: String, detail: String, hint: &str) -> EngineError {
+    EngineError::Misconfigured { message, detail, hint: hint.into() }
+}
+
+/// Checks that `branchsync init` ran for this node on this database.
+async fn check_identity(client: &tokio_postgres::Client, s: &NodeSettings, system_id: u64) -> Result<(), EngineError> {
+    let row = client
+        .query_opt(
+            "SELECT name, node_index, role, stride, system_id FROM branchsync.node WHERE to_regclass('branchsync.node') IS NOT NULL",
+            &[],
+        )
+        .await;
+    let row = match row {
+        Ok(r) => r,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(EngineError::pg("reading branchsync.node")(e)),
+    };
+    let Some(row) = row else {
+        return Err(misconfigured(
+            "database is not initialised for branchsync".into(),
+            "The schema branchsync or its node row is missing.".into(),
+            "Run branchsync init --config FILE first.",
+        ));
+    };
+    let (name, index, role, stride, sid): (String, i32, String, i32, String) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if name != s.node || index as u32 != s.index || role != s.role.to_string() || stride as u32 != s.stride {
+        return Err(misconfigured(
+            format!("database was initialised as node \"{name}\" (index {index}, role {role}, stride {stride})"),
+            format!("The configuration says node \"{}\" (index {}, role {}, stride {}).", s.node, s.index, s.role, s.stride),
+            "Run branchsync init with this configuration (a copy of another node's database is re-initialised by init).",
+        ));
+    }
+    if sid != system_id.to_string() {
+        return Err(EngineError::Diverged {
+            message: "database cluster changed since branchsync init".into(),
+            detail: format!("init ran on system identifier {sid}; this cluster is {system_id}."),
+            hint: "If the database was restored or copied into a new cluster, run branchsync init again.".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Node {
+    /// Checks the database and the log, then starts every task.
+    pub async fn start(s: NodeSettings) -> Result<Node, EngineError> {
+        let conn = pg::connect(&s.db_url, "branchsync startup").await?;
+        branchsync_engine::setup::preflight(&conn.client).await?;
+        let system_id = pg::system_identifier(&conn.client).await?;
+        check_identity(&conn.client, &s, system_id).await?;
+        std::fs::create_dir_all(&s.data_dir).map_err(|e| {
+            misconfigured(format!("cannot create data directory {}", s.data_dir.display()), e.to_string(), "Check node.data_dir and its permissions.")
+        })?;
+        let log = Arc::new(ChangeLog::open(&s.data_dir.join("log"))?);
+        // R4 at startup: the WAL must not be behind what the log captured.
+        let wal = pg::current_wal_lsn(&conn.client).await?;
+        let captured = log.captured_lsn()?;
+        if wal < captured {
+            return Err(EngineError::Diverged {
+                message: "database went back in time".into(),
+                detail: format!("The local log holds transactions up to LSN {}, but the database's WAL ends at {}.", fmt_lsn(captured), fmt_lsn(wal)),
+                hint: "The database was restored to an earlier state. Re-seed this node from a fresh copy of the main's database, run branchsync init, and start with an empty data directory.".into(),
+            });
+        }
+        drop(conn);
+
+        let peers: Vec<String> = match s.role {
+            Role::Main => s.peers.iter().map(|p| p.name.clone()).collect(),
+            Role::Branch => vec!["main".into()],
+        };
+        let status = Arc::new(NodeStatus::new(&s.node, &s.role.to_string(), &peers));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let (cap_tx, cap_rx) = watch::channel(CaptureStatus::default());
+
+        // Capture: retried on transient errors, fatal on definite ones.
+        {
+            let cfg = CaptureConfig {
+                node: s.node.clone(),
+                node_index: s.index,
+                role: s.role,
+                system_id,
+                scope: s.scope.clone(),
+                slot: state::SLOT.into(),
+                publication: state::PUBLICATION.into(),
+                fragment_rows: 5_000,
+                poll_interval: Duration::from_millis(50),
+                batch_changes: 20_000,
+            };
+            let (url, log, mut shutdown, status) = (s.db_url.clone(), log.clone(), shutdown_rx.clone(), status.clone());
+            tasks.spawn(
+                async move {
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        match run_capture(cfg.clone(), url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await {
+                            Ok(()) => return ("capture", Ok(())),
+                            Err(e) if e.is_transient() => {
+                                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "capture interrupted; retrying");
+                                status.update(|st| st.last_error = Some(format!("capture: {e}")));
+                            }
+                            Err(e) => return ("capture", Err(e)),
+                        }
+                        tokio::select! {
+                            _ = shutdown.changed() => return ("capture", Ok(())),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+                .instrument(tracing::info_span!("capture", node = %s.node)),
+            );
+        }
+
+        // Link.
+        let settings = LinkSettings {
+            node: s.node.clone(),
+            index: s.index,
+            stride: s.stride,
+            exclude: s.scope.exclude_globs().to_vec(),
+            system_id,
+            db_url: s.db_url.clone(),
+            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200 },
+            heartbeat: s.heartbeat,
+            peer_timeout: s.peer_timeout,
+            reconnect_max: s.reconnect_max,
+            max_frame: s.max_frame,
+        };
+        let mut listen_addr = None;
+        match s.role {
+            Role::Branch => {
+                let main_addr = s.main_addr.clone().unwrap_or_default();
+                let token = s.token.clone().unwrap_or_default();
+                let (log, status, shutdown) = (log.clone(), status.clone(), shutdown_rx.clone());
+                tasks.spawn(async move {
+                    link::run_branch(settings, main_addr, token, log, status, shutdown).await;
+                    ("link", Ok(()))
+                });
+            }
+            Role::Main => {
+                let addr = s.listen.clone().unwrap_or_default();
+                let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+                    misconfigured(format!("cannot listen on {addr}"), e.to_string(), "Check sync.listen: the address must be free and local.")
+                })?;
+                listen_addr = listener.local_addr().ok();
+                tracing::info!(addr = ?listen_addr, "listening for branches");
+                let (log, status, shutdown, peers) = (log.clone(), status.clone(), shutdown_rx.clone(), s.peers.clone());
+                tasks.spawn(
+                    async move {
+                        link::run_main(settings, listener, peers, log, status, shutdown).await;
+                        ("link", Ok(()))
+                    }
+                    .instrument(tracing::info_span!("listener", node = %s.node)),
+                );
+            }
+        }
+
+        // Monitor: relay head (seeding), conflict counts, stripe audit (R18).
+        {
+            let (s2, log, status, mut shutdown, cap_rx) = (s.clone(), log.clone(), status.clone(), shutdown_rx.clone(), cap_rx);
+            tasks.spawn(
+                async move {
+                    let mut conn: Option<pg::PgConn> = None;
+                    let mut tick = tokio::time::interval(Duration::from_millis(500));
+                    let mut last_head = u64::MAX;
+                    let mut last_audit = std::time::Instant::now();
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.changed() => return ("monitor", Ok(())),
+                            _ = tick.tick() => {}
+                        }
+                        let cap = cap_rx.borrow().clone();
+                        status.update(|st| {
+                            st.log_newest = log.visible();
+                            st.log_floor = log.floor().unwrap_or(0);
+                            st.log_bytes = log.size_on_disk();
+                            st.captured_lsn = fmt_lsn(cap.captured_lsn);
+                            st.captured_transactions = cap.transactions;
+                            st.captured_rows = cap.rows;
+                        });
+                        if conn.as_ref().is_none_or(|c| *c.closed.borrow()) {
+                            conn = pg::connect(&s2.db_url, "branchsync monitor").await.ok();
+                        }
+                        let Some(c) = conn.as_ref() else { continue };
+                        if s2.role == Role::Main && log.visible() != last_head {
+                            let head = log.visible();
+                            let r = c.client.execute(
+                                "INSERT INTO branchsync.relay_head (pos, updated_at) VALUES ($1, now()) ON CONFLICT (singleton) DO UPDATE SET pos = excluded.pos, updated_at = now()",
+                                &[&(head as i64)],
+                            ).await;
+                            if r.is_ok() {
+                                last_head = head;
+                            }
+                        }
+                        if let Ok(row) = c.client.query_one("SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined') FROM branchsync.conflicts", &[]).await {
+                            let (total, q): (i64, i64) = (row.get(0), row.get(1));
+                            status.update(|st| {
+                                st.conflicts_total = total;
+                                st.quarantined_total = q;
+                            });
+                        }
+                        if last_audit.elapsed() > Duration::from_secs(30) {
+                            last_audit = std::time::Instant::now();
+                            match keys::stripe_all(&c.client, &s2.scope, s2.index, s2.stride).await {
+                                Ok(fixed) => {
+                                    for f in fixed.iter().filter(|f| f.changed) {
+                                        tracing::warn!(sequence = %format!("{}.{}", f.schema, f.name), next = f.next_value, "sequence was off its stripe (setval or RESTART?); re-striped");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "stripe audit failed"),
+                            }
+                        }
+                    }
+                }
+                .instrument(tracing::info_span!("monitor", node = %s.node)),
+            );
+        }
+
+        // HTTP status.
+        let mut http_addr = None;
+        if let Some(addr) = &s.http_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                misconfigured(format!("cannot listen on {addr}"), e.to_string(), "Check http.listen: the address must be free and local.")
+            })?;
+            http_addr = listener.local_addr().ok();
+            let src: Arc<dyn crate::http::StatusSource> = Arc::new(crate::report::HttpStatus(status.clone()));
+            let shutdown = shutdown_rx.clone();
+            tasks.spawn(async move {
+                crate::http::serve(listener, src, shutdown).await;
+                ("http", Ok(()))
+            });
+        }
+        tracing::info!(node = %s.node, role = %s.role, index = s.index, "node started");
+        Ok(Node { shutdown_tx, tasks, status, listen_addr, http_addr })
+    }
+
+    /// A sender that stops the node when `true` is sent (for signal handlers).
+    pub fn shutdown_sender(&self) -> watch::Sender<bool> {
+        self.shutdown_tx.clone()
+    }
+
+    /// Asks every task to stop (draining in-flight work).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Waits for every task; the first definite error stops the others and
+    /// is returned.
+    pub async fn wait(mut self) -> Result<(), EngineError> {
+        let mut first_err = None;
+        while let Some(r) = self.tasks.join_next().await {
+            match r {
+                Ok((name, Err(e))) => {
+                    tracing::error!(task = name, error = %e, "task failed; stopping the node");
+                    let _ = self.shutdown_tx.send(true);
+                    first_err.get_or_insert(e);
+                }
+                Ok((_, Ok(()))) => {}
+                Err(e) => {
+                    let _ = self.shutdown_tx.send(true);
+                    first_err.get_or_insert(EngineError::Corrupt(format!("a task panicked: {e}")));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Node::shutdown`] then [`Node::wait`].
+    pub async fn shutdown_and_wait(self) -> Result<(), EngineError> {
+        self.shutdown();
+        self.wait().await
+    }
+}

@@ -1,0 +1,85 @@
+//! Renders the node's status for people (`branchsync status`), for
+//! machines (`/status`, `status --json`) and for Prometheus (`/metrics`).
+
+use std::sync::Arc;
+
+use crate::http::{Metric, StatusSource};
+use crate::status::{NodeStatus, StatusSnapshot};
+
+/// Adapts [`NodeStatus`] to the HTTP server.
+pub struct HttpStatus(pub Arc<NodeStatus>);
+
+fn gauge(name: &str, help: &str, labels: Vec<(String, String)>, value: f64) -> Metric {
+    Metric { name: name.into(), help: help.into(), kind: "gauge".into(), labels, value }
+}
+
+fn counter(name: &str, help: &str, labels: Vec<(String, String)>, value: f64) -> Metric {
+    Metric { name: name.into(), help: help.into(), kind: "counter".into(), labels, value }
+}
+
+impl StatusSource for HttpStatus {
+    fn status_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.snapshot()).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn metrics(&self) -> Vec<Metric> {
+        let s = self.0.snapshot();
+        let mut m = vec![
+            gauge("branchsync_log_newest_position", "Newest visible position of the local log.", vec![], s.log_newest as f64),
+            gauge("branchsync_log_bytes", "Bytes the local log uses on disk.", vec![], s.log_bytes as f64),
+            counter("branchsync_captured_transactions_total", "Transactions captured since start.", vec![], s.captured_transactions as f64),
+            counter("branchsync_captured_rows_total", "Row changes captured since start.", vec![], s.captured_rows as f64),
+            gauge("branchsync_conflicts", "Rows in branchsync.conflicts.", vec![], s.conflicts_total as f64),
+            gauge("branchsync_quarantined", "Quarantined changes in branchsync.conflicts.", vec![], s.quarantined_total as f64),
+        ];
+        for (name, p) in &s.peers {
+            let l = || vec![("peer".to_string(), name.clone())];
+            m.push(gauge("branchsync_peer_connected", "1 while the link to the peer is up.", l(), if p.connected { 1.0 } else { 0.0 }));
+            m.push(gauge("branchsync_peer_pending_to", "Log entries the peer has not acknowledged.", l(), p.pending_to_peer as f64));
+            m.push(gauge("branchsync_peer_pending_from", "Positions of the peer's log not applied here.", l(), p.pending_from_peer as f64));
+            m.push(counter("branchsync_peer_rows_applied_total", "Rows applied from the peer since start.", l(), p.rows_applied as f64));
+            m.push(gauge("branchsync_peer_clock_offset_ms", "Peer clock minus local clock.", l(), p.clock_offset_ms.unwrap_or(0) as f64));
+        }
+        m
+    }
+
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Human-readable status, one block per peer.
+pub fn render_text(s: &StatusSnapshot) -> String {
+    let mut out = format!(
+        "node {} ({})\n  log: newest position {}, reclaimed through {}, {} bytes\n  capture: last LSN {}, {} transactions / {} rows since start\n  conflicts: {} recorded ({} quarantined)\n",
+        s.node, s.role, s.log_newest, s.log_floor, s.log_bytes, s.captured_lsn, s.captured_transactions, s.captured_rows, s.conflicts_total, s.quarantined_total
+    );
+    if let Some(e) = &s.last_error {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    for (name, p) in &s.peers {
+        let contact = match p.last_contact_unix_ms {
+            Some(ms) => {
+                let ago = (branchsync_engine::clock::now_us() / 1000 - ms).max(0);
+                format!("{:.1} s ago", ago as f64 / 1000.0)
+            }
+            None => "never".into(),
+        };
+        out.push_str(&format!(
+            "peer {name}: {}\n  last contact: {contact}\n  pending to peer: {} entries; pending from peer: {} positions\n  applied from peer: position {} ({} rows this run, {} conflicts)\n",
+            if p.connected { "connected" } else { "disconnected" },
+            p.pending_to_peer,
+            p.pending_from_peer,
+            p.applied_from_peer,
+            p.rows_applied,
+            p.conflicts
+        ));
+        if let Some(o) = p.clock_offset_ms {
+            out.push_str(&format!("  clock offset: {o} ms\n"));
+        }
+        if let Some(e) = &p.last_error {
+            out.push_str(&format!("  last error: {e}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,101 @@
+//! What the daemon knows about itself and its peers, for `/status`,
+//! `/metrics` and `branchsync status`.
+//!
+//! Tasks update [`NodeStatus`] through short critical sections; the lock is
+//! a `std::sync::Mutex` and is never held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One peer as seen from this node.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// A link session is up.
+    pub connected: bool,
+    /// Last frame received, Unix milliseconds.
+    pub last_contact_unix_ms: Option<i64>,
+    /// Peer clock minus our clock at the last heartbeat, milliseconds.
+    pub clock_offset_ms: Option<i64>,
+    /// Our durable progress in the peer's stream.
+    pub applied_from_peer: u64,
+    /// Newest position of the peer's log, as last reported.
+    pub peer_log_newest: u64,
+    /// The peer's acknowledged position in our log.
+    pub acked_by_peer: u64,
+    /// Entries of our log the peer has not acknowledged yet.
+    pub pending_to_peer: u64,
+    /// Positions of the peer's log we have not applied yet.
+    pub pending_from_peer: u64,
+    /// ChangeSets and rows applied from this peer in this run.
+    pub changesets_applied: u64,
+    /// Rows applied from this peer in this run.
+    pub rows_applied: u64,
+    /// Conflicts recorded while applying this peer's stream in this run.
+    pub conflicts: u64,
+    /// Why the last session ended or was refused.
+    pub last_error: Option<String>,
+}
+
+/// Everything `/status` shows.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct StatusSnapshot {
+    /// Node name.
+    pub node: String,
+    /// "main" or "branch".
+    pub role: String,
+    /// Newest visible position of the local log.
+    pub log_newest: u64,
+    /// Reclaimed up to here.
+    pub log_floor: u64,
+    /// Bytes on disk of the local log.
+    pub log_bytes: u64,
+    /// Commit LSN of the last captured transaction.
+    pub captured_lsn: String,
+    /// Transactions captured in this run.
+    pub captured_transactions: u64,
+    /// Rows captured in this run.
+    pub captured_rows: u64,
+    /// Rows in `branchsync.conflicts`.
+    pub conflicts_total: i64,
+    /// Quarantined changes in `branchsync.conflicts`.
+    pub quarantined_total: i64,
+    /// Per peer.
+    pub peers: BTreeMap<String, PeerStatus>,
+    /// Last error of a local component (capture, database).
+    pub last_error: Option<String>,
+}
+
+/// Shared, mutable status.
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    inner: Mutex<StatusSnapshot>,
+}
+
+impl NodeStatus {
+    /// A status for `node`.
+    pub fn new(node: &str, role: &str, peers: &[String]) -> NodeStatus {
+        let mut s = StatusSnapshot { node: node.into(), role: role.into(), ..Default::default() };
+        for p in peers {
+            s.peers.insert(p.clone(), PeerStatus::default());
+        }
+        NodeStatus { inner: Mutex::new(s) }
+    }
+
+    /// Changes the status under the lock.
+    pub fn update(&self, f: impl FnOnce(&mut StatusSnapshot)) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+
+    /// Changes one peer's status under the lock.
+    pub fn peer(&self, name: &str, f: impl FnOnce(&mut PeerStatus)) {
+        self.update(|s| f(s.peers.entry(name.to_string()).or_default()));
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: real PostgreSQL clusters, real `branchsync` daemons.
+//! Run them with `bash tests/run.sh` (builds the binary with failpoints).
+
+mod bad_input;
+mod big_transactions;
+mod causal_order;
+mod convergence;
+mod crash;
+mod offline;
+mod restore;

@@ -1,0 +1,433 @@
+//! End-to-end harness: real PostgreSQL clusters and real `branchsync`
+//! processes.
+//!
+//! * [`Site`]: one node — a throwaway cluster (from the engine's shared
+//!   harness), a config file, a data directory, and the daemon as a child
+//!   process that is killed on drop.
+//! * [`LinkProxy`]: a TCP relay between a branch and the main that a test
+//!   can cut (existing connections dropped, new ones refused) and heal, so a
+//!   branch's daemon keeps running while its link is down.
+//! * [`table_checksum`]: per-table count and md5 over the rows' text, to
+//!   prove that sites hold the same rows.
+//!
+//! The `branchsync` binary is taken from `BRANCHSYNC_BIN` or from the cargo
+//! target directory next to the test executable; `bash tests/run.sh` builds
+//! it (with failpoints) before running the tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use branchsync_engine::test_utils::{connect, eventually, free_port, PgCluster};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Path of the `branchsync` binary under test.
+pub fn branchsync_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("BRANCHSYNC_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-xxxx -> target/<profile>/branchsync
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("branchsync");
+    assert!(bin.exists(), "{} not found: run `bash tests/run.sh` (it builds the binary first) or set BRANCHSYNC_BIN", bin.display());
+    bin
+}
+
+/// Token shared by every test node.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// One node: PostgreSQL + config + daemon.
+pub struct Site {
+    /// The node's PostgreSQL.
+    pub pg: PgCluster,
+    /// Node name.
+    pub name: String,
+    /// Node index.
+    pub index: u32,
+    /// Holds config, data dir and daemon log.
+    pub dir: tempfile::TempDir,
+    /// HTTP status port.
+    pub http_port: u16,
+    daemon: Option<Child>,
+    /// Extra environment for the daemon (failpoints).
+    pub env: Vec<(String, String)>,
+}
+
+impl Site {
+    /// A site with a fresh cluster.
+    pub fn new(name: &str, index: u32) -> Site {
+        Site::with_cluster(name, index, PgCluster::start())
+    }
+
+    /// A site on an existing cluster.
+    pub fn with_cluster(name: &str, index: u32, pg: PgCluster) -> Site {
+        Site {
+            pg,
+            name: name.into(),
+            index,
+            dir: tempfile::Builder::new().prefix(&format!("branchsync-{name}-")).tempdir().expect("temp dir"),
+            http_port: free_port(),
+            daemon: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// Path of the config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("branchsync.toml")
+    }
+
+    /// Path of the daemon's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// Writes the config of a main listening on `listen_port` with `branches`.
+    pub fn write_main_config(&self, listen_port: u16, branches: &[(&str, u32)], extra: &str) {
+        let mut peers = String::new();
+        for (n, i) in branches {
+            peers.push_str(&format!("[[sync.peers]]\nname = \"{n}\"\nindex = {i}\ntoken = \"{TOKEN}\"\n"));
+        }
+        self.write_config(&format!("[sync]\nlisten = \"127.0.0.1:{listen_port}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\n{peers}"), "main", extra);
+    }
+
+    /// Writes the config of a branch dialing the main at `main_port`.
+    pub fn write_branch_config(&self, main_port: u16, extra: &str) {
+        self.write_config(
+            &format!("[sync]\nmain = \"127.0.0.1:{main_port}\"\ntoken = \"{TOKEN}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\nreconnect_max_ms = 300\n"),
+            "branch",
+            extra,
+        );
+    }
+
+    fn write_config(&self, sync: &str, role: &str, extra: &str) {
+        let text = format!(
+            "[node]\nname = \"{}\"\nrole = \"{role}\"\nindex = {}\ndata_dir = \"{}\"\n\n[database]\nurl = \"{}\"\nschemas = [\"public\"]\nexclude = [\"local_*\"]\n\n{sync}\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[keys]\nstride = 100\n{extra}",
+            self.name,
+            self.index,
+            self.dir.path().join("data").display(),
+            self.pg.url(),
+            self.http_port
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// Runs `branchsync <args> --config FILE` to completion.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(branchsync_bin()).args(args).arg("--config").arg(self.config_path()).output().expect("run branchsync")
+    }
+
+    /// Runs `branchsync init` and panics with its output if it fails.
+    pub fn init(&self) {
+        let out = self.cli(&["init"]);
+        assert!(out.status.success(), "init of {} failed:\n{}\n{}", self.name, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts the daemon (output appended to [`Site::log_path`]).
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none(), "daemon of {} already running", self.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("daemon log");
+        let mut c = Command::new(branchsync_bin());
+        c.arg("run").arg("--config").arg(self.config_path()).stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log));
+        c.env("BRANCHSYNC_LOG", std::env::var("BRANCHSYNC_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        self.daemon = Some(c.spawn().expect("spawn branchsync run"));
+    }
+
+    /// `kill -9` of the daemon.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.daemon.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        for _ in 0..300 {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// `true` while the daemon process runs.
+    pub fn running(&mut self) -> bool {
+        match self.daemon.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (e.g. at a failpoint).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.daemon.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.daemon = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's output so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A database connection.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        self.pg.connect().await
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log of {} ----\n{}", self.name, self.daemon_log());
+        }
+    }
+}
+
+/// A TCP relay that can be cut and healed.
+pub struct LinkProxy {
+    /// Port branches dial.
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    cut_tx: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkProxy {
+    /// Relays `127.0.0.1:port` to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut_tx, cut_rx) = watch::channel(0u64);
+        let up2 = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown().await;
+                    continue;
+                }
+                let mut cut = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        LinkProxy { port, up, cut_tx, task }
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut_tx.send_modify(|v| *v += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn heal(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `(row count, md5 of the rows' text in order)` of a table.
+pub async fn table_checksum(c: &tokio_postgres::Client, table: &str) -> (i64, String) {
+    let row = c
+        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("checksum of {table}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// Waits until every site holds the same rows in every table.
+pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration) {
+    let mut clients = Vec::new();
+    for s in sites {
+        clients.push((s.name.clone(), s.db().await));
+    }
+    let what = format!("sites {:?} converge on {:?}", sites.iter().map(|s| &s.name).collect::<Vec<_>>(), tables);
+    let mut last = String::new();
+    let r = tokio::time::timeout(timeout, async {
+        loop {
+            let mut all_same = true;
+            last.clear();
+            for t in tables {
+                let mut sums = Vec::new();
+                for (n, c) in &clients {
+                    let s = table_checksum(c, t).await;
+                    last.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
+                    sums.push(s);
+                }
+                if sums.windows(2).any(|w| w[0] != w[1]) {
+                    all_same = false;
+                }
+            }
+            if all_same {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if r.is_err() {
+        panic!("timed out after {timeout:?} waiting for: {what}\n{last}");
+    }
+}
+
+/// The POS-shaped schema used by the end-to-end tests.
+pub const POS_SCHEMA: &str = "
+CREATE TABLE products (id serial PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, stock integer NOT NULL DEFAULT 0, CHECK (id >= 0));
+CREATE TABLE orders (id serial PRIMARY KEY, shop text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), total numeric(12,2) NOT NULL DEFAULT 0, note text);
+CREATE TABLE order_lines (id bigserial PRIMARY KEY, order_id integer NOT NULL REFERENCES orders(id), product_id integer NOT NULL REFERENCES products(id), qty integer NOT NULL, price numeric(10,2) NOT NULL);
+CREATE TABLE audit_log (event text NOT NULL, at timestamptz NOT NULL DEFAULT now(), payload jsonb);
+CREATE TABLE local_cache (k text PRIMARY KEY, v text);
+";
+
+/// Tables of [`POS_SCHEMA`] that replicate.
+pub const POS_TABLES: &[&str] = &["products", "orders", "order_lines", "audit_log"];
+
+/// Sells one order with `lines` lines at a site; returns the order id.
+pub async fn sell(c: &tokio_postgres::Client, shop: &str, lines: i32) -> i32 {
+    let tx_sql = format!(
+        "WITH o AS (INSERT INTO orders (shop, total) VALUES ('{shop}', 0) RETURNING id), \
+         l AS (INSERT INTO order_lines (order_id, product_id, qty, price) \
+               SELECT o.id, p.id, 1 + (g % 3), p.price FROM o, generate_series(1, {lines}) g \
+               JOIN LATERAL (SELECT id, price FROM products ORDER BY id OFFSET (g % 3) LIMIT 1) p ON true RETURNING order_id) \
+         SELECT id FROM o"
+    );
+    let row = c.query_one(&tx_sql, &[]).await.expect("sell");
+    row.get(0)
+}
+
+/// A main and `n` branches, each branch behind its own [`LinkProxy`].
+pub struct Topology {
+    /// The head office.
+    pub main: Site,
+    /// The shops, `branch1`…
+    pub branches: Vec<Site>,
+    /// One cuttable link per branch.
+    pub proxies: Vec<LinkProxy>,
+    /// Port the main listens on.
+    pub main_port: u16,
+}
+
+impl Topology {
+    /// Creates the sites, loads `schema` at each, writes configs and runs
+    /// `init` everywhere; daemons are not started.
+    pub async fn prepare(n: usize, schema: &str) -> Topology {
+        Topology::prepare_with(n, schema, "").await
+    }
+
+    /// Like [`Topology::prepare`] with extra config text for every node.
+    pub async fn prepare_with(n: usize, schema: &str, extra: &str) -> Topology {
+        let main = Site::new("main", 0);
+        let main_port = free_port();
+        let mut branches = Vec::new();
+        let mut proxies = Vec::new();
+        for i in 1..=n {
+            branches.push(Site::new(&format!("branch{i}"), i as u32));
+            proxies.push(LinkProxy::start(main_port).await);
+        }
+        let names: Vec<(String, u32)> = branches.iter().map(|b| (b.name.clone(), b.index)).collect();
+        let refs: Vec<(&str, u32)> = names.iter().map(|(n, i)| (n.as_str(), *i)).collect();
+        main.write_main_config(main_port, &refs, extra);
+        for (b, p) in branches.iter().zip(&proxies) {
+            b.write_branch_config(p.port, extra);
+        }
+        for s in std::iter::once(&main).chain(branches.iter()) {
+            s.db().await.batch_execute(schema).await.expect("load schema");
+            s.init();
+        }
+        Topology { main, branches, proxies, main_port }
+    }
+
+    /// Starts every daemon.
+    pub fn start_all(&mut self) {
+        self.main.start();
+        for b in &mut self.branches {
+            b.start();
+        }
+    }
+
+    /// Site `i`: 0 is the main, `i` is branch `i`.
+    pub fn site_mut(&mut self, i: usize) -> &mut Site {
+        if i == 0 {
+            &mut self.main
+        } else {
+            &mut self.branches[i - 1]
+        }
+    }
+
+    /// All sites, main first.
+    pub fn sites(&self) -> Vec<&Site> {
+        std::iter::once(&self.main).chain(self.branches.iter()).collect()
+    }
+}
+
+/// Waits until the HTTP status of `site` satisfies `pred`.
+pub async fn wait_status(site: &Site, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let port = site.http_port;
+    eventually(what, timeout, || async {
+        let v = http_status(port).await?;
+        pred(&v).then_some(v)
+    })
+    .await
+}
+
+/// `GET /status` of a daemon, parsed; `None` while it does not answer.
+pub async fn http_status(port: u16) -> Option<serde_json::Value> {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+/// Peak resident set size (VmHWM) of a process in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
+
+impl Site {
+    /// PID of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+}
