@@ -34,6 +34,6 @@ mod tests {
         let c = next_stamp(b, 5_000);
         assert!(a < b && b < c);
         assert_eq!(c, 5_000);
-        assert_eq!(next_stamp(0, -5), 0);
+        assert_eq!(next_stamp(0, -5), 1, "a negative commit time still yields a stamp above the last");
     }
 }

@@ -632,7 +632,7 @@ async fn main_session(
         Some(refusal(
             RefusalReason::SystemIdChanged,
             format!("branch \"{name}\" connected with another database cluster"),
-            format!("First seen with system identifier {}, now {}.", known.unwrap_or_default(), hello.system_id),
+            format!("First seen with system identifier {}, now {}.", known.clone().unwrap_or_default(), hello.system_id),
             "If the branch's database was re-created or restored from a dump, re-seed it from a fresh copy of the main's database and run branchsync init; to replace the branch for good, remove its row from branchsync.progress at the main.",
         ))
     } else if applied > hello.log_newest {

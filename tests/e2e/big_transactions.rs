@@ -23,18 +23,15 @@ async fn replicate_one_transaction(topo: &mut Topology, from: i64, rows: i64) ->
     let before = count(&main).await;
     let started = std::time::Instant::now();
     b.batch_execute(&format!("INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series({from}, {}) g", from + rows - 1)).await.unwrap();
+    // Sample the daemons' peak RSS while waiting for the rows.
     let mut peaks = (0, 0);
-    eventually(&format!("{rows} rows arrive at the main"), Duration::from_secs(600), || {
-        let main = &main;
-        let (bp, mp) = (topo.branches[0].pid(), topo.main.pid());
-        let peaks = &mut peaks;
-        async move {
-            peaks.0 = peaks.0.max(bp.and_then(peak_rss_kib).unwrap_or(0));
-            peaks.1 = peaks.1.max(mp.and_then(peak_rss_kib).unwrap_or(0));
-            (count(main).await == before + rows).then_some(())
-        }
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while count(&main).await != before + rows {
+        assert!(std::time::Instant::now() < deadline, "{rows} rows did not arrive at the main within 600 s");
+        peaks.0 = peaks.0.max(topo.branches[0].pid().and_then(peak_rss_kib).unwrap_or(0));
+        peaks.1 = peaks.1.max(topo.main.pid().and_then(peak_rss_kib).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let bp = topo.branches[0].pid().and_then(peak_rss_kib).unwrap_or(0).max(peaks.0);
     let mp = topo.main.pid().and_then(peak_rss_kib).unwrap_or(0).max(peaks.1);
     println!(

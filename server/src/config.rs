@@ -1,0 +1,389 @@
+//! The node's TOML configuration: typed, defaulted, validated before the
+//! runtime starts.
+//!
+//! One file per node (`--config FILE` or `BRANCHSYNC_CONFIG`). Environment
+//! overrides: `BRANCHSYNC_TOKEN` replaces the node's own token,
+//! `BRANCHSYNC_DATABASE_URL` replaces `database.url`. Secrets may come from
+//! a file (`token_file`) or the environment; they never appear in `Debug`
+//! output or error messages. Every error names the file and the key.
+
+use std::path::{Path, PathBuf};
+
+use branchsync_engine::scope::Scope;
+use branchsync_engine::Role;
+use serde::Deserialize;
+
+/// Default key stride.
+pub const DEFAULT_STRIDE: u32 = 100;
+/// Default cap of the reconnect backoff (ms).
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
+/// Default heartbeat period (ms).
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
+/// Default silence after which a peer is gone (ms).
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
+/// Default time budget of a grouped apply transaction (ms).
+pub const DEFAULT_APPLY_GROUP_MS: u64 = 50;
+/// Default largest frame (bytes).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// A configuration error: the file, the key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("could not read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error, or an unknown key.
+    #[error("invalid configuration in {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration in {path}: key \"{key}\": {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+}
+
+/// A secret whose value never prints.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Unique node name.
+    pub name: String,
+    /// Main or branch.
+    pub role: Role,
+    /// Node index (key stripe).
+    pub index: u32,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// libpq-style connection string.
+    pub url: String,
+    /// Replicated schemas.
+    #[serde(default = "default_schemas")]
+    pub schemas: Vec<String>,
+    /// Tables that stay local.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+fn default_schemas() -> Vec<String> {
+    vec!["public".into()]
+}
+
+/// One `[[sync.peers]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Branch name.
+    pub name: String,
+    /// Branch index.
+    pub index: u32,
+    /// Inline token.
+    #[serde(default)]
+    token: Option<Secret>,
+    /// Token file.
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+impl Peer {
+    /// The branch's token (resolved at load).
+    pub fn token(&self) -> &str {
+        self.token.as_ref().map(|s| s.0.as_str()).unwrap_or("")
+    }
+}
+
+/// `[sync]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// Branch: the main's address.
+    pub main: Option<String>,
+    /// Main: where to listen.
+    pub listen: Option<String>,
+    #[serde(default)]
+    token: Option<Secret>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    /// Cap of the reconnect backoff (ms).
+    #[serde(default = "d_reconnect")]
+    pub reconnect_max_ms: u64,
+    /// Heartbeat period (ms).
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Silence after which a peer is gone (ms).
+    #[serde(default = "d_timeout")]
+    pub peer_timeout_ms: u64,
+    /// Apply group budget (ms).
+    #[serde(default = "d_group")]
+    pub apply_group_ms: u64,
+    /// Largest frame (bytes).
+    #[serde(default = "d_frame")]
+    pub max_frame_bytes: usize,
+    /// Main: the branches.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+fn d_reconnect() -> u64 {
+    DEFAULT_RECONNECT_MAX_MS
+}
+fn d_heartbeat() -> u64 {
+    DEFAULT_HEARTBEAT_MS
+}
+fn d_timeout() -> u64 {
+    DEFAULT_PEER_TIMEOUT_MS
+}
+fn d_group() -> u64 {
+    DEFAULT_APPLY_GROUP_MS
+}
+fn d_frame() -> usize {
+    DEFAULT_MAX_FRAME_BYTES
+}
+fn d_stride() -> u32 {
+    DEFAULT_STRIDE
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address of `/status`, `/metrics`, `/health`.
+    pub listen: Option<String>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// Key stride.
+    #[serde(default = "d_stride")]
+    pub stride: u32,
+}
+
+impl Default for KeysSection {
+    fn default() -> Self {
+        KeysSection { stride: DEFAULT_STRIDE }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`.
+    pub node: NodeSection,
+    /// `[database]`.
+    pub database: DatabaseSection,
+    /// `[sync]`.
+    pub sync: SyncSection,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: HttpSection,
+    /// `[keys]`.
+    #[serde(default)]
+    pub keys: KeysSection,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+impl Config {
+    /// Reads, overrides from the environment, resolves token files, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        cfg.path = path.to_path_buf();
+        if let Some(url) = env("BRANCHSYNC_DATABASE_URL") {
+            cfg.database.url = url;
+        }
+        let cfg_path = cfg.path.clone();
+        let read_token = |file: &Path, key: &str| -> Result<Secret, ConfigError> {
+            std::fs::read_to_string(file).map(|s| Secret(s.trim().to_string())).map_err(|e| ConfigError::Invalid {
+                path: cfg_path.clone(),
+                key: key.into(),
+                message: format!("cannot read token file {}: {e}", file.display()),
+            })
+        };
+        if let Some(t) = env("BRANCHSYNC_TOKEN") {
+            cfg.sync.token = Some(Secret(t));
+        } else if cfg.sync.token.is_none() {
+            if let Some(f) = cfg.sync.token_file.clone() {
+                cfg.sync.token = Some(read_token(&f, "sync.token_file")?);
+            }
+        }
+        let mut peers = cfg.sync.peers.clone();
+        for (i, p) in peers.iter_mut().enumerate() {
+            if p.token.is_none() {
+                if let Some(f) = p.token_file.clone() {
+                    p.token = Some(read_token(&f, &format!("sync.peers[{i}].token_file"))?);
+                }
+            }
+        }
+        cfg.sync.peers = peers;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid { path: self.path.clone(), key: key.into(), message }
+    }
+
+    /// Checks ranges and consistency; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.name.is_empty() || n.name.len() > 40 || !n.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return Err(self.invalid("node.name", format!("\"{}\" must be 1 to 40 characters of a-z, 0-9 and _", n.name)));
+        }
+        let stride = self.keys.stride;
+        if !(2..=10_000).contains(&stride) {
+            return Err(self.invalid("keys.stride", format!("{stride} is not between 2 and 10000")));
+        }
+        if n.index >= stride {
+            return Err(self.invalid("node.index", format!("{} is not below keys.stride ({stride})", n.index)));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(self.invalid("database.url", "must not be empty".into()));
+        }
+        if self.sync.reconnect_max_ms < 100 {
+            return Err(self.invalid("sync.reconnect_max_ms", format!("{} is below 100", self.sync.reconnect_max_ms)));
+        }
+        let addr_ok = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        match n.role {
+            Role::Main => {
+                if n.index != 0 {
+                    return Err(self.invalid("node.index", format!("the main must have index 0, not {}", n.index)));
+                }
+                match &self.sync.listen {
+                    Some(a) if addr_ok(a) => {}
+                    Some(a) => return Err(self.invalid("sync.listen", format!("\"{a}\" is not host:port"))),
+                    None => return Err(self.invalid("sync.listen", "the main needs an address to listen on".into())),
+                }
+                let mut names = std::collections::HashSet::new();
+                let mut indexes = std::collections::HashSet::new();
+                for (i, p) in self.sync.peers.iter().enumerate() {
+                    let key = format!("sync.peers[{i}]");
+                    if !names.insert(p.name.clone()) {
+                        return Err(self.invalid(&format!("{key}.name"), format!("peer \"{}\" is listed twice", p.name)));
+                    }
+                    if p.index == 0 || p.index >= stride || !indexes.insert(p.index) {
+                        return Err(self.invalid(&format!("{key}.index"), format!("{} must be unique, non-zero and below keys.stride ({stride})", p.index)));
+                    }
+                    if p.token().is_empty() {
+                        return Err(self.invalid(&format!("{key}.token"), format!("peer \"{}\" has no token (set token or token_file)", p.name)));
+                    }
+                }
+            }
+            Role::Branch => {
+                if n.index == 0 {
+                    return Err(self.invalid("node.index", "a branch needs an index of 1 or more (0 is the main's)".into()));
+                }
+                match &self.sync.main {
+                    Some(a) if addr_ok(a) => {}
+                    Some(a) => return Err(self.invalid("sync.main", format!("\"{a}\" is not host:port"))),
+                    None => return Err(self.invalid("sync.main", "a branch needs the main's address".into())),
+                }
+                if self.token().is_none_or(str::is_empty) {
+                    return Err(self.invalid("sync.token", "a branch needs a token (token, token_file or BRANCHSYNC_TOKEN)".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's own token.
+    pub fn token(&self) -> Option<&str> {
+        self.sync.token.as_ref().map(|s| s.0.as_str())
+    }
+
+    /// Replicated schemas minus excluded tables.
+    pub fn scope(&self) -> Result<Scope, branchsync_engine::EngineError> {
+        Scope::new(&self.database.schemas, &self.database.exclude)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile_dir();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        Config::load_with_env(&p, &move |k| env.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone()))
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("branchsync-config-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    }
+
+    const BRANCH: &str = "[node]\nname = \"branch1\"\nrole = \"branch\"\nindex = 1\ndata_dir = \"/tmp/x\"\n[database]\nurl = \"host=x\"\nexclude = [\"ir_cache\"]\n[sync]\nmain = \"10.0.0.1:7070\"\ntoken = \"s3cret\"\n[keys]\nstride = 100\n";
+
+    #[test]
+    fn the_documented_branch_example_parses_with_defaults() {
+        let c = load(BRANCH, &[]).unwrap();
+        assert_eq!(c.node.index, 1);
+        assert_eq!(c.database.schemas, vec!["public"]);
+        assert_eq!(c.sync.apply_group_ms, DEFAULT_APPLY_GROUP_MS);
+        assert_eq!(c.token(), Some("s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"), "secrets never print");
+    }
+
+    #[test]
+    fn the_environment_token_wins() {
+        let c = load(BRANCH, &[("BRANCHSYNC_TOKEN", "from-env")]).unwrap();
+        assert_eq!(c.token(), Some("from-env"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        for (text, key) in [
+            (BRANCH.replace("index = 1", "index = 100"), "node.index"),
+            (BRANCH.replace("main = \"10.0.0.1:7070\"\n", ""), "sync.main"),
+            (BRANCH.replace("token = \"s3cret\"\n", ""), "sync.token"),
+            (format!("{BRANCH}\n[bogus]\nx = 1\n"), "bogus"),
+            (BRANCH.replace("role = \"branch\"", "role = \"main\"").replace("index = 1", "index = 1"), "node.index"),
+            (BRANCH.replace("[node]", "[node"), "c.toml"),
+        ] {
+            let e = load(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "error must name {key}: {e}");
+            assert!(e.contains("c.toml"), "error must name the file: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_peer_indexes_are_refused() {
+        let text = "[node]\nname = \"main\"\nrole = \"main\"\nindex = 0\ndata_dir = \"/x\"\n[database]\nurl = \"h\"\n[sync]\nlisten = \"0.0.0.0:7070\"\n\
+                    [[sync.peers]]\nname = \"a\"\nindex = 1\ntoken = \"t\"\n[[sync.peers]]\nname = \"b\"\nindex = 1\ntoken = \"t\"\n";
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains("sync.peers[1].index"), "{e}");
+    }
+}

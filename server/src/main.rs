@@ -1,0 +1,253 @@
+//! The `branchsync` binary: `init`, `run`, `status`.
+//!
+//! `main` does every synchronous, fallible step first (arguments, config,
+//! logging), then runs the command and turns its outcome into an exit code
+//! with a PostgreSQL-style report. `anyhow` is used only here, at the edge.
+
+mod config;
+mod http;
+mod link;
+mod node;
+mod report;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use branchsync_engine::{setup, EngineError, Role};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::link::PeerAuth;
+use crate::node::{Node, NodeSettings};
+
+/// Multi-master, offline-first sync of PostgreSQL databases between a head
+/// office (main) and shop branches.
+#[derive(Parser)]
+#[command(name = "branchsync", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prepare the database: check settings, create branchsync's schema,
+    /// publication and slot, stripe sequences (idempotent).
+    Init {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+    },
+    /// Show peers, pending changes and conflicts.
+    Status {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("branchsync: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(try_main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("branchsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { config } => {
+            let cfg = Config::load(&config)?;
+            init(&cfg).await
+        }
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            run(&cfg).await
+        }
+        Command::Status { config, json } => {
+            let cfg = Config::load(&config)?;
+            status(&cfg, json).await
+        }
+    }
+}
+
+async fn init(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let mut conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync init").await.context("cannot connect to the database (database.url)")?;
+    let params = setup::InitParams {
+        node: cfg.node.name.clone(),
+        index: cfg.node.index,
+        role: cfg.node.role,
+        stride: cfg.keys.stride,
+        scope: cfg.scope()?,
+    };
+    let report = match setup::init(&mut conn.client, &params).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("branchsync init: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("cannot create data directory {}", cfg.node.data_dir.display()))?;
+    println!("initialised node \"{}\" ({} , index {}) on cluster {}", cfg.node.name, cfg.node.role, cfg.node.index, report.system_id);
+    if let Some(from) = &report.seeded_from {
+        println!("  found state copied from node \"{from}\": cleared it; this node resumes the main's relay where the copy was taken");
+    }
+    println!("  replicated tables: {}", report.tables.len());
+    for t in &report.identity_full {
+        println!("  REPLICA IDENTITY FULL set on {t} (no primary key)");
+    }
+    let changed = report.sequences.iter().filter(|s| s.changed).count();
+    println!("  sequences striped: {} changed, {} already on stripe {} mod {}", changed, report.sequences.len() - changed, cfg.node.index, cfg.keys.stride);
+    println!("  replication slot: {}", if report.slot_created { "created" } else { "exists" });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
+    Ok(NodeSettings {
+        node: cfg.node.name.clone(),
+        role: cfg.node.role,
+        index: cfg.node.index,
+        stride: cfg.keys.stride,
+        data_dir: cfg.node.data_dir.clone(),
+        db_url: cfg.database.url.clone(),
+        scope: cfg.scope()?,
+        main_addr: cfg.sync.main.clone(),
+        listen: cfg.sync.listen.clone(),
+        token: cfg.token().map(str::to_string),
+        peers: cfg.sync.peers.iter().map(|p| PeerAuth { name: p.name.clone(), index: p.index, token: p.token().to_string() }).collect(),
+        http_listen: cfg.http.listen.clone(),
+        heartbeat: Duration::from_millis(cfg.sync.heartbeat_ms),
+        peer_timeout: Duration::from_millis(cfg.sync.peer_timeout_ms),
+        reconnect_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
+        group_budget: Duration::from_millis(cfg.sync.apply_group_ms),
+        max_frame: cfg.sync.max_frame_bytes,
+    })
+}
+
+async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let node = match Node::start(settings(cfg)?).await {
+        Ok(n) => n,
+        Err(e) => {
+            report_engine_error("cannot start", &e);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Some(a) = node.http_addr {
+        tracing::info!(addr = %a, "http status listening");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let shutdown = node_shutdown_handle(&node);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stop requested; draining");
+        shutdown();
+    });
+    match node.wait().await {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            report_engine_error("stopped", &e);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn node_shutdown_handle(node: &Node) -> impl FnOnce() + Send + 'static {
+    let tx = node.shutdown_sender();
+    move || {
+        let _ = tx.send(true);
+    }
+}
+
+fn report_engine_error(what: &str, e: &EngineError) {
+    let mut msg = format!("branchsync run: {what}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!("\nCAUSE: {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    tracing::error!(error = %e, "{what}");
+}
+
+async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = &cfg.http.listen {
+        if let Ok(body) = http_get(addr, "/status").await {
+            if json {
+                println!("{body}");
+            } else {
+                let s: status::StatusSnapshot = serde_json::from_str(&body).context("the daemon answered /status with unexpected JSON")?;
+                print!("{}", report::render_text(&s));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    // The daemon is not answering: show what the database knows.
+    let conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync status").await.context("cannot connect to the database (database.url)")?;
+    let conflicts: i64 = conn
+        .client
+        .query_one("SELECT count(*) FROM branchsync.conflicts", &[])
+        .await
+        .map(|r| r.get(0))
+        .context("cannot read branchsync.conflicts; has branchsync init run?")?;
+    let rows = conn.client.query("SELECT stream, pos, updated_at::text FROM branchsync.progress ORDER BY stream", &[]).await.context("cannot read branchsync.progress")?;
+    let progress: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"peer": r.get::<_, String>(0), "applied_from_peer": r.get::<_, i64>(1), "updated_at": r.get::<_, String>(2)}))
+        .collect();
+    let role = cfg.node.role.to_string();
+    if json {
+        println!("{}", serde_json::json!({"node": cfg.node.name, "role": role, "daemon_running": false, "conflicts_total": conflicts, "progress": progress}));
+    } else {
+        println!("node {} ({role}): daemon not answering{}", cfg.node.name, cfg.http.listen.as_ref().map(|a| format!(" on {a}")).unwrap_or_else(|| " (http.listen not set)".into()));
+        println!("  conflicts: {conflicts} recorded");
+        for p in &progress {
+            println!("  applied from {}: position {} (at {})", p["peer"].as_str().unwrap_or("?"), p["applied_from_peer"], p["updated_at"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "daemon answered: {}", head.lines().next().unwrap_or(""));
+    let _ = Role::Main;
+    Ok(body.to_string())
+}
