@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS branchsync.relay_head (
 /// MessagePack [`branchsync_proto::ChangeSetHeader`] of the ChangeSet.
 pub const APPLY_MESSAGE_PREFIX: &str = "branchsync.apply";
 
+/// Stream name under which a branch records its progress in the main's
+/// relay (whatever the main's node name is).
+pub const RELAY_STREAM: &str = "main";
+
 /// Name of the publication `init` creates.
 pub const PUBLICATION: &str = "branchsync";
 

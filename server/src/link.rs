@@ -401,7 +401,7 @@ async fn branch_session(
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
         .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
     let (mut reader, mut writer) = split(stream, settings.max_frame);
-    let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), "main", state.clone()).await?;
+    let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), branchsync_engine::state::RELAY_STREAM, state.clone()).await?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node: settings.node.clone(),

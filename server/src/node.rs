@@ -287,6 +287,12 @@ impl Node {
                         }
                         if last_audit.elapsed() > Duration::from_secs(30) {
                             last_audit = std::time::Instant::now();
+                            // Cheap audit first; the full re-stripe (which scans
+                            // key columns) only when a sequence is off its stripe.
+                            let off = keys::audit(&c.client, &s2.scope, s2.index, s2.stride).await.map(|v| !v.is_empty()).unwrap_or(true);
+                            if !off {
+                                continue;
+                            }
                             match keys::stripe_all(&c.client, &s2.scope, s2.index, s2.stride).await {
                                 Ok(fixed) => {
                                     for f in fixed.iter().filter(|f| f.changed) {
