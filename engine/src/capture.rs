@@ -1,0 +1,408 @@
+//! Capture: drains this node's logical slot into the local [`ChangeLog`].
+//!
+//! ```text
+//!  PostgreSQL WAL --pgoutput--> pg_logical_slot_peek_binary_changes (streamed rows)
+//!        --> decode --> ChangeSets (fragments of ≤ fragment_rows rows)
+//!        --> ChangeLog::append ... ChangeLog::flush (durable)
+//!        --> pg_replication_slot_advance(end LSN of the last whole transaction)
+//! ```
+//!
+//! One task owns the one connection. Each poll peeks at most
+//! `batch_changes` changes (whole transactions), streaming the rows, so a
+//! transaction of a million rows is written to the log fragment by fragment
+//! and never sits in memory whole.
+//!
+//! # Crash safety
+//!
+//! The slot is confirmed only after the log write is durable (R1): a crash
+//! before the advance makes the slot deliver the transaction again, and it
+//! is recognised by its commit LSN (at most the log's `captured_lsn`) and
+//! dropped before any fragment is written. A crash in the middle of a large
+//! transaction leaves invisible fragments, which the log removes on open.
+//!
+//! # Progress tracking
+//!
+//! The log's `captured_lsn` and last hybrid-clock stamp move in the same
+//! atomic batch as the transaction's last fragment. The slot position is
+//! only a lower bound of what was captured: PostgreSQL persists it lazily.
+//!
+//! # Who wrote what (R3)
+//!
+//! Every apply transaction starts each ChangeSet with a transactional
+//! logical message `branchsync.apply` holding the author's header. At a
+//! branch such transactions are skipped (they came from the main). At the
+//! main they are kept and split at those messages, each segment keeping its
+//! original author's header, so the main's log is the relay. In both cases
+//! the author's stamp is merged into this node's hybrid clock, so a local
+//! change made after seeing a remote one always carries a larger stamp.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc};
+use futures::TryStreamExt;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::clock::{next_stamp, PG_EPOCH_OFFSET_US};
+use crate::log::{ChangeLog, Completion};
+use crate::pg::{self, fmt_lsn};
+use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
+use crate::scope::Scope;
+use crate::state::APPLY_MESSAGE_PREFIX;
+use crate::{failpoints, EngineError, Role};
+
+/// How capture runs.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// This node's name (author of local ChangeSets).
+    pub node: String,
+    /// This node's index.
+    pub node_index: u32,
+    /// Main (keeps applied transactions: the relay) or branch (skips them).
+    pub role: Role,
+    /// This cluster's system identifier.
+    pub system_id: u64,
+    /// What is replicated.
+    pub scope: Scope,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Rows per log fragment.
+    pub fragment_rows: usize,
+    /// Pause between polls when the slot had nothing.
+    pub poll_interval: Duration,
+    /// `upto_nchanges` of one peek.
+    pub batch_changes: i32,
+}
+
+/// Counters for status.
+#[derive(Debug, Clone, Default)]
+pub struct CaptureStatus {
+    /// Commit LSN of the last captured transaction.
+    pub captured_lsn: u64,
+    /// Commit time of the last captured transaction (Unix µs).
+    pub last_commit_ts_us: i64,
+    /// Transactions written to the log in this run.
+    pub transactions: u64,
+    /// Row changes written to the log in this run.
+    pub rows: u64,
+    /// Transactions skipped because branchsync applied them (branch only).
+    pub skipped_applied: u64,
+}
+
+/// A segment of a transaction: the changes of one ChangeSet.
+struct Segment {
+    header: ChangeSetHeader,
+    part: u32,
+    tables: Vec<TableDesc>,
+    table_index: HashMap<u32, u32>,
+    changes: Vec<RowChange>,
+}
+
+impl Segment {
+    fn new(header: ChangeSetHeader) -> Segment {
+        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new() }
+    }
+
+    fn table(&mut self, rel: &Relation) -> u32 {
+        if let Some(i) = self.table_index.get(&rel.oid) {
+            return *i;
+        }
+        let i = self.tables.len() as u32;
+        self.tables.push(TableDesc {
+            schema: rel.namespace.clone(),
+            name: rel.name.clone(),
+            columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
+            key: rel.columns.iter().map(|c| c.is_key()).collect(),
+            identity_full: rel.replica_identity == ReplicaIdentity::Full,
+        });
+        self.table_index.insert(rel.oid, i);
+        i
+    }
+
+    /// Takes the pending changes as a fragment.
+    fn fragment(&mut self, log: &ChangeLog, last: bool) -> LogEntry {
+        let e = LogEntry {
+            pos: log.allocate_pos(),
+            header: self.header.clone(),
+            part: self.part,
+            last,
+            tables: std::mem::take(&mut self.tables),
+            changes: std::mem::take(&mut self.changes),
+        };
+        self.table_index.clear();
+        self.part += 1;
+        e
+    }
+}
+
+/// The transaction being decoded.
+struct Txn {
+    commit_lsn: u64,
+    commit_ts_us: i64,
+    /// Already in the log (re-delivered after a crash, R1).
+    duplicate: bool,
+    /// Written by branchsync's apply, skipped at a branch (R3).
+    applied_here: bool,
+    segment: Segment,
+    /// Finished fragments waiting for the commit.
+    done: Vec<LogEntry>,
+    rows: u64,
+}
+
+/// Capture state kept across polls.
+pub struct Capturer {
+    cfg: CaptureConfig,
+    log: Arc<ChangeLog>,
+    relations: HashMap<u32, Relation>,
+    captured_lsn: u64,
+    last_stamp: u64,
+    txn: Option<Txn>,
+    /// Status counters.
+    pub status: CaptureStatus,
+}
+
+impl Capturer {
+    /// Capture state on top of `log`.
+    pub fn new(cfg: CaptureConfig, log: Arc<ChangeLog>) -> Result<Capturer, EngineError> {
+        let captured_lsn = log.captured_lsn()?;
+        let last_stamp = log.last_stamp()?;
+        Ok(Capturer {
+            cfg,
+            log,
+            relations: HashMap::new(),
+            captured_lsn,
+            last_stamp,
+            txn: None,
+            status: CaptureStatus { captured_lsn, ..Default::default() },
+        })
+    }
+
+    fn local_header(&mut self, commit_lsn: u64, commit_ts_us: i64) -> ChangeSetHeader {
+        self.last_stamp = next_stamp(self.last_stamp, commit_ts_us);
+        ChangeSetHeader {
+            author: self.cfg.node.clone(),
+            author_index: self.cfg.node_index,
+            system_id: self.cfg.system_id,
+            commit_lsn,
+            commit_ts_us,
+            stamp: self.last_stamp,
+        }
+    }
+
+    /// Handles one decoded message; returns the end LSN when a transaction
+    /// commits.
+    fn handle(&mut self, msg: PgOutputMessage) -> Result<Option<u64>, EngineError> {
+        match msg {
+            PgOutputMessage::Begin(b) => {
+                let ts = b.commit_ts + PG_EPOCH_OFFSET_US;
+                let duplicate = b.final_lsn <= self.captured_lsn;
+                let header = self.local_header(b.final_lsn, ts);
+                self.txn = Some(Txn {
+                    commit_lsn: b.final_lsn,
+                    commit_ts_us: ts,
+                    duplicate,
+                    applied_here: false,
+                    segment: Segment::new(header),
+                    done: Vec::new(),
+                    rows: 0,
+                });
+            }
+            PgOutputMessage::Relation(r) => {
+                self.relations.insert(r.oid, r);
+            }
+            PgOutputMessage::Type(_) | PgOutputMessage::Origin(_) => {}
+            PgOutputMessage::Message(m) => {
+                if m.prefix != APPLY_MESSAGE_PREFIX || !m.transactional() {
+                    return Ok(None);
+                }
+                let header: ChangeSetHeader =
+                    rmp_serde::from_slice(&m.content).map_err(|e| EngineError::Corrupt(format!("undecodable apply message at {}: {e}", fmt_lsn(m.lsn))))?;
+                let Some(txn) = self.txn.as_mut() else { return Ok(None) };
+                if txn.duplicate {
+                    return Ok(None);
+                }
+                // Hybrid clock: never stamp below what this node has seen.
+                self.last_stamp = self.last_stamp.max(header.stamp);
+                match self.cfg.role {
+                    Role::Branch => txn.applied_here = true,
+                    Role::Main => {
+                        let prev = std::mem::replace(&mut txn.segment, Segment::new(header));
+                        let mut prev = prev;
+                        if !prev.changes.is_empty() || prev.part > 0 {
+                            txn.done.push(prev.fragment(&self.log, true));
+                        }
+                    }
+                }
+            }
+            PgOutputMessage::Commit(c) => {
+                let Some(mut txn) = self.txn.take() else { return Ok(Some(c.end_lsn)) };
+                if txn.duplicate {
+                    return Ok(Some(c.end_lsn));
+                }
+                if txn.applied_here {
+                    self.status.skipped_applied += 1;
+                } else if !txn.segment.changes.is_empty() || txn.segment.part > 0 {
+                    txn.done.push(txn.segment.fragment(&self.log, true));
+                }
+                let completion = Completion { captured_lsn: c.commit_lsn, stamp: self.last_stamp };
+                self.log.append(&txn.done, Some(completion))?;
+                self.captured_lsn = c.commit_lsn;
+                if !txn.done.is_empty() {
+                    self.status.transactions += 1;
+                    self.status.rows += txn.rows;
+                }
+                self.status.captured_lsn = c.commit_lsn;
+                self.status.last_commit_ts_us = txn.commit_ts_us;
+                tracing::debug!(lsn = %fmt_lsn(txn.commit_lsn), fragments = txn.done.len(), rows = txn.rows, "transaction captured");
+                return Ok(Some(c.end_lsn));
+            }
+            change @ (PgOutputMessage::Insert(_) | PgOutputMessage::Update(_) | PgOutputMessage::Delete(_) | PgOutputMessage::Truncate(_)) => {
+                let Some(txn) = self.txn.as_mut() else { return Ok(None) };
+                if txn.duplicate || txn.applied_here {
+                    return Ok(None);
+                }
+                let rel_of = |oid: u32| -> Result<&Relation, EngineError> {
+                    self.relations.get(&oid).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
+                };
+                let in_scope = |r: &Relation| self.cfg.scope.includes(&r.namespace, &r.name);
+                let seg = &mut txn.segment;
+                let pushed = match change {
+                    PgOutputMessage::Insert(i) => {
+                        let r = rel_of(i.rel)?;
+                        in_scope(r).then(|| {
+                            let t = seg.table(r);
+                            RowChange::Insert { table: t, new: i.new }
+                        })
+                    }
+                    PgOutputMessage::Update(u) => {
+                        let r = rel_of(u.rel)?;
+                        in_scope(r).then(|| {
+                            let t = seg.table(r);
+                            let old = u.old.map(|o| old_row(o));
+                            RowChange::Update { table: t, old, new: u.new }
+                        })
+                    }
+                    PgOutputMessage::Delete(d) => {
+                        let r = rel_of(d.rel)?;
+                        in_scope(r).then(|| {
+                            let t = seg.table(r);
+                            RowChange::Delete { table: t, old: old_row(d.old) }
+                        })
+                    }
+                    PgOutputMessage::Truncate(t) => {
+                        let mut tables = Vec::new();
+                        for oid in &t.rels {
+                            let r = rel_of(*oid)?;
+                            if in_scope(r) {
+                                tables.push(seg.table(r));
+                            }
+                        }
+                        (!tables.is_empty()).then(|| RowChange::Truncate { tables, cascade: t.cascade(), restart_identity: t.restart_identity() })
+                    }
+                    _ => None,
+                };
+                if let Some(ch) = pushed {
+                    seg.changes.push(ch);
+                    txn.rows += 1;
+                    if seg.changes.len() >= self.cfg.fragment_rows {
+                        // A full fragment goes to the log now, invisible
+                        // until the transaction's last fragment is written.
+                        let f = seg.fragment(&self.log, false);
+                        txn.done.push(f);
+                        self.log.append(&txn.done, None)?;
+                        txn.done.clear();
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Peeks at the slot once, logs what committed, makes it durable, then
+    /// confirms the slot. Returns the number of transactions seen.
+    pub async fn poll_once(&mut self, client: &Client) -> Result<u64, EngineError> {
+        let end = self.read_batch(client).await?;
+        let Some((end_lsn, seen)) = end else { return Ok(0) };
+        self.log.flush().await?;
+        failpoints::hit(failpoints::CAPTURE_AFTER_LOG_WRITE);
+        // Only now, with the log durable, may the slot forget these
+        // transactions (R1).
+        self.advance(client, end_lsn).await?;
+        Ok(seen)
+    }
+
+    /// Reads one peek batch into the log (not yet flushed). Returns the end
+    /// LSN of the last whole transaction and how many were seen.
+    pub async fn read_batch(&mut self, client: &Client) -> Result<Option<(u64, u64)>, EngineError> {
+        let limit = self.cfg.batch_changes;
+        let rows = client
+            .query_raw(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
+                [&self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync), &limit, &self.cfg.publication],
+            )
+            .await
+            .map_err(EngineError::pg("reading the replication slot"))?;
+        futures::pin_mut!(rows);
+        let mut end = None;
+        let mut seen = 0;
+        self.txn = None;
+        while let Some(row) = rows.try_next().await.map_err(EngineError::pg("reading the replication slot"))? {
+            let data: &[u8] = row.get(0);
+            let msg = pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?;
+            if let Some(e) = self.handle(msg)? {
+                end = Some(e);
+                seen += 1;
+            }
+        }
+        Ok(end.map(|e| (e, seen)))
+    }
+
+    async fn advance(&self, client: &Client, end_lsn: u64) -> Result<(), EngineError> {
+        client
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                &[&self.cfg.slot, &fmt_lsn(end_lsn)],
+            )
+            .await
+            .map_err(EngineError::pg("confirming the replication slot"))?;
+        Ok(())
+    }
+}
+
+fn old_row(o: OldTuple) -> OldRow {
+    let (full, values) = o.into_parts();
+    OldRow { full, values }
+}
+
+/// Runs capture until `shutdown`; transient errors return to the caller,
+/// which retries with backoff.
+pub async fn run_capture(cfg: CaptureConfig, url: String, log: Arc<ChangeLog>, mut shutdown: watch::Receiver<bool>, status: watch::Sender<CaptureStatus>) -> Result<(), EngineError> {
+    let conn = pg::connect(&url, "branchsync capture").await?;
+    let poll = cfg.poll_interval;
+    let mut cap = Capturer::new(cfg, log)?;
+    let mut closed = conn.closed.clone();
+    tracing::info!(lsn = %fmt_lsn(cap.captured_lsn), "capture started");
+    loop {
+        // Cancelling a poll at shutdown is safe: whatever was not confirmed
+        // is delivered again and recognised by its commit LSN.
+        let seen = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            _ = closed.changed() => return Err(EngineError::ConnectionLost { context: "capturing changes".into() }),
+            r = cap.poll_once(&conn.client) => r?,
+        };
+        status.send_replace(cap.status.clone());
+        if seen == 0 {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+}
