@@ -233,6 +233,8 @@ impl LinkProxy {
                     continue;
                 }
                 let mut cut = cut_rx.clone();
+                // Only a cut after this connection was accepted ends it.
+                cut.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
                     tokio::select! {
