@@ -79,16 +79,26 @@ async fn crashes_anywhere_during_catch_up_neither_lose_nor_double_a_transaction(
                 s.pg.start_server();
             }
             Disruption::Failpoint(i, name) => {
+                let hits = rng.gen_range(1..4);
+                {
+                    let s = topo.site_mut(i);
+                    s.kill9();
+                    s.env = vec![("BRANCHSYNC_FAILPOINT".into(), format!("{name}:{hits}"))];
+                    s.start();
+                }
+                // Keep writing at both sites until the armed path has been
+                // taken `hits` times and the daemon died there.
+                let (main_db, branch_db) = (topo.main.db().await, topo.branches[0].db().await);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let mut st = None;
+                while st.is_none() && std::time::Instant::now() < deadline {
+                    for (j, (c, n)) in [(&main_db, "main"), (&branch_db, "branch1")].into_iter().enumerate() {
+                        write_batch(c, n, next[j], 3).await;
+                        next[j] += 3;
+                    }
+                    st = topo.site_mut(i).wait_exit(Duration::from_millis(200));
+                }
                 let s = topo.site_mut(i);
-                s.kill9();
-                s.env = vec![("BRANCHSYNC_FAILPOINT".into(), format!("{name}:{}", rng.gen_range(1..4)))];
-                s.start();
-                // More work so the armed path is reached.
-                let c = s.db().await;
-                let n = 30;
-                write_batch(&c, if i == 0 { "main" } else { "branch1" }, next[i], n).await;
-                next[i] += n;
-                let st = s.wait_exit(Duration::from_secs(60));
                 assert_eq!(st.and_then(|st| st.code()), Some(137), "failpoint {name} at {} did not fire", s.name);
                 s.env.clear();
                 s.start();
