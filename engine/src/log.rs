@@ -95,7 +95,7 @@ impl ChangeLog {
     pub fn open(dir: &Path) -> Result<ChangeLog, EngineError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(EngineError::log(format!("opening the log in {}", dir.display())))?;

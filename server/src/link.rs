@@ -160,7 +160,7 @@ impl Session {
         mut shutdown: watch::Receiver<bool>,
         mut evict: watch::Receiver<bool>,
     ) -> Result<SessionEnd, LinkError> {
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(8);
+        let (out_tx, mut out_rx) = mpsc::channel::<Message>(2);
         let writer_task = tokio::spawn(
             async move {
                 while let Some(m) = out_rx.recv().await {
@@ -170,7 +170,7 @@ impl Session {
             }
             .in_current_span(),
         );
-        let (apply_tx, apply_rx) = mpsc::channel::<Vec<LogEntry>>(4);
+        let (apply_tx, apply_rx) = mpsc::channel::<Vec<LogEntry>>(2);
         let (apply_stop_tx, apply_stop_rx) = watch::channel(false);
         let mut apply_task = tokio::spawn(applier.run(apply_rx, apply_stop_rx).in_current_span());
         let pusher = tokio::spawn(push_log(self.log.clone(), self.send_after, self.skip_author.clone(), out_tx.clone(), self.status.clone(), self.peer.clone()).in_current_span());
