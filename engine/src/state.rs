@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS branchsync.node (
 CREATE TABLE IF NOT EXISTS branchsync.progress (
     stream text PRIMARY KEY,
     pos bigint NOT NULL,
+    lsn bigint NOT NULL DEFAULT 0,
     system_id text,
     updated_at timestamptz NOT NULL DEFAULT now()
 );

@@ -77,6 +77,9 @@ pub struct Welcome {
     /// The main's durable progress in this branch's stream: the branch sends
     /// entries after this position.
     pub resume_after: u64,
+    /// Author commit LSN of the ChangeSet at `resume_after` (0 = none): the
+    /// branch checks that its own entry there is the same transaction (R4).
+    pub resume_lsn: u64,
     /// The main's wall clock, microseconds since the Unix epoch.
     pub now_us: i64,
 }
@@ -152,6 +155,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 main_node: "main".into(),
                 resume_after: 7,
+                resume_lsn: 8,
                 now_us: 2,
             }),
             Message::Refuse(Refusal {

@@ -429,12 +429,21 @@ async fn branch_session(
     // reclaiming it, this node went back in time: refuse, never skip.
     let floor = log.floor()?;
     let r = welcome.resume_after;
-    if r > log.visible() || (r > floor && !log.contains(r)?) {
+    let same_entry = if r > floor && r <= log.visible() {
+        match log.read_after(r - 1, 1)?.first() {
+            Some(e) if e.pos == r => welcome.resume_lsn == 0 || e.header.commit_lsn == welcome.resume_lsn,
+            _ => false,
+        }
+    } else {
+        r <= floor
+    };
+    if !same_entry {
         let r = refusal(
             RefusalReason::WentBackInTime,
             format!("branch \"{}\" went back in time", settings.node),
             format!(
-                "The main has already applied this branch's changes up to log position {r}, but this branch's log ends at {} (reclaimed up to {floor}). The branch's database or data directory was restored to an earlier state.",
+                "The main has already applied this branch's changes up to log position {r} (commit LSN {}), but this branch's log does not hold that transaction there (it ends at {}, reclaimed up to {floor}). The branch's database or data directory was restored to an earlier state.",
+                branchsync_engine::pg::fmt_lsn(welcome.resume_lsn),
                 log.visible()
             ),
             "Changes made here after the restore point would be skipped. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
@@ -654,7 +663,13 @@ async fn main_session(
         applier.set_stream_system_id(hello.system_id).await?;
     }
     writer
-        .send(Message::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, main_node: settings.node.clone(), resume_after: applied, now_us: now_us() }))
+        .send(Message::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            main_node: settings.node.clone(),
+            resume_after: applied,
+            resume_lsn: applier.committed_lsn().await?,
+            now_us: now_us(),
+        }))
         .await?;
     let offset_ms = (hello.now_us - now_us()) / 1000;
     tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, "branch connected");

@@ -364,7 +364,8 @@ impl Applier {
         };
         let c = &self.conn.client;
         let pos_i = pos as i64;
-        c.execute(sql::UPSERT_PROGRESS, &[&self.stream, &pos_i]).await.map_err(EngineError::pg("recording stream progress"))?;
+        let lsn_i = header.commit_lsn as i64;
+        c.execute(sql::UPSERT_PROGRESS, &[&self.stream, &pos_i, &lsn_i]).await.map_err(EngineError::pg("recording stream progress"))?;
         c.query_one(sql::XACT_SETUP, &[&fmt_lsn(header.commit_lsn), &header.commit_ts_us])
             .await
             .map_err(EngineError::pg("setting the origin of the apply transaction"))?;
@@ -807,6 +808,18 @@ pub async fn read_progress(client: &tokio_postgres::Client, stream: &str) -> Res
 }
 
 impl Applier {
+    /// Author commit LSN of the last ChangeSet committed from this stream
+    /// (0 = none): its identity, checked against the sender's log (R4).
+    pub async fn committed_lsn(&self) -> Result<u64, EngineError> {
+        let row = self
+            .conn
+            .client
+            .query_opt("SELECT lsn FROM branchsync.progress WHERE stream = $1", &[&self.stream])
+            .await
+            .map_err(EngineError::pg("reading stream progress"))?;
+        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64).unwrap_or(0))
+    }
+
     /// The sender's `system_identifier` recorded for this stream at its first
     /// handshake (R4), if any.
     pub async fn stream_system_id(&self) -> Result<Option<String>, EngineError> {

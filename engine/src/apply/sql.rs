@@ -146,8 +146,8 @@ pub const RECORD_CONFLICT: &str = "INSERT INTO branchsync.conflicts \
      VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)";
 
 /// The stream's durable progress, in the apply transaction (R4).
-pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, updated_at) VALUES ($1, $2, now()) \
-     ON CONFLICT (stream) DO UPDATE SET pos = excluded.pos, updated_at = now()";
+pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, lsn, updated_at) VALUES ($1, $2, $3, now()) \
+     ON CONFLICT (stream) DO UPDATE SET pos = excluded.pos, lsn = excluded.lsn, updated_at = now()";
 
 /// The author's identity on every applied transaction (R3).
 pub const EMIT_APPLY_MESSAGE: &str = "SELECT pg_logical_emit_message(true, $1, $2::bytea)::text";
