@@ -11,7 +11,7 @@ use tokio_postgres::error::SqlState;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// A PostgreSQL call failed; see [`EngineError::is_transient`].
-    #[error("database error while {context}")]
+    #[error("database error while {context}: {}", pg_summary(source))]
     Postgres {
         /// What the engine was doing.
         context: String,
@@ -99,4 +99,13 @@ pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
 /// constraint) that retrying cannot fix.
 pub fn pg_error_is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some() && !pg_error_is_transient(e)
+}
+
+/// The server's message and SQLSTATE, without DETAIL (it may quote row
+/// values, which are never logged).
+pub fn pg_summary(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
 }

@@ -312,7 +312,7 @@ async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Res
                 .map_err(EngineError::pg("reading the copied relay head"))?
                 .map(|r| r.get(0));
             tx.batch_execute(
-                "DELETE FROM branchsync.progress; DELETE FROM branchsync.conflicts; \
+                "DELETE FROM branchsync.progress; DELETE FROM branchsync.conflicts; DELETE FROM branchsync.parked; \
                  DELETE FROM branchsync.relay_head; DELETE FROM branchsync.node;",
             )
             .await

@@ -52,6 +52,19 @@ CREATE TABLE IF NOT EXISTS branchsync.conflicts (
     remote_version jsonb,
     detail text
 );
+ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS resolved_at timestamptz;
+CREATE TABLE IF NOT EXISTS branchsync.parked (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    stream text NOT NULL,
+    tbl text NOT NULL,
+    key text,
+    header bytea NOT NULL,
+    row_data jsonb,
+    entry bytea,
+    reason text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_stream ON branchsync.parked (stream, id);
 CREATE TABLE IF NOT EXISTS branchsync.relay_head (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     pos bigint NOT NULL,

@@ -101,6 +101,9 @@ pub enum RefusalReason {
     WentBackInTime,
     /// The peer's database is another cluster than the one first seen.
     SystemIdChanged,
+    /// The branch needs entries the main has already reclaimed: it was away
+    /// longer than the log keeps them, or its database went back past them.
+    MustReseed,
     /// Anything else the operator must fix.
     Other,
 }

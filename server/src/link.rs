@@ -646,6 +646,17 @@ async fn main_session(
         ))
     } else if applied > hello.log_newest {
         Some(went_back(format!("The main has applied this branch's log up to position {applied}, but the branch's log ends at {}.", hello.log_newest)))
+    } else if hello.relay_applied < log.floor()? {
+        Some(refusal(
+            RefusalReason::MustReseed,
+            format!("branch \"{name}\" must be re-seeded"),
+            format!(
+                "The branch applied the relay up to position {}, but the main's log no longer holds entries before position {}.",
+                hello.relay_applied,
+                log.floor()? + 1
+            ),
+            "The branch was away longer than the main keeps its log, or its database was restored to an earlier state. Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
+        ))
     } else if hello.relay_applied > log.visible() {
         Some(refusal(
             RefusalReason::WentBackInTime,

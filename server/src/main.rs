@@ -221,6 +221,12 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .await
         .map(|r| r.get(0))
         .context("cannot read branchsync.conflicts; has branchsync init run?")?;
+    let parked: i64 = conn
+        .client
+        .query_one("SELECT count(*) FROM branchsync.parked", &[])
+        .await
+        .map(|r| r.get(0))
+        .context("cannot read branchsync.parked; run branchsync init to upgrade the state schema")?;
     let rows = conn.client.query("SELECT stream, pos, updated_at::text FROM branchsync.progress ORDER BY stream", &[]).await.context("cannot read branchsync.progress")?;
     let progress: Vec<serde_json::Value> = rows
         .iter()
@@ -228,10 +234,10 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .collect();
     let role = cfg.node.role.to_string();
     if json {
-        println!("{}", serde_json::json!({"node": cfg.node.name, "role": role, "daemon_running": false, "conflicts_total": conflicts, "progress": progress}));
+        println!("{}", serde_json::json!({"node": cfg.node.name, "role": role, "daemon_running": false, "conflicts_total": conflicts, "parked_total": parked, "progress": progress}));
     } else {
         println!("node {} ({role}): daemon not answering{}", cfg.node.name, cfg.http.listen.as_ref().map(|a| format!(" on {a}")).unwrap_or_else(|| " (http.listen not set)".into()));
-        println!("  conflicts: {conflicts} recorded");
+        println!("  conflicts: {conflicts} recorded; parked: {parked} row(s) waiting");
         for p in &progress {
             println!("  applied from {}: position {} (at {})", p["peer"].as_str().unwrap_or("?"), p["applied_from_peer"], p["updated_at"].as_str().unwrap_or("?"));
         }

@@ -77,10 +77,6 @@ pub struct NodeSettings {
 pub struct Node {
     shutdown_tx: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), EngineError>)>,
-    /// Live status.
-    pub status: Arc<NodeStatus>,
-    /// Address the main listens on (after binding port 0, the real one).
-    pub listen_addr: Option<std::net::SocketAddr>,
     /// Address of the HTTP status server.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -211,7 +207,6 @@ impl Node {
             reconnect_max: s.reconnect_max,
             max_frame: s.max_frame,
         };
-        let mut listen_addr = None;
         match s.role {
             Role::Branch => {
                 let main_addr = s.main_addr.clone().unwrap_or_default();
@@ -227,8 +222,7 @@ impl Node {
                 let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
                     misconfigured(format!("cannot listen on {addr}"), e.to_string(), "Check sync.listen: the address must be free and local.")
                 })?;
-                listen_addr = listener.local_addr().ok();
-                tracing::info!(addr = ?listen_addr, "listening for branches");
+                tracing::info!(addr = ?listener.local_addr().ok(), "listening for branches");
                 let (log, status, shutdown, peers) = (log.clone(), status.clone(), shutdown_rx.clone(), s.peers.clone());
                 tasks.spawn(
                     async move {
@@ -278,11 +272,15 @@ impl Node {
                                 last_head = head;
                             }
                         }
-                        if let Ok(row) = c.client.query_one("SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined') FROM branchsync.conflicts", &[]).await {
-                            let (total, q): (i64, i64) = (row.get(0), row.get(1));
+                        if let Ok(row) = c.client.query_one(
+                            "SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined'), (SELECT count(*) FROM branchsync.parked) FROM branchsync.conflicts",
+                            &[],
+                        ).await {
+                            let (total, q, parked): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
                             status.update(|st| {
                                 st.conflicts_total = total;
                                 st.quarantined_total = q;
+                                st.parked_total = parked;
                             });
                         }
                         if last_audit.elapsed() > Duration::from_secs(30) {
@@ -323,17 +321,12 @@ impl Node {
             });
         }
         tracing::info!(node = %s.node, role = %s.role, index = s.index, "node started");
-        Ok(Node { shutdown_tx, tasks, status, listen_addr, http_addr })
+        Ok(Node { shutdown_tx, tasks, http_addr })
     }
 
     /// A sender that stops the node when `true` is sent (for signal handlers).
     pub fn shutdown_sender(&self) -> watch::Sender<bool> {
         self.shutdown_tx.clone()
-    }
-
-    /// Asks every task to stop (draining in-flight work).
-    pub fn shutdown(&self) {
-        let _ = self.shutdown_tx.send(true);
     }
 
     /// Waits for every task; the first definite error stops the others and
@@ -358,11 +351,5 @@ impl Node {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-
-    /// [`Node::shutdown`] then [`Node::wait`].
-    pub async fn shutdown_and_wait(self) -> Result<(), EngineError> {
-        self.shutdown();
-        self.wait().await
     }
 }

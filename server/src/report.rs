@@ -31,6 +31,7 @@ impl StatusSource for HttpStatus {
             counter("branchsync_captured_rows_total", "Row changes captured since start.", vec![], s.captured_rows as f64),
             gauge("branchsync_conflicts", "Rows in branchsync.conflicts.", vec![], s.conflicts_total as f64),
             gauge("branchsync_quarantined", "Quarantined changes in branchsync.conflicts.", vec![], s.quarantined_total as f64),
+            gauge("branchsync_parked", "Rows in branchsync.parked (waiting for a parent or behind a held key).", vec![], s.parked_total as f64),
         ];
         for (name, p) in &s.peers {
             let l = || vec![("peer".to_string(), name.clone())];
@@ -51,8 +52,8 @@ impl StatusSource for HttpStatus {
 /// Human-readable status, one block per peer.
 pub fn render_text(s: &StatusSnapshot) -> String {
     let mut out = format!(
-        "node {} ({})\n  log: newest position {}, reclaimed through {}, {} bytes\n  capture: last LSN {}, {} transactions / {} rows since start\n  conflicts: {} recorded ({} quarantined)\n",
-        s.node, s.role, s.log_newest, s.log_floor, s.log_bytes, s.captured_lsn, s.captured_transactions, s.captured_rows, s.conflicts_total, s.quarantined_total
+        "node {} ({})\n  log: newest position {}, reclaimed through {}, {} bytes\n  capture: last LSN {}, {} transactions / {} rows since start\n  conflicts: {} recorded ({} quarantined); parked: {} row(s) waiting\n",
+        s.node, s.role, s.log_newest, s.log_floor, s.log_bytes, s.captured_lsn, s.captured_transactions, s.captured_rows, s.conflicts_total, s.quarantined_total, s.parked_total
     );
     if let Some(e) = &s.last_error {
         out.push_str(&format!("  last error: {e}\n"));

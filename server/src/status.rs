@@ -61,6 +61,9 @@ pub struct StatusSnapshot {
     pub conflicts_total: i64,
     /// Quarantined changes in `branchsync.conflicts`.
     pub quarantined_total: i64,
+    /// Rows in `branchsync.parked`: orphans waiting for their parent and
+    /// changes queued behind a parked or quarantined key.
+    pub parked_total: i64,
     /// Per peer.
     pub peers: BTreeMap<String, PeerStatus>,
     /// Last error of a local component (capture, database).

@@ -30,6 +30,10 @@
 //! transaction, the inserts of a ChangeSet are bucketed per table (in order
 //! of first appearance) and sent as one `INSERT … SELECT FROM unnest` per
 //! table; these statements are pipelined without waiting for each answer.
+//! Insert-only ChangeSets (the bulk of a sales backlog) are not even waited
+//! for one by one: [`pipeline`] queues their statements across ChangeSets
+//! and sends them together, with one row-version upsert and one parent check
+//! (R9, see [`park`]) per table and batch.
 //! Updates and deletes lock their rows first (`FOR UPDATE`, R7), decide by
 //! the conflict rule, then write in one statement per batch. One ChangeSet
 //! spanning many fragments is one long local transaction: that is
@@ -47,8 +51,12 @@
 //! by the rule, and a change that still fails is quarantined in
 //! `branchsync.conflicts` with its error, while the rest flows on.
 
+mod park;
+mod pipeline;
 mod sql;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +64,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc, Value};
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
@@ -65,7 +73,7 @@ use crate::conflict::{self, Decision, Version};
 use crate::error::pg_error_is_data_error;
 use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
-use crate::state::{origin_name, APPLY_MESSAGE_PREFIX};
+use crate::state::origin_name;
 use crate::{failpoints, EngineError};
 pub use table::{LocalTable, Mapping};
 
@@ -107,6 +115,8 @@ pub struct ApplyStats {
     pub conflicts: u64,
     /// Changes quarantined.
     pub quarantined: u64,
+    /// Rows of this stream parked in `branchsync.parked` (R9, R6).
+    pub parked: u64,
     /// Local transactions committed.
     pub transactions: u64,
 }
@@ -134,14 +144,17 @@ pub struct Applier {
     stmts: HashMap<String, Statement>,
     session_origin: Option<String>,
     txn: Option<OpenTxn>,
+    /// Keys whose later changes queue in `branchsync.parked`.
+    held: park::Held,
+    /// Statements of insert-only ChangeSets not sent yet.
+    queue: pipeline::Queue,
     committed: u64,
     seen: u64,
+    /// Position of the entry being applied (its error may surface before
+    /// `seen` moves to it).
+    attempting: u64,
     stats: ApplyStats,
     progress_tx: watch::Sender<ApplyStats>,
-}
-
-fn texts(vals: &[Option<String>]) -> Vec<Option<&str>> {
-    vals.iter().map(|v| v.as_deref()).collect()
 }
 
 /// The key text stored in `branchsync.row_version`: the same text as
@@ -181,8 +194,7 @@ impl Applier {
         let committed = read_progress(&conn.client, stream).await?;
         let stats = ApplyStats { committed_pos: committed, ..Default::default() };
         let (progress_tx, progress_rx) = watch::channel(stats.clone());
-        Ok((
-            Applier {
+        let mut applier = Applier {
                 conn,
                 cfg,
                 stream: stream.to_string(),
@@ -191,13 +203,17 @@ impl Applier {
                 stmts: HashMap::new(),
                 session_origin: None,
                 txn: None,
+                held: park::Held::new(),
+                queue: pipeline::Queue::default(),
                 committed,
                 seen: committed,
+                attempting: committed,
                 stats,
                 progress_tx,
-            },
-            progress_rx,
-        ))
+        };
+        applier.load_held().await?;
+        applier.progress_tx.send_replace(applier.stats.clone());
+        Ok((applier, progress_rx))
     }
 
     /// Durable progress of the stream: the position of the last ChangeSet
@@ -211,6 +227,8 @@ impl Applier {
     /// a half-received ChangeSet is rolled back and resent later.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<LogEntry>>, mut shutdown: watch::Receiver<bool>) -> Result<ApplyStats, EngineError> {
         let mut closed = self.conn.closed.clone();
+        let mut retry = tokio::time::interval(park::RETRY_PERIOD);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let at_boundary = self.txn.as_ref().is_some_and(|t| !t.mid_changeset);
             tokio::select! {
@@ -226,7 +244,11 @@ impl Applier {
                 _ = closed.changed() => {
                     return Err(EngineError::ConnectionLost { context: format!("applying stream {}", self.stream) });
                 }
-                // 3. New entries from the link.
+                // 3. Parked rows, between transactions (R9).
+                _ = retry.tick(), if self.stats.parked > 0 && self.txn.is_none() => {
+                    self.retry_parked().await?;
+                }
+                // 4. New entries from the link.
                 msg = rx.recv() => match msg {
                     Some(entries) => {
                         if let Err(e) = self.apply_entries(&entries).await {
@@ -252,9 +274,10 @@ impl Applier {
     /// Marks the open range careful after a data error.
     fn fail(&mut self, e: EngineError) -> EngineError {
         let data = matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source));
-        if data && self.seen > self.committed {
-            self.state.careful_until.fetch_max(self.seen, Ordering::SeqCst);
-            tracing::warn!(stream = %self.stream, from = self.committed + 1, to = self.seen, error = %e, "data error: replaying this range change by change");
+        let until = self.seen.max(self.attempting);
+        if data && until > self.committed {
+            self.state.careful_until.fetch_max(until, Ordering::SeqCst);
+            tracing::warn!(stream = %self.stream, from = self.committed + 1, to = until, error = %e, "data error: replaying this range change by change");
         }
         e
     }
@@ -269,6 +292,7 @@ impl Applier {
             if e.pos <= self.seen {
                 continue;
             }
+            self.attempting = e.pos;
             if e.part == 0 {
                 let careful = self.careful_for(e.pos);
                 if let Some(t) = &self.txn {
@@ -283,12 +307,7 @@ impl Applier {
                     self.begin(&e.header.author, careful).await?;
                 }
                 let msg = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
-                let st = self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?;
-                self.conn
-                    .client
-                    .query_one(&st, &[&APPLY_MESSAGE_PREFIX, &msg])
-                    .await
-                    .map_err(EngineError::pg("writing the apply message"))?;
+                self.queue_apply_message(msg).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;
                 }
@@ -331,6 +350,15 @@ impl Applier {
     }
 
     async fn begin(&mut self, author: &str, careful: bool) -> Result<(), EngineError> {
+        self.set_origin(author).await?;
+        self.queue = pipeline::Queue::default();
+        self.conn.client.batch_execute("BEGIN").await.map_err(EngineError::pg("starting an apply transaction"))?;
+        self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful });
+        Ok(())
+    }
+
+    /// Sets the session's replication origin to the author's.
+    async fn set_origin(&mut self, author: &str) -> Result<(), EngineError> {
         let origin = origin_name(author);
         if self.session_origin.as_deref() != Some(origin.as_str()) {
             let c = &self.conn.client;
@@ -349,8 +377,6 @@ impl Applier {
                 .map_err(EngineError::pg(format!("setting up replication origin {origin}")))?;
             self.session_origin = Some(origin);
         }
-        self.conn.client.batch_execute("BEGIN").await.map_err(EngineError::pg("starting an apply transaction"))?;
-        self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful });
         Ok(())
     }
 
@@ -359,9 +385,11 @@ impl Applier {
     async fn commit(&mut self) -> Result<(), EngineError> {
         let Some(t) = self.txn.take() else { return Ok(()) };
         let Some((pos, header)) = t.last else {
+            self.queue = pipeline::Queue::default();
             self.conn.client.batch_execute("ROLLBACK").await.map_err(EngineError::pg("ending an empty transaction"))?;
             return Ok(());
         };
+        self.drain().await?;
         let c = &self.conn.client;
         let pos_i = pos as i64;
         let lsn_i = header.commit_lsn as i64;
@@ -406,12 +434,30 @@ impl Applier {
             }
             maps.push(m);
         }
+        // Changes to a parked or quarantined key queue behind it (R6, R9).
+        // Anything but inserts must see the rows queued before it (and the
+        // keys their parent checks park).
+        let queue_it = !careful && pipeline::insert_only(e);
+        if !queue_it {
+            self.drain().await?;
+        }
+        let held_back = self.hold_back(e, &maps).await?;
+        let e = held_back.as_ref().unwrap_or(e);
+        if queue_it {
+            return self.queue_inserts(e, &maps).await;
+        }
         if careful {
             for (i, ch) in e.changes.iter().enumerate() {
                 self.apply_one_carefully(e, &maps, i, ch).await?;
             }
-            return Ok(());
+        } else {
+            self.apply_fast(e, &maps).await?;
         }
+        self.park_orphans(e, &maps).await
+    }
+
+    /// Inserts bucketed per table; runs of updates or deletes batched.
+    async fn apply_fast(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
         // Fast path: bucket inserts per table until the next non-insert.
         let mut buckets: Vec<(u32, Vec<&Vec<Value>>)> = Vec::new();
         let mut i = 0;
@@ -429,7 +475,7 @@ impl Applier {
                     i += 1;
                 }
                 _ => {
-                    self.flush_inserts(e, &maps, std::mem::take(&mut buckets)).await?;
+                    self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
                     // A run of updates or deletes on one table, without a
                     // key repeated (a repeat must see the earlier change).
                     let start = i;
@@ -443,53 +489,21 @@ impl Applier {
                         }
                         i += 1;
                     }
-                    self.apply_keyed_run(e, &maps, &e.changes[start..i]).await?;
+                    self.apply_keyed_run(e, maps, &e.changes[start..i]).await?;
                 }
             }
         }
-        self.flush_inserts(e, &maps, buckets).await
+        self.flush_inserts(e, maps, buckets).await
     }
 
-    /// Sends one pipelined insert per table bucket (plus row versions).
+    /// Sends the inserts of the buckets now (with row versions and parent
+    /// checks), before an update or delete that may touch them.
     async fn flush_inserts(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
-        let mut jobs: Vec<(Statement, Vec<Vec<Option<String>>>, Option<Vec<String>>, String)> = Vec::new();
-        for (t, rows) in buckets {
-            let Some(m) = maps[t as usize].as_ref() else { continue };
-            let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
-            if cols.is_empty() {
-                continue;
-            }
-            let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-            let text = sql::insert(&m.table, &names, false);
-            let st = self.stmt(&text, &vec![Type::TEXT_ARRAY; cols.len()]).await?;
-            for chunk in rows.chunks(MAX_BATCH_ROWS) {
-                let arrays: Vec<Vec<Option<String>>> =
-                    cols.iter().map(|c| chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect()).collect();
-                let keys = m.key_src.as_ref().map(|ks| {
-                    chunk.iter().map(|r| key_text(&ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect::<Vec<_>>())).collect()
-                });
-                jobs.push((st.clone(), arrays, keys, m.table.name.clone()));
-            }
-        }
-        if jobs.is_empty() {
+        if buckets.is_empty() {
             return Ok(());
         }
-        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
-        let stamp = e.header.stamp as i64;
-        let owned: Vec<(Vec<Vec<Option<&str>>>, Option<&Vec<String>>)> = jobs.iter().map(|(_, a, k, _)| (a.iter().map(|v| texts(v)).collect(), k.as_ref())).collect();
-        let client = &self.conn.client;
-        let mut pending: Vec<Pending<'_>> = Vec::new();
-        for (j, (st, _, _, tbl)) in jobs.iter().enumerate() {
-            let params: Vec<&(dyn ToSql + Sync)> = owned[j].0.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            pending.push(async move { client.execute(st, &params).await }.boxed());
-            if let Some(keys) = owned[j].1 {
-                let vst = &vst;
-                let author = &e.header.author;
-                pending.push(async move { client.execute(vst, &[tbl, keys, &stamp, author, &false]).await }.boxed());
-            }
-        }
-        futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying inserts"))?;
-        Ok(())
+        self.queue_buckets(e, maps, buckets).await?;
+        self.drain().await
     }
 
     /// Updates or deletes of one table: lock, decide, write, record.
@@ -679,7 +693,12 @@ impl Applier {
                 let detail = source.as_db_error().map(|d| format!("{} ({}): {}", context, d.code().code(), d.message())).unwrap_or_else(|| context.clone());
                 tracing::warn!(stream = %self.stream, table = %m.table.name, author = %e.header.author, "change quarantined");
                 self.stats.quarantined += 1;
-                self.record(&m.table.name, None, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await
+                // Later changes to this key queue behind it (R6).
+                let key = park::held_key_of(&m, ch);
+                if let Some(k) = &key {
+                    self.held.insert((m.table.name.clone(), k.clone()));
+                }
+                self.record(&m.table.name, key, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await
             }
             Err(other) => Err(other),
         }

@@ -140,6 +140,12 @@ pub const UPSERT_VERSIONS: &str = "INSERT INTO branchsync.row_version AS rv (tbl
      SELECT $1, k, $3, $4, $5 FROM unnest($2::text[]) AS k \
      ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = excluded.deleted";
 
+/// Upserts row versions with a stamp per row: `$1` table, `$2` keys, `$3`
+/// stamps, `$4` node.
+pub const UPSERT_VERSIONS_MANY: &str = "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted) \
+     SELECT $1, u.k, u.s, $4, false FROM unnest($2::text[], $3::int8[]) AS u(k, s) \
+     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false";
+
 /// Records a conflict or a quarantined change.
 pub const RECORD_CONFLICT: &str = "INSERT INTO branchsync.conflicts \
      (tbl, key, kind, rule, winner_node, loser_node, local_version, remote_version, detail) \
@@ -155,3 +161,44 @@ pub const EMIT_APPLY_MESSAGE: &str = "SELECT pg_logical_emit_message(true, $1, $
 /// Origin LSN and original commit time of the transaction being applied.
 pub const XACT_SETUP: &str =
     "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2::int8 * interval '1 microsecond')::text";
+
+/// Moves the rows with the given keys whose parents are missing (R9) out of
+/// the table into `branchsync.parked`, returning their key texts.
+/// Parameters: one `text[]` per key column, then stream, table name, the
+/// MessagePack ChangeSet header.
+pub fn park_orphans(t: &LocalTable) -> String {
+    let (arrays, aliases, conds) = key_join(t, 1);
+    let n = t.pk.len();
+    let orphan: Vec<String> = t.parents.iter().map(|f| f.orphan_sql("t")).collect();
+    format!(
+        "WITH gone AS (DELETE FROM {qt} AS t USING unnest({arrays}) AS u({aliases}) WHERE {conds} AND ({orphan}) RETURNING t.*) \
+         INSERT INTO branchsync.parked (stream, tbl, key, header, row_data, reason) \
+         SELECT ${s}, ${tb}, {key}, ${h}, to_jsonb(gone), 'orphan' FROM gone RETURNING key",
+        qt = t.qualified,
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        conds = conds.join(" AND "),
+        orphan = orphan.join(" OR "),
+        s = n + 1,
+        tb = n + 2,
+        h = n + 3,
+        key = t.key_text_sql("gone"),
+    )
+}
+
+/// Re-inserts a parked row from its JSON image (`$1`), returning whether a
+/// parent of it is still missing.
+pub fn unpark_row(t: &LocalTable) -> String {
+    let mut cols: Vec<&String> = t.columns.iter().filter(|(_, c)| !c.generated).map(|(n, _)| n).collect();
+    cols.sort();
+    let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let overriding = if cols.iter().any(|c| t.columns[*c].identity_always) { " OVERRIDING SYSTEM VALUE" } else { "" };
+    let orphan: Vec<String> = t.parents.iter().map(|f| f.orphan_sql("t")).collect();
+    let orphan = if orphan.is_empty() { "false".to_string() } else { orphan.join(" OR ") };
+    format!(
+        "WITH ins AS (INSERT INTO {qt} AS t ({names}){overriding} SELECT {names} FROM jsonb_populate_record(null::{qt}, $1::text::jsonb) RETURNING t.*) \
+         SELECT {orphan} FROM ins t",
+        qt = t.qualified,
+        names = names.join(", "),
+    )
+}

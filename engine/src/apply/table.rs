@@ -40,6 +40,31 @@ pub struct LocalTable {
     pub columns: HashMap<String, LocalColumn>,
     /// Primary key column names in key order (empty: a keyless multiset).
     pub pk: Vec<String>,
+    /// Foreign keys of this table: apply checks parents itself, because
+    /// foreign-key triggers do not fire under `session_replication_role =
+    /// replica` (R9).
+    pub parents: Vec<ForeignKey>,
+}
+
+/// A foreign key of a local table.
+#[derive(Debug, Clone)]
+pub struct ForeignKey {
+    /// Referencing columns (quoted), in constraint order.
+    pub columns: Vec<String>,
+    /// `"schema"."name"` of the referenced table.
+    pub parent: String,
+    /// Referenced columns (quoted), in constraint order.
+    pub parent_columns: Vec<String>,
+}
+
+impl ForeignKey {
+    /// SQL condition, over alias `alias`, that holds when the row has every
+    /// referencing column set (MATCH SIMPLE) and no parent row exists.
+    pub fn orphan_sql(&self, alias: &str) -> String {
+        let set: Vec<String> = self.columns.iter().map(|c| format!("{alias}.{c} IS NOT NULL")).collect();
+        let eq: Vec<String> = self.columns.iter().zip(&self.parent_columns).map(|(c, p)| format!("p.{p} = {alias}.{c}")).collect();
+        format!("({} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {}))", set.join(" AND "), self.parent, eq.join(" AND "))
+    }
 }
 
 impl LocalTable {
@@ -85,11 +110,35 @@ impl LocalTable {
             )
             .await
             .map_err(EngineError::pg(format!("reading the primary key of {schema}.{name}")))?;
+        let fk_rows = client
+            .query(
+                "SELECT pn.nspname::text, pc.relname::text, \
+                        array(SELECT a.attname::text FROM unnest(f.conkey) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.conrelid AND a.attnum = k.n ORDER BY k.o), \
+                        array(SELECT a.attname::text FROM unnest(f.confkey) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.confrelid AND a.attnum = k.n ORDER BY k.o) \
+                 FROM pg_constraint f \
+                 JOIN pg_class c ON c.oid = f.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_class pc ON pc.oid = f.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+                 WHERE f.contype = 'f' AND n.nspname = $1 AND c.relname = $2 ORDER BY f.conname",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the foreign keys of {schema}.{name}")))?;
+        let parents = fk_rows
+            .iter()
+            .map(|r| ForeignKey {
+                parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
+                columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
+                parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
+            })
+            .collect();
         Ok(Some(LocalTable {
             qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             name: format!("{schema}.{name}"),
             columns,
             pk: pk_rows.iter().map(|r| r.get(0)).collect(),
+            parents,
         }))
     }
 

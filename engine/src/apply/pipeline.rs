@@ -1,0 +1,176 @@
+//! The apply pipeline: statements of consecutive insert-only ChangeSets are
+//! queued and sent together, without waiting for each answer.
+//!
+//! A catch-up backlog is mostly sales: many small transactions that only
+//! insert. Waiting for the server after each ChangeSet would cost a network
+//! round trip per transaction. Instead the apply message and the per-table
+//! `INSERT … FROM unnest` of each such ChangeSet are queued in order; the
+//! row versions (R13) and the parent checks (R9) of everything queued are
+//! accumulated per table. [`Applier::drain`] sends the queue in one pipeline
+//! (tokio-postgres writes the statements back to back, in queue order, so
+//! each apply message still precedes its rows in the WAL, R3), then one
+//! version upsert per table and one parent check per table.
+//!
+//! # Correctness
+//!
+//! Every statement still runs inside the open apply transaction, so the
+//! queue changes *when* statements are sent, never *what* commits: the
+//! transaction commits (with its progress) only after [`Applier::drain`]
+//! returned without error. Anything that must see earlier rows — a lock
+//! before an update or delete, careful replay, the commit — drains first.
+//! Inserts only ever queue behind inserts; among inserts with distinct keys
+//! the order of tables does not change the result, and a key or constraint
+//! clash makes the batch fail as a whole and replays it carefully.
+
+use std::collections::BTreeMap;
+
+use branchsync_proto::{LogEntry, RowChange, Value};
+use futures::future::FutureExt;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Statement;
+
+use super::{key_text, sql, Applier, LocalTable, Mapping, Pending};
+use crate::state::APPLY_MESSAGE_PREFIX;
+use crate::EngineError;
+
+/// Queued rows after which the queue is sent even mid-group.
+const DRAIN_ROWS: usize = 20_000;
+/// Queued statements after which the queue is sent even mid-group.
+const DRAIN_STATEMENTS: usize = 512;
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Statements and accumulated bookkeeping not sent yet.
+#[derive(Default)]
+pub(super) struct Queue {
+    statements: Vec<(Statement, Vec<Param>)>,
+    rows: usize,
+    /// Row versions per (table, author): keys and stamps.
+    versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>)>,
+    /// Keys to check for missing parents, per table with foreign keys.
+    parents: BTreeMap<String, (LocalTable, Vec<Vec<String>>)>,
+    /// Header of the last queued ChangeSet (recorded with parked rows).
+    header: Option<Vec<u8>>,
+}
+
+impl Queue {
+    pub(super) fn is_empty(&self) -> bool {
+        self.statements.is_empty() && self.versions.is_empty() && self.parents.is_empty()
+    }
+}
+
+/// `true` when a fragment can be queued: inserts only.
+pub(super) fn insert_only(e: &LogEntry) -> bool {
+    !e.changes.is_empty() && e.changes.iter().all(|c| matches!(c, RowChange::Insert { .. }))
+}
+
+impl Applier {
+    /// Queues the apply message of a ChangeSet (R3).
+    pub(super) async fn queue_apply_message(&mut self, header_msgpack: Vec<u8>) -> Result<(), EngineError> {
+        let st = self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?;
+        self.queue.statements.push((st, vec![Box::new(APPLY_MESSAGE_PREFIX), Box::new(header_msgpack)]));
+        Ok(())
+    }
+
+    /// Queues the inserts of an insert-only fragment, one statement per
+    /// table (in order of first appearance) and batch.
+    pub(super) async fn queue_inserts(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+        let mut buckets: Vec<(u32, Vec<&Vec<Value>>)> = Vec::new();
+        for ch in &e.changes {
+            if let RowChange::Insert { table, new } = ch {
+                match buckets.iter_mut().find(|(t, _)| t == table) {
+                    Some((_, rows)) => rows.push(new),
+                    None => buckets.push((*table, vec![new])),
+                }
+            }
+        }
+        self.queue_buckets(e, maps, buckets).await?;
+        if self.queue.rows >= DRAIN_ROWS || self.queue.statements.len() >= DRAIN_STATEMENTS {
+            self.drain().await?;
+        }
+        Ok(())
+    }
+
+    /// Queues one insert per table bucket and batch, with row versions and
+    /// parent checks to follow at [`Applier::drain`].
+    pub(super) async fn queue_buckets(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
+        let stamp = e.header.stamp as i64;
+        for (t, rows) in buckets {
+            let Some(m) = maps[t as usize].as_ref() else { continue };
+            let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
+            if cols.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+            let st = self.stmt(&sql::insert(&m.table, &names, false), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+            for chunk in rows.chunks(super::MAX_BATCH_ROWS) {
+                let params: Vec<Param> = cols
+                    .iter()
+                    .map(|c| Box::new(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect::<Vec<Option<String>>>()) as Param)
+                    .collect();
+                self.queue.statements.push((st.clone(), params));
+                self.queue.rows += chunk.len();
+            }
+            if let Some(ks) = m.key_src.as_ref() {
+                let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
+                let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone())).or_default();
+                for k in &keys {
+                    v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
+                    v.1.push(stamp);
+                }
+                if !m.table.parents.is_empty() {
+                    self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), Vec::new())).1.extend(keys);
+                }
+            }
+        }
+        self.queue.header = Some(rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?);
+        Ok(())
+    }
+
+    /// Sends everything queued, in order, then the accumulated row versions
+    /// and parent checks. Errors leave the transaction aborted; the caller
+    /// rolls back.
+    pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let q = std::mem::take(&mut self.queue);
+        let vst = self.stmt(sql::UPSERT_VERSIONS_MANY, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT]).await?;
+        let mut park = Vec::new();
+        for (tbl, (t, _)) in &q.parents {
+            let mut types = vec![Type::TEXT_ARRAY; t.pk.len()];
+            types.extend([Type::TEXT, Type::TEXT, Type::BYTEA]);
+            park.push((tbl.clone(), self.stmt(&sql::park_orphans(t), &types).await?));
+        }
+        let client = &self.conn.client;
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.statements.len() + q.versions.len());
+        for (st, params) in &q.statements {
+            let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
+            pending.push(async move { client.execute(st, &p).await }.boxed());
+        }
+        for ((tbl, author), (keys, stamps)) in &q.versions {
+            let vst = &vst;
+            pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author]).await }.boxed());
+        }
+        futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
+        // Parent checks after every row of the batch is in (R9).
+        let header = q.header.unwrap_or_default();
+        for (tbl, st) in park {
+            let Some((t, keys)) = q.parents.get(&tbl) else { continue };
+            let arrays: Vec<Vec<&str>> = (0..t.pk.len()).map(|j| keys.iter().map(|k| k[j].as_str()).collect()).collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            params.push(&self.stream);
+            params.push(&tbl);
+            params.push(&header);
+            let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("checking the parents of rows in {tbl}")))?;
+            if !rows.is_empty() {
+                tracing::info!(stream = %self.stream, table = %tbl, rows = rows.len(), "rows parked: parent missing");
+                self.stats.parked += rows.len() as u64;
+                for r in rows {
+                    self.held.insert((tbl.clone(), r.get(0)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
