@@ -328,21 +328,11 @@ mod tests {
     use super::*;
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let dir = tempfile_dir();
-        let p = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
         std::fs::write(&p, text).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         Config::load_with_env(&p, &move |k| env.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone()))
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("branchsync-config-test-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    fn rand_suffix() -> u128 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
     }
 
     const BRANCH: &str = "[node]\nname = \"branch1\"\nrole = \"branch\"\nindex = 1\ndata_dir = \"/tmp/x\"\n[database]\nurl = \"host=x\"\nexclude = [\"ir_cache\"]\n[sync]\nmain = \"10.0.0.1:7070\"\ntoken = \"s3cret\"\n[keys]\nstride = 100\n";
