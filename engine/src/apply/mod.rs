@@ -424,13 +424,15 @@ impl Applier {
 
     async fn apply_fragment(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
         let mut maps = Vec::with_capacity(e.tables.len());
-        for d in &e.tables {
+        for (i, d) in e.tables.iter().enumerate() {
             let m = self.mapping(d).await?;
-            if m.is_none() && self.cfg.scope.includes(&d.schema, &d.name) {
-                let n = e.changes.iter().filter(|c| change_table(c) == Some(maps.len() as u32)).count();
-                self.record(&format!("{}.{}", d.schema, d.name), None, "missing_table", &e.header, None, None, Some(format!(
-                    "{n} row change(s) of ChangeSet {}@{} not applied: table does not exist here", e.header.author, fmt_lsn(e.header.commit_lsn)
-                ))).await?;
+            let in_scope = self.cfg.scope.includes(&d.schema, &d.name);
+            if in_scope && (m.is_none() || self.held.contains(&(format!("{}.{}", d.schema, d.name), park::WHOLE_TABLE.to_string()))) {
+                // Not there (yet, or any more), or earlier rows of it wait:
+                // park its rows in order, never drop them.
+                self.park_table_changes(e, i as u32).await?;
+                maps.push(None);
+                continue;
             }
             maps.push(m);
         }

@@ -8,6 +8,8 @@
 //! parks it or not at all). Later changes to a parked key, or to a key whose
 //! change was quarantined, are appended to the same queue instead of being
 //! applied out of order; their order is the `id` of `branchsync.parked`.
+//! Rows for a table that does not exist here are parked the same way, as one
+//! entry per ChangeSet, and hold the whole table until they apply.
 //!
 //! # Retrying
 //!
@@ -43,6 +45,11 @@ pub const RETRY_PERIOD: Duration = Duration::from_secs(1);
 /// Most key queues replayed per retry round.
 const MAX_QUEUES_PER_ROUND: usize = 500;
 
+/// Rows of a table that does not exist here; the key column holds
+/// [`WHOLE_TABLE`] and every later change to the table queues behind them.
+pub const MISSING_TABLE: &str = "missing_table";
+/// Key text that holds a whole table.
+pub const WHOLE_TABLE: &str = "*";
 /// Queued behind a parked orphan of the same key.
 pub const BEHIND_ORPHAN: &str = "behind_orphan";
 /// Queued behind a quarantined change of the same key.
@@ -141,6 +148,44 @@ impl Applier {
         Ok(())
     }
 
+    /// Parks every change of table `t` in `e` as one queued entry: the table
+    /// does not exist here, or earlier changes to it are parked.
+    pub(super) async fn park_table_changes(&mut self, e: &LogEntry, t: u32) -> Result<(), EngineError> {
+        let changes: Vec<RowChange> = e
+            .changes
+            .iter()
+            .filter(|c| change_table(c) == Some(t))
+            .map(|c| {
+                let mut c = c.clone();
+                if let RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } = &mut c {
+                    *table = 0;
+                }
+                c
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let desc = &e.tables[t as usize];
+        let tbl = format!("{}.{}", desc.schema, desc.name);
+        let n = changes.len();
+        let entry = LogEntry { pos: 0, header: e.header.clone(), part: 0, last: true, tables: vec![desc.clone()], changes };
+        let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
+        let header = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
+        self.conn
+            .client
+            .execute(
+                "INSERT INTO branchsync.parked (stream, tbl, key, header, entry, reason) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&self.stream, &tbl, &WHOLE_TABLE, &header, &entry, &MISSING_TABLE],
+            )
+            .await
+            .map_err(EngineError::pg("parking the rows of a missing table"))?;
+        self.stats.parked += 1;
+        self.held.insert((tbl.clone(), WHOLE_TABLE.to_string()));
+        tracing::info!(stream = %self.stream, table = %tbl, rows = n, author = %e.header.author, "rows parked: table does not exist here");
+        Ok(())
+    }
+
     /// After a fragment: moves the rows it inserted or updated whose parent
     /// is missing into `branchsync.parked` (R9).
     pub(super) async fn park_orphans(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
@@ -185,8 +230,9 @@ impl Applier {
     }
 
     /// Retries this stream's parked queues, each in its own transaction.
-    /// Call only between apply transactions. Returns how many parked rows
-    /// were applied.
+    /// Call only between apply transactions. Returns how many rows of
+    /// `branchsync.parked` were applied (the rows of a missing table that
+    /// arrived in one ChangeSet are one parked row).
     pub async fn retry_parked(&mut self) -> Result<u64, EngineError> {
         if self.txn.is_some() || self.stats.parked == 0 {
             return Ok(0);
@@ -254,6 +300,15 @@ impl Applier {
                 .map_err(EngineError::pg("checking for a quarantined change"))?
                 .get(0);
             if open {
+                return Ok(false);
+            }
+        }
+        if head_reason == MISSING_TABLE {
+            // The table may have been created since: look again.
+            if let Some((schema, table)) = k.0.split_once('.') {
+                self.tables.remove(&(schema.to_string(), table.to_string()));
+            }
+            if self.local_table(&k.0).await?.is_none() {
                 return Ok(false);
             }
         }
@@ -420,5 +475,58 @@ mod tests {
         assert_eq!(origin, crate::state::origin_name("branch1"));
         // Progress covers all three ChangeSets; the replay did not move it.
         assert_eq!(crate::apply::read_progress(&c, "branch1").await.unwrap(), 3);
+    }
+}
+
+#[cfg(test)]
+mod missing_table_tests {
+    //! Rows for a table that does not exist here are parked, never dropped,
+    //! and apply in their order once the table exists.
+    use std::sync::Arc;
+
+    use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
+
+    use crate::apply::{Applier, ApplyConfig, StreamState, DEFAULT_GROUP_BUDGET};
+    use crate::scope::Scope;
+    use crate::state::STATE_DDL;
+    use crate::test_utils::PgCluster;
+
+    fn entry(pos: u64, changes: Vec<RowChange>) -> LogEntry {
+        let header = ChangeSetHeader { author: "main".into(), author_index: 0, system_id: 7, commit_lsn: 0x2000 + pos, commit_ts_us: 1_700_000_000_000_000, stamp: 1_700_000_000_000_000 + pos };
+        let table = TableDesc { schema: "public".into(), name: "loyalty".into(), columns: vec!["id".into(), "points".into()], key: vec![true, false], identity_full: false };
+        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes }
+    }
+
+    fn row(id: &str, points: &str) -> Vec<Value> {
+        vec![Value::Text(id.into()), Value::Text(points.into())]
+    }
+
+    #[tokio::test]
+    async fn rows_of_a_table_that_does_not_exist_yet_wait_for_it_in_order() {
+        let pg = PgCluster::start();
+        let c = pg.connect().await;
+        c.batch_execute(STATE_DDL).await.unwrap();
+        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200 };
+        let (mut a, _p) = Applier::connect(&pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap();
+        a.apply_entries(&[entry(1, vec![RowChange::Insert { table: 0, new: row("1", "10") }, RowChange::Insert { table: 0, new: row("2", "20") }])]).await.unwrap();
+        a.commit().await.unwrap();
+        assert_eq!(a.retry_parked().await.unwrap(), 0, "still no table");
+        // The table appears (a module install that has not replicated yet).
+        c.batch_execute("CREATE TABLE loyalty (id int PRIMARY KEY, points int NOT NULL)").await.unwrap();
+        // A later change to row 1 arrives before the retry: it must wait behind the parked insert.
+        a.apply_entries(&[entry(2, vec![RowChange::Update { table: 0, old: None, new: row("1", "11") }])]).await.unwrap();
+        a.commit().await.unwrap();
+        let n: i64 = c.query_one("SELECT count(*) FROM loyalty", &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "nothing applied out of order");
+        assert_eq!(a.retry_parked().await.unwrap(), 2, "two parked entries: the first ChangeSet's rows, then the update");
+        let rows: Vec<(i32, i32)> = c.query("SELECT id, points FROM loyalty ORDER BY id", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(rows, vec![(1, 11), (2, 20)]);
+        let left: i64 = c.query_one("SELECT count(*) FROM branchsync.parked", &[]).await.unwrap().get(0);
+        assert_eq!(left, 0);
+        // Once drained, new changes apply directly.
+        a.apply_entries(&[entry(3, vec![RowChange::Insert { table: 0, new: row("3", "30") }])]).await.unwrap();
+        a.commit().await.unwrap();
+        let n: i64 = c.query_one("SELECT count(*) FROM loyalty", &[]).await.unwrap().get(0);
+        assert_eq!(n, 3);
     }
 }
