@@ -42,8 +42,21 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A free TCP port on the loopback interface.
+/// A free TCP port on the loopback interface, chosen below Linux's
+/// ephemeral range (32768–60999): a port handed out by `bind(0)` could be
+/// taken by any outgoing connection's local end before the server that was
+/// meant to listen on it starts.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0) ^ (u64::from(std::process::id()) << 20);
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let port = 20_000 + (n >> 40) as u16 % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
     l.local_addr().expect("local addr").port()
 }
