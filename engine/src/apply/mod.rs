@@ -533,14 +533,8 @@ impl Applier {
                 ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()
             })
             .collect();
-        let lock_sql = sql::lock_versions(&m.table);
-        let mut types = vec![Type::TEXT_ARRAY; ks.len()];
-        types.push(Type::TEXT);
-        let st = self.stmt(&lock_sql, &types).await?;
         let key_arrays: Vec<Vec<&str>> = (0..ks.len()).map(|j| old_keys.iter().map(|k| k[j].as_str()).collect()).collect();
-        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        params.push(&m.table.name);
-        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("locking rows of {}", m.table.name)))?;
+        let rows = self.lock_and_read_versions(&m.table, &key_arrays).await?;
         let mut found: HashMap<usize, Version> = HashMap::new();
         for r in rows {
             let i: i64 = r.get(0);
@@ -724,15 +718,8 @@ impl Applier {
         }
         // Insert/insert on the same key: resolve like an update by the rule.
         let exists = {
-            let lock = self.stmt(&sql::lock_versions(&m.table), &{
-                let mut t = vec![Type::TEXT_ARRAY; ks.len()];
-                t.push(Type::TEXT);
-                t
-            }).await?;
             let ka: Vec<Vec<&str>> = key_parts.iter().map(|k| vec![*k]).collect();
-            let mut p: Vec<&(dyn ToSql + Sync)> = ka.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            p.push(&m.table.name);
-            !self.conn.client.query(&lock, &p).await.map_err(EngineError::pg("locking a conflicting row"))?.is_empty()
+            !self.lock_and_read_versions(&m.table, &ka).await?.is_empty()
         };
         if !exists {
             return self.record(&m.table.name, Some(key), "insert_unique", &e.header, None, Some(row_json(desc, new)),
@@ -749,6 +736,20 @@ impl Applier {
                 Some("both nodes inserted this key; the incoming row won by the rule".into())).await?;
         }
         Ok(())
+    }
+
+    /// Locks the rows with these keys, then reads their versions in a second
+    /// statement, so a commit made while we waited for a lock is seen (R7; see
+    /// [`sql::lock_rows`]).
+    async fn lock_and_read_versions(&mut self, t: &LocalTable, key_arrays: &[Vec<&str>]) -> Result<Vec<tokio_postgres::Row>, EngineError> {
+        let lock = self.stmt(&sql::lock_rows(t), &vec![Type::TEXT_ARRAY; key_arrays.len()]).await?;
+        let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
+        types.push(Type::TEXT);
+        let read = self.stmt(&sql::read_versions(t), &types).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        self.conn.client.execute(&lock, &params).await.map_err(EngineError::pg(format!("locking rows of {}", t.name)))?;
+        params.push(&t.name);
+        self.conn.client.query(&read, &params).await.map_err(EngineError::pg(format!("reading row versions of {}", t.name)))
     }
 
     async fn local_json(&mut self, m: &Mapping, key: &[String]) -> Result<Option<String>, EngineError> {

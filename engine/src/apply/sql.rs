@@ -40,11 +40,31 @@ fn key_join(t: &LocalTable, first_param: usize) -> (Vec<String>, Vec<String>, Ve
     (arrays, aliases, conds)
 }
 
-/// Locks the rows with the given keys and returns, per found row: input
-/// ordinal, key text, commit origin and commit time (µs) of its `xmin`, and
-/// the side-table version. Parameters: one `text[]` per key column, then the
-/// table name.
-pub fn lock_versions(t: &LocalTable) -> String {
+/// Locks the rows with the given keys (`FOR UPDATE`), waiting for any
+/// transaction that holds them. Parameters: one `text[]` per key column.
+///
+/// Versions are read by [`read_versions`] in a separate statement after this
+/// one returns: in READ COMMITTED a `FOR UPDATE` that waited re-checks only the
+/// locked row, while data joined to it (the commit origin of its `xmin`, the
+/// side-table version) stays as of the statement's snapshot, so deciding on it
+/// would overwrite a commit made while we waited (R7). The next statement takes
+/// a new snapshot, which sees that commit.
+pub fn lock_rows(t: &LocalTable) -> String {
+    let (arrays, aliases, conds) = key_join(t, 1);
+    format!(
+        "SELECT 1 FROM unnest({arrays}) AS u({aliases}) JOIN {qt} t ON {conds} FOR UPDATE OF t",
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        qt = t.qualified,
+        conds = conds.join(" AND "),
+    )
+}
+
+/// Returns, per found row: input ordinal, key text, commit origin and commit
+/// time (µs) of its `xmin`, and the side-table version. Run after
+/// [`lock_rows`] in the same transaction. Parameters: one `text[]` per key
+/// column, then the table name.
+pub fn read_versions(t: &LocalTable) -> String {
     let (arrays, aliases, conds) = key_join(t, 1);
     let tbl_param = t.pk.len() + 1;
     format!(
@@ -53,7 +73,7 @@ pub fn lock_versions(t: &LocalTable) -> String {
          JOIN {qt} t ON {conds} \
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true \
          LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key} \
-         ORDER BY u.i FOR UPDATE OF t",
+         ORDER BY u.i",
         key = t.key_text_sql("t"),
         arrays = arrays.join(", "),
         aliases = aliases.join(", "),
