@@ -6,5 +6,6 @@ mod big_transactions;
 mod causal_order;
 mod convergence;
 mod crash;
+mod handshake;
 mod offline;
 mod restore;
