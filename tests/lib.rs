@@ -267,11 +267,16 @@ impl Drop for LinkProxy {
 
 /// `(row count, md5 of the rows' text in order)` of a table.
 pub async fn table_checksum(c: &tokio_postgres::Client, table: &str) -> (i64, String) {
+    try_table_checksum(c, table).await.unwrap_or_else(|e| panic!("checksum of {table}: {e}"))
+}
+
+/// [`table_checksum`], or the error (a table that does not exist yet).
+pub async fn try_table_checksum(c: &tokio_postgres::Client, table: &str) -> Result<(i64, String), String> {
     let row = c
         .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"), &[])
         .await
-        .unwrap_or_else(|e| panic!("checksum of {table}: {e}"));
-    (row.get(0), row.get(1))
+        .map_err(|e| e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Waits until every site holds the same rows in every table.
@@ -289,7 +294,8 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
             for t in tables {
                 let mut sums = Vec::new();
                 for (n, c) in &clients {
-                    let s = table_checksum(c, t).await;
+                    // A table that does not exist yet (DDL still on its way) differs.
+                    let s = try_table_checksum(c, t).await.unwrap_or_else(|e| (-1, e));
                     last.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
                     sums.push(s);
                 }
@@ -305,7 +311,25 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
     })
     .await;
     if r.is_err() {
-        panic!("timed out after {timeout:?} waiting for: {what}\n{last}");
+        // Small tables that differ: show their rows, to say how they differ.
+        let mut rows = String::new();
+        for t in tables {
+            let mut per_site = Vec::new();
+            for (n, c) in &clients {
+                let sql = format!("SELECT coalesce(string_agg(r, E'\\n    '), '') FROM (SELECT t::text AS r FROM {t} t ORDER BY 1 LIMIT 21) x");
+                let text = match c.query_one(&sql, &[]).await {
+                    Ok(r) => r.get::<_, String>(0),
+                    Err(e) => format!("error: {e}"),
+                };
+                per_site.push((n.clone(), text));
+            }
+            if per_site.windows(2).any(|w| w[0].1 != w[1].1) {
+                for (n, text) in per_site {
+                    rows.push_str(&format!("{n}.{t}:\n    {text}\n"));
+                }
+            }
+        }
+        panic!("timed out after {timeout:?} waiting for: {what}\n{last}{rows}");
     }
 }
 

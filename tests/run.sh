@@ -24,6 +24,18 @@ fi
 [ -n "$pg_bin" ] || { echo "tests/run.sh: no PostgreSQL >= 15 server binaries after install" >&2; exit 1; }
 export BRANCHSYNC_PG_BIN="$pg_bin"
 command -v cargo >/dev/null || { echo "tests/run.sh: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+# The pg_query crate (PostgreSQL's parser, for DDL replication) generates its
+# bindings with libclang at build time.
+have_libclang=""
+for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so*; do
+  if [ -e "$f" ]; then have_libclang=yes; break; fi
+done
+if [ -z "$have_libclang" ]; then
+  echo "tests/run.sh: libclang not found (needed to build pg_query); installing libclang-dev" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+fi
 
 features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"

@@ -40,12 +40,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc};
 use futures::TryStreamExt;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::clock::{next_stamp, PG_EPOCH_OFFSET_US};
+use crate::ddl::{parse, DdlMessage, DDL_MESSAGE_PREFIX};
 use crate::log::{ChangeLog, Completion};
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
@@ -76,6 +77,9 @@ pub struct CaptureConfig {
     pub poll_interval: Duration,
     /// `upto_nchanges` of one peek.
     pub batch_changes: i32,
+    /// A branch under `[ddl] from = "main"`: its own DDL stays local (it is
+    /// counted, not logged), so the main never receives it.
+    pub ddl_local_only: bool,
 }
 
 /// Counters for status.
@@ -91,6 +95,13 @@ pub struct CaptureStatus {
     pub rows: u64,
     /// Transactions skipped because branchsync applied them (branch only).
     pub skipped_applied: u64,
+    /// DDL query strings written to the log.
+    pub ddl_captured: u64,
+    /// Local DDL kept local (`[ddl] from = "main"` at a branch): schema drift.
+    pub ddl_kept_local: u64,
+    /// DDL that ran but cannot be replicated (inside a function called by a
+    /// query, or a string the parser rejects); see the log for which.
+    pub ddl_unreplicable: u64,
 }
 
 /// A segment of a transaction: the changes of one ChangeSet.
@@ -109,7 +120,14 @@ impl Segment {
 
     fn table(&mut self, rel: &Relation) -> u32 {
         if let Some(i) = self.table_index.get(&rel.oid) {
-            return *i;
+            // The same table changed shape within this ChangeSet (DDL between
+            // its rows): later rows get a description of their own.
+            let same = self.tables.get(*i as usize).is_some_and(|d| {
+                d.schema == rel.namespace && d.name == rel.name && d.columns.len() == rel.columns.len() && d.columns.iter().zip(&rel.columns).all(|(a, b)| *a == b.name)
+            });
+            if same {
+                return *i;
+            }
         }
         let i = self.tables.len() as u32;
         self.tables.push(TableDesc {
@@ -148,6 +166,9 @@ struct Txn {
     /// Written by branchsync's apply, skipped at a branch (R3).
     applied_here: bool,
     segment: Segment,
+    /// Query strings (message keys) whose DDL went to the log whole at their
+    /// first firing (positions not exact, R19).
+    ddl_seen: std::collections::HashSet<String>,
     /// Finished fragments waiting for the commit.
     done: Vec<LogEntry>,
     rows: u64,
@@ -207,6 +228,7 @@ impl Capturer {
                     duplicate,
                     applied_here: false,
                     segment: Segment::new(header),
+                    ddl_seen: Default::default(),
                     done: Vec::new(),
                     rows: 0,
                 });
@@ -216,6 +238,10 @@ impl Capturer {
             }
             PgOutputMessage::Type(_) | PgOutputMessage::Origin(_) => {}
             PgOutputMessage::Message(m) => {
+                if m.prefix == DDL_MESSAGE_PREFIX && m.transactional() {
+                    self.ddl_message(&m.content, m.lsn)?;
+                    return Ok(None);
+                }
                 if m.prefix != APPLY_MESSAGE_PREFIX || !m.transactional() {
                     return Ok(None);
                 }
@@ -230,6 +256,7 @@ impl Capturer {
                 match self.cfg.role {
                     Role::Branch => txn.applied_here = true,
                     Role::Main => {
+                        txn.ddl_seen.clear();
                         let prev = std::mem::replace(&mut txn.segment, Segment::new(header));
                         let mut prev = prev;
                         if !prev.changes.is_empty() || prev.part > 0 {
@@ -306,20 +333,106 @@ impl Capturer {
                     _ => None,
                 };
                 if let Some(ch) = pushed {
-                    seg.changes.push(ch);
-                    txn.rows += 1;
-                    if seg.changes.len() >= self.cfg.fragment_rows {
-                        // A full fragment goes to the log now, invisible
-                        // until the transaction's last fragment is written.
-                        let f = seg.fragment(&self.log, false);
-                        txn.done.push(f);
-                        self.log.append(&txn.done, None)?;
-                        txn.done.clear();
-                    }
+                    self.push_change(ch)?;
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Adds a change to the open transaction's segment; a full fragment goes
+    /// to the log now, invisible until the transaction's last fragment is
+    /// written.
+    fn push_change(&mut self, ch: RowChange) -> Result<(), EngineError> {
+        let Some(txn) = self.txn.as_mut() else { return Ok(()) };
+        let seg = &mut txn.segment;
+        seg.changes.push(ch);
+        txn.rows += 1;
+        if seg.changes.len() >= self.cfg.fragment_rows {
+            let f = seg.fragment(&self.log, false);
+            txn.done.push(f);
+            self.log.append(&txn.done, None)?;
+            txn.done.clear();
+        }
+        Ok(())
+    }
+
+    /// A `branchsync.ddl` message: the DDL statement(s) of the query string
+    /// that ran where the message sits, in scope, placed among the rows.
+    fn ddl_message(&mut self, content: &[u8], lsn: u64) -> Result<(), EngineError> {
+        let Some(txn) = self.txn.as_mut() else { return Ok(()) };
+        if txn.duplicate || txn.applied_here {
+            return Ok(());
+        }
+        let msg: DdlMessage = match serde_json::from_slice(content) {
+            Ok(m) => m,
+            Err(e) => {
+                self.status.ddl_unreplicable += 1;
+                tracing::error!(lsn = %fmt_lsn(lsn), error = %e, "undecodable DDL message; this schema change is not replicated");
+                return Ok(());
+            }
+        };
+        let local = txn.segment.header.author == self.cfg.node;
+        if local && self.cfg.ddl_local_only {
+            self.status.ddl_kept_local += 1;
+            tracing::warn!(lsn = %fmt_lsn(lsn), tag = %msg.tag, "schema change made at this branch stays local ([ddl] from = \"main\"): this branch's schema now differs from the main's");
+            return Ok(());
+        }
+        let split = match parse::ddl_statements(&msg.query) {
+            Ok(s) => s,
+            Err(r) => {
+                self.status.ddl_unreplicable += 1;
+                tracing::error!(lsn = %fmt_lsn(lsn), tag = %msg.tag, error = %r, detail = %r.detail, hint = %r.hint, "schema change not replicated");
+                return Ok(());
+            }
+        };
+        let placed: Vec<parse::DdlStatement> = if split.exact {
+            // Firing n of the trigger is statement n of the string.
+            match split.statements.into_iter().nth(msg.ordinal.saturating_sub(1) as usize) {
+                Some(s) if parse::tag_matches(s.kind, &msg.tag) => vec![s],
+                other => {
+                    self.status.ddl_unreplicable += 1;
+                    tracing::error!(
+                        lsn = %fmt_lsn(lsn),
+                        tag = %msg.tag,
+                        ordinal = msg.ordinal,
+                        found = other.map(|s| s.kind).unwrap_or("nothing"),
+                        "schema change not replicated: the trigger fired for a statement the query string does not hold at that place (DDL run inside a function called by a query?)"
+                    );
+                    return Ok(());
+                }
+            }
+        } else if txn.ddl_seen.insert(msg.key.clone()) {
+            // DO blocks, function calls: all DDL of the string at its first firing.
+            split.statements
+        } else {
+            return Ok(());
+        };
+        if placed.is_empty() {
+            // The trigger fired, so DDL ran, but the query string holds none:
+            // it ran inside a function called by a query.
+            self.status.ddl_unreplicable += 1;
+            tracing::warn!(lsn = %fmt_lsn(lsn), tag = %msg.tag, "schema change not replicated: it ran inside a function called by a query, not as a DDL statement. Run DDL as plain statements (or in a DO block at the main)");
+            return Ok(());
+        }
+        let default_schema = first_schema(&msg.search_path);
+        let scope = &self.cfg.scope;
+        let kept: Vec<String> = placed
+            .into_iter()
+            .filter(|s| !s.temporary && !s.local)
+            .filter(|s| {
+                s.relations.is_empty()
+                    || s.relations.iter().any(|r| scope.includes(r.schema.as_deref().unwrap_or(&default_schema), &r.name))
+            })
+            .map(|s| s.sql)
+            .collect();
+        if kept.is_empty() {
+            tracing::debug!(lsn = %fmt_lsn(lsn), tag = %msg.tag, "schema change of objects that are not replicated");
+            return Ok(());
+        }
+        self.status.ddl_captured += 1;
+        tracing::info!(lsn = %fmt_lsn(lsn), tag = %msg.tag, statements = kept.len(), "schema change captured");
+        self.push_change(RowChange::Ddl(DdlChange { statements: kept, search_path: msg.search_path, role: msg.role, tag: msg.tag }))
     }
 
     /// Peeks at the slot once, logs what committed, makes it durable, then
@@ -372,6 +485,16 @@ impl Capturer {
             .map_err(EngineError::pg("confirming the replication slot"))?;
         Ok(())
     }
+}
+
+/// The schema an unqualified name is created in: the first entry of the
+/// `search_path` that is not `$user` (best effort; `public` by default).
+fn first_schema(search_path: &str) -> String {
+    search_path
+        .split(',')
+        .map(|p| p.trim().trim_matches('"').to_string())
+        .find(|p| !p.is_empty() && p != "$user" && !p.starts_with("pg_temp"))
+        .unwrap_or_else(|| "public".to_string())
 }
 
 fn old_row(o: OldTuple) -> OldRow {

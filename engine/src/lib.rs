@@ -24,6 +24,7 @@ pub mod apply;
 pub mod capture;
 pub mod clock;
 pub mod conflict;
+pub mod ddl;
 pub mod error;
 pub mod failpoints;
 pub mod keys;

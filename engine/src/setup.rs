@@ -15,7 +15,9 @@
 //!    clears the node row (see *Copied state*), gives keyless replicated
 //!    tables `REPLICA IDENTITY FULL`, sets the publication's table list to
 //!    exactly the replicated tables, and stripes the sequences
-//!    ([`crate::keys`]). Either all of it happens or none of it.
+//!    ([`crate::keys`]), and installs the DDL event triggers with the scope
+//!    they consult ([`crate::ddl::triggers`]). Either all of it happens or
+//!    none of it.
 //! 3. After the commit, outside any transaction (a logical slot cannot be
 //!    created in a transaction that has written), the logical slot
 //!    [`crate::state::SLOT`] is created with `pgoutput`, after the
@@ -248,6 +250,11 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK_KEY])
         .await
         .map_err(EngineError::pg("waiting for another branchsync init"))?;
+    // init's own DDL (state schema, replica identity, stripes) is node-local:
+    // the event triggers of an earlier run must ignore it.
+    tx.batch_execute(&format!("SET LOCAL {} = on", crate::ddl::triggers::INTERNAL_GUC))
+        .await
+        .map_err(EngineError::pg("starting init"))?;
     tx.batch_execute(STATE_DDL).await.map_err(EngineError::pg("creating the branchsync schema"))?;
     let seeded_from = adopt_node(&tx, p, system_id).await?;
     if seeded_from.is_some() {
@@ -256,6 +263,7 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     let (tables, identity_full) = replica_identity(&tx, &p.scope).await?;
     set_publication(&tx, &tables).await?;
     let sequences = keys::stripe_all_in(tx.client(), &p.scope, p.index, p.stride, TxnMode::Caller).await?;
+    crate::ddl::triggers::install(&tx, &p.scope).await?;
     tx.commit().await.map_err(EngineError::pg("committing init"))?;
 
     // After the commit: a logical slot cannot be created in a transaction
@@ -313,7 +321,7 @@ async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Res
                 .map(|r| r.get(0));
             tx.batch_execute(
                 "DELETE FROM branchsync.progress; DELETE FROM branchsync.conflicts; DELETE FROM branchsync.parked; \
-                 DELETE FROM branchsync.relay_head; DELETE FROM branchsync.node;",
+                 DELETE FROM branchsync.relay_head; DELETE FROM branchsync.node; DELETE FROM branchsync.ddl_log;",
             )
             .await
             .map_err(EngineError::pg("clearing state copied from another node"))?;

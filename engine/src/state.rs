@@ -11,6 +11,17 @@
 //! * `relay_head` — at the main: the last log position capture reached, so
 //!   that a branch seeded from a copy of the main knows where the relay
 //!   stream resumes for it.
+//! * `scope` — the replicated schemas and exclude globs (as regular
+//!   expressions), written by `init`, read by the event triggers
+//!   ([`crate::ddl::triggers`]).
+//! * `ddl_log` — every schema change run here, by the ERP (`replayed =
+//!   false`) or replayed from a peer (`true`).
+//! * `column_renames`, `table_renames` — renames made here, so rows from an
+//!   author that had not seen them yet still find their columns (R20);
+//!   `known_tables` and `known_columns` are the snapshot they are detected
+//!   against.
+//! * `schema_version` — bumped, transactionally, by every schema change in
+//!   scope; apply reloads its view of the tables when it moved.
 
 /// DDL of the state schema; idempotent.
 pub const STATE_DDL: &str = r#"
@@ -70,6 +81,52 @@ CREATE TABLE IF NOT EXISTS branchsync.relay_head (
     pos bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS branchsync.scope (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    schemas text[] NOT NULL,
+    exclude_globs text[] NOT NULL,
+    exclude_re text[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.ddl_log (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    role text NOT NULL,
+    tag text NOT NULL,
+    query text NOT NULL,
+    replayed boolean NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.column_renames (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    old_name text NOT NULL,
+    new_name text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.table_renames (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    old_schema text NOT NULL,
+    old_name text NOT NULL,
+    new_schema text NOT NULL,
+    new_name text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.known_tables (
+    relid oid PRIMARY KEY,
+    schema_name text NOT NULL,
+    table_name text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.known_columns (
+    relid oid NOT NULL,
+    attnum smallint NOT NULL,
+    attname text NOT NULL,
+    PRIMARY KEY (relid, attnum)
+);
+CREATE TABLE IF NOT EXISTS branchsync.schema_version (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    n bigint NOT NULL
+);
+INSERT INTO branchsync.schema_version (n) VALUES (0) ON CONFLICT DO NOTHING;
 "#;
 
 /// Prefix of the transactional logical message every apply transaction

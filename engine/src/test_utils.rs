@@ -50,10 +50,16 @@ pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0) ^ (u64::from(std::process::id()) << 20);
+    // A port handed out but not bound yet (a daemon starts seconds after its
+    // config is written) must not be handed out again to another test of
+    // this process.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..1000 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let port = 20_000 + (n >> 40) as u16 % 12_000;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.push(port);
             return port;
         }
     }

@@ -105,6 +105,23 @@ pub enum RowChange {
     Delete { table: u32, old: OldRow },
     /// TRUNCATE of one or more tables (replicated only where a table opts in, R21).
     Truncate { tables: Vec<u32>, cascade: bool, restart_identity: bool },
+    /// A schema change, exactly where it ran among the rows (DESIGN
+    /// invariant 5): the receiver runs it before the changes that follow.
+    Ddl(DdlChange),
+}
+
+/// One DDL query string of the author, reduced to its DDL statements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlChange {
+    /// The DDL statements of the query string, in order, one per element.
+    /// DML that ran in the same string is not here: it travels as rows.
+    pub statements: Vec<String>,
+    /// `search_path` when the DDL ran at the author.
+    pub search_path: String,
+    /// The role that ran it at the author.
+    pub role: String,
+    /// Command tag of the first command, e.g. `CREATE TABLE`.
+    pub tag: String,
 }
 
 /// A fragment of a ChangeSet as stored in a log and sent on the wire.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::changeset::LogEntry;
 
 /// Version of the link protocol. A peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Everything that crosses a link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,8 @@ use branchsync_engine::scope::Scope;
 use branchsync_engine::Role;
 use serde::Deserialize;
 
+/// Default period of the sequence stripe audit (ms).
+pub const DEFAULT_AUDIT_INTERVAL_MS: u64 = 10_000;
 /// Default key stride.
 pub const DEFAULT_STRIDE: u32 = 100;
 /// Default cap of the reconnect backoff (ms).
@@ -176,12 +178,45 @@ pub struct KeysSection {
     /// Key stride.
     #[serde(default = "d_stride")]
     pub stride: u32,
+    /// How often the daemon checks that every sequence is on its stripe
+    /// (`setval` fires no trigger, R18), in milliseconds.
+    #[serde(default = "d_audit")]
+    pub audit_interval_ms: u64,
 }
 
 impl Default for KeysSection {
     fn default() -> Self {
-        KeysSection { stride: DEFAULT_STRIDE }
+        KeysSection { stride: DEFAULT_STRIDE, audit_interval_ms: DEFAULT_AUDIT_INTERVAL_MS }
     }
+}
+
+fn d_audit() -> u64 {
+    DEFAULT_AUDIT_INTERVAL_MS
+}
+
+/// Where schema changes may come from (`[ddl] from`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlFrom {
+    /// Only the main's DDL replicates; a branch's own DDL stays local and
+    /// `status` warns about the drift.
+    #[default]
+    Main,
+    /// DDL made at any node replicates.
+    Any,
+}
+
+/// `[ddl]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdlSection {
+    /// `"main"` (default) or `"any"`.
+    #[serde(default)]
+    pub from: DdlFrom,
+    /// Role that replayed DDL runs as; default: the role that ran it at the
+    /// author. Never a superuser (R22).
+    #[serde(default)]
+    pub run_as: Option<String>,
 }
 
 /// The whole file.
@@ -200,6 +235,9 @@ pub struct Config {
     /// `[keys]`.
     #[serde(default)]
     pub keys: KeysSection,
+    /// `[ddl]`.
+    #[serde(default)]
+    pub ddl: DdlSection,
     #[serde(skip)]
     path: PathBuf,
 }

@@ -147,6 +147,8 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         reconnect_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
         group_budget: Duration::from_millis(cfg.sync.apply_group_ms),
         max_frame: cfg.sync.max_frame_bytes,
+        audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
+        ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
     })
 }
 

@@ -25,6 +25,7 @@ use branchsync_engine::apply::ApplyConfig;
 use branchsync_engine::capture::{run_capture, CaptureConfig, CaptureStatus};
 use branchsync_engine::log::ChangeLog;
 use branchsync_engine::pg::{self, fmt_lsn};
+use branchsync_engine::ddl::DdlPolicy;
 use branchsync_engine::scope::Scope;
 use branchsync_engine::{keys, state, EngineError, Role};
 use tokio::sync::watch;
@@ -32,7 +33,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::link::{self, LinkSettings, PeerAuth};
-use crate::status::NodeStatus;
+use crate::status::{DdlFailure, NodeStatus};
 
 /// Everything a node needs, resolved from the configuration.
 #[derive(Clone)]
@@ -71,6 +72,10 @@ pub struct NodeSettings {
     pub group_budget: Duration,
     /// Largest frame.
     pub max_frame: usize,
+    /// `[ddl]`: whose schema changes replay here, and as which role.
+    pub ddl: DdlPolicy,
+    /// Period of the sequence stripe audit.
+    pub audit_interval: Duration,
 }
 
 /// A running node.
@@ -120,6 +125,21 @@ async fn check_identity(client: &tokio_postgres::Client, s: &NodeSettings, syste
             hint: "If the database was restored or copied into a new cluster, run branchsync init again.".into(),
         });
     }
+    // The event triggers decide what DDL replicates from the scope init
+    // recorded: it must be the configured one.
+    let recorded = branchsync_engine::ddl::triggers::recorded_scope(client).await.ok().flatten();
+    let wanted = (s.scope.schemas().to_vec(), s.scope.exclude_globs().to_vec());
+    if recorded.as_ref() != Some(&wanted) {
+        let was = match &recorded {
+            Some((schemas, exclude)) => format!("schemas {schemas:?} and exclude {exclude:?}"),
+            None => "nothing (init ran with an older branchsync)".into(),
+        };
+        return Err(misconfigured(
+            "database.schemas or database.exclude changed since branchsync init".into(),
+            format!("init recorded {was}; the configuration says schemas {:?} and exclude {:?}.", wanted.0, wanted.1),
+            "Run branchsync init with this configuration: it updates the publication, the stripes and the DDL triggers.",
+        ));
+    }
     Ok(())
 }
 
@@ -168,6 +188,7 @@ impl Node {
                 fragment_rows: 5_000,
                 poll_interval: Duration::from_millis(50),
                 batch_changes: 20_000,
+                ddl_local_only: s.role == Role::Branch && !s.ddl.from_any,
             };
             let (url, log, mut shutdown, status) = (s.db_url.clone(), log.clone(), shutdown_rx.clone(), status.clone());
             tasks.spawn(
@@ -201,7 +222,7 @@ impl Node {
             exclude: s.scope.exclude_globs().to_vec(),
             system_id,
             db_url: s.db_url.clone(),
-            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200 },
+            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200, ddl: s.ddl.clone() },
             heartbeat: s.heartbeat,
             peer_timeout: s.peer_timeout,
             reconnect_max: s.reconnect_max,
@@ -260,6 +281,13 @@ impl Node {
                         });
                         if conn.as_ref().is_none_or(|c| *c.closed.borrow()) {
                             conn = pg::connect(&s2.db_url, "branchsync monitor").await.ok();
+                            // The stripe audit's ALTER SEQUENCE is branchsync's
+                            // own, node-local DDL: the event triggers skip it.
+                            if let Some(c) = conn.as_ref() {
+                                if c.client.batch_execute(&format!("SET {} = on", branchsync_engine::ddl::triggers::INTERNAL_GUC)).await.is_err() {
+                                    conn = None;
+                                }
+                            }
                         }
                         let Some(c) = conn.as_ref() else { continue };
                         if s2.role == Role::Main && log.visible() != last_head {
@@ -273,17 +301,44 @@ impl Node {
                             }
                         }
                         if let Ok(row) = c.client.query_one(
-                            "SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined'), (SELECT count(*) FROM branchsync.parked) FROM branchsync.conflicts",
+                            "SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined'), (SELECT count(*) FROM branchsync.parked), \
+                                    count(*) FILTER (WHERE kind = 'ddl_failed'), \
+                                    (SELECT count(*) FILTER (WHERE NOT replayed) FROM branchsync.ddl_log), \
+                                    (SELECT count(*) FILTER (WHERE replayed) FROM branchsync.ddl_log) \
+                             FROM branchsync.conflicts",
                             &[],
                         ).await {
-                            let (total, q, parked): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+                            let (total, q, parked, ddl_failed, ddl_local, ddl_replayed): (i64, i64, i64, i64, i64, i64) =
+                                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+                            let by_table = c.client.query("SELECT tbl, count(*) FROM branchsync.parked GROUP BY tbl ORDER BY tbl", &[]).await
+                                .map(|rows| rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
+                                .unwrap_or_default();
+                            let failures = c.client.query(
+                                "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = 'ddl_failed' ORDER BY id DESC LIMIT 5",
+                                &[],
+                            ).await
+                                .map(|rows| rows.iter().map(|r| DdlFailure { conflict_id: r.get(0), author: r.get(1), statement: r.get(2), reason: r.get(3) }).collect())
+                                .unwrap_or_default();
+                            let drift = (s2.role == Role::Branch && !s2.ddl.from_any && ddl_local > 0).then(|| format!(
+                                "{ddl_local} schema change(s) were made at this branch and stay local ([ddl] from = \"main\"): its schema may differ from the main's. \
+                                 Make schema changes at the main, or see branchsync.ddl_log."
+                            ));
                             status.update(|st| {
                                 st.conflicts_total = total;
                                 st.quarantined_total = q;
                                 st.parked_total = parked;
+                                st.parked_by_table = by_table;
+                                st.ddl.from = if s2.ddl.from_any { "any" } else { "main" }.into();
+                                st.ddl.local = ddl_local;
+                                st.ddl.replayed = ddl_replayed;
+                                st.ddl.failed = ddl_failed;
+                                st.ddl.recent_failures = failures;
+                                st.ddl.captured = cap.ddl_captured;
+                                st.ddl.unreplicable = cap.ddl_unreplicable;
+                                st.ddl.drift_warning = drift;
                             });
                         }
-                        if last_audit.elapsed() > Duration::from_secs(30) {
+                        if last_audit.elapsed() >= s2.audit_interval {
                             last_audit = std::time::Instant::now();
                             // Cheap audit first; the full re-stripe (which scans
                             // key columns) only when a sequence is off its stripe.

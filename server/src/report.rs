@@ -32,6 +32,10 @@ impl StatusSource for HttpStatus {
             gauge("branchsync_conflicts", "Rows in branchsync.conflicts.", vec![], s.conflicts_total as f64),
             gauge("branchsync_quarantined", "Quarantined changes in branchsync.conflicts.", vec![], s.quarantined_total as f64),
             gauge("branchsync_parked", "Rows in branchsync.parked (waiting for a parent or behind a held key).", vec![], s.parked_total as f64),
+            gauge("branchsync_ddl_local", "DDL query strings run at this node (branchsync.ddl_log).", vec![], s.ddl.local as f64),
+            gauge("branchsync_ddl_replayed", "DDL replayed here from other nodes (branchsync.ddl_log).", vec![], s.ddl.replayed as f64),
+            gauge("branchsync_ddl_failed", "Replayed DDL that failed or was refused (branchsync.conflicts).", vec![], s.ddl.failed as f64),
+            counter("branchsync_ddl_unreplicable_total", "DDL that ran here but could not be replicated, since start.", vec![], s.ddl.unreplicable as f64),
         ];
         for (name, p) in &s.peers {
             let l = || vec![("peer".to_string(), name.clone())];
@@ -55,6 +59,29 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         "node {} ({})\n  log: newest position {}, reclaimed through {}, {} bytes\n  capture: last LSN {}, {} transactions / {} rows since start\n  conflicts: {} recorded ({} quarantined); parked: {} row(s) waiting\n",
         s.node, s.role, s.log_newest, s.log_floor, s.log_bytes, s.captured_lsn, s.captured_transactions, s.captured_rows, s.conflicts_total, s.quarantined_total, s.parked_total
     );
+    for (t, n) in &s.parked_by_table {
+        out.push_str(&format!("    parked in {t}: {n}\n"));
+    }
+    let d = &s.ddl;
+    out.push_str(&format!(
+        "  schema changes ([ddl] from = \"{}\"): {} made here, {} replayed from peers, {} failed or refused\n",
+        d.from, d.local, d.replayed, d.failed
+    ));
+    if d.unreplicable > 0 {
+        out.push_str(&format!("    {} schema change(s) ran here but could not be replicated (see the daemon log)\n", d.unreplicable));
+    }
+    for f in &d.recent_failures {
+        out.push_str(&format!(
+            "    failed #{} from {}: {} — {}\n",
+            f.conflict_id,
+            f.author.as_deref().unwrap_or("?"),
+            f.statement.as_deref().unwrap_or("?"),
+            f.reason.as_deref().unwrap_or("?")
+        ));
+    }
+    if let Some(w) = &d.drift_warning {
+        out.push_str(&format!("  WARNING: {w}\n"));
+    }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("  last error: {e}\n"));
     }

@@ -38,6 +38,42 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
 }
 
+/// Schema changes (DDL) at this node.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DdlStatus {
+    /// `[ddl] from`: "main" or "any".
+    pub from: String,
+    /// DDL query strings run at this node by the ERP or an operator.
+    pub local: i64,
+    /// DDL replayed here from other nodes.
+    pub replayed: i64,
+    /// DDL statements from other nodes that failed or were refused here
+    /// (kind `ddl_failed` in `branchsync.conflicts`).
+    pub failed: i64,
+    /// The newest such failures: statement and reason.
+    pub recent_failures: Vec<DdlFailure>,
+    /// DDL captured here this run and sent on.
+    pub captured: u64,
+    /// DDL that ran here this run but could not be replicated (it ran
+    /// inside a function called by a query, or did not parse).
+    pub unreplicable: u64,
+    /// Set when this node's schema may differ from the main's.
+    pub drift_warning: Option<String>,
+}
+
+/// One failed or refused replayed DDL statement.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DdlFailure {
+    /// Id in `branchsync.conflicts`.
+    pub conflict_id: i64,
+    /// The node that ran it first.
+    pub author: Option<String>,
+    /// The statement.
+    pub statement: Option<String>,
+    /// Why it did not run here.
+    pub reason: Option<String>,
+}
+
 /// Everything `/status` shows.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct StatusSnapshot {
@@ -64,6 +100,12 @@ pub struct StatusSnapshot {
     /// Rows in `branchsync.parked`: orphans waiting for their parent and
     /// changes queued behind a parked or quarantined key.
     pub parked_total: i64,
+    /// Parked rows per table (`schema.table`).
+    #[serde(default)]
+    pub parked_by_table: BTreeMap<String, i64>,
+    /// Schema changes: what replicated, what stayed local, what failed.
+    #[serde(default)]
+    pub ddl: DdlStatus,
     /// Per peer.
     pub peers: BTreeMap<String, PeerStatus>,
     /// Last error of a local component (capture, database).

@@ -222,6 +222,9 @@ async fn exclude_globs_that_differ_from_the_mains_are_refused_as_a_config_mismat
     // A real branch with one more glob.
     let branch = &mut topo.branches[0];
     edit_config(branch, "exclude = [\"local_*\"]", "exclude = [\"local_*\", \"tmp_*\"]");
+    // The operator re-runs init after changing the scope (the daemon refuses
+    // to start on a scope init did not record).
+    branch.init();
     branch.start();
     branch.db().await.batch_execute("INSERT INTO orders (shop) VALUES ('branch1')").await.unwrap();
     let st = wait_status(&topo.branches[0], "branch1 reports the refusal", Duration::from_secs(30), |s| {
@@ -240,6 +243,7 @@ async fn exclude_globs_that_differ_from_the_mains_are_refused_as_a_config_mismat
     let branch = &mut topo.branches[0];
     branch.stop();
     edit_config(branch, "exclude = [\"local_*\", \"tmp_*\"]", "exclude = [\"local_*\"]");
+    branch.init();
     branch.start();
     wait_converged(&topo.sites(), &["orders"], Duration::from_secs(30)).await;
     let n: i64 = main.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);

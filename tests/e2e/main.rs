@@ -6,6 +6,7 @@ mod big_transactions;
 mod causal_order;
 mod convergence;
 mod crash;
+mod ddl;
 mod handshake;
 mod offline;
 mod restore;

@@ -63,13 +63,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc, Value};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use crate::conflict::{self, Decision, Version};
+use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
 use crate::error::pg_error_is_data_error;
 use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
@@ -93,6 +94,8 @@ pub struct ApplyConfig {
     pub group_budget: Duration,
     /// `lock_timeout` of the apply session in milliseconds (R8).
     pub lock_timeout_ms: u64,
+    /// Whose DDL is replayed, and as which role (R22).
+    pub ddl: DdlPolicy,
 }
 
 /// State of one incoming stream that outlives apply sessions.
@@ -119,6 +122,10 @@ pub struct ApplyStats {
     pub parked: u64,
     /// Local transactions committed.
     pub transactions: u64,
+    /// DDL statements replayed.
+    pub ddl_applied: u64,
+    /// DDL statements that failed or were refused (recorded in `branchsync.conflicts`).
+    pub ddl_failed: u64,
 }
 
 /// Boxed future on the apply connection, sent but not yet awaited.
@@ -146,6 +153,10 @@ pub struct Applier {
     txn: Option<OpenTxn>,
     /// Keys whose later changes queue in `branchsync.parked`.
     held: park::Held,
+    /// (table, columns) whose skipped values were recorded this session.
+    noted_skips: HashSet<(String, String)>,
+    /// `branchsync.schema_version` when `tables` was last valid.
+    schema_version: Option<i64>,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
     committed: u64,
@@ -186,8 +197,9 @@ impl Applier {
         let conn = crate::pg::connect(url, &format!("branchsync apply {stream}")).await?;
         conn.client
             .batch_execute(&format!(
-                "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0",
-                cfg.lock_timeout_ms
+                "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0; SET {} = on",
+                cfg.lock_timeout_ms,
+                ddl::REPLAYING_GUC
             ))
             .await
             .map_err(EngineError::pg("configuring the apply session"))?;
@@ -204,6 +216,8 @@ impl Applier {
                 session_origin: None,
                 txn: None,
                 held: park::Held::new(),
+                noted_skips: HashSet::new(),
+                schema_version: None,
                 queue: pipeline::Queue::default(),
                 committed,
                 seen: committed,
@@ -352,7 +366,28 @@ impl Applier {
     async fn begin(&mut self, author: &str, careful: bool) -> Result<(), EngineError> {
         self.set_origin(author).await?;
         self.queue = pipeline::Queue::default();
-        self.conn.client.batch_execute("BEGIN").await.map_err(EngineError::pg("starting an apply transaction"))?;
+        // The schema version comes with BEGIN, in the same round trip: when a
+        // schema change committed here since the last transaction (the ERP's
+        // DDL, or another stream's replay), forget what was read of the
+        // catalog.
+        let msgs = self
+            .conn
+            .client
+            .simple_query("BEGIN; SELECT n FROM branchsync.schema_version")
+            .await
+            .map_err(EngineError::pg("starting an apply transaction"))?;
+        let version = msgs.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<i64>().ok()),
+            _ => None,
+        });
+        if version != self.schema_version {
+            if self.schema_version.is_some() {
+                tracing::debug!(stream = %self.stream, "schema changed here; reloading table definitions");
+            }
+            self.tables.clear();
+            self.stmts.clear();
+            self.schema_version = version;
+        }
         self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful });
         Ok(())
     }
@@ -423,6 +458,132 @@ impl Applier {
     }
 
     async fn apply_fragment(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
+        if !e.changes.iter().any(|c| matches!(c, RowChange::Ddl(_))) {
+            return self.apply_rows(e, careful).await;
+        }
+        // DDL runs exactly where it sat among the rows (invariant 5): the
+        // rows before it see the old schema, the rows after it the new one.
+        let mut rows = Vec::new();
+        for ch in &e.changes {
+            match ch {
+                RowChange::Ddl(d) => {
+                    if !rows.is_empty() {
+                        let part = LogEntry { changes: std::mem::take(&mut rows), ..e.clone() };
+                        self.apply_rows(&part, careful).await?;
+                    }
+                    self.apply_ddl(e, d).await?;
+                }
+                other => rows.push(other.clone()),
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let part = LogEntry { changes: rows, ..e.clone() };
+        self.apply_rows(&part, careful).await
+    }
+
+    /// Replays one DDL change of the author (R19, R22): each statement is
+    /// checked against the allow-list and runs in a savepoint as a
+    /// non-superuser role with the author's `search_path`. A statement that
+    /// fails or is refused is recorded in `branchsync.conflicts` and the
+    /// stream goes on.
+    async fn apply_ddl(&mut self, e: &LogEntry, d: &DdlChange) -> Result<(), EngineError> {
+        self.drain().await?;
+        let from_main = e.header.author_index == 0;
+        if !from_main && !self.cfg.ddl.from_any {
+            for stmt in &d.statements {
+                self.ddl_failed(e, d, stmt, "schema change from a branch not replayed".into(),
+                    "[ddl] from = \"main\" here: schema changes are made at the main. Set [ddl] from = \"any\" at the main to replay branches' DDL.".into()).await?;
+            }
+            return Ok(());
+        }
+        let role = match self.ddl_role(d).await? {
+            Ok(r) => r,
+            Err(why) => {
+                for stmt in &d.statements {
+                    self.ddl_failed(e, d, stmt, "replayed DDL needs a non-superuser role".into(), why.clone()).await?;
+                }
+                return Ok(());
+            }
+        };
+        for stmt in &d.statements {
+            let checked = match parse::check(stmt, from_main) {
+                Ok(s) => s,
+                Err(r) => {
+                    let detail = if r.detail.is_empty() { r.message.clone() } else { format!("{} {}", r.message, r.detail) };
+                    self.ddl_failed(e, d, stmt, detail, r.hint).await?;
+                    continue;
+                }
+            };
+            let c = &self.conn.client;
+            c.batch_execute("SAVEPOINT branchsync_ddl").await.map_err(EngineError::pg("setting a savepoint for DDL"))?;
+            let run = async {
+                c.execute("SELECT set_config('search_path', $1, true)", &[&d.search_path]).await?;
+                c.batch_execute(&format!("SET LOCAL ROLE {}", branchsync_proto::changeset::quote_ident(&role))).await?;
+                c.batch_execute(&checked.sql).await?;
+                c.batch_execute("RESET ROLE").await?;
+                // The main relays it: apply's own DDL is not emitted by the
+                // trigger (REPLAYING_GUC), so write the author's message here.
+                let msg = DdlMessage {
+                    query: checked.sql.clone(),
+                    search_path: d.search_path.clone(),
+                    role: d.role.clone(),
+                    tag: d.tag.clone(),
+                    ordinal: 1,
+                    key: format!("apply/{}/{}/{}", self.stream, e.pos, self.stats.ddl_applied),
+                };
+                let json = serde_json::to_string(&msg).unwrap_or_default();
+                c.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&ddl::DDL_MESSAGE_PREFIX, &json]).await?;
+                c.batch_execute("RELEASE SAVEPOINT branchsync_ddl").await
+            }
+            .await;
+            match run {
+                Ok(()) => {
+                    self.stats.ddl_applied += 1;
+                    tracing::info!(stream = %self.stream, author = %e.header.author, node_type = checked.node, "schema change replayed");
+                }
+                Err(err) if err.as_db_error().is_some() => {
+                    self.conn.client.batch_execute("ROLLBACK TO SAVEPOINT branchsync_ddl; RELEASE SAVEPOINT branchsync_ddl").await.map_err(EngineError::pg("rolling back a failed DDL statement"))?;
+                    let detail = err.as_db_error().map(|db| format!("{} (SQLSTATE {})", db.message(), db.code().code())).unwrap_or_default();
+                    self.ddl_failed(e, d, stmt, detail, String::new()).await?;
+                }
+                Err(err) => return Err(EngineError::pg("replaying DDL")(err)),
+            }
+        }
+        // The schema changed: forget what was read from the catalog.
+        self.tables.clear();
+        self.stmts.clear();
+        Ok(())
+    }
+
+    /// The role replayed DDL runs as: `[ddl] run_as`, else the author's
+    /// role; it must exist here and must not be a superuser (R22).
+    /// `Ok(Err(why))` when no such role is usable.
+    async fn ddl_role(&mut self, d: &DdlChange) -> Result<Result<String, String>, EngineError> {
+        let role = self.cfg.ddl.run_as.clone().unwrap_or_else(|| d.role.clone());
+        let row = self
+            .conn
+            .client
+            .query_opt("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+            .await
+            .map_err(EngineError::pg("looking up the DDL role"))?;
+        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+            None => Err(format!("role \"{role}\" does not exist here. Create the ERP's role at every site, or set [ddl] run_as.")),
+            Some(true) => Err(format!("role \"{role}\" is a superuser here. Run the ERP as a non-superuser role, or set [ddl] run_as to one.")),
+            Some(false) => Ok(role),
+        })
+    }
+
+    async fn ddl_failed(&mut self, e: &LogEntry, d: &DdlChange, stmt: &str, detail: String, hint: String) -> Result<(), EngineError> {
+        self.stats.ddl_failed += 1;
+        tracing::warn!(stream = %self.stream, author = %e.header.author, tag = %d.tag, "schema change not replayed; recorded in branchsync.conflicts");
+        let remote = serde_json::json!({ "sql": stmt, "search_path": d.search_path, "role": d.role, "tag": d.tag }).to_string();
+        let text = if hint.is_empty() { detail } else { format!("{detail}. {hint}") };
+        self.record("(ddl)", None, "ddl_failed", &e.header, None, Some(remote), Some(text)).await
+    }
+
+    async fn apply_rows(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
         let mut maps = Vec::with_capacity(e.tables.len());
         for (i, d) in e.tables.iter().enumerate() {
             let m = self.mapping(d).await?;
@@ -436,6 +597,7 @@ impl Applier {
             }
             maps.push(m);
         }
+        self.note_skipped_columns(e, &maps).await?;
         // Changes to a parked or quarantined key queue behind it (R6, R9).
         // Anything but inserts must see the rows queued before it (and the
         // keys their parent checks park).
@@ -456,6 +618,25 @@ impl Applier {
             self.apply_fast(e, &maps).await?;
         }
         self.park_orphans(e, &maps).await
+    }
+
+    /// Values of columns this table does not have here (dropped here, or
+    /// added at the author only) are skipped; that is recorded once per
+    /// table and column set and session, so the operator sees it without a
+    /// record per row.
+    async fn note_skipped_columns(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+        for m in maps.iter().flatten() {
+            if m.skipped.is_empty() {
+                continue;
+            }
+            let cols = m.skipped.join(", ");
+            if self.noted_skips.insert((m.table.name.clone(), cols.clone())) {
+                tracing::warn!(stream = %self.stream, table = %m.table.name, columns = %cols, "incoming values of columns this table does not have are skipped");
+                self.record(&m.table.name, None, "columns_skipped", &e.header, None, None,
+                    Some(format!("values of column(s) {cols} from {} are not stored: {} has no such column(s) here", e.header.author, m.table.name))).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Inserts bucketed per table; runs of updates or deletes batched.
@@ -561,7 +742,10 @@ impl Applier {
                         Some("the row does not exist here (deleted here, or never arrived); delete wins".into())).await?;
                 }
                 Some(local) => {
-                    let d = conflict::lww(local, &incoming);
+                    // The very version this ChangeSet wrote earlier (a row
+                    // inserted, then updated, in one transaction at the
+                    // author): the later change has seen it.
+                    let d = if *local == incoming { Decision::ApplyIncoming } else { conflict::lww(local, &incoming) };
                     if is_delete {
                         // Delete wins over a concurrent update everywhere, so sites converge.
                         if d == Decision::KeepLocal && local.node != e.header.author && !local.node.is_empty() {
@@ -676,7 +860,7 @@ impl Applier {
         self.conn.client.batch_execute("SAVEPOINT branchsync_change").await.map_err(EngineError::pg("setting a savepoint"))?;
         let r = match ch {
             RowChange::Insert { new, .. } => self.insert_or_resolve(e, &m, desc, new).await,
-            RowChange::Truncate { .. } => Ok(()),
+            RowChange::Truncate { .. } | RowChange::Ddl(_) => Ok(()),
             _ => self.apply_keyed_run(e, maps, std::slice::from_ref(ch)).await,
         };
         match r {
@@ -787,7 +971,7 @@ fn unreachable_change() -> ! {
 fn change_table(c: &RowChange) -> Option<u32> {
     match c {
         RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => Some(*table),
-        RowChange::Truncate { .. } => None,
+        RowChange::Truncate { .. } | RowChange::Ddl(_) => None,
     }
 }
 
@@ -817,6 +1001,7 @@ fn change_json(desc: &TableDesc, c: &RowChange) -> String {
         RowChange::Insert { new, .. } | RowChange::Update { new, .. } => row_json(desc, new),
         RowChange::Delete { old, .. } => format!("{{\"deleted\": {}}}", row_json(desc, &old.values)),
         RowChange::Truncate { .. } => "{\"truncate\": true}".into(),
+        RowChange::Ddl(d) => serde_json::json!({ "ddl": d.statements }).to_string(),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct LocalTable {
     /// foreign-key triggers do not fire under `session_replication_role =
     /// replica` (R9).
     pub parents: Vec<ForeignKey>,
+    /// Column renames made here, oldest first: `(old, new)` (R20).
+    pub renames: Vec<(String, String)>,
 }
 
 /// A foreign key of a local table.
@@ -68,8 +70,32 @@ impl ForeignKey {
 }
 
 impl LocalTable {
-    /// Reads a table from the catalog; `None` if it does not exist.
+    /// Reads a table from the catalog; a table renamed here is found under
+    /// its new name (R20). `None` if it does not exist.
     pub async fn load(client: &Client, schema: &str, name: &str) -> Result<Option<LocalTable>, EngineError> {
+        let (mut schema, mut name) = (schema.to_string(), name.to_string());
+        // A bounded walk: a rename chain a → b → c, never a cycle.
+        for _ in 0..16 {
+            if let Some(t) = LocalTable::load_exact(client, &schema, &name).await? {
+                return Ok(Some(t));
+            }
+            let renamed = client
+                .query_opt(
+                    "SELECT new_schema, new_name FROM branchsync.table_renames WHERE old_schema = $1 AND old_name = $2 ORDER BY id DESC LIMIT 1",
+                    &[&schema, &name],
+                )
+                .await
+                .map_err(EngineError::pg(format!("reading the renames of {schema}.{name}")))?;
+            match renamed {
+                Some(r) => (schema, name) = (r.get(0), r.get(1)),
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads the table `schema.name` itself; `None` if it does not exist.
+    async fn load_exact(client: &Client, schema: &str, name: &str) -> Result<Option<LocalTable>, EngineError> {
         let rows = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
@@ -133,13 +159,39 @@ impl LocalTable {
                 parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
             })
             .collect();
+        let renames = client
+            .query(
+                "SELECT old_name, new_name FROM branchsync.column_renames WHERE schema_name = $1 AND table_name = $2 ORDER BY id",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the column renames of {schema}.{name}")))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         Ok(Some(LocalTable {
             qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             name: format!("{schema}.{name}"),
             columns,
             pk: pk_rows.iter().map(|r| r.get(0)).collect(),
             parents,
+            renames,
         }))
+    }
+
+    /// The local name of an incoming column (R20). An author that had not
+    /// seen a rename here still sends the old name: it follows the renames,
+    /// oldest first, as long as the author's columns do not hold the new name
+    /// themselves (then the author knows both, and the old name is another,
+    /// newer column). The author's column list is its schema version.
+    pub fn resolve(&self, column: &str, author_columns: &[String]) -> String {
+        let mut name = column.to_string();
+        for (old, new) in &self.renames {
+            if *old == name && !author_columns.iter().any(|c| c == new) {
+                name = new.clone();
+            }
+        }
+        name
     }
 
     /// `json_build_array(pk::text, ...)::text` over alias `t`: the key text
@@ -172,6 +224,7 @@ impl Mapping {
         let mut targets = Vec::with_capacity(desc.columns.len());
         let mut skipped = Vec::new();
         for c in &desc.columns {
+            let c = &table.resolve(c, &desc.columns);
             match table.columns.get(c) {
                 Some(lc) if !lc.generated => targets.push(Some(c.clone())),
                 Some(_) => targets.push(None),
@@ -184,7 +237,7 @@ impl Mapping {
         let key_src = if table.pk.is_empty() {
             None
         } else {
-            table.pk.iter().map(|k| desc.columns.iter().position(|c| c == k)).collect::<Option<Vec<usize>>>()
+            table.pk.iter().map(|k| targets.iter().position(|c| c.as_deref() == Some(k.as_str()))).collect::<Option<Vec<usize>>>()
         };
         Mapping { table, targets, key_src, skipped }
     }

@@ -1,0 +1,285 @@
+//! Issue 3: schema changes travel with the data.
+//!
+//! The ERP runs as an ordinary role (`erp`) that owns its tables, as Odoo and
+//! Tryton do; replayed DDL runs as that role at every site (R22). Every
+//! scenario ends with all sites holding the same rows, checked by checksums.
+
+use std::time::Duration;
+
+use branchsync_tests::*;
+
+/// The POS schema, owned by the non-superuser role `erp`; `orders` carries
+/// a column the module install renames (`note`) and one it drops
+/// (`legacy_flag`).
+const ERP_SCHEMA: &str = "
+CREATE ROLE erp LOGIN;
+GRANT CREATE ON SCHEMA public TO erp;
+SET ROLE erp;
+CREATE TABLE products (id serial PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, stock integer NOT NULL DEFAULT 0);
+CREATE TABLE orders (id serial PRIMARY KEY, shop text NOT NULL, total numeric(12,2) NOT NULL DEFAULT 0, note text, legacy_flag boolean);
+CREATE TABLE order_lines (id bigserial PRIMARY KEY, order_id integer NOT NULL REFERENCES orders(id), product_id integer NOT NULL REFERENCES products(id), qty integer NOT NULL);
+RESET ROLE;
+";
+
+/// A connection that acts as the ERP (role `erp`).
+async fn erp(site: &Site) -> tokio_postgres::Client {
+    let c = site.db().await;
+    c.batch_execute("SET ROLE erp").await.expect("SET ROLE erp");
+    c
+}
+
+async fn columns(c: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    c.query(
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        &[&table],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("columns of {table}: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+async fn conflicts_of_kind(c: &tokio_postgres::Client, kind: &str) -> Vec<String> {
+    c.query("SELECT coalesce(detail, '') || ' ' || coalesce(remote_version::text, '') FROM branchsync.conflicts WHERE kind = $1 ORDER BY id", &[&kind])
+        .await
+        .expect("read conflicts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Every id in `table` written at a site sits on that site's stripe.
+async fn ids_on_stripes(c: &tokio_postgres::Client, table: &str, shop_col: &str) {
+    let bad = count(
+        c,
+        &format!(
+            "SELECT count(*) FROM {table} WHERE id % 100 <> CASE {shop_col} WHEN 'main' THEN 0 WHEN 'branch1' THEN 1 WHEN 'branch2' THEN 2 END"
+        ),
+    )
+    .await;
+    assert_eq!(bad, 0, "rows of {table} with an id off their site's stripe");
+}
+
+/// Done-when 1: a module install at the main while branch1 is cut off and
+/// keeps selling into the old tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_installed_at_the_main_reaches_a_branch_that_sold_offline_meanwhile() {
+    let mut topo = Topology::prepare(2, ERP_SCHEMA).await;
+    topo.start_all();
+    let main = erp(&topo.main).await;
+    main.batch_execute("INSERT INTO products (name, price, stock) SELECT 'p' || g, g, 100 FROM generate_series(1, 5) g").await.unwrap();
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(30)).await;
+
+    topo.proxies[0].cut();
+    wait_status(&topo.main, "main sees branch1 disconnected", Duration::from_secs(20), |s| s["peers"]["branch1"]["connected"] == false).await;
+
+    // branch1, offline, sells into the old schema.
+    let b1 = erp(&topo.branches[0]).await;
+    for i in 0..20 {
+        b1.batch_execute(&format!(
+            "WITH o AS (INSERT INTO orders (shop, total, note, legacy_flag) VALUES ('branch1', {i}, 'b1 note {i}', true) RETURNING id) \
+             INSERT INTO order_lines (order_id, product_id, qty) SELECT o.id, p.id, 1 FROM o, products p WHERE p.name = 'p1'"
+        ))
+        .await
+        .unwrap();
+    }
+
+    // The main installs a module: three tables (serial ids, a foreign key,
+    // an index, a unique constraint), alters orders, inserts rows. Like an
+    // ERP, statement by statement, some of them in one transaction.
+    main.batch_execute(
+        "BEGIN;
+         CREATE TABLE loyalty_card (id serial PRIMARY KEY, code text NOT NULL UNIQUE, customer text);
+         CREATE TABLE loyalty_rule (id serial PRIMARY KEY, name text NOT NULL, factor numeric NOT NULL DEFAULT 1);
+         CREATE TABLE loyalty_tx (id bigserial PRIMARY KEY, card_id integer NOT NULL REFERENCES loyalty_card(id), shop text NOT NULL, points integer NOT NULL);
+         CREATE INDEX loyalty_tx_card ON loyalty_tx (card_id);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    main.batch_execute("ALTER TABLE orders ADD COLUMN channel text NOT NULL DEFAULT 'store'").await.unwrap();
+    main.batch_execute("ALTER TABLE orders DROP COLUMN legacy_flag").await.unwrap();
+    main.batch_execute("ALTER TABLE orders RENAME COLUMN note TO customer_note").await.unwrap();
+    main.batch_execute(
+        "INSERT INTO loyalty_card (code, customer) VALUES ('C1', 'alice'), ('C2', 'bob');
+         INSERT INTO loyalty_rule (name) VALUES ('default');
+         INSERT INTO orders (shop, total, customer_note, channel) VALUES ('main', 7, 'main note', 'web');",
+    )
+    .await
+    .unwrap();
+    // branch2 is online and follows at once.
+    wait_converged(&[&topo.main, &topo.branches[1]], &["orders", "loyalty_card", "loyalty_rule"], Duration::from_secs(60)).await;
+
+    topo.proxies[0].heal();
+    let all = ["products", "orders", "order_lines", "loyalty_card", "loyalty_rule", "loyalty_tx"];
+    wait_converged(&topo.sites(), &all, Duration::from_secs(120)).await;
+
+    let b1_admin = topo.branches[0].db().await;
+    assert_eq!(
+        columns(&b1_admin, "orders").await,
+        ["id", "shop", "total", "customer_note", "channel"],
+        "branch1 has the main's new orders schema"
+    );
+    // branch1's offline sales kept their notes, now in the renamed column,
+    // and got the new column's default.
+    for (name, c) in [("main", &main), ("branch1", &b1), ("branch2", &erp(&topo.branches[1]).await)] {
+        let kept = count(c, "SELECT count(*) FROM orders WHERE shop = 'branch1' AND customer_note LIKE 'b1 note %' AND channel = 'store'").await;
+        assert_eq!(kept, 20, "branch1's offline notes intact in customer_note at {name}");
+    }
+    // The dropped column's values were skipped, and that is on record.
+    let skipped = conflicts_of_kind(&topo.main.db().await, "columns_skipped").await;
+    assert!(skipped.iter().any(|d| d.contains("legacy_flag")), "skipped legacy_flag values are recorded at the main: {skipped:?}");
+    assert!(conflicts_of_kind(&topo.main.db().await, "ddl_failed").await.is_empty(), "no DDL failed at the main");
+    assert!(conflicts_of_kind(&b1_admin, "ddl_failed").await.is_empty(), "no DDL failed at branch1");
+
+    // Both sides insert into the new tables: the new sequences are striped.
+    let b2 = erp(&topo.branches[1]).await;
+    for (shop, c) in [("main", &main), ("branch1", &b1), ("branch2", &b2)] {
+        c.batch_execute(&format!(
+            "INSERT INTO loyalty_card (code, customer) VALUES ('{shop}-card', '{shop}');
+             INSERT INTO loyalty_tx (card_id, shop, points) SELECT id, '{shop}', 10 FROM loyalty_card WHERE code IN ('C1', '{shop}-card');
+             INSERT INTO orders (shop, total, customer_note) VALUES ('{shop}', 1, 'after');"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("insert into the new tables at {shop}: {e}"));
+    }
+    wait_converged(&topo.sites(), &all, Duration::from_secs(60)).await;
+    ids_on_stripes(&main, "loyalty_tx", "shop").await;
+    assert_eq!(count(&main, "SELECT count(*) FROM loyalty_tx").await, 6);
+    assert_eq!(count(&main, "SELECT count(*) FROM loyalty_card").await, 5);
+    let st = wait_status(&topo.branches[0], "branch1 reports the replayed DDL", Duration::from_secs(20), |s| s["ddl"]["replayed"].as_i64().unwrap_or(0) >= 4).await;
+    assert_eq!(st["ddl"]["failed"], 0, "{st}");
+}
+
+/// Done-when 2 and R19: a string mixing DDL and DML replays only the DDL,
+/// once; a serial column created in a DO block, CREATE TABLE AS, a UUID-keyed
+/// table and the ERP's own `ALTER SEQUENCE … RESTART` and `setval` all end
+/// with keys that never collide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_mixed_with_dml_do_blocks_create_table_as_and_sequence_resets_keep_keys_apart() {
+    let mut topo = Topology::prepare_with(1, ERP_SCHEMA, "audit_interval_ms = 300\n").await;
+    topo.start_all();
+    let main = erp(&topo.main).await;
+    let b1 = erp(&topo.branches[0]).await;
+    main.batch_execute("INSERT INTO products (name, price) SELECT 'p' || g, g FROM generate_series(1, 5) g").await.unwrap();
+
+    // One query string, DDL and DML mixed (simple protocol, one implicit transaction).
+    main.batch_execute(
+        "CREATE TABLE promo (id serial PRIMARY KEY, name text NOT NULL);
+         INSERT INTO promo (name) VALUES ('a'), ('b');
+         ALTER TABLE promo ADD COLUMN pct integer DEFAULT 5;
+         UPDATE promo SET pct = 10 WHERE name = 'a';",
+    )
+    .await
+    .unwrap();
+    // A serial column created inside a DO block.
+    main.batch_execute("DO $$ BEGIN EXECUTE 'CREATE TABLE gift (id serial PRIMARY KEY, shop text NOT NULL)'; END $$").await.unwrap();
+    // CREATE TABLE AS: its rows come from the author, not from a re-run.
+    main.batch_execute("CREATE TABLE price_snapshot AS SELECT id, name, price FROM products").await.unwrap();
+    // A UUID-keyed table needs nothing.
+    main.batch_execute("CREATE TABLE voucher (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), shop text NOT NULL)").await.unwrap();
+    let tables = ["products", "promo", "gift", "price_snapshot", "voucher"];
+    wait_converged(&topo.sites(), &tables, Duration::from_secs(60)).await;
+    assert_eq!(count(&b1, "SELECT count(*) FROM promo").await, 2, "the DML of the string arrived once, as rows");
+    assert_eq!(count(&b1, "SELECT count(*) FROM promo WHERE name = 'a' AND pct = 10").await, 1);
+    assert_eq!(count(&b1, "SELECT count(*) FROM price_snapshot").await, 5, "CREATE TABLE AS rows arrive once");
+    assert!(conflicts_of_kind(&topo.branches[0].db().await, "ddl_failed").await.is_empty(), "each DDL statement replayed once, without error");
+
+    // The ERP resets sequences its own way after init.
+    b1.batch_execute("ALTER SEQUENCE gift_id_seq RESTART WITH 1").await.unwrap();
+    main.batch_execute("SELECT setval('promo_id_seq', 1234)").await.unwrap();
+    // setval fires no trigger: the daemon's audit re-stripes it (R18).
+    eventually("the main's audit re-stripes promo_id_seq after setval", Duration::from_secs(30), || {
+        let main = &main;
+        async move {
+            let r = main
+                .query_one(
+                    "SELECT s.increment_by, CASE WHEN q.is_called THEN q.last_value + s.increment_by ELSE q.last_value END \
+                     FROM pg_sequences s, promo_id_seq q WHERE s.sequencename = 'promo_id_seq'",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let (inc, next): (i64, i64) = (r.get(0), r.get(1));
+            (inc == 100 && next % 100 == 0 && next > 1234).then_some(())
+        }
+    })
+    .await;
+    for (shop, c) in [("main", &main), ("branch1", &b1)] {
+        for _ in 0..3 {
+            c.batch_execute(&format!(
+                "INSERT INTO gift (shop) VALUES ('{shop}'); INSERT INTO promo (name) VALUES ('{shop}'); INSERT INTO voucher (shop) VALUES ('{shop}');"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("insert at {shop}: {e}"));
+        }
+    }
+    wait_converged(&topo.sites(), &tables, Duration::from_secs(60)).await;
+    ids_on_stripes(&main, "gift", "shop").await;
+    let promo_bad = count(&main, "SELECT count(*) FROM promo WHERE name IN ('main', 'branch1') AND id % 100 <> CASE name WHEN 'main' THEN 0 ELSE 1 END").await;
+    assert_eq!(promo_bad, 0, "promo ids after setval stay on their stripes");
+    assert_eq!(count(&main, "SELECT count(*) FROM voucher").await, 6);
+}
+
+/// Done-when 3: with `[ddl] from = "any"`, the main and a cut-off branch
+/// create the same table; each records the other's CREATE as failed, the
+/// stream keeps flowing and the rows converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_creating_the_same_table_apart_record_it_and_converge() {
+    let mut topo = Topology::prepare_with(1, ERP_SCHEMA, "[ddl]\nfrom = \"any\"\n").await;
+    topo.start_all();
+    wait_status(&topo.main, "branch1 connected", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == true).await;
+    topo.proxies[0].cut();
+    wait_status(&topo.main, "main sees branch1 disconnected", Duration::from_secs(20), |s| s["peers"]["branch1"]["connected"] == false).await;
+
+    let main = erp(&topo.main).await;
+    let b1 = erp(&topo.branches[0]).await;
+    for (shop, c) in [("main", &main), ("branch1", &b1)] {
+        c.batch_execute(&format!(
+            "CREATE TABLE coupon (id serial PRIMARY KEY, code text NOT NULL, shop text NOT NULL);
+             INSERT INTO coupon (code, shop) VALUES ('{shop}-1', '{shop}'), ('{shop}-2', '{shop}');"
+        ))
+        .await
+        .unwrap();
+    }
+    // Rows after the duplicate DDL keep flowing in both directions.
+    main.batch_execute("INSERT INTO products (name, price) VALUES ('after-main', 1)").await.unwrap();
+    b1.batch_execute("INSERT INTO products (name, price) VALUES ('after-b1', 1)").await.unwrap();
+    topo.proxies[0].heal();
+    wait_converged(&topo.sites(), &["coupon", "products"], Duration::from_secs(60)).await;
+    assert_eq!(count(&main, "SELECT count(*) FROM coupon").await, 4);
+    ids_on_stripes(&main, "coupon", "shop").await;
+    for (name, site) in [("main", &topo.main), ("branch1", &topo.branches[0])] {
+        let failed = conflicts_of_kind(&site.db().await, "ddl_failed").await;
+        assert_eq!(failed.len(), 1, "the other site's CREATE TABLE is recorded at {name}: {failed:?}");
+        assert!(failed[0].contains("already exists"), "{failed:?}");
+        let st = wait_status(site, "status shows the failed DDL", Duration::from_secs(20), |s| s["ddl"]["failed"] == 1).await;
+        assert!(st["ddl"]["recent_failures"][0]["statement"].as_str().unwrap_or("").contains("CREATE TABLE coupon"), "{st}");
+    }
+}
+
+/// R22 and `[ddl] from = "main"` (the default): a branch's own DDL stays
+/// local and `status` warns about the drift; rows of the table it created
+/// wait at the main, parked, until the main has that table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branchs_own_ddl_stays_local_by_default_and_status_warns() {
+    let mut topo = Topology::prepare(1, ERP_SCHEMA).await;
+    topo.start_all();
+    let b1 = erp(&topo.branches[0]).await;
+    b1.batch_execute("CREATE TABLE shop_notes (id serial PRIMARY KEY, body text); INSERT INTO shop_notes (body) VALUES ('x');").await.unwrap();
+    b1.batch_execute("INSERT INTO products (name, price) VALUES ('after', 1)").await.unwrap();
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(60)).await;
+    let st = wait_status(&topo.branches[0], "branch1 warns about schema drift", Duration::from_secs(20), |s| !s["ddl"]["drift_warning"].is_null()).await;
+    assert!(st["ddl"]["drift_warning"].as_str().unwrap_or("").contains("stay local"), "{st}");
+    let main = topo.main.db().await;
+    assert_eq!(count(&main, "SELECT count(*) FROM pg_tables WHERE tablename = 'shop_notes'").await, 0, "the branch's table did not reach the main");
+    let st = wait_status(&topo.main, "the main parks rows of the table it does not have", Duration::from_secs(20), |s| s["parked_total"].as_i64().unwrap_or(0) >= 1).await;
+    assert!(st["parked_by_table"]["public.shop_notes"].as_i64().unwrap_or(0) >= 1, "{st}");
+    let text = String::from_utf8_lossy(&topo.branches[0].cli(&["status"]).stdout).to_string();
+    assert!(text.contains("WARNING") && text.contains("stay local"), "status text warns about the drift:\n{text}");
+}
