@@ -28,8 +28,108 @@ pub struct Version {
     pub node: String,
 }
 
-/// The name of the only rule so far.
+/// The name of the default rule.
 pub const RULE_LWW: &str = "lww";
+
+/// Who wins when two sites changed the same row concurrently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictRule {
+    /// Last writer wins by stamp, ties by node name.
+    #[default]
+    Lww,
+    /// A change authored at the main beats concurrent branch changes.
+    MainWins,
+    /// The branch that inserted the row owns it.
+    BranchWins,
+}
+
+impl ConflictRule {
+    /// The rule's name as configured and recorded.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictRule::Lww => "lww",
+            ConflictRule::MainWins => "main_wins",
+            ConflictRule::BranchWins => "branch_wins",
+        }
+    }
+}
+
+/// An update that meets a concurrent delete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteConflict {
+    /// The row stays deleted.
+    #[default]
+    DeleteWins,
+    /// The update resurrects the row.
+    UpdateWins,
+}
+
+/// Two sites inserted rows that collide on a unique constraint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UniqueConflict {
+    /// The later row is recorded in `branchsync.conflicts`.
+    #[default]
+    Record,
+    /// The later row is folded into the earlier one and references re-pointed.
+    Merge,
+}
+
+/// The rules of the tables one `[[tables]]` entry matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableRule {
+    /// Glob over `name` or `schema.name` (as the exclude globs).
+    pub pattern: String,
+    /// Conflict rule.
+    pub rule: ConflictRule,
+    /// Counter columns: concurrent changes add up (`new - old` is applied).
+    pub delta: Vec<String>,
+    /// Update against delete.
+    pub on_delete_conflict: DeleteConflict,
+    /// Insert against insert on a unique constraint.
+    pub on_unique_conflict: UniqueConflict,
+    /// `TRUNCATE` of the table replicates (R21; off by default: it would
+    /// discard rows its author never saw).
+    pub truncate: bool,
+}
+
+/// Every node's per-table rules, first match wins; evaluated identically at
+/// every node (the handshake refuses a node whose rules differ, R23).
+#[derive(Debug, Clone, Default)]
+pub struct TableRules {
+    rules: Vec<(glob::Pattern, TableRule)>,
+    default: TableRule,
+}
+
+impl TableRules {
+    /// Compiles the rules; a glob that does not parse is an error naming it.
+    pub fn new(rules: Vec<TableRule>) -> Result<TableRules, crate::EngineError> {
+        let mut out = Vec::with_capacity(rules.len());
+        for r in rules {
+            let p = glob::Pattern::new(&r.pattern).map_err(|e| crate::EngineError::Misconfigured {
+                message: format!("invalid table pattern \"{}\"", r.pattern),
+                detail: e.to_string(),
+                hint: "Use shell globs such as \"stock_*\" or \"public.product_price\".".into(),
+            })?;
+            out.push((p, r));
+        }
+        Ok(TableRules { rules: out, default: TableRule::default() })
+    }
+
+    /// The rule of `schema.name`: the first entry whose glob matches the bare
+    /// name or the qualified name; the defaults otherwise.
+    pub fn for_table(&self, schema: &str, name: &str) -> &TableRule {
+        let qualified = format!("{schema}.{name}");
+        self.rules.iter().find(|(p, _)| p.matches(name) || p.matches(&qualified)).map(|(_, r)| r).unwrap_or(&self.default)
+    }
+
+    /// The rules as configured, in order.
+    pub fn rules(&self) -> Vec<TableRule> {
+        self.rules.iter().map(|(_, r)| r.clone()).collect()
+    }
+}
 
 /// Outcome of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,8 @@
 //!   origin, batched, with the stream progress in the same transaction.
 //! * [`conflict`] decides between concurrent versions (last writer wins).
 //! * [`keys`] stripes sequences so nodes never hand out the same id.
+//! * [`ddl`] puts schema changes into the stream where they ran (event
+//!   triggers) and decides which of a peer's statements may replay here.
 //! * [`setup`] is `branchsync init`: preflight checks, state schema,
 //!   publication, slot, stripes.
 //!

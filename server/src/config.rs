@@ -194,6 +194,45 @@ fn d_audit() -> u64 {
     DEFAULT_AUDIT_INTERVAL_MS
 }
 
+/// One `[[tables]]` entry: the rules of the tables its glob matches (first
+/// match wins; the same at every node).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableEntry {
+    /// Glob over `name` or `schema.name`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// `"lww"` (default), `"main_wins"` or `"branch_wins"`.
+    #[serde(default)]
+    pub rule: branchsync_engine::conflict::ConflictRule,
+    /// Counter columns whose concurrent changes add up.
+    #[serde(default)]
+    pub delta: Vec<String>,
+    /// `"delete_wins"` (default) or `"update_wins"`.
+    #[serde(default)]
+    pub on_delete_conflict: branchsync_engine::conflict::DeleteConflict,
+    /// `"record"` (default) or `"merge"`.
+    #[serde(default)]
+    pub on_unique_conflict: branchsync_engine::conflict::UniqueConflict,
+    /// Replicate `TRUNCATE` of these tables (default false, R21).
+    #[serde(default)]
+    pub truncate: bool,
+}
+
+impl TableEntry {
+    /// As the engine's rule.
+    pub fn rule(&self) -> branchsync_engine::conflict::TableRule {
+        branchsync_engine::conflict::TableRule {
+            pattern: self.pattern.clone(),
+            rule: self.rule,
+            delta: self.delta.clone(),
+            on_delete_conflict: self.on_delete_conflict,
+            on_unique_conflict: self.on_unique_conflict,
+            truncate: self.truncate,
+        }
+    }
+}
+
 /// Where schema changes may come from (`[ddl] from`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -238,6 +277,9 @@ pub struct Config {
     /// `[ddl]`.
     #[serde(default)]
     pub ddl: DdlSection,
+    /// `[[tables]]`.
+    #[serde(default)]
+    pub tables: Vec<TableEntry>,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -347,7 +389,20 @@ impl Config {
                 }
             }
         }
+        for (i, t) in self.tables.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(&t.pattern) {
+                return Err(self.invalid(&format!("tables[{i}].match"), format!("\"{}\" is not a valid glob: {e}", t.pattern)));
+            }
+            if let Some(c) = t.delta.iter().find(|c| c.trim().is_empty()) {
+                return Err(self.invalid(&format!("tables[{i}].delta"), format!("\"{c}\" is not a column name")));
+            }
+        }
         Ok(())
+    }
+
+    /// The `[[tables]]` rules, compiled.
+    pub fn table_rules(&self) -> Result<branchsync_engine::conflict::TableRules, branchsync_engine::EngineError> {
+        branchsync_engine::conflict::TableRules::new(self.tables.iter().map(TableEntry::rule).collect())
     }
 
     /// The node's own token.
@@ -374,6 +429,19 @@ mod tests {
     }
 
     const BRANCH: &str = "[node]\nname = \"branch1\"\nrole = \"branch\"\nindex = 1\ndata_dir = \"/tmp/x\"\n[database]\nurl = \"host=x\"\nexclude = [\"ir_cache\"]\n[sync]\nmain = \"10.0.0.1:7070\"\ntoken = \"s3cret\"\n[keys]\nstride = 100\n";
+
+    #[test]
+    fn table_rules_parse_and_a_bad_glob_names_its_key() {
+        let c = load(&format!("{BRANCH}[[tables]]\nmatch = \"stock_*\"\nrule = \"main_wins\"\ndelta = [\"quantity\"]\ntruncate = true\n"), &[]).unwrap();
+        let rules = c.table_rules().unwrap();
+        let r = rules.for_table("public", "stock_quant");
+        assert_eq!((r.rule, r.delta.as_slice(), r.truncate), (branchsync_engine::conflict::ConflictRule::MainWins, &["quantity".to_string()][..], true));
+        assert!(!rules.for_table("public", "orders").truncate, "defaults elsewhere");
+        let e = load(&format!("{BRANCH}[[tables]]\nmatch = \"[\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("tables[0].match"), "{e}");
+        let e = load(&format!("{BRANCH}[[tables]]\nmatch = \"x\"\nrule = \"coin_flip\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("coin_flip"), "{e}");
+    }
 
     #[test]
     fn the_documented_branch_example_parses_with_defaults() {

@@ -149,6 +149,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         max_frame: cfg.sync.max_frame_bytes,
         audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
+        tables: cfg.table_rules()?,
     })
 }
 

@@ -74,6 +74,8 @@ pub struct NodeSettings {
     pub max_frame: usize,
     /// `[ddl]`: whose schema changes replay here, and as which role.
     pub ddl: DdlPolicy,
+    /// `[[tables]]`: per-table rules.
+    pub tables: branchsync_engine::conflict::TableRules,
     /// Period of the sequence stripe audit.
     pub audit_interval: Duration,
 }
@@ -222,7 +224,7 @@ impl Node {
             exclude: s.scope.exclude_globs().to_vec(),
             system_id,
             db_url: s.db_url.clone(),
-            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200, ddl: s.ddl.clone() },
+            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200, ddl: s.ddl.clone(), tables: s.tables.clone() },
             heartbeat: s.heartbeat,
             peer_timeout: s.peer_timeout,
             reconnect_max: s.reconnect_max,

@@ -51,6 +51,23 @@ fn a_bad_config_names_the_key_and_the_file() {
     assert!(err.contains("node.index"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_scope_changed_since_init_refuses_to_start_and_says_to_run_init() {
+    let mut site = Site::new("branch1", 1);
+    site.write_branch_config(free_port(), "");
+    site.init();
+    let cfg = std::fs::read_to_string(site.config_path()).unwrap();
+    std::fs::write(site.config_path(), cfg.replace("exclude = [\"local_*\"]", "exclude = [\"local_*\", \"ir_*\"]")).unwrap();
+    site.start();
+    let status = site.wait_exit(Duration::from_secs(30)).expect("the daemon exits");
+    assert!(!status.success());
+    let log = site.daemon_log();
+    assert!(log.contains("changed since branchsync init") && log.contains("Run branchsync init"), "{log}");
+    site.init();
+    site.start();
+    wait_status(&site, "the daemon runs after init", Duration::from_secs(30), |s| s["node"] == "branch1").await;
+}
+
 fn hello(node: &str, index: u32, token: &str) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,

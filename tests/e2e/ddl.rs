@@ -179,6 +179,9 @@ async fn ddl_mixed_with_dml_do_blocks_create_table_as_and_sequence_resets_keep_k
     .unwrap();
     // A serial column created inside a DO block.
     main.batch_execute("DO $$ BEGIN EXECUTE 'CREATE TABLE gift (id serial PRIMARY KEY, shop text NOT NULL)'; END $$").await.unwrap();
+    // A new column whose default differs at every site (R19): the author's
+    // values travel.
+    main.batch_execute("ALTER TABLE products ADD COLUMN created timestamptz DEFAULT clock_timestamp()").await.unwrap();
     // CREATE TABLE AS: its rows come from the author, not from a re-run.
     main.batch_execute("CREATE TABLE price_snapshot AS SELECT id, name, price FROM products").await.unwrap();
     // A UUID-keyed table needs nothing.
@@ -282,4 +285,115 @@ async fn a_branchs_own_ddl_stays_local_by_default_and_status_warns() {
     assert!(st["parked_by_table"]["public.shop_notes"].as_i64().unwrap_or(0) >= 1, "{st}");
     let text = String::from_utf8_lossy(&topo.branches[0].cli(&["status"]).stdout).to_string();
     assert!(text.contains("WARNING") && text.contains("stay local"), "status text warns about the drift:\n{text}");
+    let text = String::from_utf8_lossy(&topo.main.cli(&["status"]).stdout).to_string();
+    assert!(text.contains("parked in public.shop_notes"), "the main's status text names the parked table:\n{text}");
+
+    // The main adopts the table later: the parked rows apply, none was dropped.
+    let main_erp = erp(&topo.main).await;
+    main_erp.batch_execute("CREATE TABLE shop_notes (id serial PRIMARY KEY, body text)").await.unwrap();
+    wait_converged(&topo.sites(), &["shop_notes"], Duration::from_secs(60)).await;
+    assert_eq!(count(&main, "SELECT count(*) FROM shop_notes WHERE body = 'x'").await, 1);
+    wait_status(&topo.main, "nothing parked any more", Duration::from_secs(20), |s| s["parked_total"] == 0).await;
+}
+
+/// R21: TRUNCATE replicates only for tables that opt in; elsewhere the rows
+/// stay and the skipped TRUNCATE is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_truncate_replicates_only_where_a_table_opts_in() {
+    let schema = format!("{ERP_SCHEMA} SET ROLE erp; CREATE TABLE price_import (id serial PRIMARY KEY, sku text); RESET ROLE;");
+    let mut topo = Topology::prepare_with(1, &schema, "\n[[tables]]\nmatch = \"price_import\"\ntruncate = true\n").await;
+    topo.start_all();
+    let main = erp(&topo.main).await;
+    main.batch_execute(
+        "INSERT INTO products (name, price) SELECT 'p' || g, g FROM generate_series(1, 3) g;
+         INSERT INTO price_import (sku) SELECT 's' || g FROM generate_series(1, 4) g;",
+    )
+    .await
+    .unwrap();
+    wait_converged(&topo.sites(), &["products", "price_import"], Duration::from_secs(30)).await;
+    main.batch_execute("TRUNCATE price_import RESTART IDENTITY; TRUNCATE products CASCADE; INSERT INTO price_import (sku) VALUES ('new');").await.unwrap();
+    wait_converged(&topo.sites(), &["price_import"], Duration::from_secs(30)).await;
+    let b1 = topo.branches[0].db().await;
+    assert_eq!(count(&b1, "SELECT count(*) FROM price_import").await, 1, "the opted-in table was truncated at the branch");
+    assert_eq!(count(&b1, "SELECT count(*) FROM products").await, 3, "products did not opt in: the branch keeps its rows");
+    let skipped = conflicts_of_kind(&b1, "truncate_skipped").await;
+    // TRUNCATE … CASCADE reached order_lines too: each skipped table is on record.
+    assert!(skipped.iter().any(|c| c.contains("truncated public.products")), "{skipped:?}");
+    assert!(skipped.iter().all(|c| !c.contains("price_import")), "{skipped:?}");
+    ids_on_stripes(&main, "price_import", "'main'").await;
+}
+
+/// R22: replayed DDL runs as a non-superuser role. DDL the main ran as a
+/// superuser is refused until `[ddl] run_as` names the role to use; a
+/// branch's destructive DDL is refused even under `from = "any"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r22_replayed_ddl_never_runs_as_a_superuser_and_branches_may_only_add() {
+    let mut topo = Topology::prepare_with(1, ERP_SCHEMA, "[ddl]\nfrom = \"any\"\n").await;
+    topo.start_all();
+    let main_admin = topo.main.db().await;
+    main_admin.batch_execute("CREATE TABLE admin_made (id serial PRIMARY KEY)").await.unwrap();
+    let b1 = topo.branches[0].db().await;
+    eventually("branch1 refuses the superuser's DDL", Duration::from_secs(30), || {
+        let b1 = &b1;
+        async move { conflicts_of_kind(b1, "ddl_failed").await.into_iter().find(|c| c.contains("superuser")) }
+    })
+    .await;
+    assert_eq!(count(&b1, "SELECT count(*) FROM pg_tables WHERE tablename = 'admin_made'").await, 0);
+
+    // A branch (from = "any") may add, not drop.
+    let b1_erp = erp(&topo.branches[0]).await;
+    b1_erp.batch_execute("ALTER TABLE products ADD COLUMN shelf text; ALTER TABLE orders DROP COLUMN legacy_flag;").await.unwrap();
+    b1_erp.batch_execute("INSERT INTO orders (shop, total) VALUES ('branch1', 1)").await.unwrap();
+    let main = topo.main.db().await;
+    eventually("the main refuses the branch's DROP COLUMN", Duration::from_secs(30), || {
+        let main = &main;
+        async move { conflicts_of_kind(main, "ddl_failed").await.into_iter().find(|c| c.contains("from a branch is not replayed")) }
+    })
+    .await;
+    assert_eq!(columns(&main, "products").await.last().map(String::as_str), Some("shelf"), "the additive change replayed");
+    assert!(columns(&main, "orders").await.contains(&"legacy_flag".to_string()), "the destructive one did not");
+    // The branch's rows keep flowing into the wider table.
+    eventually("the branch's order reaches the main", Duration::from_secs(30), || {
+        let main = &main;
+        async move { (count(main, "SELECT count(*) FROM orders WHERE shop = 'branch1'").await == 1).then_some(()) }
+    })
+    .await;
+
+    // With run_as, the main's superuser DDL replays as that role.
+    topo.branches[0].stop();
+    let cfg = std::fs::read_to_string(topo.branches[0].config_path()).unwrap();
+    std::fs::write(topo.branches[0].config_path(), cfg.replace("[ddl]\n", "[ddl]\nrun_as = \"erp\"\n")).unwrap();
+    topo.branches[0].start();
+    main_admin.batch_execute("CREATE TABLE admin_made_2 (id serial PRIMARY KEY)").await.unwrap();
+    eventually("branch1 replays the superuser's DDL as erp", Duration::from_secs(30), || {
+        let b1 = &b1;
+        async move {
+            let owner: Option<String> =
+                b1.query_opt("SELECT tableowner::text FROM pg_tables WHERE tablename = 'admin_made_2'", &[]).await.ok()?.map(|r| r.get(0));
+            owner.filter(|o| o == "erp")
+        }
+    })
+    .await;
+}
+
+/// Done-when 4: `status --json` says what replicated, what is parked, what failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_reports_replicated_parked_and_failed_schema_changes() {
+    let mut topo = Topology::prepare_with(1, ERP_SCHEMA, "[ddl]\nfrom = \"any\"\n").await;
+    topo.start_all();
+    let main = erp(&topo.main).await;
+    main.batch_execute("CREATE TABLE gift (id serial PRIMARY KEY)").await.unwrap();
+    let b1 = erp(&topo.branches[0]).await;
+    wait_converged(&topo.sites(), &["gift"], Duration::from_secs(30)).await;
+    b1.batch_execute("DROP TABLE gift").await.unwrap();
+    let out = topo.main.cli(&["status", "--json"]);
+    assert!(out.status.success());
+    let _: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let st = wait_status(&topo.main, "the main reports the refused DROP", Duration::from_secs(30), |s| s["ddl"]["failed"] == 1).await;
+    assert_eq!(st["ddl"]["from"], "any");
+    assert!(st["ddl"]["local"].as_i64().unwrap_or(0) >= 1, "{st}");
+    assert!(st["ddl"]["recent_failures"][0]["statement"].as_str().unwrap_or("").contains("DROP TABLE gift"), "{st}");
+    assert!(st["ddl"]["recent_failures"][0]["reason"].as_str().unwrap_or("").contains("not replayed"), "{st}");
+    let st = wait_status(&topo.branches[0], "branch1 reports the replayed CREATE", Duration::from_secs(30), |s| s["ddl"]["replayed"].as_i64().unwrap_or(0) >= 1).await;
+    assert_eq!(st["ddl"]["failed"], 0, "{st}");
 }

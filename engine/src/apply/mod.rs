@@ -96,6 +96,8 @@ pub struct ApplyConfig {
     pub lock_timeout_ms: u64,
     /// Whose DDL is replayed, and as which role (R22).
     pub ddl: DdlPolicy,
+    /// Per-table rules (`[[tables]]`).
+    pub tables: conflict::TableRules,
 }
 
 /// State of one incoming stream that outlives apply sessions.
@@ -653,8 +655,9 @@ impl Applier {
                     }
                     i += 1;
                 }
-                RowChange::Truncate { .. } => {
-                    tracing::info!(stream = %self.stream, "truncate not replicated (tables have not opted in)");
+                RowChange::Truncate { tables, restart_identity, .. } => {
+                    self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
+                    self.apply_truncate(e, maps, tables, *restart_identity).await?;
                     i += 1;
                 }
                 _ => {
@@ -817,6 +820,42 @@ impl Applier {
         Ok(())
     }
 
+    /// TRUNCATE (R21): replayed for the tables whose `[[tables]]` rule opts
+    /// in; for the others it is recorded and the rows stay (a truncate would
+    /// discard rows its author never saw).
+    async fn apply_truncate(&mut self, e: &LogEntry, maps: &[Option<Mapping>], tables: &[u32], restart_identity: bool) -> Result<(), EngineError> {
+        let mut replayed = Vec::new();
+        for t in tables {
+            let Some(m) = maps.get(*t as usize).and_then(|m| m.as_ref()) else { continue };
+            let desc = &e.tables[*t as usize];
+            if self.cfg.tables.for_table(&desc.schema, &desc.name).truncate {
+                replayed.push(m.table.clone());
+            } else {
+                tracing::info!(stream = %self.stream, table = %m.table.name, author = %e.header.author, "TRUNCATE not replayed: the table has not opted in");
+                self.record(&m.table.name, None, "truncate_skipped", &e.header, None, Some("{\"truncate\": true}".into()),
+                    Some(format!("{} truncated {} and this site keeps its rows: TRUNCATE replicates only for tables with truncate = true in [[tables]]", e.header.author, m.table.name))).await?;
+            }
+        }
+        if replayed.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<&str> = replayed.iter().map(|t| t.qualified.as_str()).collect();
+        let names: Vec<String> = replayed.iter().map(|t| t.name.clone()).collect();
+        let restart = if restart_identity { " RESTART IDENTITY" } else { "" };
+        self.conn
+            .client
+            .batch_execute(&format!("TRUNCATE ONLY {}{restart}", list.join(", ")))
+            .await
+            .map_err(EngineError::pg(format!("replaying TRUNCATE of {}", names.join(", "))))?;
+        self.conn
+            .client
+            .execute("DELETE FROM branchsync.row_version WHERE tbl = ANY($1)", &[&names])
+            .await
+            .map_err(EngineError::pg("forgetting the row versions of truncated tables"))?;
+        tracing::info!(stream = %self.stream, tables = %names.join(", "), author = %e.header.author, "TRUNCATE replayed");
+        Ok(())
+    }
+
     /// UPDATE/DELETE on a table without a key: touch exactly one matching
     /// row, NULL-safe (R11). No conflict detection on multisets.
     async fn apply_keyless(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ch: &RowChange) -> Result<(), EngineError> {
@@ -854,13 +893,17 @@ impl Applier {
     /// Careful mode: one change per savepoint; inserts resolve key conflicts
     /// by the rule; a change that fails with a data error is quarantined.
     async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
+        if let RowChange::Truncate { tables, restart_identity, .. } = ch {
+            return self.apply_truncate(e, maps, tables, *restart_identity).await;
+        }
         let Some(t) = change_table(ch) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
         let desc = &e.tables[t as usize];
         self.conn.client.batch_execute("SAVEPOINT branchsync_change").await.map_err(EngineError::pg("setting a savepoint"))?;
         let r = match ch {
             RowChange::Insert { new, .. } => self.insert_or_resolve(e, &m, desc, new).await,
-            RowChange::Truncate { .. } | RowChange::Ddl(_) => Ok(()),
+            RowChange::Truncate { tables, restart_identity, .. } => self.apply_truncate(e, maps, tables, *restart_identity).await,
+            RowChange::Ddl(_) => Ok(()),
             _ => self.apply_keyed_run(e, maps, std::slice::from_ref(ch)).await,
         };
         match r {

@@ -432,7 +432,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default() };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default() };
         let (mut a, _progress) = Applier::connect(&pg.url(), cfg, "branch1", Arc::new(StreamState::default())).await.unwrap();
         let lines = desc("order_lines", &["id", "order_id", "qty"]);
         let orders = desc("orders", &["id", "shop"]);
@@ -506,7 +506,7 @@ mod missing_table_tests {
         let pg = PgCluster::start();
         let c = pg.connect().await;
         c.batch_execute(STATE_DDL).await.unwrap();
-        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default() };
+        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default() };
         let (mut a, _p) = Applier::connect(&pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap();
         a.apply_entries(&[entry(1, vec![RowChange::Insert { table: 0, new: row("1", "10") }, RowChange::Insert { table: 0, new: row("2", "20") }])]).await.unwrap();
         a.commit().await.unwrap();

@@ -57,7 +57,7 @@ impl Site {
     }
 
     async fn applier_for(&self, stream: &str, state: Arc<StreamState>, budget: Duration, lock_timeout_ms: u64) -> Applier {
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default() };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default(), tables: Default::default() };
         Applier::connect(&self.pg.url(), cfg, stream, state).await.unwrap().0
     }
 
