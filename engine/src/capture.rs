@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc};
+use branchsync_proto::{ChangeSetHeader, ConflictRecord, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
 use futures::TryStreamExt;
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -51,7 +51,7 @@ use crate::log::{ChangeLog, Completion};
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
-use crate::state::APPLY_MESSAGE_PREFIX;
+use crate::state::{ApplyMark, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::{failpoints, EngineError, Role};
 
 /// How capture runs.
@@ -102,6 +102,9 @@ pub struct CaptureStatus {
     /// DDL that ran but cannot be replicated (inside a function called by a
     /// query, or a string the parser rejects); see the log for which.
     pub ddl_unreplicable: u64,
+    /// Everything committed before this WAL position is in the log and its
+    /// tombstones are written back.
+    pub caught_up_lsn: u64,
 }
 
 /// A segment of a transaction: the changes of one ChangeSet.
@@ -111,11 +114,22 @@ struct Segment {
     tables: Vec<TableDesc>,
     table_index: HashMap<u32, u32>,
     changes: Vec<RowChange>,
+    /// The main's commit time of the transaction (relay only; 0 at branches).
+    relay_ts_us: i64,
 }
 
 impl Segment {
-    fn new(header: ChangeSetHeader) -> Segment {
-        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new() }
+    fn new(header: ChangeSetHeader, relay_ts_us: i64) -> Segment {
+        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new(), relay_ts_us }
+    }
+
+    /// Index of a table description given whole (verdicts carry their own).
+    fn table_desc(&mut self, desc: TableDesc) -> u32 {
+        if let Some(i) = self.tables.iter().position(|d| *d == desc) {
+            return i as u32;
+        }
+        self.tables.push(desc);
+        (self.tables.len() - 1) as u32
     }
 
     fn table(&mut self, rel: &Relation) -> u32 {
@@ -150,11 +164,22 @@ impl Segment {
             last,
             tables: std::mem::take(&mut self.tables),
             changes: std::mem::take(&mut self.changes),
+            relay_ts_us: self.relay_ts_us,
         };
         self.table_index.clear();
         self.part += 1;
         e
     }
+}
+
+/// A local delete waiting for its tombstone.
+struct LocalDelete {
+    schema: String,
+    table: String,
+    columns: Vec<String>,
+    old: Vec<Value>,
+    stamp: u64,
+    commit_ts_us: i64,
 }
 
 /// The transaction being decoded.
@@ -181,6 +206,17 @@ pub struct Capturer {
     relations: HashMap<u32, Relation>,
     captured_lsn: u64,
     last_stamp: u64,
+    /// Branch: the main's commit time of the last relay entry applied here,
+    /// in commit order (the causal context of the next local change, R15).
+    seen_main_ts: i64,
+    /// This node's clock offsets (R14): `(from local time µs, offset µs)`,
+    /// ascending.
+    offsets: Vec<(i64, i64)>,
+    /// Deletes of local ChangeSets whose tombstones are written back after
+    /// the log is durable.
+    tombstones: Vec<LocalDelete>,
+    /// Messages the last peek returned (fewer than the limit: drained).
+    peeked: i64,
     txn: Option<Txn>,
     /// Status counters.
     pub status: CaptureStatus,
@@ -191,19 +227,31 @@ impl Capturer {
     pub fn new(cfg: CaptureConfig, log: Arc<ChangeLog>) -> Result<Capturer, EngineError> {
         let captured_lsn = log.captured_lsn()?;
         let last_stamp = log.last_stamp()?;
+        let seen_main_ts = log.seen_main_ts()?;
         Ok(Capturer {
             cfg,
             log,
             relations: HashMap::new(),
             captured_lsn,
             last_stamp,
+            seen_main_ts,
+            offsets: Vec::new(),
+            tombstones: Vec::new(),
+            peeked: 0,
             txn: None,
             status: CaptureStatus { captured_lsn, ..Default::default() },
         })
     }
 
+    /// This node's clock offset in effect at local time `ts_us` (R14).
+    pub fn offset_at(offsets: &[(i64, i64)], ts_us: i64) -> i64 {
+        offsets.iter().rev().find(|(at, _)| *at <= ts_us).map(|(_, o)| *o).unwrap_or(0)
+    }
+
     fn local_header(&mut self, commit_lsn: u64, commit_ts_us: i64) -> ChangeSetHeader {
-        self.last_stamp = next_stamp(self.last_stamp, commit_ts_us);
+        // The commit time on the main's clock, never below what was seen.
+        let corrected = commit_ts_us - Capturer::offset_at(&self.offsets, commit_ts_us);
+        self.last_stamp = next_stamp(self.last_stamp, corrected);
         ChangeSetHeader {
             author: self.cfg.node.clone(),
             author_index: self.cfg.node_index,
@@ -211,6 +259,7 @@ impl Capturer {
             commit_lsn,
             commit_ts_us,
             stamp: self.last_stamp,
+            seen_main_ts: if self.cfg.role == Role::Branch { self.seen_main_ts } else { 0 },
         }
     }
 
@@ -222,12 +271,13 @@ impl Capturer {
                 let ts = b.commit_ts + PG_EPOCH_OFFSET_US;
                 let duplicate = b.final_lsn <= self.captured_lsn;
                 let header = self.local_header(b.final_lsn, ts);
+                let relay_ts = if self.cfg.role == Role::Main { ts } else { 0 };
                 self.txn = Some(Txn {
                     commit_lsn: b.final_lsn,
                     commit_ts_us: ts,
                     duplicate,
                     applied_here: false,
-                    segment: Segment::new(header),
+                    segment: Segment::new(header, relay_ts),
                     ddl_seen: Default::default(),
                     done: Vec::new(),
                     rows: 0,
@@ -242,11 +292,15 @@ impl Capturer {
                     self.ddl_message(&m.content, m.lsn)?;
                     return Ok(None);
                 }
+                if (m.prefix == VERDICT_MESSAGE_PREFIX || m.prefix == CONFLICT_MESSAGE_PREFIX) && m.transactional() {
+                    self.decision_message(&m.prefix, &m.content, m.lsn)?;
+                    return Ok(None);
+                }
                 if m.prefix != APPLY_MESSAGE_PREFIX || !m.transactional() {
                     return Ok(None);
                 }
-                let header: ChangeSetHeader =
-                    rmp_serde::from_slice(&m.content).map_err(|e| EngineError::Corrupt(format!("undecodable apply message at {}: {e}", fmt_lsn(m.lsn))))?;
+                let mark = ApplyMark::decode(&m.content).map_err(|e| EngineError::Corrupt(format!("undecodable apply message at {}: {e}", fmt_lsn(m.lsn))))?;
+                let header = mark.header;
                 let Some(txn) = self.txn.as_mut() else { return Ok(None) };
                 if txn.duplicate {
                     return Ok(None);
@@ -254,10 +308,16 @@ impl Capturer {
                 // Hybrid clock: never stamp below what this node has seen.
                 self.last_stamp = self.last_stamp.max(header.stamp);
                 match self.cfg.role {
-                    Role::Branch => txn.applied_here = true,
+                    Role::Branch => {
+                        txn.applied_here = true;
+                        // Local transactions committed after this one have
+                        // seen the main up to this relay entry (R15).
+                        self.seen_main_ts = self.seen_main_ts.max(mark.relay_ts_us);
+                    }
                     Role::Main => {
                         txn.ddl_seen.clear();
-                        let prev = std::mem::replace(&mut txn.segment, Segment::new(header));
+                        let relay_ts = txn.segment.relay_ts_us;
+                        let prev = std::mem::replace(&mut txn.segment, Segment::new(header, relay_ts));
                         let mut prev = prev;
                         if !prev.changes.is_empty() || prev.part > 0 {
                             txn.done.push(prev.fragment(&self.log, true));
@@ -275,7 +335,7 @@ impl Capturer {
                 } else if !txn.segment.changes.is_empty() || txn.segment.part > 0 {
                     txn.done.push(txn.segment.fragment(&self.log, true));
                 }
-                let completion = Completion { captured_lsn: c.commit_lsn, stamp: self.last_stamp };
+                let completion = Completion { captured_lsn: c.commit_lsn, stamp: self.last_stamp, seen_main_ts: self.seen_main_ts };
                 self.log.append(&txn.done, Some(completion))?;
                 self.captured_lsn = c.commit_lsn;
                 if !txn.done.is_empty() {
@@ -310,7 +370,18 @@ impl Capturer {
                         in_scope(r).then(|| {
                             let t = seg.table(r);
                             let old = u.old.map(|o| old_row(o));
-                            RowChange::Update { table: t, old, new: u.new }
+                            let mut new = u.new;
+                            // With the whole old row at hand (REPLICA
+                            // IDENTITY FULL), an unchanged TOASTed value is
+                            // known: send it, so no receiver has to guess (R12).
+                            if let Some(o) = old.as_ref().filter(|o| o.full) {
+                                for (n, v) in new.iter_mut().zip(&o.values) {
+                                    if matches!(n, Value::Unchanged) && !matches!(v, Value::Unchanged) {
+                                        *n = v.clone();
+                                    }
+                                }
+                            }
+                            RowChange::Update { table: t, old, new }
                         })
                     }
                     PgOutputMessage::Delete(d) => {
@@ -333,6 +404,20 @@ impl Capturer {
                     _ => None,
                 };
                 if let Some(ch) = pushed {
+                    if let (RowChange::Delete { table, old }, Some(txn)) = (&ch, self.txn.as_ref()) {
+                        if txn.segment.header.author == self.cfg.node {
+                            if let Some(desc) = txn.segment.tables.get(*table as usize) {
+                                self.tombstones.push(LocalDelete {
+                                    schema: desc.schema.clone(),
+                                    table: desc.name.clone(),
+                                    columns: desc.columns.clone(),
+                                    old: old.values.clone(),
+                                    stamp: txn.segment.header.stamp,
+                                    commit_ts_us: txn.commit_ts_us,
+                                });
+                            }
+                        }
+                    }
                     self.push_change(ch)?;
                 }
             }
@@ -435,17 +520,135 @@ impl Capturer {
         self.push_change(RowChange::Ddl(DdlChange { statements: kept, search_path: msg.search_path, role: msg.role, tag: msg.tag }))
     }
 
+    /// A verdict or conflict record the main's apply wrote (main only):
+    /// kept, in place, in the relay segment of the ChangeSet it belongs to.
+    fn decision_message(&mut self, prefix: &str, content: &[u8], lsn: u64) -> Result<(), EngineError> {
+        if self.cfg.role != Role::Main {
+            return Ok(());
+        }
+        let Some(txn) = self.txn.as_mut() else { return Ok(()) };
+        if txn.duplicate {
+            return Ok(());
+        }
+        let change = if prefix == VERDICT_MESSAGE_PREFIX {
+            let (desc, mut v): (TableDesc, Verdict) =
+                rmp_serde::from_slice(content).map_err(|e| EngineError::Corrupt(format!("undecodable verdict message at {}: {e}", fmt_lsn(lsn))))?;
+            v.table = txn.segment.table_desc(desc);
+            RowChange::Verdict(v)
+        } else {
+            let r: ConflictRecord =
+                rmp_serde::from_slice(content).map_err(|e| EngineError::Corrupt(format!("undecodable conflict message at {}: {e}", fmt_lsn(lsn))))?;
+            RowChange::Conflict(r)
+        };
+        self.push_change(change)
+    }
+
+    /// Loads this node's clock offsets (R14).
+    async fn load_offsets(&mut self, client: &Client) -> Result<(), EngineError> {
+        let rows = client
+            .query("SELECT at_us, offset_us FROM branchsync.clock_offsets ORDER BY at_us", &[])
+            .await
+            .map_err(EngineError::pg("reading the clock offsets"))?;
+        self.offsets = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(())
+    }
+
     /// Peeks at the slot once, logs what committed, makes it durable, then
     /// confirms the slot. Returns the number of transactions seen.
     pub async fn poll_once(&mut self, client: &Client) -> Result<u64, EngineError> {
+        self.load_offsets(client).await?;
+        // Commits flushed before this point are all decodable now.
+        let flushed: String = client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(EngineError::pg("reading the WAL position"))?
+            .get(0);
+        let flushed = pg::parse_lsn(&flushed).unwrap_or(0);
+        self.peeked = 0;
         let end = self.read_batch(client).await?;
-        let Some((end_lsn, seen)) = end else { return Ok(0) };
-        self.log.flush().await?;
-        failpoints::hit(failpoints::CAPTURE_AFTER_LOG_WRITE);
-        // Only now, with the log durable, may the slot forget these
-        // transactions (R1).
-        self.advance(client, end_lsn).await?;
+        let drained = self.peeked < i64::from(self.cfg.batch_changes);
+        let seen = match end {
+            Some((end_lsn, seen)) => {
+                self.log.flush().await?;
+                failpoints::hit(failpoints::CAPTURE_AFTER_LOG_WRITE);
+                // Only now, with the log durable, may the slot forget these
+                // transactions (R1).
+                self.advance(client, end_lsn).await?;
+                self.write_back_tombstones(client).await?;
+                seen
+            }
+            None => 0,
+        };
+        if drained {
+            self.status.caught_up_lsn = self.status.caught_up_lsn.max(flushed);
+        }
         Ok(seen)
+    }
+
+    /// Records the deletes of local ChangeSets in `branchsync.row_version`
+    /// (tombstones, with the deleted row), unless the row exists again: the
+    /// version a concurrent change from elsewhere is decided against. Runs
+    /// after the log is durable; a crash before it loses nothing the log
+    /// does not hold, and the tombstone then only misses its row image.
+    async fn write_back_tombstones(&mut self, client: &Client) -> Result<(), EngineError> {
+        if self.tombstones.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.tombstones);
+        let mut pk_cache: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for d in pending {
+            let key = (d.schema.clone(), d.table.clone());
+            if !pk_cache.contains_key(&key) {
+                let pk = crate::apply::LocalTable::load(client, &d.schema, &d.table).await?.map(|t| t.pk).unwrap_or_default();
+                pk_cache.insert(key.clone(), pk);
+            }
+            let pk = &pk_cache[&key];
+            if pk.is_empty() {
+                continue;
+            }
+            let mut parts = Vec::new();
+            let mut row = serde_json::Map::new();
+            for (c, v) in d.columns.iter().zip(&d.old) {
+                row.insert(c.clone(), v.as_text().map(|t| serde_json::Value::String(t.to_string())).unwrap_or(serde_json::Value::Null));
+            }
+            for k in pk {
+                let Some(i) = d.columns.iter().position(|c| c == k) else { break };
+                parts.push(d.old.get(i).and_then(Value::as_text).unwrap_or("").to_string());
+            }
+            if parts.len() != pk.len() {
+                continue;
+            }
+            let key_text = crate::apply::key_text(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+            let tbl = format!("{}.{}", d.schema, d.table);
+            let exists_sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {}.{} t WHERE json_build_array({})::text = $1)",
+                branchsync_proto::changeset::quote_ident(&d.schema),
+                branchsync_proto::changeset::quote_ident(&d.table),
+                pk.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect::<Vec<_>>().join(", ")
+            );
+            let exists: bool = match client.query_one(&exists_sql, &[&key_text]).await {
+                Ok(r) => r.get(0),
+                // The table is gone since: nothing to remember.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => continue,
+                Err(e) => return Err(EngineError::pg("checking a deleted row")(e)),
+            };
+            if exists {
+                continue;
+            }
+            let stamp = d.stamp as i64;
+            client
+                .execute(
+                    "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, row_data) \
+                     VALUES ($1, $2, $3, $4, true, $5, $5, $6::text::jsonb) \
+                     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, \
+                         ts = excluded.ts, local_ts = excluded.local_ts, row_data = excluded.row_data \
+                     WHERE rv.local_ts <= excluded.local_ts",
+                    &[&tbl, &key_text, &stamp, &self.cfg.node, &d.commit_ts_us, &serde_json::Value::Object(row).to_string()],
+                )
+                .await
+                .map_err(EngineError::pg("recording a tombstone"))?;
+        }
+        Ok(())
     }
 
     /// Reads one peek batch into the log (not yet flushed). Returns the end
@@ -464,6 +667,7 @@ impl Capturer {
         let mut seen = 0;
         self.txn = None;
         while let Some(row) = rows.try_next().await.map_err(EngineError::pg("reading the replication slot"))? {
+            self.peeked += 1;
             let data: &[u8] = row.get(0);
             let msg = pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?;
             if let Some(e) = self.handle(msg)? {

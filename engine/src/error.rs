@@ -40,6 +40,10 @@ pub enum EngineError {
     /// The component was asked to stop.
     #[error("shutting down")]
     Shutdown,
+    /// Apply waited for capture to log this node's own changes and it did
+    /// not catch up in time (capture is down or far behind).
+    #[error("capture has not caught up with WAL position {wanted}")]
+    CaptureBehind { wanted: String },
 }
 
 impl EngineError {
@@ -62,7 +66,7 @@ impl EngineError {
             EngineError::Postgres { source, .. } => pg_error_is_transient(source),
             EngineError::Log { .. } | EngineError::Corrupt(_) => false,
             EngineError::Misconfigured { .. } | EngineError::Diverged { .. } => false,
-            EngineError::Shutdown | EngineError::ConnectionLost { .. } => true,
+            EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } => true,
         }
     }
 

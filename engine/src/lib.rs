@@ -26,6 +26,7 @@ pub mod apply;
 pub mod capture;
 pub mod clock;
 pub mod conflict;
+pub mod conflict_log;
 pub mod ddl;
 pub mod error;
 pub mod failpoints;

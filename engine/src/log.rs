@@ -11,6 +11,7 @@
 //! 'm' "visible"      -> u64be   newest position a reader may see
 //! 'm' "captured_lsn" -> u64be   commit LSN of the last fully logged transaction
 //! 'm' "stamp"        -> u64be   last hybrid-clock stamp given out
+//! 'm' "seen_main_ts" -> i64be   causal context reached (branch: main's time of the last relay entry applied)
 //! 'm' "floor"        -> u64be   every position <= floor was reclaimed
 //! 'a' peer           -> u64be   the peer's acknowledged position
 //! ```
@@ -42,6 +43,7 @@ const META_VISIBLE: &[u8] = b"mvisible";
 const META_CAPTURED: &[u8] = b"mcaptured_lsn";
 const META_STAMP: &[u8] = b"mstamp";
 const META_FLOOR: &[u8] = b"mfloor";
+const META_SEEN_MAIN: &[u8] = b"mseen_main_ts";
 
 /// What a completed transaction moves forward, written atomically with its
 /// last fragment.
@@ -51,6 +53,9 @@ pub struct Completion {
     pub captured_lsn: u64,
     /// Last hybrid-clock stamp handed out.
     pub stamp: u64,
+    /// At a branch: the main's commit time of the last relay entry applied
+    /// before this transaction (the causal context of the next one, R15).
+    pub seen_main_ts: i64,
 }
 
 /// The durable log. Cheap to share behind an `Arc`; sled is thread-safe.
@@ -137,6 +142,7 @@ impl ChangeLog {
             batch.insert(META_VISIBLE, &visible.to_be_bytes());
             batch.insert(META_CAPTURED, &c.captured_lsn.to_be_bytes());
             batch.insert(META_STAMP, &c.stamp.to_be_bytes());
+            batch.insert(META_SEEN_MAIN, &c.seen_main_ts.to_be_bytes());
         }
         self.tree.apply_batch(batch).map_err(EngineError::log("appending to the log"))
     }
@@ -175,6 +181,11 @@ impl ChangeLog {
     /// Last hybrid-clock stamp handed out (0 = none).
     pub fn last_stamp(&self) -> Result<u64, EngineError> {
         Ok(read_u64(self.tree.get(META_STAMP).map_err(EngineError::log("reading log metadata"))?))
+    }
+
+    /// The causal context capture reached (see [`Completion::seen_main_ts`]).
+    pub fn seen_main_ts(&self) -> Result<i64, EngineError> {
+        Ok(read_u64(self.tree.get(META_SEEN_MAIN).map_err(EngineError::log("reading log metadata"))?) as i64)
     }
 
     /// Every position up to and including this one was reclaimed.
@@ -273,6 +284,7 @@ mod tests {
                 commit_lsn: 100,
                 commit_ts_us: 5,
                 stamp: 5,
+                seen_main_ts: 0,
             },
             part,
             last,
@@ -284,6 +296,7 @@ mod tests {
                 identity_full: false,
             }],
             changes: vec![RowChange::Insert { table: 0, new: vec![Value::Text(part.to_string())] }],
+            relay_ts_us: 0,
         }
     }
 
@@ -293,7 +306,7 @@ mod tests {
         {
             let log = ChangeLog::open(dir.path()).unwrap();
             let a = entry(&log, 0, true);
-            log.append(&[a], Some(Completion { captured_lsn: 100, stamp: 5 })).unwrap();
+            log.append(&[a], Some(Completion { captured_lsn: 100, stamp: 5, seen_main_ts: 0 })).unwrap();
             let b = entry(&log, 0, false);
             log.append(&[b], None).unwrap();
             log.flush().await.unwrap();
@@ -313,7 +326,7 @@ mod tests {
         let log = ChangeLog::open(dir.path()).unwrap();
         for _ in 0..5 {
             let e = entry(&log, 0, true);
-            log.append(&[e], Some(Completion { captured_lsn: 1, stamp: 1 })).unwrap();
+            log.append(&[e], Some(Completion { captured_lsn: 1, stamp: 1, seen_main_ts: 0 })).unwrap();
         }
         log.flush().await.unwrap();
         assert_eq!(log.reclaim_through(3).unwrap(), 3);

@@ -59,7 +59,13 @@ pub async fn current_wal_lsn(client: &Client) -> Result<u64, EngineError> {
     s.parse().map_err(|_| EngineError::Corrupt(format!("WAL position \"{s}\" is not a number")))
 }
 
-/// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
+/// Parses an LSN in PostgreSQL's text form.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Formats an LSN as PostgreSQL does (`16/B374D848`).
 pub fn fmt_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }

@@ -12,8 +12,8 @@
 //!    exact fix.
 //! 2. One transaction (serialised against a concurrent `init` by an advisory
 //!    lock) creates the state schema ([`crate::state::STATE_DDL`]), adopts or
-//!    clears the node row (see *Copied state*), gives keyless replicated
-//!    tables `REPLICA IDENTITY FULL`, sets the publication's table list to
+//!    clears the node row (see *Copied state*), gives replicated tables
+//!    `REPLICA IDENTITY FULL`, sets the publication's table list to
 //!    exactly the replicated tables, and stripes the sequences
 //!    ([`crate::keys`]), and installs the DDL event triggers with the scope
 //!    they consult ([`crate::ddl::triggers`]). Either all of it happens or
@@ -98,7 +98,7 @@ pub struct InitReport {
     pub system_id: u64,
     /// Replicated tables, `schema.table`, as listed in the publication.
     pub tables: Vec<String>,
-    /// Tables given `REPLICA IDENTITY FULL` by this run (no primary key).
+    /// Tables given `REPLICA IDENTITY FULL` by this run.
     pub identity_full: Vec<String>,
     /// Every sequence of the scope and its stripe.
     pub sequences: Vec<StripedSequence>,
@@ -380,8 +380,8 @@ struct Table {
     quoted: String,
 }
 
-/// Lists the replicated tables and gives the keyless ones `REPLICA IDENTITY
-/// FULL` (R11); returns the tables and those it changed.
+/// Lists the replicated tables and gives them `REPLICA IDENTITY FULL`
+/// (R11, R12, R16); returns the tables and those it changed.
 async fn replica_identity(tx: &Transaction<'_>, scope: &Scope) -> Result<(Vec<Table>, Vec<String>), EngineError> {
     let rows = tx
         .query(
@@ -408,14 +408,13 @@ async fn replica_identity(tx: &Transaction<'_>, scope: &Scope) -> Result<(Vec<Ta
             tracing::warn!(table = %t.display, "unlogged table is not replicated");
             continue;
         }
-        // 'd' is the primary key (none here), 'n' nothing: updates and
-        // deletes of a published table without identity fail. 'f' and 'i'
-        // are kept.
-        let fix = match (ident.as_str(), has_pk) {
-            ("d" | "n", false) => Some("FULL"),
-            ("n", true) => Some("DEFAULT"),
-            _ => None,
-        };
+        // FULL everywhere: every update and delete then carries the row as
+        // its author saw it, which conflict resolution needs (the base of a
+        // column-level merge, the old value of a delta column, R16), and
+        // unchanged TOASTed values can be filled from it (R12). Keyless
+        // tables need it anyway (R11).
+        let _ = has_pk;
+        let fix = (ident != "f").then_some("FULL");
         if let Some(fix) = fix {
             tx.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY {fix}", t.quoted))
                 .await
@@ -697,9 +696,10 @@ mod pg_tests {
         assert!(r1.slot_created);
         assert_eq!(r1.seeded_from, None);
         assert_eq!(r1.tables, ["public.audit_log", "public.lines", "public.orders", "public.sales", "public.sales_1"]);
-        assert_eq!(r1.identity_full, ["public.audit_log", "public.sales", "public.sales_1"]);
+        assert_eq!(r1.identity_full, r1.tables, "every replicated table gets REPLICA IDENTITY FULL");
         assert_eq!(replident(&c, "audit_log").await, "f");
-        assert_eq!(replident(&c, "orders").await, "d");
+        assert_eq!(replident(&c, "orders").await, "f");
+        assert_eq!(replident(&c, "local_cache").await, "d", "an excluded table is untouched");
         let changed: Vec<(&str, i64)> = r1.sequences.iter().filter(|s| s.changed).map(|s| (s.name.as_str(), s.next_value)).collect();
         assert_eq!(changed, [("lines_id_seq", 100), ("orders_id_seq", 100)]);
         let inc: i64 =

@@ -4,8 +4,16 @@
 //! * `node` — who this database belongs to (name, index, role, stride).
 //! * `progress` — the receiver's durable progress per incoming stream,
 //!   written in the same transaction as the applied rows (R4).
-//! * `row_version` — the version (stamp, author) of every row apply wrote,
-//!   keyed by table and primary key (R13); application tables get no column.
+//! * `row_version` — the version of every row apply wrote, keyed by table
+//!   and primary key (R13): stamp, author, the author's commit time (`ts`),
+//!   this node's clock when it was written (`local_ts`), the node that
+//!   inserted the row, and for deletes (tombstones, kept for the retention
+//!   window) the deleted row. Application tables get no column. Capture adds
+//!   tombstones of local deletes.
+//! * `clock_offsets` — at a branch: its database clock minus the main's, as
+//!   measured at each handshake, by the local time it took effect (R14).
+//! * `key_merges` — at the main: rows folded into another by
+//!   `on_unique_conflict = "merge"`; later references to them are re-pointed.
 //! * `conflicts` — every version a conflict decision discarded, and every
 //!   change that could not be applied, with the reason.
 //! * `relay_head` — at the main: the last log position capture reached, so
@@ -122,6 +130,27 @@ CREATE TABLE IF NOT EXISTS branchsync.known_columns (
     attname text NOT NULL,
     PRIMARY KEY (relid, attnum)
 );
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS ts bigint NOT NULL DEFAULT 0;
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS local_ts bigint NOT NULL DEFAULT 0;
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS inserted_by text;
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS row_data jsonb;
+CREATE INDEX IF NOT EXISTS row_version_tombstones ON branchsync.row_version (local_ts) WHERE deleted;
+ALTER TABLE branchsync.progress ADD COLUMN IF NOT EXISTS last_contact timestamptz;
+ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS origin_node text;
+ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS origin_id bigint;
+ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS resolution text;
+CREATE UNIQUE INDEX IF NOT EXISTS conflicts_origin ON branchsync.conflicts (origin_node, origin_id) WHERE origin_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS branchsync.clock_offsets (
+    at_us bigint PRIMARY KEY,
+    offset_us bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branchsync.key_merges (
+    tbl text NOT NULL,
+    from_key text NOT NULL,
+    to_key text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tbl, from_key)
+);
 CREATE TABLE IF NOT EXISTS branchsync.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     n bigint NOT NULL
@@ -130,9 +159,39 @@ INSERT INTO branchsync.schema_version (n) VALUES (0) ON CONFLICT DO NOTHING;
 "#;
 
 /// Prefix of the transactional logical message every apply transaction
-/// writes before each ChangeSet it applies (R3). Its content is the
-/// MessagePack [`branchsync_proto::ChangeSetHeader`] of the ChangeSet.
+/// writes before each ChangeSet it applies (R3). Its content is an
+/// [`ApplyMark`].
 pub const APPLY_MESSAGE_PREFIX: &str = "branchsync.apply";
+
+/// Content of the [`APPLY_MESSAGE_PREFIX`] message (MessagePack): the
+/// author's header and, at a branch applying the main's relay, the main's
+/// commit time of the entry (the branch's causal context, R15).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ApplyMark {
+    /// The author's header.
+    pub header: branchsync_proto::ChangeSetHeader,
+    /// [`branchsync_proto::LogEntry::relay_ts_us`] of the applied entry.
+    #[serde(default)]
+    pub relay_ts_us: i64,
+}
+
+impl ApplyMark {
+    /// Decodes a mark; a bare header (as parked rows store it) is accepted.
+    pub fn decode(bytes: &[u8]) -> Result<ApplyMark, rmp_serde::decode::Error> {
+        match rmp_serde::from_slice::<ApplyMark>(bytes) {
+            Ok(m) => Ok(m),
+            Err(_) => rmp_serde::from_slice::<branchsync_proto::ChangeSetHeader>(bytes).map(|header| ApplyMark { header, relay_ts_us: 0 }),
+        }
+    }
+}
+
+/// Prefix of the transactional message the main writes for each
+/// [`branchsync_proto::Verdict`] (MessagePack `(TableDesc, Verdict)`).
+pub const VERDICT_MESSAGE_PREFIX: &str = "branchsync.verdict";
+
+/// Prefix of the transactional message the main writes for each conflict it
+/// records (MessagePack [`branchsync_proto::ConflictRecord`]).
+pub const CONFLICT_MESSAGE_PREFIX: &str = "branchsync.conflict";
 
 /// Stream name under which a branch records its progress in the main's
 /// relay (whatever the main's node name is).

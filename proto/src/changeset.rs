@@ -29,9 +29,17 @@ pub struct ChangeSetHeader {
     pub commit_lsn: u64,
     /// Commit time at the author, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
-    /// Hybrid logical clock stamp given at capture; orders versions for
-    /// last-writer-wins (ties broken by author name).
+    /// Hybrid logical clock stamp given at capture: the commit time corrected
+    /// by the author's measured clock offset (R14), raised above every stamp
+    /// the author had seen; orders concurrent versions for last-writer-wins
+    /// (ties broken by author name).
     pub stamp: u64,
+    /// Causal context (R15) of a branch's ChangeSet: the main's commit time
+    /// (µs, the main's clock) of the last relay entry the branch had applied
+    /// when it committed. A version the main committed at or before it was
+    /// seen by this change. 0 for the main's own ChangeSets.
+    #[serde(default)]
+    pub seen_main_ts: i64,
 }
 
 /// A table as the author saw it: columns are matched by name at the receiver.
@@ -108,6 +116,57 @@ pub enum RowChange {
     /// A schema change, exactly where it ran among the rows (DESIGN
     /// invariant 5): the receiver runs it before the changes that follow.
     Ddl(DdlChange),
+    /// The main's decision about a change of the ChangeSet's author whose
+    /// result differs from what the author holds: the row as it must be at
+    /// the author. Sent to the author only.
+    Verdict(Verdict),
+    /// A conflict the main recorded while applying this ChangeSet; every
+    /// node keeps the same record.
+    Conflict(ConflictRecord),
+}
+
+/// The main's result for one row of a branch's change (see
+/// [`RowChange::Verdict`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Index into [`LogEntry::tables`].
+    pub table: u32,
+    /// The key column values, in the table's column order (other columns NULL).
+    pub key: Vec<Value>,
+    /// The row as the main holds it (one value per column), or `None` when
+    /// the row does not exist at the main.
+    pub row: Option<Vec<Value>>,
+    /// Commit time (author's clock, µs) of the author's change this decides:
+    /// a newer local change of the same row at the author is left alone (it
+    /// is decided later).
+    pub for_commit_ts: i64,
+}
+
+/// A conflict record as the main wrote it in `branchsync.conflicts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    /// The main's id of the record.
+    pub id: i64,
+    /// `schema.table`.
+    pub table: String,
+    /// Key text (JSON array of the key values), if the table has a key.
+    pub key: Option<String>,
+    /// Kind: `update_update`, `update_delete`, `insert_insert`, ...
+    pub kind: String,
+    /// Rule applied.
+    pub rule: String,
+    /// Node whose version won.
+    pub winner: Option<String>,
+    /// Node whose version lost.
+    pub loser: Option<String>,
+    /// The version the main held (JSON).
+    pub local_version: Option<String>,
+    /// The incoming version (JSON).
+    pub remote_version: Option<String>,
+    /// What happened, in words.
+    pub detail: Option<String>,
+    /// When the main recorded it (µs since the Unix epoch).
+    pub at_us: i64,
 }
 
 /// One DDL query string of the author, reduced to its DDL statements.
@@ -139,6 +198,11 @@ pub struct LogEntry {
     pub tables: Vec<TableDesc>,
     /// The row changes, in the author's order.
     pub changes: Vec<RowChange>,
+    /// In the main's relay: the main's commit time (µs, the main's clock) of
+    /// the transaction this fragment came from. A branch that applied it has
+    /// seen everything the main committed until then (R15). 0 elsewhere.
+    #[serde(default)]
+    pub relay_ts_us: i64,
 }
 
 impl LogEntry {
@@ -162,6 +226,7 @@ mod tests {
                 commit_lsn: 0x1_6B37_4D48,
                 commit_ts_us: 1_700_000_000_000_000,
                 stamp: 1_700_000_000_000_001,
+                seen_main_ts: 1_699_999_999_000_000,
             },
             part: 0,
             last: true,
@@ -189,7 +254,27 @@ mod tests {
                         values: vec![Value::Text("101".into()), Value::Null, Value::Null],
                     },
                 },
+                RowChange::Verdict(Verdict {
+                    table: 0,
+                    key: vec![Value::Text("101".into()), Value::Null, Value::Null],
+                    row: Some(vec![Value::Text("101".into()), Value::Text("5".into()), Value::Null]),
+                    for_commit_ts: 1_700_000_000_000_000,
+                }),
+                RowChange::Conflict(ConflictRecord {
+                    id: 7,
+                    table: "public.order line".into(),
+                    key: Some("[\"101\"]".into()),
+                    kind: "update_update".into(),
+                    rule: "lww".into(),
+                    winner: Some("main".into()),
+                    loser: Some("branch1".into()),
+                    local_version: Some("{}".into()),
+                    remote_version: None,
+                    detail: None,
+                    at_us: 1_700_000_000_000_002,
+                }),
             ],
+            relay_ts_us: 1_700_000_000_000_003,
         }
     }
 

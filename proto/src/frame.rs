@@ -165,6 +165,7 @@ mod tests {
             log_floor: 0,
             relay_applied: 0,
             now_us: 0,
+            table_rules: vec![],
         }));
         for _ in 0..20_000 {
             let mut bytes = valid.to_vec();

@@ -18,6 +18,6 @@ pub mod changeset;
 pub mod frame;
 pub mod message;
 
-pub use changeset::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value};
+pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
 pub use frame::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME};
 pub use message::{Hello, Message, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};

@@ -63,8 +63,11 @@ pub struct Hello {
     pub log_floor: u64,
     /// The branch's durable progress in the main's relay stream.
     pub relay_applied: u64,
-    /// The branch's wall clock, microseconds since the Unix epoch.
+    /// The branch database's clock, microseconds since the Unix epoch.
     pub now_us: i64,
+    /// The branch's `[[tables]]` rules (R23: must equal the main's).
+    #[serde(default)]
+    pub table_rules: Vec<String>,
 }
 
 /// The main accepts a branch.
@@ -82,6 +85,11 @@ pub struct Welcome {
     pub resume_lsn: u64,
     /// The main's wall clock, microseconds since the Unix epoch.
     pub now_us: i64,
+    /// The branch database's clock minus the main database's clock (µs), as
+    /// measured at this handshake: the branch stamps its commits corrected by
+    /// it (R14).
+    #[serde(default)]
+    pub clock_offset_us: i64,
 }
 
 /// Why a peer was refused.
@@ -153,6 +161,7 @@ mod tests {
                 log_floor: 5,
                 relay_applied: 99,
                 now_us: 1,
+                table_rules: vec!["{}".into()],
             }),
             Message::Welcome(Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -160,6 +169,7 @@ mod tests {
                 resume_after: 7,
                 resume_lsn: 8,
                 now_us: 2,
+                clock_offset_us: -3_600_000_000,
             }),
             Message::Refuse(Refusal {
                 reason: RefusalReason::BadToken,

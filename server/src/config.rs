@@ -233,6 +233,29 @@ impl TableEntry {
     }
 }
 
+/// Default tombstone retention, and longest time a branch may be away (days).
+pub const DEFAULT_TOMBSTONE_DAYS: u32 = 30;
+
+/// `[conflicts]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsSection {
+    /// How long deletes are remembered (tombstones), in days; a branch away
+    /// longer must be re-seeded (R23). Equal at every node.
+    #[serde(default = "d_tombstone_days")]
+    pub tombstone_days: u32,
+}
+
+impl Default for ConflictsSection {
+    fn default() -> Self {
+        ConflictsSection { tombstone_days: DEFAULT_TOMBSTONE_DAYS }
+    }
+}
+
+fn d_tombstone_days() -> u32 {
+    DEFAULT_TOMBSTONE_DAYS
+}
+
 /// Where schema changes may come from (`[ddl] from`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -280,6 +303,9 @@ pub struct Config {
     /// `[[tables]]`.
     #[serde(default)]
     pub tables: Vec<TableEntry>,
+    /// `[conflicts]`.
+    #[serde(default)]
+    pub conflicts: ConflictsSection,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -388,6 +414,9 @@ impl Config {
                     return Err(self.invalid("sync.token", "a branch needs a token (token, token_file or BRANCHSYNC_TOKEN)".into()));
                 }
             }
+        }
+        if self.conflicts.tombstone_days == 0 {
+            return Err(self.invalid("conflicts.tombstone_days", "must be at least 1".into()));
         }
         for (i, t) in self.tables.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(&t.pattern) {

@@ -37,7 +37,7 @@ use branchsync_engine::apply::{ApplyConfig, ApplyStats, Applier, StreamState};
 use branchsync_engine::clock::now_us;
 use branchsync_engine::log::ChangeLog;
 use branchsync_engine::{failpoints, EngineError};
-use branchsync_proto::{FrameCodec, Hello, LogEntry, Message, ProtoError, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
+use branchsync_proto::{FrameCodec, Hello, LogEntry, Message, ProtoError, Refusal, RefusalReason, RowChange, Welcome, PROTOCOL_VERSION};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -100,6 +100,11 @@ pub struct LinkSettings {
     pub reconnect_max: Duration,
     /// Largest frame accepted.
     pub max_frame: usize,
+    /// `[[tables]]` rules, canonical (must match between nodes, R23).
+    pub table_rules: Vec<String>,
+    /// Main: a branch away longer than this must re-seed (R23): the
+    /// tombstones its changes would be decided against are gone.
+    pub retention: Duration,
 }
 
 /// A branch the main accepts.
@@ -112,6 +117,10 @@ pub struct PeerAuth {
     /// Shared secret.
     pub token: String,
 }
+
+/// A new clock offset is recorded when it differs from the last by more
+/// than this (µs): measurement noise is not a clock change.
+const CLOCK_OFFSET_TOLERANCE_US: i64 = 1_000_000;
 
 fn refusal(reason: RefusalReason, message: String, detail: String, hint: &str) -> Refusal {
     Refusal { reason, message, detail, hint: hint.into() }
@@ -307,7 +316,7 @@ async fn push_log(log: Arc<ChangeLog>, mut after: u64, skip_author: Option<Strin
         };
         after = last.pos;
         let entries: Vec<LogEntry> = match &skip_author {
-            Some(a) => batch.into_iter().filter(|e| &e.header.author != a).collect(),
+            Some(a) => batch.into_iter().filter_map(|e| for_author(e, a)).collect(),
             None => batch,
         };
         if entries.is_empty() {
@@ -317,6 +326,37 @@ async fn push_log(log: Arc<ChangeLog>, mut after: u64, skip_author: Option<Strin
             return Ok(());
         }
         failpoints::hit(failpoints::LINK_AFTER_SEND);
+    }
+}
+
+/// What of a relay entry goes to branch `peer`: everything of others'
+/// ChangeSets; of its own, only the main's verdicts and conflict records
+/// about them (the rows it has), as a ChangeSet of their own.
+fn for_author(e: LogEntry, peer: &str) -> Option<LogEntry> {
+    if e.header.author != peer {
+        return Some(e);
+    }
+    let decisions: Vec<RowChange> = e.changes.into_iter().filter(|c| matches!(c, RowChange::Verdict(_) | RowChange::Conflict(_))).collect();
+    if decisions.is_empty() {
+        return None;
+    }
+    Some(LogEntry { part: 0, last: true, changes: decisions, ..e })
+}
+
+/// Whether the branch of this stream was away longer than `retention`;
+/// how long, if so.
+async fn away_too_long(applier: &Applier, retention: Duration) -> Result<Option<String>, EngineError> {
+    let Some(last) = applier.last_contact_us().await? else { return Ok(None) };
+    let away = Duration::from_micros(u64::try_from(applier.db_clock_us().await? - last).unwrap_or(0));
+    Ok((away > retention).then(|| human(away)))
+}
+
+fn human(d: Duration) -> String {
+    let h = d.as_secs() / 3600;
+    if h >= 48 {
+        format!("{} days", h / 24)
+    } else {
+        format!("{h} hours")
     }
 }
 
@@ -413,7 +453,8 @@ async fn branch_session(
         log_newest: log.visible(),
         log_floor: log.floor()?,
         relay_applied: applier.committed(),
-        now_us: now_us(),
+        now_us: applier.db_clock_us().await?,
+        table_rules: settings.table_rules.clone(),
     };
     writer.send(Message::Hello(hello)).await?;
     let welcome: Welcome = match next_message(&mut reader).await? {
@@ -424,6 +465,11 @@ async fn branch_session(
     if welcome.protocol_version != PROTOCOL_VERSION {
         return Err(LinkError::Violation(format!("main speaks protocol {}, we speak {PROTOCOL_VERSION}", welcome.protocol_version)));
     }
+    // R14: this node stamps its commits on the main's clock from now on.
+    if applier.record_clock_offset(welcome.clock_offset_us, CLOCK_OFFSET_TOLERANCE_US).await? {
+        tracing::info!(peer = "main", clock_offset_ms = welcome.clock_offset_us / 1000, "clock offset to the main recorded; commit stamps are corrected by it");
+    }
+    status.peer("main", |p| p.clock_offset_ms = Some(welcome.clock_offset_us / 1000));
     // R4: the main resumes our stream after `resume_after`; that position
     // must be one we wrote. If our log never reached it, or lost it without
     // reclaiming it, this node went back in time: refuse, never skip.
@@ -558,6 +604,15 @@ async fn main_connection(
         ))
         .await;
     }
+    if hello.table_rules != settings.table_rules {
+        return refuse(&mut writer, refusal(
+            RefusalReason::ConfigMismatch,
+            format!("configuration of node \"{}\" differs from the main's", hello.node),
+            format!("Branch [[tables]] rules: {:?}. Main: {:?}.", hello.table_rules, settings.table_rules),
+            "Every node must use the same [[tables]] entries, in the same order: conflicts are decided by them.",
+        ))
+        .await;
+    }
     if peer.index != hello.index || hello.stride != settings.stride || hello.exclude != settings.exclude {
         return refuse(&mut writer, refusal(
             RefusalReason::ConfigMismatch,
@@ -657,6 +712,13 @@ async fn main_session(
             ),
             "The branch was away longer than the main keeps its log, or its database was restored to an earlier state. Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
         ))
+    } else if let Some(away) = away_too_long(&applier, settings.retention).await? {
+        Some(refusal(
+            RefusalReason::MustReseed,
+            format!("branch \"{name}\" must be re-seeded"),
+            format!("The branch was last connected {away} ago; the main keeps what its changes are decided against (tombstones) for {}.", human(settings.retention)),
+            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there, or raise [conflicts] tombstone_days at every node.",
+        ))
     } else if hello.relay_applied > log.visible() {
         Some(refusal(
             RefusalReason::WentBackInTime,
@@ -673,6 +735,9 @@ async fn main_session(
     if known.is_none() {
         applier.set_stream_system_id(hello.system_id).await?;
     }
+    applier.touch_contact().await?;
+    // R14: the branch database's clock minus ours.
+    let offset_us = hello.now_us - applier.db_clock_us().await?;
     writer
         .send(Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -680,9 +745,10 @@ async fn main_session(
             resume_after: applied,
             resume_lsn: applier.committed_lsn().await?,
             now_us: now_us(),
+            clock_offset_us: offset_us,
         }))
         .await?;
-    let offset_ms = (hello.now_us - now_us()) / 1000;
+    let offset_ms = offset_us / 1000;
     tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, "branch connected");
     status.peer(&name, |p| {
         p.connected = true;

@@ -1,4 +1,4 @@
-//! The `branchsync` binary: `init`, `run`, `status`.
+//! The `branchsync` binary: `init`, `run`, `status`, `conflicts`.
 //!
 //! `main` does every synchronous, fallible step first (arguments, config,
 //! logging), then runs the command and turns its outcome into an exit code
@@ -56,6 +56,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Look at and settle recorded conflicts (branchsync.conflicts).
+    Conflicts {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: ConflictsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictsAction {
+    /// Unresolved conflicts, newest first.
+    List {
+        /// Resolved ones too.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One conflict with both versions, as JSON.
+    Show {
+        /// The conflict's id (from `conflicts list`).
+        id: i64,
+    },
+    /// Settle a conflict: keep the local version as it is, or write the
+    /// remote (discarded) version back; the change replicates.
+    Resolve {
+        /// The conflict's id (from `conflicts list`).
+        id: i64,
+        /// Which version to keep.
+        #[arg(long, value_enum)]
+        keep: KeepArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeepArg {
+    Local,
+    Remote,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +137,72 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { config, json } => {
             let cfg = Config::load(&config)?;
             status(&cfg, json).await
+        }
+        Command::Conflicts { config, action } => {
+            let config = config.context("the configuration file is required: --config FILE or BRANCHSYNC_CONFIG")?;
+            let cfg = Config::load(&config)?;
+            conflicts(&cfg, action).await
+        }
+    }
+}
+
+async fn conflicts(cfg: &Config, action: ConflictsAction) -> anyhow::Result<ExitCode> {
+    use branchsync_engine::conflict_log::{self, Keep, Resolved};
+    let mut conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync conflicts").await.context("cannot connect to the database (database.url)")?;
+    match action {
+        ConflictsAction::List { all, limit, json } => {
+            let list = conflict_log::list(&conn.client, all, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if list.is_empty() {
+                println!("no {}conflicts recorded at node {}", if all { "" } else { "unresolved " }, cfg.node.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:>6}  {:<20}  {:<18}  {:<24}  {:<16}  {:<12}  {:<12}  detail", "id", "at (UTC)", "kind", "table", "key", "winner", "loser");
+            for c in &list {
+                let detail: String = c.detail.clone().unwrap_or_default().chars().take(80).collect();
+                println!(
+                    "{:>6}  {:<20}  {:<18}  {:<24}  {:<16}  {:<12}  {:<12}  {}{}",
+                    c.id,
+                    c.at,
+                    c.kind,
+                    c.table,
+                    c.key.clone().unwrap_or_default(),
+                    c.winner.clone().unwrap_or_else(|| "-".into()),
+                    c.loser.clone().unwrap_or_else(|| "-".into()),
+                    detail,
+                    if c.resolved_at.is_some() { " [resolved]" } else { "" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictsAction::Show { id } => match conflict_log::show(&conn.client, id).await? {
+            Some(c) => {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("branchsync conflicts show: conflict {id} does not exist at node {}", cfg.node.name);
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        ConflictsAction::Resolve { id, keep } => {
+            let keep = match keep {
+                KeepArg::Local => Keep::Local,
+                KeepArg::Remote => Keep::Remote,
+            };
+            match conflict_log::resolve(&mut conn.client, id, keep).await {
+                Ok(Resolved::Marked) => println!("conflict {id} resolved: the local version stays"),
+                Ok(Resolved::RowWritten) => println!("conflict {id} resolved: the remote version was written back and replicates"),
+                Ok(Resolved::RowDeleted) => println!("conflict {id} resolved: the remote delete was applied and replicates"),
+                Err(e) => {
+                    eprintln!("branchsync conflicts resolve: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -150,6 +260,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,
+        retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
     })
 }
 

@@ -76,9 +76,14 @@ pub struct NodeSettings {
     pub ddl: DdlPolicy,
     /// `[[tables]]`: per-table rules.
     pub tables: branchsync_engine::conflict::TableRules,
+    /// How long tombstones are kept, and how long a branch may be away.
+    pub retention: Duration,
     /// Period of the sequence stripe audit.
     pub audit_interval: Duration,
 }
+
+/// How often the main records its branches' contact and drops old tombstones.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
 /// A running node.
 pub struct Node {
@@ -176,6 +181,7 @@ impl Node {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let (cap_tx, cap_rx) = watch::channel(CaptureStatus::default());
+        let cap_progress = cap_rx.clone();
 
         // Capture: retried on transient errors, fatal on definite ones.
         {
@@ -224,11 +230,22 @@ impl Node {
             exclude: s.scope.exclude_globs().to_vec(),
             system_id,
             db_url: s.db_url.clone(),
-            apply: ApplyConfig { node: s.node.clone(), scope: s.scope.clone(), group_budget: s.group_budget, lock_timeout_ms: 200, ddl: s.ddl.clone(), tables: s.tables.clone() },
+            apply: ApplyConfig {
+                node: s.node.clone(),
+                scope: s.scope.clone(),
+                group_budget: s.group_budget,
+                lock_timeout_ms: 200,
+                ddl: s.ddl.clone(),
+                tables: s.tables.clone(),
+                role: s.role,
+                capture_progress: Some(cap_progress.clone()),
+            },
             heartbeat: s.heartbeat,
             peer_timeout: s.peer_timeout,
             reconnect_max: s.reconnect_max,
             max_frame: s.max_frame,
+            table_rules: s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect(),
+            retention: s.retention,
         };
         match s.role {
             Role::Branch => {
@@ -266,6 +283,7 @@ impl Node {
                     let mut tick = tokio::time::interval(Duration::from_millis(500));
                     let mut last_head = u64::MAX;
                     let mut last_audit = std::time::Instant::now();
+                    let mut last_housekeeping = std::time::Instant::now() - HOUSEKEEPING_PERIOD;
                     loop {
                         tokio::select! {
                             biased;
@@ -304,7 +322,7 @@ impl Node {
                         }
                         if let Ok(row) = c.client.query_one(
                             "SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined'), (SELECT count(*) FROM branchsync.parked), \
-                                    count(*) FILTER (WHERE kind = 'ddl_failed'), \
+                                    count(*) FILTER (WHERE kind = 'ddl_failed' AND origin_id IS NULL), \
                                     (SELECT count(*) FILTER (WHERE NOT replayed) FROM branchsync.ddl_log), \
                                     (SELECT count(*) FILTER (WHERE replayed) FROM branchsync.ddl_log) \
                              FROM branchsync.conflicts",
@@ -316,7 +334,7 @@ impl Node {
                                 .map(|rows| rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
                                 .unwrap_or_default();
                             let failures = c.client.query(
-                                "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = 'ddl_failed' ORDER BY id DESC LIMIT 5",
+                                "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = 'ddl_failed' AND origin_id IS NULL ORDER BY id DESC LIMIT 5",
                                 &[],
                             ).await
                                 .map(|rows| rows.iter().map(|r| DdlFailure { conflict_id: r.get(0), author: r.get(1), statement: r.get(2), reason: r.get(3) }).collect())
@@ -339,6 +357,25 @@ impl Node {
                                 st.ddl.unreplicable = cap.ddl_unreplicable;
                                 st.ddl.drift_warning = drift;
                             });
+                        }
+                        // Main: connected branches are in contact (R23), and
+                        // tombstones older than the retention are dropped.
+                        if s2.role == Role::Main && last_housekeeping.elapsed() >= HOUSEKEEPING_PERIOD {
+                            last_housekeeping = std::time::Instant::now();
+                            let connected: Vec<String> = status.snapshot().peers.iter().filter(|(_, p)| p.connected).map(|(n, _)| n.clone()).collect();
+                            if let Err(e) = c.client.execute("UPDATE branchsync.progress SET last_contact = now() WHERE stream = ANY($1)", &[&connected]).await {
+                                tracing::warn!(error = %e, "recording branch contact failed");
+                            }
+                            let cutoff_us = branchsync_engine::clock::now_us() - i64::try_from(s2.retention.as_micros()).unwrap_or(i64::MAX);
+                            match c.client.execute("DELETE FROM branchsync.row_version WHERE deleted AND local_ts < $1", &[&cutoff_us]).await {
+                                Ok(n) if n > 0 => tracing::info!(tombstones = n, "tombstones older than the retention dropped"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "dropping old tombstones failed"),
+                            }
+                        }
+                        if let Ok(rows) = c.client.query("SELECT kind, count(*) FROM branchsync.conflicts GROUP BY kind", &[]).await {
+                            let by_kind = rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect();
+                            status.update(|st| st.conflicts_by_kind = by_kind);
                         }
                         if last_audit.elapsed() >= s2.audit_interval {
                             last_audit = std::time::Instant::now();

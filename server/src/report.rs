@@ -37,6 +37,9 @@ impl StatusSource for HttpStatus {
             gauge("branchsync_ddl_failed", "Replayed DDL that failed or was refused (branchsync.conflicts).", vec![], s.ddl.failed as f64),
             counter("branchsync_ddl_unreplicable_total", "DDL that ran here but could not be replicated, since start.", vec![], s.ddl.unreplicable as f64),
         ];
+        for (kind, n) in &s.conflicts_by_kind {
+            m.push(gauge("branchsync_conflicts_by_kind", "Rows in branchsync.conflicts per kind.", vec![("kind".to_string(), kind.clone())], *n as f64));
+        }
         for (name, p) in &s.peers {
             let l = || vec![("peer".to_string(), name.clone())];
             m.push(gauge("branchsync_peer_connected", "1 while the link to the peer is up.", l(), if p.connected { 1.0 } else { 0.0 }));
@@ -59,6 +62,10 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         "node {} ({})\n  log: newest position {}, reclaimed through {}, {} bytes\n  capture: last LSN {}, {} transactions / {} rows since start\n  conflicts: {} recorded ({} quarantined); parked: {} row(s) waiting\n",
         s.node, s.role, s.log_newest, s.log_floor, s.log_bytes, s.captured_lsn, s.captured_transactions, s.captured_rows, s.conflicts_total, s.quarantined_total, s.parked_total
     );
+    if !s.conflicts_by_kind.is_empty() {
+        let kinds: Vec<String> = s.conflicts_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push_str(&format!("    conflicts by kind: {} (see branchsync conflicts list)\n", kinds.join(", ")));
+    }
     for (t, n) in &s.parked_by_table {
         out.push_str(&format!("    parked in {t}: {n}\n"));
     }

@@ -100,6 +100,9 @@ pub struct StatusSnapshot {
     /// Rows in `branchsync.parked`: orphans waiting for their parent and
     /// changes queued behind a parked or quarantined key.
     pub parked_total: i64,
+    /// Recorded conflicts per kind (`update_update`, `update_delete`, ...).
+    #[serde(default)]
+    pub conflicts_by_kind: BTreeMap<String, i64>,
     /// Parked rows per table (`schema.table`).
     #[serde(default)]
     pub parked_by_table: BTreeMap<String, i64>,

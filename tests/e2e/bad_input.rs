@@ -81,6 +81,7 @@ fn hello(node: &str, index: u32, token: &str) -> Hello {
         log_floor: 0,
         relay_applied: 0,
         now_us: 0,
+        table_rules: Vec::new(),
     }
 }
 

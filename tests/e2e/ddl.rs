@@ -44,8 +44,10 @@ async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
 }
 
+/// Conflicts of `kind` this node recorded itself (not the main's records
+/// that reached it through the relay).
 async fn conflicts_of_kind(c: &tokio_postgres::Client, kind: &str) -> Vec<String> {
-    c.query("SELECT coalesce(detail, '') || ' ' || coalesce(remote_version::text, '') FROM branchsync.conflicts WHERE kind = $1 ORDER BY id", &[&kind])
+    c.query("SELECT coalesce(detail, '') || ' ' || coalesce(remote_version::text, '') FROM branchsync.conflicts WHERE kind = $1 AND origin_id IS NULL ORDER BY id", &[&kind])
         .await
         .expect("read conflicts")
         .iter()
@@ -396,4 +398,11 @@ async fn status_json_reports_replicated_parked_and_failed_schema_changes() {
     assert!(st["ddl"]["recent_failures"][0]["reason"].as_str().unwrap_or("").contains("not replayed"), "{st}");
     let st = wait_status(&topo.branches[0], "branch1 reports the replayed CREATE", Duration::from_secs(30), |s| s["ddl"]["replayed"].as_i64().unwrap_or(0) >= 1).await;
     assert_eq!(st["ddl"]["failed"], 0, "{st}");
+    // The branch learns, through the relay, that the main refused its DROP.
+    let b1_admin = topo.branches[0].db().await;
+    eventually("branch1 holds the main's record of its refused DROP", Duration::from_secs(30), || {
+        let b1 = &b1_admin;
+        async move { (count(b1, "SELECT count(*) FROM branchsync.conflicts WHERE kind = 'ddl_failed' AND origin_node = 'main'").await == 1).then_some(()) }
+    })
+    .await;
 }

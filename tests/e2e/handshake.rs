@@ -55,6 +55,7 @@ fn hello(node: &str, index: u32, system_id: u64) -> Hello {
         log_floor: 0,
         relay_applied: 0,
         now_us: now_us(),
+        table_rules: Vec::new(),
     }
 }
 

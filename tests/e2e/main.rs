@@ -4,6 +4,7 @@
 mod bad_input;
 mod big_transactions;
 mod causal_order;
+mod conflicts;
 mod convergence;
 mod crash;
 mod ddl;

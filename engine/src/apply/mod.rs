@@ -51,6 +51,8 @@
 //! by the rule, and a change that still fails is quarantined in
 //! `branchsync.conflicts` with its error, while the rest flows on.
 
+mod decide;
+mod obey;
 mod park;
 mod pipeline;
 mod sql;
@@ -69,7 +71,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::conflict::{self, Decision, Version};
+use crate::conflict;
 use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
 use crate::error::pg_error_is_data_error;
 use crate::pg::{fmt_lsn, PgConn};
@@ -98,6 +100,12 @@ pub struct ApplyConfig {
     pub ddl: DdlPolicy,
     /// Per-table rules (`[[tables]]`).
     pub tables: conflict::TableRules,
+    /// Main: decides every incoming change ([`decide`]); branch: applies the
+    /// main's decisions as they come ([`obey`]).
+    pub role: crate::Role,
+    /// Capture's progress (WAL position logged and written back), for the
+    /// few decisions that need this node's own newest changes.
+    pub capture_progress: Option<watch::Receiver<crate::capture::CaptureStatus>>,
 }
 
 /// State of one incoming stream that outlives apply sessions.
@@ -128,6 +136,8 @@ pub struct ApplyStats {
     pub ddl_applied: u64,
     /// DDL statements that failed or were refused (recorded in `branchsync.conflicts`).
     pub ddl_failed: u64,
+    /// Verdicts sent (main) or taken (branch).
+    pub verdicts: u64,
 }
 
 /// Boxed future on the apply connection, sent but not yet awaited.
@@ -159,6 +169,11 @@ pub struct Applier {
     noted_skips: HashSet<(String, String)>,
     /// `branchsync.schema_version` when `tables` was last valid.
     schema_version: Option<i64>,
+    /// When this node was initialised (µs): local rows committed before are
+    /// the baseline every peer has seen.
+    init_ts_us: i64,
+    /// Tables with rows folded into others (`on_unique_conflict = "merge"`).
+    merged_tables: HashSet<String>,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
     committed: u64,
@@ -220,6 +235,8 @@ impl Applier {
                 held: park::Held::new(),
                 noted_skips: HashSet::new(),
                 schema_version: None,
+                init_ts_us: 0,
+                merged_tables: HashSet::new(),
                 queue: pipeline::Queue::default(),
                 committed,
                 seen: committed,
@@ -228,6 +245,18 @@ impl Applier {
                 progress_tx,
         };
         applier.load_held().await?;
+        let row = applier
+            .conn
+            .client
+            .query_one(
+                "SELECT coalesce((SELECT (extract(epoch from initialized_at) * 1000000)::int8 FROM branchsync.node), 0), \
+                        ARRAY(SELECT DISTINCT tbl FROM branchsync.key_merges)",
+                &[],
+            )
+            .await
+            .map_err(EngineError::pg("reading the node"))?;
+        applier.init_ts_us = row.get(0);
+        applier.merged_tables = row.get::<_, Vec<String>>(1).into_iter().collect();
         applier.progress_tx.send_replace(applier.stats.clone());
         Ok((applier, progress_rx))
     }
@@ -322,7 +351,8 @@ impl Applier {
                 if self.txn.is_none() {
                     self.begin(&e.header.author, careful).await?;
                 }
-                let msg = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
+                let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us };
+                let msg = rmp_serde::to_vec(&mark).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
                 self.queue_apply_message(msg).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;
@@ -513,7 +543,7 @@ impl Applier {
             let checked = match parse::check(stmt, from_main) {
                 Ok(s) => s,
                 Err(r) => {
-                    let detail = if r.detail.is_empty() { r.message.clone() } else { format!("{} {}", r.message, r.detail) };
+                    let detail = if r.detail.is_empty() { r.message.clone() } else { format!("{}: {}", r.message, r.detail) };
                     self.ddl_failed(e, d, stmt, detail, r.hint).await?;
                     continue;
                 }
@@ -581,7 +611,8 @@ impl Applier {
         self.stats.ddl_failed += 1;
         tracing::warn!(stream = %self.stream, author = %e.header.author, tag = %d.tag, "schema change not replayed; recorded in branchsync.conflicts");
         let remote = serde_json::json!({ "sql": stmt, "search_path": d.search_path, "role": d.role, "tag": d.tag }).to_string();
-        let text = if hint.is_empty() { detail } else { format!("{detail}. {hint}") };
+        let detail = format!("{}.", detail.trim_end_matches('.'));
+        let text = if hint.is_empty() { detail } else { format!("{detail} {hint}") };
         self.record("(ddl)", None, "ddl_failed", &e.header, None, Some(remote), Some(text)).await
     }
 
@@ -660,6 +691,21 @@ impl Applier {
                     self.apply_truncate(e, maps, tables, *restart_identity).await?;
                     i += 1;
                 }
+                RowChange::Verdict(v) => {
+                    self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
+                    if self.cfg.role == crate::Role::Branch {
+                        self.obey_verdict(e, maps, v).await?;
+                    }
+                    i += 1;
+                }
+                RowChange::Conflict(r) => {
+                    if self.cfg.role == crate::Role::Branch {
+                        let origin = self.stream.clone();
+                        self.obey_conflict(&origin, r).await?;
+                    }
+                    i += 1;
+                }
+                RowChange::Ddl(_) => i += 1,
                 _ => {
                     self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
                     // A run of updates or deletes on one table, without a
@@ -692,132 +738,22 @@ impl Applier {
         self.drain().await
     }
 
-    /// Updates or deletes of one table: lock, decide, write, record.
+    /// Updates or deletes of one table: decided at the main, taken as they
+    /// come at a branch.
     async fn apply_keyed_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
-        let desc = &e.tables[t as usize];
+        if self.cfg.role == crate::Role::Branch {
+            return self.obey_run(e, maps, run).await;
+        }
         if m.key_src.is_none() {
+            let desc = &e.tables[t as usize];
             for ch in run {
                 self.apply_keyless(e, &m, desc, ch).await?;
             }
             return Ok(());
         }
-        let ks = m.key_src.clone().unwrap_or_default();
-        // Old keys (where the row is now) per change.
-        let old_keys: Vec<Vec<String>> = run
-            .iter()
-            .map(|ch| {
-                let vals = match ch {
-                    RowChange::Update { old: Some(o), .. } => &o.values,
-                    RowChange::Update { new, .. } => new,
-                    RowChange::Delete { old, .. } => &old.values,
-                    _ => unreachable_change(),
-                };
-                ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()
-            })
-            .collect();
-        let key_arrays: Vec<Vec<&str>> = (0..ks.len()).map(|j| old_keys.iter().map(|k| k[j].as_str()).collect()).collect();
-        let rows = self.lock_and_read_versions(&m.table, &key_arrays).await?;
-        let mut found: HashMap<usize, Version> = HashMap::new();
-        for r in rows {
-            let i: i64 = r.get(0);
-            let roident: Option<i64> = r.get(2);
-            let ts: Option<i64> = r.get(3);
-            let rv_stamp: Option<i64> = r.get(4);
-            let rv_node: Option<String> = r.get(5);
-            let side = rv_stamp.map(|s| Version { stamp: s as u64, node: rv_node.clone().unwrap_or_default() });
-            let local = match (roident, ts) {
-                (Some(0), Some(ts)) => Version { stamp: ts.max(0) as u64, node: self.cfg.node.clone() },
-                _ => side.unwrap_or(Version { stamp: 0, node: String::new() }),
-            };
-            found.insert(i as usize - 1, local);
-        }
-        let incoming = Version { stamp: e.header.stamp, node: e.header.author.clone() };
-        let is_delete = matches!(run[0], RowChange::Delete { .. });
-        let mut winners = Vec::new();
-        for (idx, ch) in run.iter().enumerate() {
-            let key = key_text(&old_keys[idx].iter().map(String::as_str).collect::<Vec<_>>());
-            match found.get(&idx) {
-                None if is_delete => {}
-                None => {
-                    self.record(&m.table.name, Some(key), "update_missing", &e.header, None, Some(change_json(desc, ch)),
-                        Some("the row does not exist here (deleted here, or never arrived); delete wins".into())).await?;
-                }
-                Some(local) => {
-                    // The very version this ChangeSet wrote earlier (a row
-                    // inserted, then updated, in one transaction at the
-                    // author): the later change has seen it.
-                    let d = if *local == incoming { Decision::ApplyIncoming } else { conflict::lww(local, &incoming) };
-                    if is_delete {
-                        // Delete wins over a concurrent update everywhere, so sites converge.
-                        if d == Decision::KeepLocal && local.node != e.header.author && !local.node.is_empty() {
-                            let lj = self.local_json(&m, &old_keys[idx]).await?;
-                            self.record(&m.table.name, Some(key), "update_delete", &e.header, lj, Some(change_json(desc, ch)),
-                                Some(format!("a newer update by {} (stamp {}) is discarded: delete wins", local.node, local.stamp))).await?;
-                        }
-                        winners.push(idx);
-                    } else if d == Decision::ApplyIncoming {
-                        winners.push(idx);
-                    } else {
-                        let lj = self.local_json(&m, &old_keys[idx]).await?;
-                        self.record(&m.table.name, Some(key), "update_update", &e.header, lj, Some(change_json(desc, ch)),
-                            Some(format!("local version by {} (stamp {}) is newer than incoming (stamp {})", local.node, local.stamp, e.header.stamp))).await?;
-                    }
-                }
-            }
-        }
-        if winners.is_empty() {
-            return Ok(());
-        }
-        let wkeys: Vec<&Vec<String>> = winners.iter().map(|i| &old_keys[*i]).collect();
-        let key_arrays: Vec<Vec<&str>> = (0..ks.len()).map(|j| wkeys.iter().map(|k| k[j].as_str()).collect()).collect();
-        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
-        let stamp = e.header.stamp as i64;
-        if is_delete {
-            let st = self.stmt(&sql::delete(&m.table), &vec![Type::TEXT_ARRAY; ks.len()]).await?;
-            let params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
-            let tomb: Vec<String> = wkeys.iter().map(|k| key_text(&k.iter().map(String::as_str).collect::<Vec<_>>())).collect();
-            self.conn.client.execute(&vst, &[&m.table.name, &tomb, &stamp, &e.header.author, &true]).await.map_err(EngineError::pg("recording tombstones"))?;
-            return Ok(());
-        }
-        // Updates: columns present (not unchanged TOAST, R12), written and not identity-always.
-        let RowChange::Update { new: first_new, .. } = &run[winners[0]] else { return Ok(()) };
-        let set_src: Vec<usize> = (0..m.targets.len())
-            .filter(|i| m.local(*i).is_some_and(|c| !c.identity_always) && !matches!(first_new.get(*i), Some(Value::Unchanged)))
-            .collect();
-        let set_names: Vec<&str> = set_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        if !set_names.is_empty() {
-            let st = self.stmt(&sql::update(&m.table, &set_names), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
-            let news: Vec<&Vec<Value>> = winners.iter().map(|i| match &run[*i] { RowChange::Update { new, .. } => new, _ => unreachable_change() }).collect();
-            let val_arrays: Vec<Vec<Option<&str>>> = set_src.iter().map(|c| news.iter().map(|n| n.get(*c).and_then(|v| v.as_text())).collect()).collect();
-            let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            params.extend(val_arrays.iter().map(|a| a as &(dyn ToSql + Sync)));
-            self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying updates to {}", m.table.name)))?;
-        }
-        let mut new_keys = Vec::new();
-        let mut moved = Vec::new();
-        for i in &winners {
-            if let RowChange::Update { new, .. } = &run[*i] {
-                let nk: Vec<&str> = ks.iter().map(|k| new.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect();
-                let nk = key_text(&nk);
-                let ok = key_text(&old_keys[*i].iter().map(String::as_str).collect::<Vec<_>>());
-                if nk != ok {
-                    moved.push(ok);
-                }
-                new_keys.push(nk);
-            }
-        }
-        self.conn.client.execute(&vst, &[&m.table.name, &new_keys, &stamp, &e.header.author, &false]).await.map_err(EngineError::pg("recording row versions"))?;
-        if !moved.is_empty() {
-            self.conn
-                .client
-                .execute("DELETE FROM branchsync.row_version WHERE tbl = $1 AND key = ANY($2)", &[&m.table.name, &moved])
-                .await
-                .map_err(EngineError::pg("moving row versions"))?;
-        }
-        Ok(())
+        self.decide_run(e, maps, run).await
     }
 
     /// TRUNCATE (R21): replayed for the tables whose `[[tables]]` rule opts
@@ -893,17 +829,24 @@ impl Applier {
     /// Careful mode: one change per savepoint; inserts resolve key conflicts
     /// by the rule; a change that fails with a data error is quarantined.
     async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
-        if let RowChange::Truncate { tables, restart_identity, .. } = ch {
-            return self.apply_truncate(e, maps, tables, *restart_identity).await;
+        match ch {
+            RowChange::Truncate { tables, restart_identity, .. } => return self.apply_truncate(e, maps, tables, *restart_identity).await,
+            RowChange::Verdict(v) if self.cfg.role == crate::Role::Branch => return self.obey_verdict(e, maps, v).await,
+            RowChange::Conflict(r) if self.cfg.role == crate::Role::Branch => {
+                let origin = self.stream.clone();
+                return self.obey_conflict(&origin, r).await;
+            }
+            _ => {}
         }
         let Some(t) = change_table(ch) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
         let desc = &e.tables[t as usize];
         self.conn.client.batch_execute("SAVEPOINT branchsync_change").await.map_err(EngineError::pg("setting a savepoint"))?;
         let r = match ch {
-            RowChange::Insert { new, .. } => self.insert_or_resolve(e, &m, desc, new).await,
+            RowChange::Insert { new, .. } if self.cfg.role == crate::Role::Branch && m.key_src.is_some() => self.obey_insert(e, &m, desc, new).await,
+            RowChange::Insert { new, .. } => self.insert_or_resolve_row(e, &m, desc, new, true).await,
             RowChange::Truncate { tables, restart_identity, .. } => self.apply_truncate(e, maps, tables, *restart_identity).await,
-            RowChange::Ddl(_) => Ok(()),
+            RowChange::Ddl(_) | RowChange::Verdict(_) | RowChange::Conflict(_) => Ok(()),
             _ => self.apply_keyed_run(e, maps, std::slice::from_ref(ch)).await,
         };
         match r {
@@ -921,89 +864,35 @@ impl Applier {
                 if let Some(k) = &key {
                     self.held.insert((m.table.name.clone(), k.clone()));
                 }
-                self.record(&m.table.name, key, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await
+                self.record(&m.table.name, key, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await?;
+                // The author holds a change the main does not: tell it what
+                // the main holds instead.
+                if let (crate::Role::Main, Some(ks)) = (self.cfg.role, m.key_src.clone()) {
+                    let vals = match ch {
+                        RowChange::Insert { new, .. } | RowChange::Update { new, .. } => new,
+                        RowChange::Delete { old, .. } => &old.values,
+                        _ => return Ok(()),
+                    };
+                    let key_vals: Vec<String> = ks.iter().map(|k| vals.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
+                    let row = self.lock_and_read_current(&m, std::slice::from_ref(&key_vals)).await?.remove(&0).map(|c| c.values);
+                    self.emit_verdict(e, &m, desc, &ks, &key_vals, row.as_ref()).await?;
+                }
+                Ok(())
             }
             Err(other) => Err(other),
         }
     }
 
-    async fn insert_or_resolve(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value]) -> Result<(), EngineError> {
-        let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
-        let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        let st = self.stmt(&sql::insert(&m.table, &names, true), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
-        let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(|v| v.as_text())]).collect();
-        let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying an insert to {}", m.table.name)))?;
-        let Some(ks) = &m.key_src else { return Ok(()) };
-        let key_parts: Vec<&str> = ks.iter().map(|k| new.get(*k).and_then(|v| v.as_text()).unwrap_or("")).collect();
-        let key = key_text(&key_parts);
-        let vst = self.stmt(sql::UPSERT_VERSIONS, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::BOOL]).await?;
-        if !rows.is_empty() {
-            let stamp = e.header.stamp as i64;
-            self.conn.client.execute(&vst, &[&m.table.name, &vec![key], &stamp, &e.header.author, &false]).await.map_err(EngineError::pg("recording row versions"))?;
-            return Ok(());
-        }
-        // Insert/insert on the same key: resolve like an update by the rule.
-        let exists = {
-            let ka: Vec<Vec<&str>> = key_parts.iter().map(|k| vec![*k]).collect();
-            !self.lock_and_read_versions(&m.table, &ka).await?.is_empty()
-        };
-        if !exists {
-            return self.record(&m.table.name, Some(key), "insert_unique", &e.header, None, Some(row_json(desc, new)),
-                Some("another row here holds the same value of a unique constraint".into())).await;
-        }
-        let as_update = RowChange::Update { table: 0, old: None, new: new.to_vec() };
-        let one = LogEntry { tables: vec![desc.clone()], changes: vec![as_update], ..e.clone() };
-        let maps = vec![Some(m.clone())];
-        let before = self.stats.conflicts;
-        self.apply_keyed_run(&one, &maps, &one.changes).await?;
-        if self.stats.conflicts == before {
-            // The incoming row won; the local one it replaced is the loser.
-            self.record(&m.table.name, Some(key), "insert_insert", &e.header, None, Some(row_json(desc, new)),
-                Some("both nodes inserted this key; the incoming row won by the rule".into())).await?;
-        }
-        Ok(())
-    }
-
-    /// Locks the rows with these keys, then reads their versions in a second
-    /// statement, so a commit made while we waited for a lock is seen (R7; see
-    /// [`sql::lock_rows`]).
-    async fn lock_and_read_versions(&mut self, t: &LocalTable, key_arrays: &[Vec<&str>]) -> Result<Vec<tokio_postgres::Row>, EngineError> {
-        let lock = self.stmt(&sql::lock_rows(t), &vec![Type::TEXT_ARRAY; key_arrays.len()]).await?;
-        let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
-        types.push(Type::TEXT);
-        let read = self.stmt(&sql::read_versions(t), &types).await?;
-        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        self.conn.client.execute(&lock, &params).await.map_err(EngineError::pg(format!("locking rows of {}", t.name)))?;
-        params.push(&t.name);
-        self.conn.client.query(&read, &params).await.map_err(EngineError::pg(format!("reading row versions of {}", t.name)))
-    }
-
-    async fn local_json(&mut self, m: &Mapping, key: &[String]) -> Result<Option<String>, EngineError> {
-        let conds: Vec<String> = m.table.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", branchsync_proto::changeset::quote_ident(k), j + 1, m.table.columns[k].type_name)).collect();
-        let q = format!("SELECT to_jsonb(t)::text FROM {} t WHERE {}", m.table.qualified, conds.join(" AND "));
-        let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        let row = self.conn.client.query_opt(&q, &params).await.map_err(EngineError::pg("reading a conflicting row"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
+    /// Records what happened to a change (the author lost it): kind, both
+    /// versions as JSON, and why.
     #[allow(clippy::too_many_arguments)]
     async fn record(&mut self, tbl: &str, key: Option<String>, kind: &str, h: &ChangeSetHeader, local: Option<String>, remote: Option<String>, detail: Option<String>) -> Result<(), EngineError> {
-        let (winner, loser) = match kind {
-            "update_update" => (Some(self.cfg.node.clone()), Some(h.author.clone())),
-            "update_delete" | "insert_insert" => (Some(h.author.clone()), None),
-            _ => (None, Some(h.author.clone())),
-        };
-        let st = self.stmt(sql::RECORD_CONFLICT, &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT]).await?;
-        let rule = conflict::RULE_LWW;
-        self.conn
-            .client
-            .execute(&st, &[&tbl, &key, &kind, &rule, &winner, &loser, &local, &remote, &detail])
-            .await
-            .map_err(EngineError::pg("recording a conflict"))?;
-        self.stats.conflicts += 1;
-        tracing::info!(stream = %self.stream, table = %tbl, kind, author = %h.author, "conflict recorded");
-        Ok(())
+        let rule = tbl
+            .split_once('.')
+            .map(|(s, n)| self.cfg.tables.for_table(s, n).rule.name())
+            .unwrap_or(conflict::RULE_LWW);
+        let rule = if kind == "ddl_failed" { "ddl" } else { rule };
+        self.record_conflict(decide::NewConflict { tbl, key, kind, rule, winner: None, loser: Some(h.author.clone()), local, remote, detail }).await
     }
 }
 
@@ -1014,7 +903,7 @@ fn unreachable_change() -> ! {
 fn change_table(c: &RowChange) -> Option<u32> {
     match c {
         RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => Some(*table),
-        RowChange::Truncate { .. } | RowChange::Ddl(_) => None,
+        RowChange::Truncate { .. } | RowChange::Ddl(_) | RowChange::Verdict(_) | RowChange::Conflict(_) => None,
     }
 }
 
@@ -1045,6 +934,8 @@ fn change_json(desc: &TableDesc, c: &RowChange) -> String {
         RowChange::Delete { old, .. } => format!("{{\"deleted\": {}}}", row_json(desc, &old.values)),
         RowChange::Truncate { .. } => "{\"truncate\": true}".into(),
         RowChange::Ddl(d) => serde_json::json!({ "ddl": d.statements }).to_string(),
+        RowChange::Verdict(_) => "{\"verdict\": true}".into(),
+        RowChange::Conflict(r) => serde_json::json!({ "conflict": r.id }).to_string(),
     }
 }
 
@@ -1080,6 +971,63 @@ impl Applier {
             .await
             .map_err(EngineError::pg("reading the stream identity"))?;
         Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+    }
+
+    /// This database's clock (µs since the Unix epoch): clock offsets are
+    /// measured between databases, whose commit times the stamps come from.
+    pub async fn db_clock_us(&self) -> Result<i64, EngineError> {
+        let row = self
+            .conn
+            .client
+            .query_one("SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8", &[])
+            .await
+            .map_err(EngineError::pg("reading the database clock"))?;
+        Ok(row.get(0))
+    }
+
+    /// Branch: records the clock offset the main measured (this database's
+    /// clock minus the main's), effective from now, when it differs from the
+    /// last one by more than `tolerance_us` (R14).
+    pub async fn record_clock_offset(&self, offset_us: i64, tolerance_us: i64) -> Result<bool, EngineError> {
+        let n = self
+            .conn
+            .client
+            .execute(
+                "INSERT INTO branchsync.clock_offsets (at_us, offset_us) \
+                 SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8, $1 \
+                 WHERE abs($1 - coalesce((SELECT offset_us FROM branchsync.clock_offsets ORDER BY at_us DESC LIMIT 1), 0)) > $2 \
+                    OR NOT EXISTS (SELECT 1 FROM branchsync.clock_offsets)",
+                &[&offset_us, &tolerance_us],
+            )
+            .await
+            .map_err(EngineError::pg("recording the clock offset"))?;
+        Ok(n > 0)
+    }
+
+    /// Main: when the branch of this stream was last connected (µs on this
+    /// database's clock; `None` before its first session).
+    pub async fn last_contact_us(&self) -> Result<Option<i64>, EngineError> {
+        let row = self
+            .conn
+            .client
+            .query_opt("SELECT (extract(epoch from last_contact) * 1000000)::int8 FROM branchsync.progress WHERE stream = $1", &[&self.stream])
+            .await
+            .map_err(EngineError::pg("reading the stream's last contact"))?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    /// Main: the branch of this stream is connected now.
+    pub async fn touch_contact(&self) -> Result<(), EngineError> {
+        self.conn
+            .client
+            .execute(
+                "INSERT INTO branchsync.progress (stream, pos, last_contact) VALUES ($1, 0, now()) \
+                 ON CONFLICT (stream) DO UPDATE SET last_contact = now()",
+                &[&self.stream],
+            )
+            .await
+            .map_err(EngineError::pg("recording the stream's last contact"))?;
+        Ok(())
     }
 
     /// Records the sender's `system_identifier` for this stream.

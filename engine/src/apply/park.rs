@@ -54,6 +54,9 @@ pub const WHOLE_TABLE: &str = "*";
 pub const BEHIND_ORPHAN: &str = "behind_orphan";
 /// Queued behind a quarantined change of the same key.
 pub const BEHIND_QUARANTINE: &str = "behind_quarantine";
+/// At a branch: a row of the main that clashes on a unique constraint with a
+/// row made here; it waits for the main's verdict about that row.
+pub const UNIQUE_WAIT: &str = "unique_wait";
 
 /// Key text of the row a change touches, for tables with a key.
 pub(super) fn held_key_of(m: &Mapping, ch: &RowChange) -> Option<String> {
@@ -116,14 +119,6 @@ impl Applier {
     }
 
     async fn queue_behind(&mut self, h: &ChangeSetHeader, desc: &TableDesc, ch: &RowChange, tbl: &str, key: &str) -> Result<(), EngineError> {
-        let mut one = ch.clone();
-        match &mut one {
-            RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => *table = 0,
-            RowChange::Truncate { .. } | RowChange::Ddl(_) => return Ok(()),
-        }
-        let entry = LogEntry { pos: 0, header: h.clone(), part: 0, last: true, tables: vec![desc.clone()], changes: vec![one] };
-        let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
-        let header = rmp_serde::to_vec(h).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
         let quarantined = self
             .conn
             .client
@@ -135,6 +130,19 @@ impl Applier {
             .map_err(EngineError::pg("checking for a quarantined change"))?
             .get::<_, bool>(0);
         let reason = if quarantined { BEHIND_QUARANTINE } else { BEHIND_ORPHAN };
+        self.park_one(h, desc, ch, tbl, key, reason).await
+    }
+
+    /// Parks one change in `branchsync.parked` under `key`, for `reason`.
+    pub(super) async fn park_one(&mut self, h: &ChangeSetHeader, desc: &TableDesc, ch: &RowChange, tbl: &str, key: &str, reason: &str) -> Result<(), EngineError> {
+        let mut one = ch.clone();
+        match &mut one {
+            RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => *table = 0,
+            _ => return Ok(()),
+        }
+        let entry = LogEntry { pos: 0, header: h.clone(), part: 0, last: true, tables: vec![desc.clone()], changes: vec![one], relay_ts_us: 0 };
+        let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
+        let header = rmp_serde::to_vec(h).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
         self.conn
             .client
             .execute(
@@ -144,7 +152,8 @@ impl Applier {
             .await
             .map_err(EngineError::pg("queueing a change behind a held key"))?;
         self.stats.parked += 1;
-        tracing::info!(stream = %self.stream, table = %tbl, author = %h.author, reason, "change queued behind a held key");
+        self.held.insert((tbl.to_string(), key.to_string()));
+        tracing::info!(stream = %self.stream, table = %tbl, author = %h.author, reason, "change parked");
         Ok(())
     }
 
@@ -169,7 +178,7 @@ impl Applier {
         let desc = &e.tables[t as usize];
         let tbl = format!("{}.{}", desc.schema, desc.name);
         let n = changes.len();
-        let entry = LogEntry { pos: 0, header: e.header.clone(), part: 0, last: true, tables: vec![desc.clone()], changes };
+        let entry = LogEntry { pos: 0, header: e.header.clone(), part: 0, last: true, tables: vec![desc.clone()], changes, relay_ts_us: 0 };
         let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
         let header = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
         self.conn
@@ -407,9 +416,9 @@ mod tests {
             system_id: 42,
             commit_lsn: 0x1000 + pos,
             commit_ts_us: 1_700_000_000_000_000 + pos as i64,
-            stamp: 1_700_000_000_000_000 + pos,
+            stamp: 1_700_000_000_000_000 + pos, seen_main_ts: 0
         };
-        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes }
+        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0 }
     }
 
     fn desc(name: &str, cols: &[&str]) -> TableDesc {
@@ -432,7 +441,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default() };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None };
         let (mut a, _progress) = Applier::connect(&pg.url(), cfg, "branch1", Arc::new(StreamState::default())).await.unwrap();
         let lines = desc("order_lines", &["id", "order_id", "qty"]);
         let orders = desc("orders", &["id", "shop"]);
@@ -492,9 +501,9 @@ mod missing_table_tests {
     use crate::test_utils::PgCluster;
 
     fn entry(pos: u64, changes: Vec<RowChange>) -> LogEntry {
-        let header = ChangeSetHeader { author: "main".into(), author_index: 0, system_id: 7, commit_lsn: 0x2000 + pos, commit_ts_us: 1_700_000_000_000_000, stamp: 1_700_000_000_000_000 + pos };
+        let header = ChangeSetHeader { author: "main".into(), author_index: 0, system_id: 7, commit_lsn: 0x2000 + pos, commit_ts_us: 1_700_000_000_000_000, stamp: 1_700_000_000_000_000 + pos , seen_main_ts: 0};
         let table = TableDesc { schema: "public".into(), name: "loyalty".into(), columns: vec!["id".into(), "points".into()], key: vec![true, false], identity_full: false };
-        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes }
+        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0 }
     }
 
     fn row(id: &str, points: &str) -> Vec<Value> {
@@ -506,7 +515,7 @@ mod missing_table_tests {
         let pg = PgCluster::start();
         let c = pg.connect().await;
         c.batch_execute(STATE_DDL).await.unwrap();
-        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default() };
+        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Branch, capture_progress: None };
         let (mut a, _p) = Applier::connect(&pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap();
         a.apply_entries(&[entry(1, vec![RowChange::Insert { table: 0, new: row("1", "10") }, RowChange::Insert { table: 0, new: row("2", "20") }])]).await.unwrap();
         a.commit().await.unwrap();

@@ -45,8 +45,8 @@ type Param = Box<dyn ToSql + Sync + Send>;
 pub(super) struct Queue {
     statements: Vec<(Statement, Vec<Param>)>,
     rows: usize,
-    /// Row versions per (table, author): keys and stamps.
-    versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>)>,
+    /// Row versions per (table, author): keys, stamps, author commit times.
+    versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>, Vec<i64>)>,
     /// Keys to check for missing parents, per table with foreign keys.
     parents: BTreeMap<String, (LocalTable, Vec<Vec<String>>)>,
     /// Header of the last queued ChangeSet (recorded with parked rows).
@@ -102,7 +102,10 @@ impl Applier {
                 continue;
             }
             let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-            let st = self.stmt(&sql::insert(&m.table, &names, false), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+            // A branch takes the main's rows as they come; the main decides
+            // (a clash fails the batch and is replayed carefully).
+            let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names) } else { sql::insert(&m.table, &names, false) };
+            let st = self.stmt(&text, &vec![Type::TEXT_ARRAY; cols.len()]).await?;
             for chunk in rows.chunks(super::MAX_BATCH_ROWS) {
                 let params: Vec<Param> = cols
                     .iter()
@@ -113,10 +116,14 @@ impl Applier {
             }
             if let Some(ks) = m.key_src.as_ref() {
                 let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
-                let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone())).or_default();
-                for k in &keys {
-                    v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
-                    v.1.push(stamp);
+                // Row versions are for deciding, which only the main does.
+                if self.cfg.role == crate::Role::Main {
+                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone())).or_default();
+                    for k in &keys {
+                        v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
+                        v.1.push(stamp);
+                        v.2.push(e.header.commit_ts_us);
+                    }
                 }
                 if !m.table.parents.is_empty() {
                     self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), Vec::new())).1.extend(keys);
@@ -135,7 +142,7 @@ impl Applier {
             return Ok(());
         }
         let q = std::mem::take(&mut self.queue);
-        let vst = self.stmt(sql::UPSERT_VERSIONS_MANY, &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT]).await?;
+        let vst = self.stmt(&sql::upsert_versions_many(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT, Type::INT8_ARRAY]).await?;
         let mut park = Vec::new();
         for (tbl, (t, _)) in &q.parents {
             let mut types = vec![Type::TEXT_ARRAY; t.pk.len()];
@@ -148,9 +155,9 @@ impl Applier {
             let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
             pending.push(async move { client.execute(st, &p).await }.boxed());
         }
-        for ((tbl, author), (keys, stamps)) in &q.versions {
+        for ((tbl, author), (keys, stamps, ts)) in &q.versions {
             let vst = &vst;
-            pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author]).await }.boxed());
+            pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
         }
         futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
         // Parent checks after every row of the batch is in (R9).

@@ -60,28 +60,6 @@ pub fn lock_rows(t: &LocalTable) -> String {
     )
 }
 
-/// Returns, per found row: input ordinal, key text, commit origin and commit
-/// time (µs) of its `xmin`, and the side-table version. Run after
-/// [`lock_rows`] in the same transaction. Parameters: one `text[]` per key
-/// column, then the table name.
-pub fn read_versions(t: &LocalTable) -> String {
-    let (arrays, aliases, conds) = key_join(t, 1);
-    let tbl_param = t.pk.len() + 1;
-    format!(
-        "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, rv.stamp, rv.node \
-         FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, i) \
-         JOIN {qt} t ON {conds} \
-         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true \
-         LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key} \
-         ORDER BY u.i",
-        key = t.key_text_sql("t"),
-        arrays = arrays.join(", "),
-        aliases = aliases.join(", "),
-        qt = t.qualified,
-        conds = conds.join(" AND "),
-    )
-}
-
 /// `UPDATE … FROM unnest(keys…, values…)`.
 pub fn update(t: &LocalTable, set_cols: &[&str]) -> String {
     let (mut arrays, mut aliases, conds) = key_join(t, 1);
@@ -155,21 +133,150 @@ pub fn keyless_update(t: &LocalTable, match_cols: &[&str], set_cols: &[&str]) ->
     )
 }
 
-/// Upserts row versions: `$1` table, `$2` keys, `$3` stamp, `$4` node, `$5` deleted.
-pub const UPSERT_VERSIONS: &str = "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted) \
-     SELECT $1, k, $3, $4, $5 FROM unnest($2::text[]) AS k \
-     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = excluded.deleted";
+/// This node's clock now, µs since the Unix epoch (SQL).
+const LOCAL_TS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
 
-/// Upserts row versions with a stamp per row: `$1` table, `$2` keys, `$3`
-/// stamps, `$4` node.
-pub const UPSERT_VERSIONS_MANY: &str = "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted) \
-     SELECT $1, u.k, u.s, $4, false FROM unnest($2::text[], $3::int8[]) AS u(k, s) \
-     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false";
+/// Upserts the versions of updated (or re-inserted) rows: `$1` table, `$2`
+/// keys, `$3` stamp, `$4` node, `$5` author commit time; the inserting node
+/// stays what it was (the author's for a new entry).
+pub fn upsert_versions() -> String {
+    format!(
+        "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
+         SELECT $1, k, $3, $4, false, $5, {LOCAL_TS}, $4, NULL FROM unnest($2::text[]) AS k \
+         ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
+             local_ts = excluded.local_ts, row_data = NULL, inserted_by = coalesce(CASE WHEN rv.deleted THEN excluded.inserted_by END, rv.inserted_by, excluded.inserted_by)"
+    )
+}
 
-/// Records a conflict or a quarantined change.
-pub const RECORD_CONFLICT: &str = "INSERT INTO branchsync.conflicts \
-     (tbl, key, kind, rule, winner_node, loser_node, local_version, remote_version, detail) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9)";
+/// Upserts the versions of inserted rows, a stamp per row: `$1` table, `$2`
+/// keys, `$3` stamps, `$4` node (the inserting node too), `$5` author commit
+/// times.
+pub fn upsert_versions_many() -> String {
+    format!(
+        "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
+         SELECT $1, u.k, u.s, $4, false, u.t, {LOCAL_TS}, $4, NULL FROM unnest($2::text[], $3::int8[], $5::int8[]) AS u(k, s, t) \
+         ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
+             local_ts = excluded.local_ts, inserted_by = excluded.inserted_by, row_data = NULL"
+    )
+}
+
+/// Upserts tombstones (R13, kept for the retention window): `$1` table, `$2`
+/// keys, `$3` deleted rows (JSON text, NULL when unknown), `$4` stamp, `$5`
+/// node, `$6` author commit time.
+pub fn upsert_tombstones() -> String {
+    format!(
+        "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
+         SELECT $1, u.k, $4, $5, true, $6, {LOCAL_TS}, NULL, u.r::jsonb FROM unnest($2::text[], $3::text[]) AS u(k, r) \
+         ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, ts = excluded.ts, \
+             local_ts = excluded.local_ts, row_data = coalesce(excluded.row_data, rv.row_data)"
+    )
+}
+
+/// Update only where the row is still exactly as its author saw it (the
+/// author's old row, compared as text): the common case, decided without a
+/// conflict in one statement. Returns the keys updated. Parameters: one
+/// `text[]` per key column, per set column (new values), per compared column
+/// (old values).
+pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, mut conds) = key_join(t, 1);
+    let base = t.pk.len() + 1;
+    let mut sets = Vec::new();
+    for (j, c) in set_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + j));
+        aliases.push(format!("v{j}"));
+        sets.push(format!("{} = u.v{j}::{}", quote_ident(c), t.columns[*c].type_name));
+    }
+    let base = base + set_cols.len();
+    for (j, c) in cmp_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + j));
+        aliases.push(format!("o{j}"));
+        conds.push(format!("t.{}::text IS NOT DISTINCT FROM u.o{j}", quote_ident(c)));
+    }
+    format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {} RETURNING {}",
+        t.qualified,
+        sets.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND "),
+        t.key_text_sql("t")
+    )
+}
+
+/// Delete only where the row is still exactly as its author saw it and no
+/// row references it (the main never cascades into rows the author did not
+/// see, R9). Returns the keys deleted and the deleted rows as JSON.
+/// Parameters: one `text[]` per key column, then per compared column.
+pub fn cas_delete(t: &LocalTable, cmp_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, mut conds) = key_join(t, 1);
+    let base = t.pk.len() + 1;
+    for (j, c) in cmp_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + j));
+        aliases.push(format!("o{j}"));
+        conds.push(format!("t.{}::text IS NOT DISTINCT FROM u.o{j}", quote_ident(c)));
+    }
+    for f in &t.children {
+        conds.push(format!("NOT {}", f.referenced_sql("t")));
+    }
+    format!(
+        "DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {} RETURNING {}, to_jsonb(t)::text",
+        t.qualified,
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND "),
+        t.key_text_sql("t")
+    )
+}
+
+/// `INSERT … ON CONFLICT (key) DO UPDATE`: a branch takes the main's row as
+/// it comes. Parameters as [`insert`].
+pub fn upsert(t: &LocalTable, cols: &[&str]) -> String {
+    let mut sql = insert(t, cols, false);
+    if t.pk.is_empty() {
+        return sql;
+    }
+    let pk: Vec<String> = t.pk.iter().map(|c| quote_ident(c)).collect();
+    let sets: Vec<String> = cols.iter().filter(|c| !t.pk.iter().any(|k| k == *c)).map(|c| format!("{0} = excluded.{0}", quote_ident(c))).collect();
+    if sets.is_empty() {
+        sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", pk.join(", ")));
+    } else {
+        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", pk.join(", "), sets.join(", ")));
+    }
+    sql
+}
+
+/// The current rows with these keys, after [`lock_rows`]: input ordinal,
+/// key text, commit origin and time (µs) of `xmin`, every column as text (in
+/// [`LocalTable::order`]), and the side-table version. Parameters: one
+/// `text[]` per key column, then the table name.
+pub fn read_current(t: &LocalTable) -> String {
+    let (arrays, aliases, conds) = key_join(t, 1);
+    let tbl_param = t.pk.len() + 1;
+    let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
+    format!(
+        "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, ARRAY[{cols}]::text[], \
+                rv.stamp, rv.node, rv.ts, rv.local_ts, rv.inserted_by \
+         FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, i) \
+         JOIN {qt} t ON {conds} \
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true \
+         LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key} \
+         ORDER BY u.i",
+        key = t.key_text_sql("t"),
+        cols = cols.join(", "),
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        qt = t.qualified,
+        conds = conds.join(" AND "),
+    )
+}
+
+/// Whether any row references the row with this key (one `text` per key column).
+pub fn has_children(t: &LocalTable) -> String {
+    let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", quote_ident(k), j + 1, t.columns[k].type_name)).collect();
+    let refs: Vec<String> = t.children.iter().map(|f| f.referenced_sql("t")).collect();
+    let refs = if refs.is_empty() { "false".to_string() } else { refs.join(" OR ") };
+    format!("SELECT coalesce((SELECT {refs} FROM {} t WHERE {}), false)", t.qualified, conds.join(" AND "))
+}
 
 /// The stream's durable progress, in the apply transaction (R4).
 pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, lsn, updated_at) VALUES ($1, $2, $3, now()) \

@@ -44,6 +44,11 @@ pub struct LocalTable {
     /// foreign-key triggers do not fire under `session_replication_role =
     /// replica` (R9).
     pub parents: Vec<ForeignKey>,
+    /// Foreign keys of other tables that reference this one: the main does
+    /// not delete a row that still has children its deleter never saw (R9).
+    pub children: Vec<ForeignKey>,
+    /// Column names in attribute order.
+    pub order: Vec<String>,
     /// Column renames made here, oldest first: `(old, new)` (R20).
     pub renames: Vec<(String, String)>,
 }
@@ -66,6 +71,16 @@ impl ForeignKey {
         let set: Vec<String> = self.columns.iter().map(|c| format!("{alias}.{c} IS NOT NULL")).collect();
         let eq: Vec<String> = self.columns.iter().zip(&self.parent_columns).map(|(c, p)| format!("p.{p} = {alias}.{c}")).collect();
         format!("({} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {}))", set.join(" AND "), self.parent, eq.join(" AND "))
+    }
+}
+
+impl ForeignKey {
+    /// Seen from the referenced table (an entry of [`LocalTable::children`]):
+    /// SQL condition over alias `alias` (the referenced row) that holds when
+    /// some row of the referencing table points at it.
+    pub fn referenced_sql(&self, alias: &str) -> String {
+        let eq: Vec<String> = self.columns.iter().zip(&self.parent_columns).map(|(mine, theirs)| format!("c.{theirs} = {alias}.{mine}")).collect();
+        format!("EXISTS (SELECT 1 FROM {} c WHERE {})", self.parent, eq.join(" AND "))
     }
 }
 
@@ -112,8 +127,10 @@ impl LocalTable {
             return Ok(None);
         }
         let mut columns = HashMap::new();
+        let mut order = Vec::with_capacity(rows.len());
         for r in rows {
             let n: String = r.get(0);
+            order.push(n.clone());
             columns.insert(
                 n.clone(),
                 LocalColumn {
@@ -159,6 +176,31 @@ impl LocalTable {
                 parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
             })
             .collect();
+        // The same, seen from the referenced side: `parent` is the
+        // referencing table, `columns` this table's columns.
+        let child_rows = client
+            .query(
+                "SELECT cn.nspname::text, cc.relname::text, \
+                        array(SELECT a.attname::text FROM unnest(f.confkey) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.confrelid AND a.attnum = k.n ORDER BY k.o), \
+                        array(SELECT a.attname::text FROM unnest(f.conkey) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.conrelid AND a.attnum = k.n ORDER BY k.o) \
+                 FROM pg_constraint f \
+                 JOIN pg_class c ON c.oid = f.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_class cc ON cc.oid = f.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace \
+                 WHERE f.contype = 'f' AND n.nspname = $1 AND c.relname = $2 ORDER BY f.conname",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the foreign keys that reference {schema}.{name}")))?;
+        let children = child_rows
+            .iter()
+            .map(|r| ForeignKey {
+                parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
+                columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
+                parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
+            })
+            .collect();
         let renames = client
             .query(
                 "SELECT old_name, new_name FROM branchsync.column_renames WHERE schema_name = $1 AND table_name = $2 ORDER BY id",
@@ -175,6 +217,8 @@ impl LocalTable {
             columns,
             pk: pk_rows.iter().map(|r| r.get(0)).collect(),
             parents,
+            children,
+            order,
             renames,
         }))
     }

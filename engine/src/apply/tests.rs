@@ -57,7 +57,7 @@ impl Site {
     }
 
     async fn applier_for(&self, stream: &str, state: Arc<StreamState>, budget: Duration, lock_timeout_ms: u64) -> Applier {
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default(), tables: Default::default() };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None };
         Applier::connect(&self.pg.url(), cfg, stream, state).await.unwrap().0
     }
 
@@ -113,8 +113,8 @@ fn cs(pos: u64, author: &str, stamp: u64, table: TableDesc, changes: Vec<RowChan
 }
 
 fn cs_tables(pos: u64, author: &str, stamp: u64, tables: Vec<TableDesc>, changes: Vec<RowChange>) -> LogEntry {
-    let header = ChangeSetHeader { author: author.into(), author_index: 1, system_id: 9, commit_lsn: 0x10_0000 + pos, commit_ts_us: stamp as i64, stamp };
-    LogEntry { pos, header, part: 0, last: true, tables, changes }
+    let header = ChangeSetHeader { author: author.into(), author_index: 1, system_id: 9, commit_lsn: 0x10_0000 + pos, commit_ts_us: stamp as i64, stamp, seen_main_ts: 0 };
+    LogEntry { pos, header, part: 0, last: true, tables, changes, relay_ts_us: 0 }
 }
 
 fn vals(vs: &[&str]) -> Vec<Value> {
@@ -291,7 +291,8 @@ async fn r6_a_failing_group_splits_the_bad_change_is_quarantined_and_later_chang
 /// after the incoming change's stamp, is a local version even though
 /// capture never logged it and the side table still holds the older
 /// applied version: the older incoming update loses and is recorded; a
-/// newer one wins and is no conflict.
+/// newer one (that had not seen the cashier's version either) wins, and the
+/// cashier's version it overwrote is recorded.
 #[tokio::test]
 async fn r7_a_newer_local_version_is_kept_and_an_older_incoming_update_is_recorded() {
     let site = Site::new("CREATE TABLE prices (id int PRIMARY KEY, price numeric);", &[]).await;
@@ -311,7 +312,11 @@ async fn r7_a_newer_local_version_is_kept_and_an_older_incoming_update_is_record
     a.commit().await.unwrap();
     assert_eq!(site.rows("SELECT id, price FROM prices ORDER BY id").await, ["(1,15)", "(2,22)"]);
     let c = site.rows("SELECT kind, key, winner_node, loser_node, local_version->>'price', remote_version->>'price' FROM branchsync.conflicts").await;
-    assert_eq!(c, ["(update_update,\"[\"\"1\"\"]\",main,branch1,15,11)"], "only the losing incoming update is recorded, with both versions");
+    assert_eq!(
+        c,
+        ["(update_update,\"[\"\"1\"\"]\",main,branch1,15,11)", "(update_update,\"[\"\"2\"\"]\",branch1,main,25,22)"],
+        "the losing incoming update is recorded, and so is the local version a newer incoming one overwrote, each with both versions"
+    );
     assert_eq!(site.progress().await, 3, "a discarded change is still applied progress");
 }
 
@@ -413,7 +418,10 @@ async fn r8_a_lock_timeout_is_transient_moves_no_progress_and_the_retry_applies_
         "branch1",
         FAR_FUTURE,
         tables,
-        vec![RowChange::Insert { table: 0, new: vals(&["1", "-1"]) }, RowChange::Update { table: 1, old: None, new: vals(&["1", "4"]) }],
+        vec![
+            RowChange::Insert { table: 0, new: vals(&["1", "-1"]) },
+            RowChange::Update { table: 1, old: Some(OldRow { full: true, values: vals(&["1", "5"]) }), new: vals(&["1", "4"]) },
+        ],
     )];
     // A cashier holds the row.
     let cashier = site.pg.connect().await;

@@ -4,8 +4,8 @@
 //!   table_rewrite    ─> remember tables rewritten to fill a new column
 //!   sql_drop         ─> was a replicated object dropped? forget its snapshot
 //!   ddl_command_end  ─> per command: stripe sequences (R18), add new tables
-//!                       to the publication, REPLICA IDENTITY FULL for keyless
-//!                       ones, record renames (R20), ship values of new
+//!                       to the publication, REPLICA IDENTITY FULL (every
+//!                       table), record renames (R20), ship values of new
 //!                       non-constant columns; then, once per statement in
 //!                       scope: bump schema_version, log it in ddl_log and,
 //!                       unless replaying, pg_logical_emit_message('branchsync.ddl')
@@ -186,10 +186,9 @@ BEGIN
         DROP TABLE branchsync_ctas_rows;
     END IF;
     has_pk := EXISTS (SELECT 1 FROM pg_index WHERE indrelid = rel AND indisprimary);
-    IF NOT has_pk AND t.relreplident IN ('d', 'n') THEN
+    -- Every change carries the row as its author saw it (R11, R12, R16).
+    IF t.relreplident <> 'f' THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', q);
-    ELSIF has_pk AND t.relreplident = 'n' THEN
-        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', q);
     END IF;
     -- Renames (R20), against the snapshot.
     INSERT INTO branchsync.table_renames (old_schema, old_name, new_schema, new_name)

@@ -1,0 +1,782 @@
+//! Deciding at the main: the one place where concurrent versions meet.
+//!
+//! ```text
+//!   branch change L (old row as the branch saw it, new row, context)
+//!        │
+//!        ├─ batch: UPDATE/DELETE … WHERE the row is still exactly L's old row
+//!        │         (no one else changed it: no conflict, one statement)
+//!        └─ the rest, one by one, under the row's lock (R7):
+//!             current version V = (node, stamp, inserting node, when the main wrote it)
+//!             seen   = V is L's author's, or the main wrote V before the last relay
+//!                      entry L's author had applied (R15)
+//!             merge  = per column against L's old row: a column only one side changed
+//!                      takes that side; delta columns add L's difference (R16); a
+//!                      column both changed is a conflict: L wins if it had seen V,
+//!                      else the table's rule decides (lww, main_wins, branch_wins)
+//!             record = every discarded version goes to branchsync.conflicts (and
+//!                      travels to every node in the relay)
+//!             verdict= when the result is not what L's author will hold once it has
+//!                      applied the relay, the row as the main holds it goes back
+//!                      to the author
+//! ```
+//!
+//! # Why every node converges
+//!
+//! Only the main decides. Branches apply the main's relay as it comes (it is
+//! the main's history, in its commit order) and take the verdicts about their
+//! own changes; their own pending changes are never overwritten by a verdict
+//! about an older one. Every branch change reaches the main exactly once and
+//! leads to exactly one decision there, so once the links are idle every
+//! branch holds the main's rows. The rules themselves are total orders over
+//! versions ([`crate::conflict::incoming_wins`]), so the outcome does not
+//! depend on which branch reached the main first more than the rule says.
+//!
+//! # Clocks
+//!
+//! Stamps are commit times corrected by each branch's measured clock offset
+//! (R14) and raised above everything their author had seen, so an informed
+//! change always carries the larger stamp and a shop PC an hour fast does not
+//! win every conflict. A version whose commit time vacuum has frozen away is
+//! older than any offline window the main accepts (R23): it counts as seen by
+//! everyone, which is what it was.
+
+use std::collections::HashMap;
+
+use branchsync_proto::{ChangeSetHeader, ConflictRecord, LogEntry, RowChange, TableDesc, Value, Verdict};
+use tokio_postgres::types::{ToSql, Type};
+
+use super::{key_text, row_json, sql, Applier, Mapping};
+use crate::conflict::{incoming_wins, DeleteConflict, Held, UniqueConflict};
+use crate::state::{CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
+use crate::EngineError;
+
+/// The main's current version of one row.
+#[derive(Debug, Clone)]
+pub(super) struct Current {
+    /// Every local column as text.
+    pub values: HashMap<String, Option<String>>,
+    /// Who wrote it, its stamp, who inserted the row.
+    pub held: Held,
+    /// When the main wrote it (µs, the main's clock); 0 when unknown.
+    pub main_ts: i64,
+    /// Older than anything a peer could not have seen: a row from before
+    /// `init`, or one whose commit time is gone.
+    pub baseline: bool,
+}
+
+/// A conflict to record.
+pub(super) struct NewConflict<'a> {
+    pub tbl: &'a str,
+    pub key: Option<String>,
+    pub kind: &'a str,
+    pub rule: &'a str,
+    pub winner: Option<String>,
+    pub loser: Option<String>,
+    pub local: Option<String>,
+    pub remote: Option<String>,
+    pub detail: Option<String>,
+}
+
+fn text(v: &Value) -> Option<Option<&str>> {
+    match v {
+        Value::Null => Some(None),
+        Value::Text(s) => Some(Some(s.as_str())),
+        Value::Unchanged => None,
+    }
+}
+
+fn values_json(values: &HashMap<String, Option<String>>) -> String {
+    let m: serde_json::Map<String, serde_json::Value> =
+        values.iter().map(|(k, v)| (k.clone(), v.as_ref().map(|s| serde_json::Value::String(s.clone())).unwrap_or(serde_json::Value::Null))).collect();
+    serde_json::Value::Object(m).to_string()
+}
+
+impl Applier {
+    /// Locks and reads the current rows with these keys (R7).
+    pub(super) async fn lock_and_read_current(&mut self, m: &Mapping, keys: &[Vec<String>]) -> Result<HashMap<usize, Current>, EngineError> {
+        let t = &m.table;
+        let key_arrays: Vec<Vec<&str>> = (0..t.pk.len()).map(|j| keys.iter().map(|k| k[j].as_str()).collect()).collect();
+        let lock = self.stmt(&sql::lock_rows(t), &vec![Type::TEXT_ARRAY; key_arrays.len()]).await?;
+        let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
+        types.push(Type::TEXT);
+        let read = self.stmt(&sql::read_current(t), &types).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        self.conn.client.execute(&lock, &params).await.map_err(EngineError::pg(format!("locking rows of {}", t.name)))?;
+        params.push(&t.name);
+        let rows = self.conn.client.query(&read, &params).await.map_err(EngineError::pg(format!("reading the rows of {}", t.name)))?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let i: i64 = r.get(0);
+            let roident: Option<i64> = r.get(2);
+            let cts: Option<i64> = r.get(3);
+            let vals: Vec<Option<String>> = r.get(4);
+            let rv_stamp: Option<i64> = r.get(5);
+            let rv_node: Option<String> = r.get(6);
+            let rv_local_ts: Option<i64> = r.get(8);
+            let rv_ins: Option<String> = r.get(9);
+            let values = t.order.iter().cloned().zip(vals).collect();
+            let local = roident == Some(0) || (roident.is_none() && rv_stamp.is_none());
+            let cur = if local {
+                // Written here by the ERP (or before init): its commit time on
+                // the main's clock is its version.
+                match cts {
+                    Some(ts) if ts >= self.init_ts_us => Current {
+                        values,
+                        held: Held { node: self.cfg.node.clone(), stamp: ts.max(0) as u64, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
+                        main_ts: ts,
+                        baseline: false,
+                    },
+                    _ => Current {
+                        values,
+                        held: Held { node: String::new(), stamp: 0, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
+                        main_ts: 0,
+                        baseline: true,
+                    },
+                }
+            } else {
+                match (rv_stamp, rv_node) {
+                    (Some(stamp), Some(node)) => Current {
+                        values,
+                        held: Held { node: node.clone(), stamp: stamp.max(0) as u64, inserted_by: rv_ins.unwrap_or(node) },
+                        main_ts: rv_local_ts.unwrap_or(0),
+                        baseline: rv_local_ts.unwrap_or(0) == 0,
+                    },
+                    _ => Current { values, held: Held { node: String::new(), stamp: 0, inserted_by: self.cfg.node.clone() }, main_ts: 0, baseline: true },
+                }
+            };
+            out.insert(i as usize - 1, cur);
+        }
+        Ok(out)
+    }
+
+    /// Whether `h`'s author had seen the version `cur` (R15).
+    fn had_seen(&self, h: &ChangeSetHeader, cur: &Current) -> bool {
+        cur.baseline || cur.held.node == h.author || (cur.main_ts > 0 && cur.main_ts <= h.seen_main_ts)
+    }
+
+    /// Updates or deletes of one table, at the main.
+    pub(super) async fn decide_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
+        let Some(t) = super::change_table(&run[0]) else { return Ok(()) };
+        let Some(m) = maps[t as usize].clone() else { return Ok(()) };
+        let desc = &e.tables[t as usize];
+        let Some(ks) = m.key_src.clone() else { return Ok(()) };
+        let is_delete = matches!(run[0], RowChange::Delete { .. });
+        // The batch: rows still exactly as the author saw them.
+        let done = self.compare_and_set(e, &m, desc, &ks, run, is_delete).await?;
+        for (idx, ch) in run.iter().enumerate() {
+            if done.get(idx).copied().unwrap_or(false) {
+                continue;
+            }
+            match ch {
+                RowChange::Update { old, new, .. } => self.decide_update(e, &m, desc, &ks, old.as_ref().map(|o| o.values.as_slice()), new).await?,
+                RowChange::Delete { old, .. } => self.decide_delete(e, &m, desc, &ks, &old.values, old.full).await?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies, in one statement, the changes whose row is still exactly the
+    /// author's old row; returns which ones were applied.
+    async fn compare_and_set(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ks: &[usize], run: &[RowChange], is_delete: bool) -> Result<Vec<bool>, EngineError> {
+        let mut done = vec![false; run.len()];
+        // Only changes with the whole old row, no unknown value and no key change.
+        let mut batch: Vec<usize> = Vec::new();
+        for (i, ch) in run.iter().enumerate() {
+            let ok = match ch {
+                RowChange::Update { old: Some(o), new, .. } => {
+                    o.full
+                        && !o.values.iter().chain(new.iter()).any(|v| matches!(v, Value::Unchanged))
+                        && ks.iter().all(|k| o.values.get(*k) == new.get(*k))
+                }
+                RowChange::Delete { old, .. } => old.full && !old.values.iter().any(|v| matches!(v, Value::Unchanged)),
+                _ => false,
+            };
+            if ok {
+                batch.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(done);
+        }
+        let cmp_src: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
+        let cmp_names: Vec<&str> = cmp_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let old_of = |ch: &RowChange| -> Vec<Value> {
+            match ch {
+                RowChange::Update { old: Some(o), .. } | RowChange::Delete { old: o, .. } => o.values.clone(),
+                _ => Vec::new(),
+            }
+        };
+        let olds: Vec<Vec<Value>> = batch.iter().map(|i| old_of(&run[*i])).collect();
+        let keys: Vec<Vec<Option<&str>>> = (0..ks.len()).map(|j| olds.iter().map(|o| o.get(ks[j]).and_then(Value::as_text)).collect()).collect();
+        let cmp_vals: Vec<Vec<Option<&str>>> = cmp_src.iter().map(|c| olds.iter().map(|o| o.get(*c).and_then(Value::as_text)).collect()).collect();
+        let stamp = e.header.stamp as i64;
+        let applied_keys: Vec<String>;
+        if is_delete {
+            let st = self.stmt(&sql::cas_delete(&m.table, &cmp_names), &vec![Type::TEXT_ARRAY; ks.len() + cmp_names.len()]).await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            params.extend(cmp_vals.iter().map(|a| a as &(dyn ToSql + Sync)));
+            let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
+            let mut tomb_keys = Vec::with_capacity(rows.len());
+            let mut tomb_rows = Vec::with_capacity(rows.len());
+            for r in rows {
+                tomb_keys.push(r.get::<_, String>(0));
+                tomb_rows.push(r.get::<_, Option<String>>(1));
+            }
+            if !tomb_keys.is_empty() {
+                let ts = self.stmt(&sql::upsert_tombstones(), &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+                self.conn
+                    .client
+                    .execute(&ts, &[&m.table.name, &tomb_keys, &tomb_rows, &stamp, &e.header.author, &e.header.commit_ts_us])
+                    .await
+                    .map_err(EngineError::pg("recording tombstones"))?;
+            }
+            applied_keys = tomb_keys;
+        } else {
+            let set_src: Vec<usize> = cmp_src.iter().copied().filter(|i| m.local(*i).is_some_and(|c| !c.identity_always)).collect();
+            let set_names: Vec<&str> = set_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+            if set_names.is_empty() {
+                return Ok(done);
+            }
+            let news: Vec<&Vec<Value>> = batch.iter().map(|i| match &run[*i] { RowChange::Update { new, .. } => new, _ => super::unreachable_change() }).collect();
+            let set_vals: Vec<Vec<Option<&str>>> = set_src.iter().map(|c| news.iter().map(|n| n.get(*c).and_then(Value::as_text)).collect()).collect();
+            let st = self.stmt(&sql::cas_update(&m.table, &set_names, &cmp_names), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len() + cmp_names.len()]).await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            params.extend(set_vals.iter().map(|a| a as &(dyn ToSql + Sync)));
+            params.extend(cmp_vals.iter().map(|a| a as &(dyn ToSql + Sync)));
+            let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying updates to {}", m.table.name)))?;
+            applied_keys = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+            if !applied_keys.is_empty() {
+                let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+                self.conn
+                    .client
+                    .execute(&vst, &[&m.table.name, &applied_keys, &stamp, &e.header.author, &e.header.commit_ts_us])
+                    .await
+                    .map_err(EngineError::pg("recording row versions"))?;
+            }
+        }
+        let applied: std::collections::HashSet<String> = applied_keys.into_iter().collect();
+        for (n, i) in batch.iter().enumerate() {
+            let k: Vec<&str> = (0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect();
+            if applied.contains(&key_text(&k)) {
+                done[*i] = true;
+            }
+        }
+        let _ = desc;
+        Ok(done)
+    }
+
+    /// One update whose row is not as its author saw it: merge, decide, record.
+    async fn decide_update(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ks: &[usize], old: Option<&[Value]>, new: &[Value]) -> Result<(), EngineError> {
+        let h = &e.header;
+        let key_vals: Vec<String> = ks.iter().map(|k| old.and_then(|o| o.get(*k)).or(new.get(*k)).and_then(Value::as_text).unwrap_or("").to_string()).collect();
+        let key = key_text(&key_vals.iter().map(String::as_str).collect::<Vec<_>>());
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        let cur = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0);
+        let Some(cur) = cur else {
+            return self.update_of_missing_row(e, m, desc, &key, new).await;
+        };
+        let seen = self.had_seen(h, &cur);
+        let full_old = old.filter(|o| o.len() == new.len());
+        // Per column: what to set, and which columns both sides changed.
+        let mut sets: Vec<(String, String, Option<String>)> = Vec::new(); // (column, sql expr, value)
+        let mut clashes: Vec<(String, Option<String>)> = Vec::new();
+        for (i, target) in m.targets.iter().enumerate() {
+            let Some(col) = target else { continue };
+            let Some(lc) = m.table.columns.get(col) else { continue };
+            if lc.identity_always || lc.generated {
+                continue;
+            }
+            let Some(new_v) = new.get(i).and_then(text) else { continue };
+            let cur_v = cur.values.get(col).cloned().flatten();
+            let base = full_old.and_then(|o| o.get(i)).and_then(text);
+            if rule.delta.iter().any(|d| d == col) {
+                if let (Some(Some(b)), Some(n)) = (base, new_v) {
+                    // R16: the author's difference, added to what is here.
+                    if b != n {
+                        sets.push((col.clone(), format!("{0} = {0} + (${{}}::text::numeric - ${{}}::text::numeric)::{1}", lc.quoted, lc.type_name), Some(format!("{n}\u{0}{b}"))));
+                    }
+                    continue;
+                }
+            }
+            let new_s = new_v.map(str::to_string);
+            match base {
+                Some(b) => {
+                    let b = b.map(str::to_string);
+                    if new_s == b || new_s == cur_v {
+                        continue;
+                    }
+                    if cur_v == b {
+                        sets.push((col.clone(), String::new(), new_s));
+                    } else {
+                        clashes.push((col.clone(), new_s));
+                    }
+                }
+                // No old row: every differing column is a clash.
+                None => {
+                    if new_s != cur_v {
+                        clashes.push((col.clone(), new_s));
+                    }
+                }
+            }
+        }
+        let mut lost = false;
+        if !clashes.is_empty() {
+            let wins = seen || incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp);
+            let cols: Vec<&str> = clashes.iter().map(|(c, _)| c.as_str()).collect();
+            if !seen {
+                let (winner, loser) = if wins { (h.author.clone(), cur.held.node.clone()) } else { (cur.held.node.clone(), h.author.clone()) };
+                self.record_conflict(NewConflict {
+                    tbl: &m.table.name,
+                    key: Some(key.clone()),
+                    kind: "update_update",
+                    rule: rule.rule.name(),
+                    winner: Some(winner.clone()),
+                    loser: Some(loser),
+                    local: Some(values_json(&cur.values)),
+                    remote: Some(row_json(desc, new)),
+                    detail: Some(format!(
+                        "{} and {} changed column(s) {} concurrently; {}'s version is kept by rule {} (stamps {} and {})",
+                        if cur.held.node.is_empty() { "the baseline" } else { cur.held.node.as_str() },
+                        h.author,
+                        cols.join(", "),
+                        winner,
+                        rule.rule.name(),
+                        cur.held.stamp,
+                        h.stamp
+                    )),
+                })
+                .await?;
+            }
+            if wins {
+                for (c, v) in clashes {
+                    sets.push((c, String::new(), v));
+                }
+            } else {
+                lost = true;
+            }
+        }
+        // Write the merged row and its version.
+        let result = if sets.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &sets).await? };
+        if !sets.is_empty() {
+            let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+            let stamp = h.stamp as i64;
+            self.conn
+                .client
+                .execute(&vst, &[&m.table.name, &vec![key.clone()], &stamp, &h.author, &h.commit_ts_us])
+                .await
+                .map_err(EngineError::pg("recording row versions"))?;
+        }
+        let _ = lost;
+        // What the author holds once it applied the relay: its own row if it
+        // had seen V, V otherwise (V reaches it in the relay).
+        let expected: Vec<Option<Option<String>>> = m
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_ref().map(|c| if seen { new.get(i).and_then(text).map(|v| v.map(str::to_string)).unwrap_or_else(|| cur.values.get(c).cloned().flatten()) } else { cur.values.get(c).cloned().flatten() })
+            })
+            .collect();
+        let actual: Vec<Option<Option<String>>> = m.targets.iter().map(|t| t.as_ref().map(|c| result.get(c).cloned().flatten())).collect();
+        if expected != actual {
+            self.emit_verdict(e, m, desc, ks, &key_vals, Some(&result)).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs one UPDATE of one row with the given SET items; returns the row.
+    async fn write_sets(&mut self, m: &Mapping, key_vals: &[String], sets: &[(String, String, Option<String>)]) -> Result<HashMap<String, Option<String>>, EngineError> {
+        let t = &m.table;
+        let mut params: Vec<Option<String>> = key_vals.iter().map(|k| Some(k.clone())).collect();
+        let mut items = Vec::new();
+        for (col, expr, val) in sets {
+            let lc = &t.columns[col];
+            if expr.is_empty() {
+                params.push(val.clone());
+                items.push(format!("{} = ${}::text::{}", lc.quoted, params.len(), lc.type_name));
+            } else {
+                // A delta: "new\0old".
+                let (n, o) = val.as_deref().and_then(|v| v.split_once('\u{0}')).unwrap_or(("0", "0"));
+                params.push(Some(n.to_string()));
+                let pn = params.len();
+                params.push(Some(o.to_string()));
+                let po = params.len();
+                items.push(expr.replacen("${}", &format!("${pn}"), 1).replacen("${}", &format!("${po}"), 1));
+            }
+        }
+        let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
+        let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect();
+        let q = format!("UPDATE {} AS t SET {} WHERE {} RETURNING ARRAY[{}]::text[]", t.qualified, items.join(", "), conds.join(" AND "), cols.join(", "));
+        let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let row = self.conn.client.query_one(&q, &p).await.map_err(EngineError::pg(format!("applying a merged update to {}", t.name)))?;
+        let vals: Vec<Option<String>> = row.get(0);
+        Ok(t.order.iter().cloned().zip(vals).collect())
+    }
+
+    /// An update for a row that is not here.
+    async fn update_of_missing_row(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, key: &str, new: &[Value]) -> Result<(), EngineError> {
+        let h = &e.header;
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        let tomb = self
+            .conn
+            .client
+            .query_opt("SELECT node, row_data::text FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted", &[&m.table.name, &key])
+            .await
+            .map_err(EngineError::pg("reading a tombstone"))?;
+        let Some(tomb) = tomb else {
+            return self
+                .record_conflict(NewConflict {
+                    tbl: &m.table.name,
+                    key: Some(key.to_string()),
+                    kind: "update_missing",
+                    rule: rule.rule.name(),
+                    winner: None,
+                    loser: Some(h.author.clone()),
+                    local: None,
+                    remote: Some(row_json(desc, new)),
+                    detail: Some("the row does not exist here and no delete of it is remembered".into()),
+                })
+                .await;
+        };
+        let (deleter, deleted_row): (String, Option<String>) = (tomb.get(0), tomb.get(1));
+        if rule.on_delete_conflict == DeleteConflict::UpdateWins && !new.iter().any(|v| matches!(v, Value::Unchanged)) {
+            // The update brings the row back, at every node.
+            self.insert_or_resolve_row(e, m, desc, new, false).await?;
+            self.record_conflict(NewConflict {
+                tbl: &m.table.name,
+                key: Some(key.to_string()),
+                kind: "update_delete",
+                rule: "update_wins",
+                winner: Some(h.author.clone()),
+                loser: Some(deleter.clone()),
+                local: deleted_row,
+                remote: Some(row_json(desc, new)),
+                detail: Some(format!("{deleter} deleted the row while {} updated it; the update wins and restores it", h.author)),
+            })
+            .await?;
+            let ks = m.key_src.clone().unwrap_or_default();
+            let key_vals: Vec<String> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
+            let row = self.read_row(m, &key_vals).await?;
+            return self.emit_verdict(e, m, desc, &ks, &key_vals, row.as_ref()).await;
+        }
+        self.record_conflict(NewConflict {
+            tbl: &m.table.name,
+            key: Some(key.to_string()),
+            kind: "update_delete",
+            rule: "delete_wins",
+            winner: Some(deleter.clone()),
+            loser: Some(h.author.clone()),
+            local: deleted_row,
+            remote: Some(row_json(desc, new)),
+            detail: Some(format!("{deleter} deleted the row while {} updated it; the delete wins", h.author)),
+        })
+        .await
+    }
+
+    /// One delete whose row is not as its author saw it.
+    async fn decide_delete(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ks: &[usize], old: &[Value], full: bool) -> Result<(), EngineError> {
+        let h = &e.header;
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        let key_vals: Vec<String> = ks.iter().map(|k| old.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
+        let key = key_text(&key_vals.iter().map(String::as_str).collect::<Vec<_>>());
+        let Some(cur) = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0) else {
+            // Deleted here too: nothing to decide.
+            return Ok(());
+        };
+        // Rows that reference it, which its deleter never saw, keep it (R9).
+        if !m.table.children.is_empty() {
+            let st = self.stmt(&sql::has_children(&m.table), &vec![Type::TEXT; key_vals.len()]).await?;
+            let p: Vec<&(dyn ToSql + Sync)> = key_vals.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+            let referenced: bool = self.conn.client.query_one(&st, &p).await.map_err(EngineError::pg("looking for rows that reference a deleted row"))?.get(0);
+            if referenced {
+                self.record_conflict(NewConflict {
+                    tbl: &m.table.name,
+                    key: Some(key.clone()),
+                    kind: "delete_referenced",
+                    rule: rule.rule.name(),
+                    winner: Some(cur.held.node.clone()),
+                    loser: Some(h.author.clone()),
+                    local: Some(values_json(&cur.values)),
+                    remote: Some(format!("{{\"deleted\": {}}}", row_json(desc, old))),
+                    detail: Some(format!("{} deleted a row that rows it never saw still reference; the row is kept", h.author)),
+                })
+                .await?;
+                return self.emit_verdict(e, m, desc, ks, &key_vals, Some(&cur.values)).await;
+            }
+        }
+        let changed = full
+            && m.targets.iter().enumerate().any(|(i, t)| {
+                t.as_ref().is_some_and(|c| old.get(i).and_then(text).is_some_and(|o| o.map(str::to_string) != cur.values.get(c).cloned().flatten()))
+            });
+        if changed && !self.had_seen(h, &cur) && rule.on_delete_conflict == DeleteConflict::UpdateWins {
+            self.record_conflict(NewConflict {
+                tbl: &m.table.name,
+                key: Some(key.clone()),
+                kind: "update_delete",
+                rule: "update_wins",
+                winner: Some(cur.held.node.clone()),
+                loser: Some(h.author.clone()),
+                local: Some(values_json(&cur.values)),
+                remote: Some(format!("{{\"deleted\": {}}}", row_json(desc, old))),
+                detail: Some(format!("{} deleted the row while {} updated it; the update wins and the row stays", h.author, cur.held.node)),
+            })
+            .await?;
+            return self.emit_verdict(e, m, desc, ks, &key_vals, Some(&cur.values)).await;
+        }
+        if changed && !self.had_seen(h, &cur) {
+            self.record_conflict(NewConflict {
+                tbl: &m.table.name,
+                key: Some(key.clone()),
+                kind: "update_delete",
+                rule: "delete_wins",
+                winner: Some(h.author.clone()),
+                loser: Some(cur.held.node.clone()),
+                local: Some(values_json(&cur.values)),
+                remote: Some(format!("{{\"deleted\": {}}}", row_json(desc, old))),
+                detail: Some(format!("{} updated the row while {} deleted it; the delete wins", cur.held.node, h.author)),
+            })
+            .await?;
+        }
+        let st = self.stmt(&sql::delete(&m.table), &vec![Type::TEXT_ARRAY; ks.len()]).await?;
+        let arrays: Vec<Vec<&str>> = key_vals.iter().map(|k| vec![k.as_str()]).collect();
+        let p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        self.conn.client.execute(&st, &p).await.map_err(EngineError::pg(format!("applying a delete to {}", m.table.name)))?;
+        let ts = self.stmt(&sql::upsert_tombstones(), &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+        let stamp = h.stamp as i64;
+        self.conn
+            .client
+            .execute(&ts, &[&m.table.name, &vec![key], &vec![Some(values_json(&cur.values))], &stamp, &h.author, &h.commit_ts_us])
+            .await
+            .map_err(EngineError::pg("recording a tombstone"))?;
+        Ok(())
+    }
+
+    /// The row with this key as text, by local column.
+    async fn read_row(&mut self, m: &Mapping, key_vals: &[String]) -> Result<Option<HashMap<String, Option<String>>>, EngineError> {
+        let t = &m.table;
+        let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
+        let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect();
+        let q = format!("SELECT ARRAY[{}]::text[] FROM {} t WHERE {}", cols.join(", "), t.qualified, conds.join(" AND "));
+        let p: Vec<&(dyn ToSql + Sync)> = key_vals.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let row = self.conn.client.query_opt(&q, &p).await.map_err(EngineError::pg(format!("reading a row of {}", t.name)))?;
+        Ok(row.map(|r| t.order.iter().cloned().zip(r.get::<_, Vec<Option<String>>>(0)).collect()))
+    }
+
+    /// Inserts one row; on a key or unique clash, decides by the rule (at
+    /// the main) and records what lost. `verdicts`: tell the author when the
+    /// result is not its row.
+    pub(super) async fn insert_or_resolve_row(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value], verdicts: bool) -> Result<(), EngineError> {
+        let h = &e.header;
+        let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some() && !matches!(new.get(*i), Some(Value::Unchanged))).collect();
+        let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let st = self.stmt(&sql::insert(&m.table, &names, true), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+        let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(Value::as_text)]).collect();
+        let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying an insert to {}", m.table.name)))?;
+        let Some(ks) = m.key_src.clone() else { return Ok(()) };
+        let key_vals: Vec<String> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
+        let key = key_text(&key_vals.iter().map(String::as_str).collect::<Vec<_>>());
+        if !rows.is_empty() {
+            let vst = self.stmt(&sql::upsert_versions_many(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT, Type::INT8_ARRAY]).await?;
+            self.conn
+                .client
+                .execute(&vst, &[&m.table.name, &vec![key], &vec![h.stamp as i64], &h.author, &vec![h.commit_ts_us]])
+                .await
+                .map_err(EngineError::pg("recording row versions"))?;
+            return Ok(());
+        }
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        if let Some(cur) = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0) {
+            // Two nodes inserted the same key.
+            let wins = incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp);
+            let (winner, loser) = if wins { (h.author.clone(), cur.held.node.clone()) } else { (cur.held.node.clone(), h.author.clone()) };
+            self.record_conflict(NewConflict {
+                tbl: &m.table.name,
+                key: Some(key.clone()),
+                kind: "insert_insert",
+                rule: rule.rule.name(),
+                winner: Some(winner.clone()),
+                loser: Some(loser),
+                local: Some(values_json(&cur.values)),
+                remote: Some(row_json(desc, new)),
+                detail: Some(format!("{} and {} inserted the same key; {winner}'s row is kept", cur.held.node, h.author)),
+            })
+            .await?;
+            if wins {
+                let sets: Vec<(String, String, Option<String>)> = cols
+                    .iter()
+                    .filter(|i| m.local(**i).is_some_and(|c| !c.identity_always && !c.generated))
+                    .map(|i| (m.targets[*i].clone().unwrap_or_default(), String::new(), new.get(*i).and_then(Value::as_text).map(str::to_string)))
+                    .collect();
+                let result = self.write_sets(m, &key_vals, &sets).await?;
+                let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+                self.conn
+                    .client
+                    .execute(&vst, &[&m.table.name, &vec![key.clone()], &(h.stamp as i64), &h.author, &h.commit_ts_us])
+                    .await
+                    .map_err(EngineError::pg("recording row versions"))?;
+                if verdicts {
+                    self.emit_verdict(e, m, desc, &ks, &key_vals, Some(&result)).await?;
+                }
+            }
+            return Ok(());
+        }
+        // Another row holds the same value of a unique constraint.
+        let other = self.unique_holder(m, &cols, &names, new).await?;
+        let merge = rule.on_unique_conflict == UniqueConflict::Merge && other.is_some();
+        let detail = match (&other, merge) {
+            (Some(k), true) => format!("the row holds the same unique value as {k} here; it is folded into that row and rows referencing it are re-pointed"),
+            (Some(k), false) => format!("the row holds the same unique value as {k} here; it is not applied (set on_unique_conflict = \"merge\" to fold such rows)"),
+            (None, _) => "another row here holds the same value of a unique constraint; the row is not applied".to_string(),
+        };
+        self.record_conflict(NewConflict {
+            tbl: &m.table.name,
+            key: Some(key.clone()),
+            kind: "insert_unique",
+            rule: if merge { "merge" } else { "record" },
+            winner: None,
+            loser: Some(h.author.clone()),
+            local: None,
+            remote: Some(row_json(desc, new)),
+            detail: Some(detail),
+        })
+        .await?;
+        if let (true, Some(to)) = (merge, other) {
+            self.conn
+                .client
+                .execute(
+                    "INSERT INTO branchsync.key_merges (tbl, from_key, to_key) VALUES ($1, $2, $3) ON CONFLICT (tbl, from_key) DO UPDATE SET to_key = excluded.to_key",
+                    &[&m.table.name, &key, &to],
+                )
+                .await
+                .map_err(EngineError::pg("recording a merged key"))?;
+            self.merged_tables.insert(m.table.name.clone());
+        }
+        if verdicts {
+            self.emit_verdict(e, m, desc, &ks, &key_vals, None).await?;
+        }
+        Ok(())
+    }
+
+    /// The key text of the row that holds the same value of a unique
+    /// constraint as `new`, if one can be found.
+    async fn unique_holder(&mut self, m: &Mapping, cols: &[usize], names: &[&str], new: &[Value]) -> Result<Option<String>, EngineError> {
+        let t = &m.table;
+        let rows = self
+            .conn
+            .client
+            .query(
+                "SELECT array(SELECT a.attname::text FROM unnest(i.indkey) k(n) JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) \
+                 FROM pg_index i WHERE i.indrelid = $1::text::regclass AND i.indisunique AND NOT i.indisprimary AND i.indpred IS NULL AND i.indexprs IS NULL",
+                &[&t.qualified],
+            )
+            .await
+            .map_err(EngineError::pg("reading unique constraints"))?;
+        for r in rows {
+            let ucols: Vec<String> = r.get(0);
+            let mut conds = Vec::new();
+            let mut params: Vec<Option<String>> = Vec::new();
+            for c in &ucols {
+                let Some(pos) = names.iter().position(|n| n == c) else { break };
+                let v = new.get(cols[pos]).and_then(Value::as_text).map(str::to_string);
+                let lc = &t.columns[c];
+                params.push(v);
+                conds.push(format!("t.{} = ${}::text::{}", lc.quoted, params.len(), lc.type_name));
+            }
+            if conds.len() != ucols.len() {
+                continue;
+            }
+            let q = format!("SELECT {} FROM {} t WHERE {}", t.key_text_sql("t"), t.qualified, conds.join(" AND "));
+            let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            if let Some(row) = self.conn.client.query_opt(&q, &p).await.map_err(EngineError::pg("finding the row holding a unique value"))? {
+                return Ok(Some(row.get(0)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tells the author of `e` how the main holds a row now (a
+    /// [`Verdict`], relayed to the author only).
+    pub(super) async fn emit_verdict(
+        &mut self,
+        e: &LogEntry,
+        m: &Mapping,
+        desc: &TableDesc,
+        ks: &[usize],
+        key_vals: &[String],
+        row: Option<&HashMap<String, Option<String>>>,
+    ) -> Result<(), EngineError> {
+        if self.cfg.role != crate::Role::Main {
+            return Ok(());
+        }
+        let mut key = vec![Value::Null; desc.columns.len()];
+        for (j, k) in ks.iter().enumerate() {
+            if let (Some(slot), Some(v)) = (key.get_mut(*k), key_vals.get(j)) {
+                *slot = Value::Text(v.clone());
+            }
+        }
+        let row = row.map(|r| {
+            m.targets
+                .iter()
+                .map(|t| match t.as_ref().and_then(|c| r.get(c)) {
+                    Some(Some(v)) => Value::Text(v.clone()),
+                    Some(None) => Value::Null,
+                    None => Value::Unchanged,
+                })
+                .collect::<Vec<_>>()
+        });
+        let v = Verdict { table: 0, key, row, for_commit_ts: e.header.commit_ts_us };
+        let msg = rmp_serde::to_vec(&(desc, &v)).map_err(|err| EngineError::Corrupt(format!("cannot encode a verdict: {err}")))?;
+        self.conn
+            .client
+            .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)::text", &[&VERDICT_MESSAGE_PREFIX, &msg])
+            .await
+            .map_err(EngineError::pg("writing a verdict"))?;
+        self.stats.verdicts += 1;
+        tracing::debug!(stream = %self.stream, table = %m.table.name, author = %e.header.author, "verdict sent to the author");
+        Ok(())
+    }
+
+    /// Records a conflict; at the main the record also travels to every node.
+    pub(super) async fn record_conflict(&mut self, c: NewConflict<'_>) -> Result<(), EngineError> {
+        let st = self
+            .stmt(
+                "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, winner_node, loser_node, local_version, remote_version, detail, origin_node) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb, $9, $10) \
+                 RETURNING id, (extract(epoch from at) * 1000000)::int8",
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT],
+            )
+            .await?;
+        let row = self
+            .conn
+            .client
+            .query_one(&st, &[&c.tbl, &c.key, &c.kind, &c.rule, &c.winner, &c.loser, &c.local, &c.remote, &c.detail, &self.cfg.node])
+            .await
+            .map_err(EngineError::pg("recording a conflict"))?;
+        self.stats.conflicts += 1;
+        tracing::info!(stream = %self.stream, table = %c.tbl, kind = c.kind, rule = c.rule, winner = ?c.winner, loser = ?c.loser, "conflict recorded");
+        if self.cfg.role == crate::Role::Main {
+            let rec = ConflictRecord {
+                id: row.get(0),
+                table: c.tbl.to_string(),
+                key: c.key,
+                kind: c.kind.to_string(),
+                rule: c.rule.to_string(),
+                winner: c.winner,
+                loser: c.loser,
+                local_version: c.local,
+                remote_version: c.remote,
+                detail: c.detail,
+                at_us: row.get(1),
+            };
+            let msg = rmp_serde::to_vec(&rec).map_err(|err| EngineError::Corrupt(format!("cannot encode a conflict record: {err}")))?;
+            self.conn
+                .client
+                .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)::text", &[&CONFLICT_MESSAGE_PREFIX, &msg])
+                .await
+                .map_err(EngineError::pg("writing a conflict record"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! `branchsync.conflicts` for the operator: list, show, resolve.
+//!
+//! Every version a decision discarded is kept there with the version that
+//! won (invariant 3). The main records its decisions and sends the records
+//! to every node in the relay, so every node shows the same ones (with
+//! `origin_node` set to the main's name); a node also records what happened
+//! to changes only it saw (DDL it could not replay, values of columns it
+//! does not have).
+//!
+//! # Resolving
+//!
+//! [`resolve`] settles a record. `--keep local` marks it settled and leaves
+//! the rows as they are. `--keep remote` writes the discarded version back
+//! (upsert of the row, or delete when the discarded version was a delete)
+//! as an ordinary local change in the same transaction that marks the
+//! record: the change replicates like any other, and since it was made
+//! after the version it replaces was seen, every node takes it. A
+//! quarantined change's queue is released by settling it.
+
+use branchsync_proto::changeset::quote_ident;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::apply::LocalTable;
+use crate::EngineError;
+
+/// One record of `branchsync.conflicts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictEntry {
+    /// Id at this node.
+    pub id: i64,
+    /// When it was recorded (ISO 8601, UTC).
+    pub at: String,
+    /// `schema.table`, or `(ddl)`.
+    pub table: String,
+    /// Key text (JSON array), if any.
+    pub key: Option<String>,
+    /// Kind of conflict.
+    pub kind: String,
+    /// Rule applied.
+    pub rule: String,
+    /// Node whose version won.
+    pub winner: Option<String>,
+    /// Node whose version lost.
+    pub loser: Option<String>,
+    /// The version that was held here (JSON).
+    pub local_version: Option<serde_json::Value>,
+    /// The incoming version (JSON).
+    pub remote_version: Option<serde_json::Value>,
+    /// What happened.
+    pub detail: Option<String>,
+    /// The node that decided it (the main for relayed records).
+    pub origin_node: Option<String>,
+    /// When it was settled, if it was.
+    pub resolved_at: Option<String>,
+    /// How it was settled (`local` or `remote`).
+    pub resolution: Option<String>,
+}
+
+const COLUMNS: &str = "id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), tbl, key, kind, rule, winner_node, loser_node, \
+     local_version::text, remote_version::text, detail, origin_node, \
+     to_char(resolved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), resolution";
+
+fn entry(r: &tokio_postgres::Row) -> ConflictEntry {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    ConflictEntry {
+        id: r.get(0),
+        at: r.get(1),
+        table: r.get(2),
+        key: r.get(3),
+        kind: r.get(4),
+        rule: r.get(5),
+        winner: r.get(6),
+        loser: r.get(7),
+        local_version: json(r.get(8)),
+        remote_version: json(r.get(9)),
+        detail: r.get(10),
+        origin_node: r.get(11),
+        resolved_at: r.get(12),
+        resolution: r.get(13),
+    }
+}
+
+/// The records, newest first; settled ones only with `all`.
+pub async fn list(client: &Client, all: bool, limit: i64) -> Result<Vec<ConflictEntry>, EngineError> {
+    let rows = client
+        .query(
+            &format!("SELECT {COLUMNS} FROM branchsync.conflicts WHERE $1 OR resolved_at IS NULL ORDER BY id DESC LIMIT $2"),
+            &[&all, &limit],
+        )
+        .await
+        .map_err(EngineError::pg("listing conflicts"))?;
+    Ok(rows.iter().map(entry).collect())
+}
+
+/// One record.
+pub async fn show(client: &Client, id: i64) -> Result<Option<ConflictEntry>, EngineError> {
+    let row = client
+        .query_opt(&format!("SELECT {COLUMNS} FROM branchsync.conflicts WHERE id = $1"), &[&id])
+        .await
+        .map_err(EngineError::pg("reading a conflict"))?;
+    Ok(row.as_ref().map(entry))
+}
+
+/// Which version to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The rows stay as they are.
+    Local,
+    /// The discarded version is written back and replicates.
+    Remote,
+}
+
+/// What [`resolve`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// Marked settled; no row changed.
+    Marked,
+    /// The discarded row was written back.
+    RowWritten,
+    /// The discarded delete was applied.
+    RowDeleted,
+}
+
+fn not_resolvable(message: String, detail: String) -> EngineError {
+    EngineError::Misconfigured { message, detail, hint: "Use branchsync conflicts show ID to see the versions; keep local to settle it as it is.".into() }
+}
+
+/// Settles conflict `id` by keeping the local or the remote version (see
+/// the module documentation). One transaction: the row change and the mark
+/// commit together.
+pub async fn resolve(client: &mut Client, id: i64, keep: Keep) -> Result<Resolved, EngineError> {
+    let tx = client.transaction().await.map_err(EngineError::pg("starting a resolution"))?;
+    let row = tx
+        .query_opt(
+            "SELECT tbl, key, kind, remote_version::text, resolved_at IS NOT NULL FROM branchsync.conflicts WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(EngineError::pg("reading a conflict"))?;
+    let Some(row) = row else {
+        return Err(not_resolvable(format!("conflict {id} does not exist"), "No record with this id is in branchsync.conflicts here.".into()));
+    };
+    let (tbl, key, kind, remote, done): (String, Option<String>, String, Option<String>, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if done {
+        return Err(not_resolvable(format!("conflict {id} is already resolved"), "It was settled before; nothing was changed.".into()));
+    }
+    let mut outcome = Resolved::Marked;
+    if keep == Keep::Remote {
+        let remote: serde_json::Value = remote
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .ok_or_else(|| not_resolvable(format!("conflict {id} has no remote version to keep"), format!("It is a {kind} record without a row.")))?;
+        let (schema, name) = tbl
+            .split_once('.')
+            .ok_or_else(|| not_resolvable(format!("conflict {id} is not about a table row"), format!("It is a {kind} record of {tbl}.")))?;
+        let t = LocalTable::load(tx.client(), schema, name)
+            .await?
+            .ok_or_else(|| not_resolvable(format!("table {tbl} does not exist here"), "The row cannot be written back.".into()))?;
+        if t.pk.is_empty() {
+            return Err(not_resolvable(format!("table {tbl} has no primary key"), "Only rows of tables with a primary key can be written back.".into()));
+        }
+        match remote.get("deleted") {
+            Some(_) => {
+                let key: Vec<String> = key
+                    .as_deref()
+                    .and_then(|k| serde_json::from_str(k).ok())
+                    .ok_or_else(|| not_resolvable(format!("conflict {id} has no key"), "The deleted row cannot be found.".into()))?;
+                let conds: Vec<String> =
+                    t.pk.iter().enumerate().map(|(j, k)| format!("{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
+                let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key.iter().map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                tx.execute(&format!("DELETE FROM {} WHERE {}", t.qualified, conds.join(" AND ")), &p)
+                    .await
+                    .map_err(EngineError::pg(format!("deleting a row of {tbl}")))?;
+                outcome = Resolved::RowDeleted;
+            }
+            None => {
+                let obj = remote.as_object().ok_or_else(|| not_resolvable(format!("conflict {id}'s remote version is not a row"), String::new()))?;
+                let cols: Vec<&String> = obj.keys().filter(|c| t.columns.get(*c).is_some_and(|lc| !lc.generated)).collect();
+                let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+                let sets: Vec<String> = cols.iter().filter(|c| !t.pk.contains(c)).map(|c| format!("{0} = excluded.{0}", quote_ident(c))).collect();
+                let pk: Vec<String> = t.pk.iter().map(|c| quote_ident(c)).collect();
+                let on = if sets.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", sets.join(", ")) };
+                let overriding = if cols.iter().any(|c| t.columns[*c].identity_always) { " OVERRIDING SYSTEM VALUE" } else { "" };
+                let sql = format!(
+                    "INSERT INTO {q} ({n}){overriding} SELECT {n} FROM jsonb_populate_record(null::{q}, $1::text::jsonb) ON CONFLICT ({pk}) {on}",
+                    q = t.qualified,
+                    n = names.join(", "),
+                    pk = pk.join(", "),
+                );
+                tx.execute(&sql, &[&remote.to_string()]).await.map_err(EngineError::pg(format!("writing a row of {tbl} back")))?;
+                outcome = Resolved::RowWritten;
+            }
+        }
+    }
+    let how = if keep == Keep::Local { "local" } else { "remote" };
+    tx.execute("UPDATE branchsync.conflicts SET resolved_at = now(), resolution = $2 WHERE id = $1", &[&id, &how])
+        .await
+        .map_err(EngineError::pg("marking a conflict resolved"))?;
+    tx.commit().await.map_err(EngineError::pg("committing a resolution"))?;
+    tracing::info!(conflict = id, table = %tbl, kind = %kind, keep = how, "conflict resolved");
+    Ok(outcome)
+}
