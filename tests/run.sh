@@ -37,6 +37,14 @@ if [ -z "$have_libclang" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
 fi
 
+# libfaketime runs a test cluster's clock ahead (a shop PC an hour fast).
+if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+  echo "tests/run.sh: libfaketime not found; installing faketime" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq faketime >/dev/null
+fi
+
 features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"
 # Two test threads: every end-to-end test runs its own clusters and daemons.

@@ -12,7 +12,9 @@
 //!   acknowledgements; space is reclaimed only after every peer acknowledged.
 //! * [`apply`] writes incoming ChangeSets under the author's replication
 //!   origin, batched, with the stream progress in the same transaction.
-//! * [`conflict`] decides between concurrent versions (last writer wins).
+//! * [`conflict`] holds the rules that decide between concurrent versions
+//!   (a total order per rule); [`conflict_log`] lists and settles what they
+//!   discarded.
 //! * [`keys`] stripes sequences so nodes never hand out the same id.
 //! * [`ddl`] puts schema changes into the stream where they ran (event
 //!   triggers) and decides which of a peer's statements may replay here.

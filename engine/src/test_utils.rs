@@ -74,6 +74,8 @@ pub struct PgCluster {
     as_root: bool,
     /// Extra `postgresql.conf` lines given at creation.
     extra_conf: Vec<String>,
+    /// Environment of the server process (for example a faked clock).
+    env: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl PgCluster {
@@ -96,6 +98,7 @@ impl PgCluster {
             port,
             as_root,
             extra_conf: extra_conf.iter().map(|s| s.to_string()).collect(),
+            env: std::sync::Mutex::new(Vec::new()),
         };
         let data = c.data_dir();
         let mut initdb = c.pg_command("initdb");
@@ -156,7 +159,18 @@ impl PgCluster {
     pub fn start_server(&self) {
         let mut c = self.pg_command("pg_ctl");
         c.arg("-D").arg(self.data_dir()).arg("-l").arg(self.dir.path().join("server.log")).args(["-w", "-t", "60", "start"]);
+        for (k, v) in self.env.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            c.env(k, v);
+        }
         run_checked(&mut c);
+    }
+
+    /// Restarts the server with this environment (kept for later starts):
+    /// for example [`faked_clock`] to run its clock ahead.
+    pub fn restart_with_env(&self, env: Vec<(String, String)>) {
+        self.stop_fast();
+        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+        self.start_server();
     }
 
     /// Stops the server like a crash (`pg_ctl stop -m immediate`).
@@ -203,6 +217,21 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop_immediate();
     }
+}
+
+/// Environment that runs a process's clock `offset` ahead (libfaketime, for
+/// example `"+1h"`), as a shop PC with a wrong clock.
+///
+/// # Panics
+///
+/// When libfaketime is not installed (`apt-get install faketime`;
+/// `bash tests/run.sh` installs it).
+pub fn faked_clock(offset: &str) -> Vec<(String, String)> {
+    let lib = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime not found: install the Debian package faketime (bash tests/run.sh does)");
+    vec![("LD_PRELOAD".into(), lib.into()), ("FAKETIME".into(), offset.into()), ("FAKETIME_DONT_RESET".into(), "1".into())]
 }
 
 /// Connects with a libpq-style string, retrying for a few seconds while the

@@ -83,13 +83,12 @@ pub struct Welcome {
     /// Author commit LSN of the ChangeSet at `resume_after` (0 = none): the
     /// branch checks that its own entry there is the same transaction (R4).
     pub resume_lsn: u64,
-    /// The main's wall clock, microseconds since the Unix epoch.
+    /// The main's clock when it sent this, microseconds since the Unix epoch.
     pub now_us: i64,
-    /// The branch database's clock minus the main database's clock (µs), as
-    /// measured at this handshake: the branch stamps its commits corrected by
-    /// it (R14).
+    /// When the main received the Hello, on its clock (µs): with `now_us`
+    /// and its own two times the branch computes its clock offset (R14).
     #[serde(default)]
-    pub clock_offset_us: i64,
+    pub hello_received_us: i64,
 }
 
 /// Why a peer was refused.
@@ -169,7 +168,7 @@ mod tests {
                 resume_after: 7,
                 resume_lsn: 8,
                 now_us: 2,
-                clock_offset_us: -3_600_000_000,
+                hello_received_us: 1,
             }),
             Message::Refuse(Refusal {
                 reason: RefusalReason::BadToken,

@@ -37,7 +37,7 @@ use branchsync_engine::apply::{ApplyConfig, ApplyStats, Applier, StreamState};
 use branchsync_engine::clock::now_us;
 use branchsync_engine::log::ChangeLog;
 use branchsync_engine::{failpoints, EngineError};
-use branchsync_proto::{FrameCodec, Hello, LogEntry, Message, ProtoError, Refusal, RefusalReason, RowChange, Welcome, PROTOCOL_VERSION};
+use branchsync_proto::{FrameCodec, Hello, LogEntry, Message, ProtoError, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -146,8 +146,6 @@ struct Session {
     status: Arc<NodeStatus>,
     /// Peers whose acknowledgements bound reclaim of our log.
     ack_peers: Vec<String>,
-    /// Entries authored by this node are not sent (the main does not echo).
-    skip_author: Option<String>,
     /// Send our log after this position.
     send_after: u64,
     last_heard: Arc<Mutex<Instant>>,
@@ -182,7 +180,7 @@ impl Session {
         let (apply_tx, apply_rx) = mpsc::channel::<Vec<LogEntry>>(2);
         let (apply_stop_tx, apply_stop_rx) = watch::channel(false);
         let mut apply_task = tokio::spawn(applier.run(apply_rx, apply_stop_rx).in_current_span());
-        let pusher = tokio::spawn(push_log(self.log.clone(), self.send_after, self.skip_author.clone(), out_tx.clone(), self.status.clone(), self.peer.clone()).in_current_span());
+        let pusher = tokio::spawn(push_log(self.log.clone(), self.send_after, out_tx.clone(), self.status.clone(), self.peer.clone()).in_current_span());
         let mut progress = progress;
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         let mut apply_tx = Some(apply_tx);
@@ -252,10 +250,10 @@ impl Session {
                                 break Err(e.into());
                             }
                         }
-                        Message::Heartbeat { now_us: theirs, log_newest } => {
-                            let offset_ms = (theirs - now_us()) / 1000;
+                        Message::Heartbeat { now_us: _, log_newest } => {
+                            // The clock offset is the databases' one, measured
+                            // at the handshake (R14); heartbeats do not move it.
                             self.status.peer(&self.peer, |p| {
-                                p.clock_offset_ms = Some(offset_ms);
                                 p.peer_log_newest = log_newest;
                                 p.pending_from_peer = log_newest.saturating_sub(p.applied_from_peer);
                             });
@@ -302,7 +300,7 @@ impl Session {
 }
 
 /// Sends our log after `after` to the peer, in order, as it grows.
-async fn push_log(log: Arc<ChangeLog>, mut after: u64, skip_author: Option<String>, out: mpsc::Sender<Message>, status: Arc<NodeStatus>, peer: String) -> Result<(), EngineError> {
+async fn push_log(log: Arc<ChangeLog>, mut after: u64, out: mpsc::Sender<Message>, status: Arc<NodeStatus>, peer: String) -> Result<(), EngineError> {
     let mut visible = log.subscribe();
     loop {
         let batch = log.read_after(after, SEND_BATCH_BYTES)?;
@@ -315,10 +313,9 @@ async fn push_log(log: Arc<ChangeLog>, mut after: u64, skip_author: Option<Strin
             continue;
         };
         after = last.pos;
-        let entries: Vec<LogEntry> = match &skip_author {
-            Some(a) => batch.into_iter().filter_map(|e| for_author(e, a)).collect(),
-            None => batch,
-        };
+        // Everything, a branch's own ChangeSets too: they are the main's
+        // result for its changes (the echo, see engine::apply::obey).
+        let entries: Vec<LogEntry> = batch;
         if entries.is_empty() {
             continue;
         }
@@ -327,20 +324,6 @@ async fn push_log(log: Arc<ChangeLog>, mut after: u64, skip_author: Option<Strin
         }
         failpoints::hit(failpoints::LINK_AFTER_SEND);
     }
-}
-
-/// What of a relay entry goes to branch `peer`: everything of others'
-/// ChangeSets; of its own, only the main's verdicts and conflict records
-/// about them (the rows it has), as a ChangeSet of their own.
-fn for_author(e: LogEntry, peer: &str) -> Option<LogEntry> {
-    if e.header.author != peer {
-        return Some(e);
-    }
-    let decisions: Vec<RowChange> = e.changes.into_iter().filter(|c| matches!(c, RowChange::Verdict(_) | RowChange::Conflict(_))).collect();
-    if decisions.is_empty() {
-        return None;
-    }
-    Some(LogEntry { part: 0, last: true, changes: decisions, ..e })
 }
 
 /// Whether the branch of this stream was away longer than `retention`;
@@ -442,6 +425,7 @@ async fn branch_session(
         .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
     let (mut reader, mut writer) = split(stream, settings.max_frame);
     let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), branchsync_engine::state::RELAY_STREAM, state.clone()).await?;
+    let t0 = applier.db_clock_us().await?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node: settings.node.clone(),
@@ -453,7 +437,7 @@ async fn branch_session(
         log_newest: log.visible(),
         log_floor: log.floor()?,
         relay_applied: applier.committed(),
-        now_us: applier.db_clock_us().await?,
+        now_us: t0,
         table_rules: settings.table_rules.clone(),
     };
     writer.send(Message::Hello(hello)).await?;
@@ -465,11 +449,15 @@ async fn branch_session(
     if welcome.protocol_version != PROTOCOL_VERSION {
         return Err(LinkError::Violation(format!("main speaks protocol {}, we speak {PROTOCOL_VERSION}", welcome.protocol_version)));
     }
-    // R14: this node stamps its commits on the main's clock from now on.
-    if applier.record_clock_offset(welcome.clock_offset_us, CLOCK_OFFSET_TOLERANCE_US).await? {
-        tracing::info!(peer = "main", clock_offset_ms = welcome.clock_offset_us / 1000, "clock offset to the main recorded; commit stamps are corrected by it");
+    // R14: this database's clock minus the main's, from the four times of
+    // the handshake (the network and the main's work cancel out), and this
+    // node stamps its commits on the main's clock from now on.
+    let t3 = applier.db_clock_us().await?;
+    let offset_us = ((t0 - welcome.hello_received_us) + (t3 - welcome.now_us)) / 2;
+    if applier.record_clock_offset(offset_us, CLOCK_OFFSET_TOLERANCE_US).await? {
+        tracing::info!(peer = "main", clock_offset_ms = offset_us / 1000, "clock offset to the main recorded; commit stamps are corrected by it");
     }
-    status.peer("main", |p| p.clock_offset_ms = Some(welcome.clock_offset_us / 1000));
+    status.peer("main", |p| p.clock_offset_ms = Some(offset_us / 1000));
     // R4: the main resumes our stream after `resume_after`; that position
     // must be one we wrote. If our log never reached it, or lost it without
     // reclaiming it, this node went back in time: refuse, never skip.
@@ -509,7 +497,6 @@ async fn branch_session(
         log: log.clone(),
         status: status.clone(),
         ack_peers: vec!["main".into()],
-        skip_author: None,
         send_after: r,
         last_heard: Arc::new(Mutex::new(Instant::now())),
     };
@@ -577,6 +564,9 @@ async fn main_connection(
         }
         Err(e) => return Err(e),
     };
+    // R14: when the Hello arrived, on the main's clock (the daemon runs beside
+    // its database, on the same clock).
+    let received_us = now_us();
     if hello.protocol_version != PROTOCOL_VERSION {
         return refuse(&mut writer, refusal(
             RefusalReason::VersionMismatch,
@@ -661,7 +651,7 @@ async fn main_connection(
         tracing::info!(peer = %hello.node, "evicting an earlier connection that stopped answering");
         let _ = done.wait_for(|d| *d).await;
     }
-    let r = main_session(&settings, hello, reader, writer, log, status.clone(), states, last_heard, shutdown, evict_rx).await;
+    let r = main_session(&settings, hello, received_us, reader, writer, log, status.clone(), states, last_heard, shutdown, evict_rx).await;
     let _ = done_tx.send(true);
     r
 }
@@ -670,6 +660,7 @@ async fn main_connection(
 async fn main_session(
     settings: &LinkSettings,
     hello: Hello,
+    received_us: i64,
     reader: FramedRead<OwnedReadHalf, FrameCodec>,
     mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
     log: Arc<ChangeLog>,
@@ -736,19 +727,20 @@ async fn main_session(
         applier.set_stream_system_id(hello.system_id).await?;
     }
     applier.touch_contact().await?;
-    // R14: the branch database's clock minus ours.
-    let offset_us = hello.now_us - applier.db_clock_us().await?;
+    let resume_lsn = applier.committed_lsn().await?;
     writer
         .send(Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             main_node: settings.node.clone(),
             resume_after: applied,
-            resume_lsn: applier.committed_lsn().await?,
+            resume_lsn,
             now_us: now_us(),
-            clock_offset_us: offset_us,
+            hello_received_us: received_us,
         }))
         .await?;
-    let offset_ms = offset_us / 1000;
+    // The branch computes the offset exactly (it knows both of its times);
+    // this is the one-way estimate, for status.
+    let offset_ms = (hello.now_us - received_us) / 1000;
     tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, "branch connected");
     status.peer(&name, |p| {
         p.connected = true;
@@ -765,7 +757,6 @@ async fn main_session(
         log,
         status: status.clone(),
         ack_peers,
-        skip_author: Some(name.clone()),
         send_after: hello.relay_applied,
         last_heard,
     };

@@ -94,6 +94,12 @@ async fn records_converged(topo: &Topology, min: usize) -> Vec<String> {
     r.unwrap_or_else(|_| panic!("conflict records differ between sites: {last:#?}"))
 }
 
+/// Last writer wins orders concurrent versions by commit time: the next
+/// write at another site happens clearly later.
+async fn later() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 async fn cut_all(topo: &Topology) {
     for p in &topo.proxies {
         p.cut();
@@ -145,6 +151,7 @@ async fn lww_keeps_the_later_change_everywhere_records_the_other_and_leaves_toas
     let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
     cut_all(&topo).await;
     main.batch_execute("UPDATE products SET price = 11 WHERE id = 1").await.unwrap();
+    later().await;
     b1.batch_execute("UPDATE products SET price = 12 WHERE id = 1").await.unwrap();
     heal_all(&topo);
     wait_converged(&topo.sites(), &["products"], Duration::from_secs(60)).await;
@@ -167,4 +174,241 @@ async fn lww_keeps_the_later_change_everywhere_records_the_other_and_leaves_toas
     main.batch_execute("UPDATE products SET price = 14 WHERE id = 1").await.unwrap();
     wait_converged(&topo.sites(), &["products"], Duration::from_secs(30)).await;
     assert_eq!(records_converged(&topo, 1).await.len(), 1, "informed changes are not conflicts");
+}
+
+/// main_wins (master data), branch_wins (the inserting shop owns the row),
+/// column-level merge, and deltas (R16): concurrent sales at three sites all
+/// count, even when the rest of the row loses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_wins_branch_wins_column_merge_and_deltas_decide_the_same_everywhere() {
+    let topo = started().await;
+    let (main, b1, b2) = (erp(&topo.main).await, erp(&topo.branches[0]).await, erp(&topo.branches[1]).await);
+    b1.batch_execute("INSERT INTO shop_notes VALUES (2, 'branch1 owns this')").await.unwrap();
+    wait_converged(&topo.sites(), &["shop_notes"], Duration::from_secs(30)).await;
+    cut_all(&topo).await;
+    // Branches change first (earlier stamps), the main later, and vice versa.
+    b1.batch_execute(
+        "UPDATE prices SET price = 6, qty = qty - 3 WHERE id = 1;
+         UPDATE shop_notes SET body = 'branch1 edit' WHERE id = 2;
+         UPDATE products SET name = 'green tea' WHERE id = 1;
+         UPDATE stock SET qty = qty - 3 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    b2.batch_execute("UPDATE stock SET qty = qty - 5, location = 'back' WHERE id = 1; UPDATE prices SET qty = qty - 1 WHERE id = 1;").await.unwrap();
+    later().await;
+    main.batch_execute(
+        "UPDATE prices SET price = 7 WHERE id = 1;
+         UPDATE shop_notes SET body = 'main edit' WHERE id IN (1, 2);
+         UPDATE products SET price = 9.50 WHERE id = 1;
+         UPDATE stock SET qty = qty - 2 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    // A branch's change after the main's, still concurrent: main_wins holds.
+    later().await;
+    b1.batch_execute("UPDATE prices SET price = 8 WHERE id = 1").await.unwrap();
+    heal_all(&topo);
+    wait_converged(&topo.sites(), ALL, Duration::from_secs(60)).await;
+    assert_eq!(rows(&main, "SELECT price, qty FROM prices").await, ["(7.00,96)"], "the main's price wins; all three sales count");
+    assert_eq!(rows(&main, "SELECT id, body FROM shop_notes ORDER BY id").await, ["(1,\"main edit\")", "(2,\"branch1 edit\")"], "the owner wins its row");
+    assert_eq!(rows(&main, "SELECT name, price FROM products").await, ["(\"green tea\",9.50)"], "different columns: both changes kept");
+    assert_eq!(rows(&main, "SELECT qty, location FROM stock").await, ["(90,back)"], "100 - 3 - 5 - 2");
+    let recs = records_converged(&topo, 2).await;
+    assert!(recs.iter().any(|r| r.starts_with("update_update public.prices") && r.ends_with("main branch1")), "{recs:#?}");
+    assert!(recs.iter().any(|r| r.starts_with("update_update public.shop_notes [\"2\"] branch1 main")), "{recs:#?}");
+    assert!(!recs.iter().any(|r| r.contains("public.products") || r.contains("public.stock")), "merges and deltas lose nothing: {recs:#?}");
+
+    // Informed: branch1 changes the price after it saw the main's: it wins.
+    b1.batch_execute("UPDATE prices SET price = 8.50 WHERE id = 1").await.unwrap();
+    wait_converged(&topo.sites(), &["prices"], Duration::from_secs(30)).await;
+    assert_eq!(rows(&main, "SELECT price FROM prices").await, ["(8.50)"], "main_wins is about concurrent changes only");
+}
+
+/// Deletes and inserts: an update and a delete that crossed (delete wins by
+/// default, update wins where configured), the same key inserted at two
+/// sites, a unique value inserted at two sites (merged and re-pointed, or
+/// recorded), and a delete of a row that rows its deleter never saw still
+/// reference (kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_inserts_and_unique_values_end_the_same_at_every_site() {
+    let topo = started().await;
+    let (main, b1, b2) = (erp(&topo.main).await, erp(&topo.branches[0]).await, erp(&topo.branches[1]).await);
+    main.batch_execute("INSERT INTO invoices (customer_id, amount) SELECT id, 1 FROM customers WHERE tax_id = 'T0'").await.unwrap();
+    wait_converged(&topo.sites(), &["invoices"], Duration::from_secs(30)).await;
+    cut_all(&topo).await;
+    main.batch_execute(
+        "DELETE FROM products WHERE id = 1;
+         UPDATE keepers SET v = 'main kept' WHERE id = 1;
+         INSERT INTO codes VALUES ('X', 'main');
+         WITH c AS (INSERT INTO customers (tax_id, name) VALUES ('T1', 'main') RETURNING id) INSERT INTO invoices (customer_id, amount) SELECT id, 10 FROM c;
+         INSERT INTO vendors (tax_id, name) VALUES ('V1', 'main');
+         INSERT INTO invoices (customer_id, amount) SELECT id, 2 FROM customers WHERE tax_id = 'T0';",
+    )
+    .await
+    .unwrap();
+    later().await;
+    b1.batch_execute(
+        "UPDATE products SET price = 99 WHERE id = 1;
+         DELETE FROM keepers WHERE id = 1;
+         INSERT INTO codes VALUES ('X', 'branch1');
+         WITH c AS (INSERT INTO customers (tax_id, name) VALUES ('T1', 'branch1') RETURNING id) INSERT INTO invoices (customer_id, amount) SELECT id, 20 FROM c;
+         INSERT INTO vendors (tax_id, name) VALUES ('V1', 'branch1');",
+    )
+    .await
+    .unwrap();
+    b2.batch_execute("DELETE FROM invoices; DELETE FROM customers WHERE tax_id = 'T0';").await.unwrap();
+    heal_all(&topo);
+    wait_converged(&topo.sites(), ALL, Duration::from_secs(90)).await;
+    assert!(rows(&main, "SELECT * FROM products").await.is_empty(), "delete wins over the concurrent update");
+    assert_eq!(rows(&main, "SELECT id, v FROM keepers ORDER BY id").await, ["(1,\"main kept\")", "(2,b)"], "update wins where configured");
+    assert_eq!(rows(&main, "SELECT code, val FROM codes").await, ["(X,branch1)"], "the later insert of the key wins");
+    let cust = rows(&main, "SELECT tax_id, name FROM customers ORDER BY tax_id").await;
+    assert_eq!(cust, ["(T0,zero)", "(T1,main)"], "T1 is folded into the main's row; T0 is kept: invoices branch2 never saw reference it");
+    let inv = rows(&main, "SELECT c.tax_id, i.amount FROM invoices i JOIN customers c ON c.id = i.customer_id ORDER BY 1, 2").await;
+    assert_eq!(inv, ["(T0,2)", "(T1,10)", "(T1,20)"], "branch1's invoice is re-pointed to the merged customer");
+    assert_eq!(rows(&main, "SELECT tax_id, name FROM vendors ORDER BY tax_id").await, ["(V0,zero)", "(V1,main)"]);
+    let recs = records_converged(&topo, 6).await;
+    for want in [
+        "update_delete public.products [\"1\"] main branch1",
+        "update_delete public.keepers [\"1\"] main branch1",
+        "insert_insert public.codes [\"X\"] branch1 main",
+        "delete_referenced public.customers",
+    ] {
+        assert!(recs.iter().any(|r| r.starts_with(want)), "{want} missing in {recs:#?}");
+    }
+    assert_eq!(recs.iter().filter(|r| r.starts_with("insert_unique")).count(), 2, "{recs:#?}");
+    // Nothing vanished: branch1's vendor V1 and its customer are on record.
+    let lost = texts(&topo.branches[1].db().await, "SELECT remote_version->>'name' FROM branchsync.conflicts WHERE kind = 'insert_unique' ORDER BY 1").await;
+    assert_eq!(lost, ["branch1", "branch1"]);
+}
+
+/// R11: a table without a key is a multiset: duplicates and NULLs, each
+/// delete removes exactly one matching row, at every site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_tables_are_multisets_with_duplicates_and_nulls() {
+    let topo = started().await;
+    let (main, b1, b2) = (erp(&topo.main).await, erp(&topo.branches[0]).await, erp(&topo.branches[1]).await);
+    cut_all(&topo).await;
+    main.batch_execute("INSERT INTO audit VALUES ('sale', 1), ('sale', 1), (NULL, NULL)").await.unwrap();
+    b1.batch_execute("INSERT INTO audit VALUES ('sale', 1); DELETE FROM audit WHERE ctid = (SELECT ctid FROM audit WHERE event = 'boot' LIMIT 1);").await.unwrap();
+    b2.batch_execute("INSERT INTO audit VALUES (NULL, 2); UPDATE audit SET n = 7 WHERE ctid = (SELECT ctid FROM audit WHERE n IS NULL LIMIT 1);").await.unwrap();
+    heal_all(&topo);
+    wait_converged(&topo.sites(), &["audit"], Duration::from_secs(60)).await;
+    let a = rows(&main, "SELECT event, n, count(*) FROM audit GROUP BY 1, 2 ORDER BY 1, 2").await;
+    assert_eq!(a, ["(boot,7,1)", "(sale,1,3)", "(,2,1)", "(,,1)"]);
+}
+
+/// `branchsync conflicts list | show | resolve`: keeping the remote version
+/// writes it back, and that replicates to every site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resolves_a_conflict_and_the_resolution_replicates() {
+    let topo = started().await;
+    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
+    cut_all(&topo).await;
+    b1.batch_execute("UPDATE products SET price = 12 WHERE id = 1").await.unwrap();
+    later().await;
+    main.batch_execute("UPDATE products SET price = 11 WHERE id = 1").await.unwrap();
+    heal_all(&topo);
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(60)).await;
+    assert_eq!(rows(&main, "SELECT price FROM products").await, ["(11.00)"]);
+    let out = topo.main.cli(&["conflicts", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("update_update") && text.contains("public.products"), "{text}");
+    let list: serde_json::Value = serde_json::from_slice(&topo.main.cli(&["conflicts", "list", "--json"]).stdout).unwrap();
+    let id = list[0]["id"].as_i64().unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&topo.main.cli(&["conflicts", "show", &id.to_string()]).stdout).unwrap();
+    assert_eq!(shown["remote_version"]["price"], "12.00", "{shown}");
+    assert_eq!(shown["local_version"]["price"], "11.00", "{shown}");
+    let out = topo.main.cli(&["conflicts", "resolve", &id.to_string(), "--keep", "remote"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(30)).await;
+    assert_eq!(rows(&b1, "SELECT price FROM products").await, ["(12.00)"], "the resolution reached branch1");
+    let again = topo.main.cli(&["conflicts", "resolve", &id.to_string(), "--keep", "local"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already resolved"));
+    let text = String::from_utf8_lossy(&topo.main.cli(&["conflicts", "list"]).stdout).to_string();
+    assert!(text.contains("no unresolved conflicts"), "{text}");
+}
+
+/// R14: a shop PC whose clock runs an hour fast does not win every
+/// conflict, also for changes it made while its daemon was down: the offset
+/// measured at the handshake is persisted and corrects its stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r14_a_branch_an_hour_fast_does_not_win_by_its_clock_even_while_its_daemon_was_down() {
+    let mut topo = Topology::prepare_with(1, SCHEMA, RULES).await;
+    topo.branches[0].pg.restart_with_env(faked_clock("+1h"));
+    topo.start_all();
+    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
+    let ahead: f64 = b1.query_one("SELECT extract(epoch from now() - $1::timestamptz)::float8", &[&std::time::SystemTime::now()]).await.unwrap().get(0);
+    assert!((3500.0..3700.0).contains(&ahead), "branch1's database runs an hour ahead ({ahead} s)");
+    main.batch_execute("INSERT INTO products VALUES (1, 'tea', 10, NULL)").await.unwrap();
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(30)).await;
+    let offset: i64 = topo.branches[0].db().await.query_one("SELECT offset_us FROM branchsync.clock_offsets ORDER BY at_us DESC LIMIT 1", &[]).await.unwrap().get(0);
+    assert!((offset - 3_600_000_000).abs() < 1_000_000, "the measured offset is an hour: {offset} µs");
+    let st = wait_status(&topo.branches[0], "branch1 shows its clock offset", Duration::from_secs(10), |s| s["peers"]["main"]["clock_offset_ms"].as_i64().is_some()).await;
+    assert!((st["peers"]["main"]["clock_offset_ms"].as_i64().unwrap() - 3_600_000).abs() < 1_000, "{st}");
+
+    // Cut off and its daemon down: the shop changes the price (its clock
+    // says an hour later than it is), then the main changes it, later.
+    topo.proxies[0].cut();
+    topo.branches[0].stop();
+    b1.batch_execute("UPDATE products SET price = 12 WHERE id = 1").await.unwrap();
+    later().await;
+    main.batch_execute("UPDATE products SET price = 11 WHERE id = 1").await.unwrap();
+    topo.branches[0].start();
+    topo.proxies[0].heal();
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(60)).await;
+    assert_eq!(rows(&main, "SELECT price FROM products").await, ["(11.00)"], "the main's later change wins");
+    assert_eq!(records_converged(&topo, 1).await, ["update_update public.products [\"1\"] main branch1"]);
+}
+
+/// R7/R8 with a cashier: apply catches up on a branch's backlog of changes
+/// to the rows a till is selling from, with `SELECT … FOR UPDATE NOWAIT`
+/// and a few retries; no till transaction runs out of retries, and every
+/// unit sold anywhere counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cashier_taking_nowait_locks_is_never_starved_by_apply() {
+    const RETRIES: u32 = 20;
+    let topo = started().await;
+    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
+    main.batch_execute("INSERT INTO stock SELECT g, 1000, 'shelf' FROM generate_series(2, 10) g").await.unwrap();
+    wait_converged(&topo.sites(), &["stock"], Duration::from_secs(30)).await;
+    let before: i64 = main.query_one("SELECT sum(qty)::int8 FROM stock", &[]).await.unwrap().get(0);
+    topo.proxies[0].cut();
+    // The branch's offline backlog: 1,500 sales on the same ten rows.
+    b1.batch_execute("DO $$ BEGIN FOR i IN 1..1500 LOOP UPDATE stock SET qty = qty - 1 WHERE id = 1 + i % 10; COMMIT; END LOOP; END $$").await.unwrap();
+    topo.proxies[0].heal();
+    let till = topo.main.db().await;
+    let (mut sold, mut max_tries) = (0i64, 0u32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let backlog_in = till.query_one("SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1' AND pos >= 1500", &[]).await.unwrap().get::<_, i64>(0) == 1;
+        if backlog_in && sold >= 50 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the backlog did not arrive");
+        let id = 1 + (sold % 10) as i32;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = till
+                .batch_execute(&format!("BEGIN; SELECT qty FROM stock WHERE id = {id} FOR UPDATE NOWAIT; UPDATE stock SET qty = qty - 1 WHERE id = {id}; COMMIT;"))
+                .await;
+            match r {
+                Ok(()) => break,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                    till.batch_execute("ROLLBACK").await.unwrap();
+                    assert!(tries < RETRIES, "a till transaction failed {tries} times in a row: apply held the row too long");
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("till: {e}"),
+            }
+        }
+        max_tries = max_tries.max(tries);
+        sold += 1;
+    }
+    println!("till sold {sold} units during the catch-up; at most {max_tries} tries for one sale");
+    wait_converged(&topo.sites(), &["stock"], Duration::from_secs(60)).await;
+    let after: i64 = main.query_one("SELECT sum(qty)::int8 FROM stock", &[]).await.unwrap().get(0);
+    assert_eq!(after, before - 1500 - sold, "every unit sold at the branch and at the till counts");
 }

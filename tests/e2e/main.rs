@@ -10,4 +10,6 @@ mod crash;
 mod ddl;
 mod handshake;
 mod offline;
+mod pgbench;
+mod random_convergence;
 mod restore;

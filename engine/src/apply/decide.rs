@@ -161,8 +161,17 @@ impl Applier {
         let desc = &e.tables[t as usize];
         let Some(ks) = m.key_src.clone() else { return Ok(()) };
         let is_delete = matches!(run[0], RowChange::Delete { .. });
-        // The batch: rows still exactly as the author saw them.
-        let done = self.compare_and_set(e, &m, desc, &ks, run, is_delete).await?;
+        // The batches: changes of delta columns only, then rows still exactly
+        // as the author saw them.
+        let mut done = if is_delete { vec![false; run.len()] } else { self.add_deltas(e, &m, desc, &ks, run).await? };
+        let rest: Vec<usize> = (0..run.len()).filter(|i| !done[*i]).collect();
+        if !rest.is_empty() {
+            let sub: Vec<RowChange> = rest.iter().map(|i| run[*i].clone()).collect();
+            let cas = self.compare_and_set(e, &m, desc, &ks, &sub, is_delete).await?;
+            for (j, i) in rest.iter().enumerate() {
+                done[*i] = cas[j];
+            }
+        }
         for (idx, ch) in run.iter().enumerate() {
             if done.get(idx).copied().unwrap_or(false) {
                 continue;
@@ -176,11 +185,100 @@ impl Applier {
         Ok(())
     }
 
+    /// Applies, in one statement, the changes of delta columns only (with the
+    /// whole old row): they never clash; the row keeps its version. Returns
+    /// which ones were applied (a row not here is decided one by one).
+    async fn add_deltas(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ks: &[usize], run: &[RowChange]) -> Result<Vec<bool>, EngineError> {
+        let mut done = vec![false; run.len()];
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        if rule.delta.is_empty() {
+            return Ok(done);
+        }
+        let delta_src: Vec<usize> =
+            (0..m.targets.len()).filter(|i| m.targets[*i].as_ref().is_some_and(|c| rule.delta.contains(c) && m.table.columns.contains_key(c))).collect();
+        let mut batch = Vec::new();
+        for (i, ch) in run.iter().enumerate() {
+            if let RowChange::Update { old: Some(o), new, .. } = ch {
+                let changed: Vec<usize> = (0..new.len()).filter(|j| o.values.get(*j) != new.get(*j)).collect();
+                let numeric = delta_src.iter().all(|j| o.values.get(*j).and_then(Value::as_text).is_some() && new.get(*j).and_then(Value::as_text).is_some());
+                if o.full && numeric && !changed.is_empty() && changed.iter().all(|j| delta_src.contains(j)) {
+                    batch.push(i);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(done);
+        }
+        let names: Vec<&str> = delta_src.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let rows_of = |i: usize| match &run[i] {
+            RowChange::Update { old: Some(o), new, .. } => (&o.values, new),
+            _ => super::unreachable_change(),
+        };
+        let keys: Vec<Vec<Option<&str>>> = (0..ks.len()).map(|j| batch.iter().map(|i| rows_of(*i).0.get(ks[j]).and_then(Value::as_text)).collect()).collect();
+        let mut vals: Vec<Vec<Option<&str>>> = Vec::new();
+        for c in &delta_src {
+            vals.push(batch.iter().map(|i| rows_of(*i).1.get(*c).and_then(Value::as_text)).collect());
+            vals.push(batch.iter().map(|i| rows_of(*i).0.get(*c).and_then(Value::as_text)).collect());
+        }
+        let st = self.stmt(&sql::delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; ks.len() + 2 * names.len()]).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        params.extend(vals.iter().map(|a| a as &(dyn ToSql + Sync)));
+        let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("adding deltas to {}", m.table.name)))?;
+        self.keep_local_versions(&m.table.name, &rows).await?;
+        let applied: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        for (n, i) in batch.iter().enumerate() {
+            let k: Vec<&str> = (0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect();
+            if applied.contains(&key_text(&k)) {
+                done[*i] = true;
+            }
+        }
+        let _ = e;
+        Ok(done)
+    }
+
+    /// After writing rows whose version stays what it was: a row that was
+    /// this node's own local version (or the baseline) keeps that on record,
+    /// since its `xmin` is now apply's. Rows: key, origin, commit time.
+    async fn keep_local_versions(&mut self, tbl: &str, rows: &[tokio_postgres::Row]) -> Result<(), EngineError> {
+        let local: Vec<(String, i64)> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>(1) == Some(0))
+            .filter_map(|r| r.get::<_, Option<i64>>(2).map(|ts| (r.get::<_, String>(0), ts)))
+            .collect();
+        if local.is_empty() {
+            return Ok(());
+        }
+        let (lk, lt): (Vec<String>, Vec<i64>) = local.into_iter().unzip();
+        let baseline: Vec<bool> = lt.iter().map(|ts| *ts < self.init_ts_us).collect();
+        let st = self
+            .stmt(
+                "INSERT INTO branchsync.row_version (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by) \
+                 SELECT $1, u.k, CASE WHEN u.b THEN 0 ELSE u.t END, CASE WHEN u.b THEN '' ELSE $3 END, false, \
+                        CASE WHEN u.b THEN 0 ELSE u.t END, CASE WHEN u.b THEN 0 ELSE u.t END, $3 \
+                 FROM unnest($2::text[], $4::int8[], $5::bool[]) AS u(k, t, b) ON CONFLICT (tbl, key) DO NOTHING",
+                &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT, Type::INT8_ARRAY, Type::BOOL_ARRAY],
+            )
+            .await?;
+        let node = self.cfg.node.clone();
+        self.conn.client.execute(&st, &[&tbl, &lk, &node, &lt, &baseline]).await.map_err(EngineError::pg("keeping row versions"))?;
+        Ok(())
+    }
+
     /// Applies, in one statement, the changes whose row is still exactly the
     /// author's old row; returns which ones were applied.
     async fn compare_and_set(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, ks: &[usize], run: &[RowChange], is_delete: bool) -> Result<Vec<bool>, EngineError> {
         let mut done = vec![false; run.len()];
-        // Only changes with the whole old row, no unknown value and no key change.
+        // Only changes with the whole old row, no unknown value and no key
+        // change; and not those that change delta columns only: they never
+        // clash and must not make the row theirs (its other columns keep
+        // their version), which the one-by-one path takes care of.
+        let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+        // A change of delta columns only never clashes and must not make the
+        // row its author's: its other columns keep their version.
+        let delta_only = |o: &[Value], n: &[Value]| {
+            let changed: Vec<usize> = (0..n.len()).filter(|i| o.get(*i) != n.get(*i)).collect();
+            !changed.is_empty() && changed.iter().all(|i| m.targets.get(*i).and_then(|t| t.as_ref()).is_some_and(|c| rule.delta.contains(c)))
+        };
         let mut batch: Vec<usize> = Vec::new();
         for (i, ch) in run.iter().enumerate() {
             let ok = match ch {
@@ -246,14 +344,28 @@ impl Applier {
             params.extend(cmp_vals.iter().map(|a| a as &(dyn ToSql + Sync)));
             let rows = self.conn.client.query(&st, &params).await.map_err(EngineError::pg(format!("applying updates to {}", m.table.name)))?;
             applied_keys = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-            if !applied_keys.is_empty() {
+            // Which applied rows changed delta columns only.
+            let only_deltas: std::collections::HashSet<String> = batch
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| match &run[**i] {
+                    RowChange::Update { old: Some(o), new, .. } => delta_only(&o.values, new),
+                    _ => false,
+                })
+                .map(|(n, _)| key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>()))
+                .collect();
+            let (kept, theirs): (Vec<&tokio_postgres::Row>, Vec<&tokio_postgres::Row>) = rows.iter().partition(|r| only_deltas.contains(&r.get::<_, String>(0)));
+            let theirs: Vec<String> = theirs.iter().map(|r| r.get(0)).collect();
+            if !theirs.is_empty() {
                 let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
                 self.conn
                     .client
-                    .execute(&vst, &[&m.table.name, &applied_keys, &stamp, &e.header.author, &e.header.commit_ts_us])
+                    .execute(&vst, &[&m.table.name, &theirs, &stamp, &e.header.author, &e.header.commit_ts_us])
                     .await
                     .map_err(EngineError::pg("recording row versions"))?;
             }
+            let kept: Vec<tokio_postgres::Row> = kept.into_iter().cloned().collect();
+            self.keep_local_versions(&m.table.name, &kept).await?;
         }
         let applied: std::collections::HashSet<String> = applied_keys.into_iter().collect();
         for (n, i) in batch.iter().enumerate() {
@@ -356,32 +468,51 @@ impl Applier {
                 lost = true;
             }
         }
-        // Write the merged row and its version.
+        // Write the merged row and its version: the incoming one, unless it
+        // lost a column to the held version, which then stays the row's
+        // version (a later change of the same author has still not seen it).
         let result = if sets.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &sets).await? };
         if !sets.is_empty() {
-            let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
-            let stamp = h.stamp as i64;
-            self.conn
-                .client
-                .execute(&vst, &[&m.table.name, &vec![key.clone()], &stamp, &h.author, &h.commit_ts_us])
-                .await
-                .map_err(EngineError::pg("recording row versions"))?;
+            // Deltas only: the row stays the held version's (deltas never clash).
+            let only_deltas = sets.iter().all(|(_, expr, _)| !expr.is_empty());
+            if lost || only_deltas {
+                self.keep_version(&m.table.name, &key, &cur).await?;
+            } else {
+                let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+                let stamp = h.stamp as i64;
+                self.conn
+                    .client
+                    .execute(&vst, &[&m.table.name, &vec![key.clone()], &stamp, &h.author, &h.commit_ts_us])
+                    .await
+                    .map_err(EngineError::pg("recording row versions"))?;
+            }
         }
-        let _ = lost;
-        // What the author holds once it applied the relay: its own row if it
-        // had seen V, V otherwise (V reaches it in the relay).
-        let expected: Vec<Option<Option<String>>> = m
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                t.as_ref().map(|c| if seen { new.get(i).and_then(text).map(|v| v.map(str::to_string)).unwrap_or_else(|| cur.values.get(c).cloned().flatten()) } else { cur.values.get(c).cloned().flatten() })
-            })
-            .collect();
-        let actual: Vec<Option<Option<String>>> = m.targets.iter().map(|t| t.as_ref().map(|c| result.get(c).cloned().flatten())).collect();
-        if expected != actual {
+        // Nothing written: the relay carries no row back to the author, who
+        // holds its own change; the verdict says what the main holds.
+        if sets.is_empty() {
             self.emit_verdict(e, m, desc, ks, &key_vals, Some(&result)).await?;
         }
+        Ok(())
+    }
+
+    /// Writes the held version `cur` of a row into the side table (the row
+    /// was written here, but that version stays the row's version).
+    async fn keep_version(&mut self, tbl: &str, key: &str, cur: &Current) -> Result<(), EngineError> {
+        let stamp = cur.held.stamp as i64;
+        let st = self
+            .stmt(
+                "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by) \
+                 VALUES ($1, $2, $3, $4, false, $3, $5, $6) \
+                 ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, \
+                     ts = excluded.ts, local_ts = excluded.local_ts, inserted_by = excluded.inserted_by, row_data = NULL",
+                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT],
+            )
+            .await?;
+        self.conn
+            .client
+            .execute(&st, &[&tbl, &key, &stamp, &cur.held.node, &cur.main_ts, &cur.held.inserted_by])
+            .await
+            .map_err(EngineError::pg("keeping a row version"))?;
         Ok(())
     }
 
@@ -408,23 +539,30 @@ impl Applier {
         let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
         let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect();
         let q = format!("UPDATE {} AS t SET {} WHERE {} RETURNING ARRAY[{}]::text[]", t.qualified, items.join(", "), conds.join(" AND "), cols.join(", "));
+        let name = t.name.clone();
+        let order = t.order.clone();
+        let st = self.stmt(&q, &vec![Type::TEXT; params.len()]).await?;
         let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let row = self.conn.client.query_one(&q, &p).await.map_err(EngineError::pg(format!("applying a merged update to {}", t.name)))?;
+        let row = self.conn.client.query_one(&st, &p).await.map_err(EngineError::pg(format!("applying a merged update to {name}")))?;
         let vals: Vec<Option<String>> = row.get(0);
-        Ok(t.order.iter().cloned().zip(vals).collect())
+        Ok(order.into_iter().zip(vals).collect())
     }
 
     /// An update for a row that is not here.
     async fn update_of_missing_row(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, key: &str, new: &[Value]) -> Result<(), EngineError> {
         let h = &e.header;
         let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
-        let tomb = self
-            .conn
-            .client
-            .query_opt("SELECT node, row_data::text FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted", &[&m.table.name, &key])
-            .await
-            .map_err(EngineError::pg("reading a tombstone"))?;
+        let read_tomb = "SELECT node, row_data::text FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted";
+        let mut tomb = self.conn.client.query_opt(read_tomb, &[&m.table.name, &key]).await.map_err(EngineError::pg("reading a tombstone"))?;
+        if tomb.is_none() {
+            // A delete made here may not have its tombstone yet.
+            self.wait_for_capture().await?;
+            tomb = self.conn.client.query_opt(read_tomb, &[&m.table.name, &key]).await.map_err(EngineError::pg("reading a tombstone"))?;
+        }
+        let ks = m.key_src.clone().unwrap_or_default();
+        let key_vals: Vec<String> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
         let Some(tomb) = tomb else {
+            self.emit_verdict(e, m, desc, &ks, &key_vals, None).await?;
             return self
                 .record_conflict(NewConflict {
                     tbl: &m.table.name,
@@ -455,10 +593,7 @@ impl Applier {
                 detail: Some(format!("{deleter} deleted the row while {} updated it; the update wins and restores it", h.author)),
             })
             .await?;
-            let ks = m.key_src.clone().unwrap_or_default();
-            let key_vals: Vec<String> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
-            let row = self.read_row(m, &key_vals).await?;
-            return self.emit_verdict(e, m, desc, &ks, &key_vals, row.as_ref()).await;
+            return Ok(());
         }
         self.record_conflict(NewConflict {
             tbl: &m.table.name,
@@ -471,7 +606,8 @@ impl Applier {
             remote: Some(row_json(desc, new)),
             detail: Some(format!("{deleter} deleted the row while {} updated it; the delete wins", h.author)),
         })
-        .await
+        .await?;
+        self.emit_verdict(e, m, desc, &ks, &key_vals, None).await
     }
 
     /// One delete whose row is not as its author saw it.
@@ -552,17 +688,6 @@ impl Applier {
         Ok(())
     }
 
-    /// The row with this key as text, by local column.
-    async fn read_row(&mut self, m: &Mapping, key_vals: &[String]) -> Result<Option<HashMap<String, Option<String>>>, EngineError> {
-        let t = &m.table;
-        let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
-        let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect();
-        let q = format!("SELECT ARRAY[{}]::text[] FROM {} t WHERE {}", cols.join(", "), t.qualified, conds.join(" AND "));
-        let p: Vec<&(dyn ToSql + Sync)> = key_vals.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        let row = self.conn.client.query_opt(&q, &p).await.map_err(EngineError::pg(format!("reading a row of {}", t.name)))?;
-        Ok(row.map(|r| t.order.iter().cloned().zip(r.get::<_, Vec<Option<String>>>(0)).collect()))
-    }
-
     /// Inserts one row; on a key or unique clash, decides by the rule (at
     /// the main) and records what lost. `verdicts`: tell the author when the
     /// result is not its row.
@@ -616,9 +741,9 @@ impl Applier {
                     .execute(&vst, &[&m.table.name, &vec![key.clone()], &(h.stamp as i64), &h.author, &h.commit_ts_us])
                     .await
                     .map_err(EngineError::pg("recording row versions"))?;
-                if verdicts {
-                    self.emit_verdict(e, m, desc, &ks, &key_vals, Some(&result)).await?;
-                }
+                let _ = result;
+            } else if verdicts {
+                self.emit_verdict(e, m, desc, &ks, &key_vals, Some(&cur.values)).await?;
             }
             return Ok(());
         }
@@ -694,6 +819,56 @@ impl Applier {
             }
         }
         Ok(None)
+    }
+
+    /// Rows of `e` that reference a row folded into another
+    /// (`on_unique_conflict = "merge"`) are re-pointed to it, at the main;
+    /// returns the re-pointed entry and which of its changes changed (the
+    /// author gets them back in the echo).
+    pub(super) async fn repoint_merged(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<Option<(LogEntry, Vec<usize>)>, EngineError> {
+        if self.merged_tables.is_empty() || self.cfg.role != crate::Role::Main {
+            return Ok(None);
+        }
+        let mut out = e.clone();
+        let mut touched = Vec::new();
+        let mut cache: HashMap<(String, String), Option<Vec<String>>> = HashMap::new();
+        for (ci, ch) in out.changes.iter_mut().enumerate() {
+            let (t, new) = match ch {
+                RowChange::Insert { table, new } | RowChange::Update { table, new, .. } => (*table, new),
+                _ => continue,
+            };
+            let Some(m) = maps.get(t as usize).and_then(|m| m.as_ref()) else { continue };
+            for fk in &m.table.parents {
+                if !self.merged_tables.contains(&fk.parent_name) {
+                    continue;
+                }
+                let idx: Option<Vec<usize>> = fk.column_names.iter().map(|c| m.targets.iter().position(|t| t.as_deref() == Some(c.as_str()))).collect();
+                let Some(idx) = idx else { continue };
+                let vals: Option<Vec<String>> = idx.iter().map(|i| new.get(*i).and_then(Value::as_text).map(str::to_string)).collect();
+                let Some(vals) = vals else { continue };
+                let from = key_text(&vals.iter().map(String::as_str).collect::<Vec<_>>());
+                let ck = (fk.parent_name.clone(), from.clone());
+                if !cache.contains_key(&ck) {
+                    let to: Option<String> = self
+                        .conn
+                        .client
+                        .query_opt("SELECT to_key FROM branchsync.key_merges WHERE tbl = $1 AND from_key = $2", &[&fk.parent_name, &from])
+                        .await
+                        .map_err(EngineError::pg("reading merged keys"))?
+                        .map(|r| r.get(0));
+                    cache.insert(ck.clone(), to.and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok()));
+                }
+                if let Some(Some(to)) = cache.get(&ck) {
+                    for (i, v) in idx.iter().zip(to) {
+                        if let Some(slot) = new.get_mut(*i) {
+                            *slot = Value::Text(v.clone());
+                        }
+                    }
+                    touched.push(ci);
+                }
+            }
+        }
+        Ok((!touched.is_empty()).then_some((out, touched)))
     }
 
     /// Tells the author of `e` how the main holds a row now (a

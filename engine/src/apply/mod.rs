@@ -34,10 +34,12 @@
 //! for one by one: [`pipeline`] queues their statements across ChangeSets
 //! and sends them together, with one row-version upsert and one parent check
 //! (R9, see [`park`]) per table and batch.
-//! Updates and deletes lock their rows first (`FOR UPDATE`, R7), decide by
-//! the conflict rule, then write in one statement per batch. One ChangeSet
-//! spanning many fragments is one long local transaction: that is
-//! unavoidable, and documented.
+//! Updates and deletes are decided at the main ([`decide`]: a batched
+//! compare-and-set when the row is still as its author saw it, otherwise a
+//! column-level merge under the row's lock, R7) and applied as the main sent
+//! them at a branch ([`obey`], which also takes the main's results for its
+//! own changes). One ChangeSet spanning many fragments is one long local
+//! transaction: that is unavoidable, and documented.
 //!
 //! # Error handling
 //!
@@ -84,6 +86,16 @@ pub use table::{LocalTable, Mapping};
 pub const DEFAULT_GROUP_BUDGET: Duration = Duration::from_millis(50);
 /// Largest number of rows per batched statement.
 const MAX_BATCH_ROWS: usize = 5_000;
+/// Lock timeouts and deadlocks retried in place before the session gives up
+/// (and the link retries it from durable progress).
+const LOCK_RETRIES: u32 = 30;
+/// Transactions of more rows than this are not kept for an in-place retry.
+const RETRY_BUFFER_ROWS: usize = 50_000;
+
+fn is_lock_contention(e: &EngineError) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(e.sqlstate(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
 
 /// How an apply session behaves.
 #[derive(Debug, Clone)]
@@ -176,6 +188,11 @@ pub struct Applier {
     merged_tables: HashSet<String>,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
+    /// Entries applied since the last commit (while they are few), for a
+    /// retry after lock contention.
+    uncommitted: Vec<LogEntry>,
+    /// Rows of the entries applied since the last commit.
+    uncommitted_rows: usize,
     committed: u64,
     seen: u64,
     /// Position of the entry being applied (its error may surface before
@@ -238,6 +255,8 @@ impl Applier {
                 init_ts_us: 0,
                 merged_tables: HashSet::new(),
                 queue: pipeline::Queue::default(),
+                uncommitted: Vec::new(),
+                uncommitted_rows: 0,
                 committed,
                 seen: committed,
                 attempting: committed,
@@ -296,12 +315,33 @@ impl Applier {
                 // 4. New entries from the link.
                 msg = rx.recv() => match msg {
                     Some(entries) => {
-                        if let Err(e) = self.apply_entries(&entries).await {
-                            return Err(self.fail(e));
-                        }
-                        if self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
-                            if let Err(e) = self.commit().await {
-                                return Err(self.fail(e));
+                        let mut batch = entries.clone();
+                        let mut tries = 0u32;
+                        loop {
+                            let mut r = self.apply_entries(&batch).await;
+                            if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
+                                r = self.commit().await;
+                            }
+                            match r {
+                                Ok(()) => break,
+                                // R8: a lock timeout or deadlock (a cashier, or
+                                // another stream on the same rows) is retried
+                                // here, without moving progress.
+                                Err(e) if is_lock_contention(&e) && tries < LOCK_RETRIES && self.uncommitted_rows <= RETRY_BUFFER_ROWS && !self.conn.client.is_closed() => {
+                                    tries += 1;
+                                    tracing::debug!(stream = %self.stream, tries, error = %e, "lock contention; retrying the transaction");
+                                    self.rollback_for_retry().await?;
+                                    let jitter = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 40);
+                                    tokio::time::sleep(Duration::from_millis(u64::from(tries) * 20 + jitter)).await;
+                                    // What was applied since the last commit, then
+                                    // the rest of this batch (positions already
+                                    // applied again are skipped).
+                                    let mut again = std::mem::take(&mut self.uncommitted);
+                                    again.extend(entries.iter().cloned());
+                                    batch = again;
+                                    self.uncommitted_rows = 0;
+                                }
+                                Err(e) => return Err(self.fail(e)),
                             }
                         }
                     }
@@ -314,6 +354,19 @@ impl Applier {
                 },
             }
         }
+    }
+
+    /// Rolls back the open transaction so that the entries since the last
+    /// commit can be applied again.
+    async fn rollback_for_retry(&mut self) -> Result<(), EngineError> {
+        self.conn.client.batch_execute("ROLLBACK").await.map_err(EngineError::pg("rolling back an apply transaction"))?;
+        self.txn = None;
+        self.queue = pipeline::Queue::default();
+        self.seen = self.committed;
+        self.attempting = self.committed;
+        // What the rolled-back transaction parked or recorded is gone too.
+        self.noted_skips.clear();
+        self.load_held().await
     }
 
     /// Marks the open range careful after a data error.
@@ -336,6 +389,11 @@ impl Applier {
         for e in entries {
             if e.pos <= self.seen {
                 continue;
+            }
+            // Kept until committed, to apply again after a lock timeout.
+            self.uncommitted_rows += e.changes.len();
+            if self.uncommitted_rows <= RETRY_BUFFER_ROWS {
+                self.uncommitted.push(e.clone());
             }
             self.attempting = e.pos;
             if e.part == 0 {
@@ -470,6 +528,8 @@ impl Applier {
         // (synchronous_commit = on): the link may acknowledge it.
         failpoints::hit(failpoints::APPLY_AFTER_COMMIT);
         self.committed = pos;
+        self.uncommitted.retain(|e| e.pos > pos);
+        self.uncommitted_rows = self.uncommitted.iter().map(|e| e.changes.len()).sum();
         self.stats.committed_pos = pos;
         self.stats.transactions += 1;
         self.progress_tx.send_replace(self.stats.clone());
@@ -498,6 +558,8 @@ impl Applier {
         let mut rows = Vec::new();
         for ch in &e.changes {
             match ch {
+                // Our own schema change, echoed: it ran here already.
+                RowChange::Ddl(_) if self.is_echo(e) => {}
                 RowChange::Ddl(d) => {
                     if !rows.is_empty() {
                         let part = LogEntry { changes: std::mem::take(&mut rows), ..e.clone() };
@@ -631,6 +693,16 @@ impl Applier {
             maps.push(m);
         }
         self.note_skipped_columns(e, &maps).await?;
+        // Rows pointing at a row that was folded into another follow it.
+        // The re-pointed rows travel back to their author in the echo.
+        let repointed = self.repoint_merged(e, &maps).await?;
+        let e = repointed.as_ref().map(|(re, _)| re).unwrap_or(e);
+        self.apply_rows_mapped(e, careful, &maps).await
+    }
+
+    async fn apply_rows_mapped(&mut self, e: &LogEntry, careful: bool, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+        let echo = self.is_echo(e).then(|| self.echo_rows(e, maps));
+        let e = echo.as_ref().unwrap_or(e);
         // Changes to a parked or quarantined key queue behind it (R6, R9).
         // Anything but inserts must see the rows queued before it (and the
         // keys their parent checks park).
@@ -638,19 +710,19 @@ impl Applier {
         if !queue_it {
             self.drain().await?;
         }
-        let held_back = self.hold_back(e, &maps).await?;
+        let held_back = self.hold_back(e, maps).await?;
         let e = held_back.as_ref().unwrap_or(e);
         if queue_it {
-            return self.queue_inserts(e, &maps).await;
+            return self.queue_inserts(e, maps).await;
         }
         if careful {
             for (i, ch) in e.changes.iter().enumerate() {
-                self.apply_one_carefully(e, &maps, i, ch).await?;
+                self.apply_one_carefully(e, maps, i, ch).await?;
             }
         } else {
-            self.apply_fast(e, &maps).await?;
+            self.apply_fast(e, maps).await?;
         }
-        self.park_orphans(e, &maps).await
+        self.park_orphans(e, maps).await
     }
 
     /// Values of columns this table does not have here (dropped here, or
@@ -828,7 +900,21 @@ impl Applier {
 
     /// Careful mode: one change per savepoint; inserts resolve key conflicts
     /// by the rule; a change that fails with a data error is quarantined.
-    async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
+    async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], i: usize, ch: &RowChange) -> Result<(), EngineError> {
+        // A row folded into another by an earlier change of this very
+        // fragment is followed here, change by change.
+        if !self.merged_tables.is_empty() && self.cfg.role == crate::Role::Main && matches!(ch, RowChange::Insert { .. } | RowChange::Update { .. }) {
+            let one = LogEntry { changes: vec![ch.clone()], ..e.clone() };
+            if let Some((re, _)) = self.repoint_merged(&one, maps).await? {
+                if let Some(rch) = re.changes.first() {
+                    return Box::pin(self.apply_one_carefully_repointed(&re, maps, i, rch)).await;
+                }
+            }
+        }
+        self.apply_one_carefully_repointed(e, maps, i, ch).await
+    }
+
+    async fn apply_one_carefully_repointed(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
         match ch {
             RowChange::Truncate { tables, restart_identity, .. } => return self.apply_truncate(e, maps, tables, *restart_identity).await,
             RowChange::Verdict(v) if self.cfg.role == crate::Role::Branch => return self.obey_verdict(e, maps, v).await,

@@ -1,30 +1,44 @@
-//! Obeying at a branch: the main's relay is the main's history, applied as
-//! it comes.
+//! Obeying at a branch: the main's relay is the main's history, applied in
+//! its order, and the main's decisions about this branch's own changes come
+//! back in it.
 //!
-//! The main has decided every change in its relay already (see
-//! [`super::decide`]), so a branch writes them without locking for a
-//! decision or keeping row versions: an insert replaces a row of the same
-//! key, an update or delete of a row that is not here is skipped (a delete
-//! of it made here is on its way to the main, which will decide). What the
-//! branch still decides is only *when* to take a verdict about one of its
-//! own changes: never over a newer local change of the same row, which the
-//! main decides later.
+//! ```text
+//!   relay entry of another node     → written, except over a row changed here
+//!                                     that the main has not decided yet
+//!   relay entry of this node (echo) → the main's result for our change, written
+//!                                     unless the row changed here again since
+//!   verdict (a row the main decided without writing it) → the same as an echo
+//! ```
 //!
-//! # Why a verdict is safe
+//! # Why every branch ends equal to the main
 //!
-//! A verdict names the commit time (on this branch's clock) of the change it
-//! decides. Two local transactions changing the same row are serialised by
-//! the row lock, so a later one has a later commit time: a row whose local
-//! version is newer than the verdict's change is left alone. A row deleted
-//! here after that change is recognised by its tombstone, which capture
-//! writes back; apply waits until capture has caught up with the WAL before
-//! it looks.
+//! Every change made here reaches the main once and comes back once: as the
+//! row the main wrote for it (the echo: the relay entry authored by this
+//! node), or as a verdict when the main did not write the row. So a row
+//! changed here is *pending* exactly while its newest version is a local
+//! commit made after `init` (rows committed before it are the copied
+//! baseline): applying the echo or verdict makes it an applied row again.
+//! While it is pending, other nodes' changes to it are not written here —
+//! the main decides them against our change and the echo brings the result.
+//! An echo or verdict is not written over a newer local change of the same
+//! row (two local transactions changing one row are serialised by its lock,
+//! so their commit times are in order): that newer change comes back later
+//! with the main's result. Once every change made here has come back, each
+//! row holds the last thing the main wrote or decided for it: the main's row.
+//!
+//! Mistakes heal: a row written here over a local delete that was not yet
+//! known (capture writes tombstones back asynchronously) is set right by the
+//! echo of that delete.
+//!
+//! Tables without a key are multisets without decisions: other nodes' changes
+//! are applied as they come, this node's own are not applied twice.
 
 use std::time::{Duration, Instant};
 
 use branchsync_proto::{ConflictRecord, LogEntry, RowChange, TableDesc, Value, Verdict};
 use tokio_postgres::types::{ToSql, Type};
 
+use super::sql::Guard;
 use super::{change_table, key_text, park, sql, Applier, Mapping};
 use crate::pg::{fmt_lsn, parse_lsn};
 use crate::EngineError;
@@ -34,17 +48,58 @@ use crate::EngineError;
 const CAPTURE_WAIT: Duration = Duration::from_secs(30);
 
 impl Applier {
+    /// `true` when `e` is the main's echo of a change made here.
+    pub(super) fn is_echo(&self, e: &LogEntry) -> bool {
+        self.cfg.role == crate::Role::Branch && e.header.author == self.cfg.node
+    }
+
+    /// The guard for writing `e`'s rows here, and the parameter holding its
+    /// commit time when it is an echo (`next_param` is that parameter's number).
+    pub(super) fn guard_for(&self, e: &LogEntry, next_param: usize) -> Guard {
+        match (self.cfg.role, self.is_echo(e)) {
+            (crate::Role::Main, _) => Guard::None,
+            (crate::Role::Branch, true) => Guard::Echo(next_param),
+            (crate::Role::Branch, false) => Guard::Others(self.init_ts_us),
+        }
+    }
+
+    /// An echo without what was only ever ours: schema changes, TRUNCATE and
+    /// rows of tables without a key already happened here.
+    pub(super) fn echo_rows(&self, e: &LogEntry, maps: &[Option<Mapping>]) -> LogEntry {
+        let changes = e
+            .changes
+            .iter()
+            .filter(|c| match c {
+                RowChange::Ddl(_) | RowChange::Truncate { .. } => false,
+                RowChange::Verdict(_) | RowChange::Conflict(_) => true,
+                _ => change_table(c).and_then(|t| maps.get(t as usize)).and_then(|m| m.as_ref()).is_some_and(|m| m.key_src.is_some()),
+            })
+            .cloned()
+            .collect();
+        LogEntry { changes, ..e.clone() }
+    }
+
     /// A run of updates or deletes of one table, written as the main sent them.
     pub(super) async fn obey_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
+        let desc = &e.tables[t as usize];
         let Some(ks) = m.key_src.clone() else {
-            let desc = &e.tables[t as usize];
             for ch in run {
                 self.apply_keyless(e, &m, desc, ch).await?;
             }
             return Ok(());
         };
+        if self.is_echo(e) && matches!(run[0], RowChange::Update { .. }) {
+            // The main's whole row: written (or inserted back) unless a
+            // newer local change of it is on its way.
+            for ch in run {
+                if let RowChange::Update { new, .. } = ch {
+                    self.obey_insert(e, &m, desc, new).await?;
+                }
+            }
+            return Ok(());
+        }
         let old_keys: Vec<Vec<Option<&str>>> = run
             .iter()
             .map(|ch| {
@@ -58,9 +113,18 @@ impl Applier {
             })
             .collect();
         let key_arrays: Vec<Vec<Option<&str>>> = (0..ks.len()).map(|j| old_keys.iter().map(|k| k[j]).collect()).collect();
+        let ts = e.header.commit_ts_us;
         if matches!(run[0], RowChange::Delete { .. }) {
-            let st = self.stmt(&sql::delete(&m.table), &vec![Type::TEXT_ARRAY; ks.len()]).await?;
-            let params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            let guard = self.guard_for(e, ks.len() + 1);
+            let mut types = vec![Type::TEXT_ARRAY; ks.len()];
+            if matches!(guard, Guard::Echo(_)) {
+                types.push(Type::INT8);
+            }
+            let st = self.stmt(&sql::delete_guarded(&m.table, guard), &types).await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            if matches!(guard, Guard::Echo(_)) {
+                params.push(&ts);
+            }
             self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
             return Ok(());
         }
@@ -72,7 +136,7 @@ impl Applier {
         if set_names.is_empty() {
             return Ok(());
         }
-        let st = self.stmt(&sql::update(&m.table, &set_names), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
+        let st = self.stmt(&sql::update_guarded(&m.table, &set_names, Guard::Others(self.init_ts_us)), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
         let news: Vec<&Vec<Value>> = run.iter().map(|ch| match ch { RowChange::Update { new, .. } => new, _ => super::unreachable_change() }).collect();
         let vals: Vec<Vec<Option<&str>>> = set_src.iter().map(|c| news.iter().map(|n| n.get(*c).and_then(Value::as_text)).collect()).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -81,15 +145,24 @@ impl Applier {
         Ok(())
     }
 
-    /// One insert of the relay, taken as it comes; a clash with a row of
-    /// another key on a unique constraint waits, parked, for the main's
-    /// verdict about that row.
+    /// One row of the main, inserted or written over the row here (within
+    /// the guard); a clash with a row of another key on a unique constraint
+    /// waits, parked, for the main's decision about that row.
     pub(super) async fn obey_insert(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value]) -> Result<(), EngineError> {
         let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some() && !matches!(new.get(*i), Some(Value::Unchanged))).collect();
         let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        let st = self.stmt(&sql::upsert(&m.table, &names), &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+        let guard = self.guard_for(e, cols.len() + 1);
+        let mut types = vec![Type::TEXT_ARRAY; cols.len()];
+        if matches!(guard, Guard::Echo(_)) {
+            types.push(Type::INT8);
+        }
+        let st = self.stmt(&sql::upsert(&m.table, &names, guard), &types).await?;
         let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(Value::as_text)]).collect();
-        let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let ts = e.header.commit_ts_us;
+        let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        if matches!(guard, Guard::Echo(_)) {
+            params.push(&ts);
+        }
         let c = &self.conn.client;
         c.batch_execute("SAVEPOINT branchsync_unique").await.map_err(EngineError::pg("setting a savepoint"))?;
         match c.execute(&st, &params).await {
@@ -119,62 +192,53 @@ impl Applier {
         let key = key_text(&key_vals.iter().map(String::as_str).collect::<Vec<_>>());
         let t = &m.table;
         let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
-        let q = format!(
-            "SELECT cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8 FROM {} t \
-             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true WHERE {} FOR UPDATE OF t",
-            t.qualified,
-            conds.join(" AND ")
-        );
+        let q = format!("SELECT 1 FROM {} t WHERE {} FOR UPDATE OF t", t.qualified, conds.join(" AND "));
         let p: Vec<&(dyn ToSql + Sync)> = key_vals.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         let here = self.conn.client.query_opt(&q, &p).await.map_err(EngineError::pg(format!("reading a row of {}", t.name)))?;
-        match here {
-            Some(r) => {
-                let (origin, ts): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
-                if origin == Some(0) && ts.is_some_and(|ts| ts > v.for_commit_ts) {
-                    tracing::debug!(stream = %self.stream, table = %t.name, "verdict left alone: a newer local change of the row is on its way");
-                    return Ok(());
-                }
-            }
-            None => {
-                // A delete made here after the decided change may not have its
-                // tombstone yet: let capture catch up with the WAL first.
-                self.wait_for_capture().await?;
-                let newer_delete: bool = self
-                    .conn
-                    .client
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted AND node = $3 AND ts > $4)",
-                        &[&t.name, &key, &self.cfg.node, &v.for_commit_ts],
-                    )
-                    .await
-                    .map_err(EngineError::pg("reading a tombstone"))?
-                    .get(0);
-                if newer_delete {
-                    tracing::debug!(stream = %self.stream, table = %t.name, "verdict left alone: the row was deleted here later");
-                    return Ok(());
-                }
+        if here.is_none() {
+            // A delete made here after the decided change may not have its
+            // tombstone yet: let capture catch up with the WAL first.
+            self.wait_for_capture().await?;
+            let newer_delete: bool = self
+                .conn
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted AND node = $3 AND ts > $4)",
+                    &[&t.name, &key, &self.cfg.node, &v.for_commit_ts],
+                )
+                .await
+                .map_err(EngineError::pg("reading a tombstone"))?
+                .get(0);
+            if newer_delete {
+                tracing::debug!(stream = %self.stream, table = %t.name, "verdict left alone: the row was deleted here later");
+                return Ok(());
             }
         }
+        let desc = &e.tables[v.table as usize];
         match &v.row {
-            Some(row) => {
-                let desc = &e.tables[v.table as usize];
-                self.obey_insert(e, &m, desc, row).await?;
-            }
+            // Written within the echo guard: not over a newer local change.
+            Some(row) => self.obey_insert(e, &m, desc, row).await?,
             None => {
-                let st = self.stmt(&sql::delete(t), &vec![Type::TEXT_ARRAY; ks.len()]).await?;
+                let st = self.stmt(&sql::delete_guarded(t, Guard::Echo(ks.len() + 1)), &{
+                    let mut ty = vec![Type::TEXT_ARRAY; ks.len()];
+                    ty.push(Type::INT8);
+                    ty
+                })
+                .await?;
                 let arrays: Vec<Vec<&str>> = key_vals.iter().map(|k| vec![k.as_str()]).collect();
-                let p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                let mut p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                p.push(&v.for_commit_ts);
                 self.conn.client.execute(&st, &p).await.map_err(EngineError::pg(format!("applying a verdict to {}", t.name)))?;
             }
         }
         self.stats.verdicts += 1;
-        tracing::info!(stream = %self.stream, table = %t.name, "the main's verdict about a change made here applied");
+        tracing::debug!(stream = %self.stream, table = %t.name, "the main's verdict about a change made here applied");
         Ok(())
     }
 
     /// Waits until capture has logged (and written back) everything
     /// committed here so far.
-    async fn wait_for_capture(&mut self) -> Result<(), EngineError> {
+    pub(super) async fn wait_for_capture(&mut self) -> Result<(), EngineError> {
         let Some(mut rx) = self.cfg.capture_progress.clone() else { return Ok(()) };
         let lsn: String = self
             .conn

@@ -104,13 +104,22 @@ impl Applier {
             let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
             // A branch takes the main's rows as they come; the main decides
             // (a clash fails the batch and is replayed carefully).
-            let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names) } else { sql::insert(&m.table, &names, false) };
-            let st = self.stmt(&text, &vec![Type::TEXT_ARRAY; cols.len()]).await?;
+            let guard = self.guard_for(e, cols.len() + 1);
+            let echo = matches!(guard, sql::Guard::Echo(_));
+            let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
+            let mut types = vec![Type::TEXT_ARRAY; cols.len()];
+            if echo {
+                types.push(Type::INT8);
+            }
+            let st = self.stmt(&text, &types).await?;
             for chunk in rows.chunks(super::MAX_BATCH_ROWS) {
-                let params: Vec<Param> = cols
+                let mut params: Vec<Param> = cols
                     .iter()
                     .map(|c| Box::new(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect::<Vec<Option<String>>>()) as Param)
                     .collect();
+                if echo {
+                    params.push(Box::new(e.header.commit_ts_us));
+                }
                 self.queue.statements.push((st.clone(), params));
                 self.queue.rows += chunk.len();
             }

@@ -192,14 +192,49 @@ pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> Strin
         aliases.push(format!("o{j}"));
         conds.push(format!("t.{}::text IS NOT DISTINCT FROM u.o{j}", quote_ident(c)));
     }
+    versioned_update(t, &sets, &arrays, &aliases, &conds)
+}
+
+/// Adds the author's difference to delta columns (R16): a change of delta
+/// columns only never clashes, whatever else changed meanwhile. Returns the
+/// keys updated and the origin and commit time of the version the row had.
+/// Parameters: one `text[]` per key column, then per delta column the new and
+/// the old values.
+pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, conds) = key_join(t, 1);
+    let base = t.pk.len() + 1;
+    let mut sets = Vec::new();
+    for (j, c) in delta_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + 2 * j));
+        arrays.push(format!("${}::text[]", base + 2 * j + 1));
+        aliases.push(format!("n{j}"));
+        aliases.push(format!("o{j}"));
+        let col = &t.columns[*c];
+        sets.push(format!("{0} = t.{0} + (u.n{j}::numeric - u.o{j}::numeric)::{1}", col.quoted, col.type_name));
+    }
+    versioned_update(t, &sets, &arrays, &aliases, &conds)
+}
+
+/// An `UPDATE … FROM unnest(…)` that also returns, per updated key, the
+/// version the row had before: the origin and commit time of its xmin, read
+/// with the row (a change of delta columns only leaves that version the
+/// row's).
+fn versioned_update(t: &LocalTable, sets: &[String], arrays: &[String], aliases: &[String], conds: &[String]) -> String {
+    let (_, _, old_conds) = key_join(t, 1);
+    let old_conds: Vec<String> = old_conds.iter().map(|c| c.replacen("t.", "p.", 1)).collect();
     format!(
-        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {} RETURNING {}",
-        t.qualified,
-        sets.join(", "),
-        arrays.join(", "),
-        aliases.join(", "),
-        conds.join(" AND "),
-        t.key_text_sql("t")
+        "UPDATE {qt} AS t SET {sets} FROM (SELECT u.*, cts.roident::int8 AS o_origin, \
+             (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts \
+             FROM unnest({arrays}) AS u({aliases}) JOIN {qt} p ON {old_conds} \
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(p.xmin) cts ON true) AS u \
+         WHERE {conds} RETURNING {key}, u.o_origin, u.o_ts",
+        qt = t.qualified,
+        sets = sets.join(", "),
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        old_conds = old_conds.join(" AND "),
+        conds = conds.join(" AND "),
+        key = t.key_text_sql("t")
     )
 }
 
@@ -228,9 +263,42 @@ pub fn cas_delete(t: &LocalTable, cmp_cols: &[&str]) -> String {
     )
 }
 
-/// `INSERT … ON CONFLICT (key) DO UPDATE`: a branch takes the main's row as
-/// it comes. Parameters as [`insert`].
-pub fn upsert(t: &LocalTable, cols: &[&str]) -> String {
+/// Which rows a branch may overwrite with what the main sent (see
+/// [`super::obey`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Another node's change: not over a row changed here and not yet
+    /// decided by the main (its version is a local commit made after this
+    /// node's `init`, at this many µs; earlier ones are the copied baseline).
+    Others(i64),
+    /// The main's result for a change made here (an echo or a verdict): not
+    /// over a newer local change of the row; the parameter with this number
+    /// holds the change's commit time (µs, this node's clock).
+    Echo(usize),
+    /// No condition.
+    None,
+}
+
+impl Guard {
+    /// SQL condition over alias `alias` that holds when the row may be written.
+    pub fn sql(self, alias: &str) -> String {
+        let origin = format!("coalesce((pg_xact_commit_timestamp_origin({alias}.xmin)).roident::int, -1)");
+        match self {
+            Guard::Others(init_us) => format!(
+                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) >= {init_us})"
+            ),
+            Guard::Echo(p) => format!(
+                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) > ${p}::int8)"
+            ),
+            Guard::None => "true".into(),
+        }
+    }
+}
+
+/// `INSERT … ON CONFLICT (key) DO UPDATE … WHERE guard`: a branch takes the
+/// main's row as it comes, unless `guard` says the row is its own pending
+/// change. Parameters as [`insert`] (then the guard's, if any).
+pub fn upsert(t: &LocalTable, cols: &[&str], guard: Guard) -> String {
     let mut sql = insert(t, cols, false);
     if t.pk.is_empty() {
         return sql;
@@ -240,9 +308,19 @@ pub fn upsert(t: &LocalTable, cols: &[&str]) -> String {
     if sets.is_empty() {
         sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", pk.join(", ")));
     } else {
-        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", pk.join(", "), sets.join(", ")));
+        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {} WHERE {}", pk.join(", "), sets.join(", "), guard.sql("t")));
     }
     sql
+}
+
+/// [`update`] that leaves rows `guard` protects alone.
+pub fn update_guarded(t: &LocalTable, set_cols: &[&str], guard: Guard) -> String {
+    format!("{} AND {}", update(t, set_cols), guard.sql("t"))
+}
+
+/// [`delete`] that leaves rows `guard` protects alone.
+pub fn delete_guarded(t: &LocalTable, guard: Guard) -> String {
+    format!("{} AND {}", delete(t), guard.sql("t"))
 }
 
 /// The current rows with these keys, after [`lock_rows`]: input ordinal,

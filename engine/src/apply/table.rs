@@ -62,6 +62,10 @@ pub struct ForeignKey {
     pub parent: String,
     /// Referenced columns (quoted), in constraint order.
     pub parent_columns: Vec<String>,
+    /// `schema.name` of the referenced table, unquoted.
+    pub parent_name: String,
+    /// Referencing columns, unquoted.
+    pub column_names: Vec<String>,
 }
 
 impl ForeignKey {
@@ -174,6 +178,8 @@ impl LocalTable {
                 parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
                 columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
                 parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
+                parent_name: format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)),
+                column_names: r.get::<_, Vec<String>>(2),
             })
             .collect();
         // The same, seen from the referenced side: `parent` is the
@@ -199,6 +205,8 @@ impl LocalTable {
                 parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
                 columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
                 parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
+                parent_name: format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)),
+                column_names: r.get::<_, Vec<String>>(2),
             })
             .collect();
         let renames = client

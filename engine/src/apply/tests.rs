@@ -403,11 +403,11 @@ async fn r7_an_apply_waiting_behind_another_streams_apply_decides_on_the_version
     assert_eq!(c, ["(update_update,branch2,6)"]);
 }
 
-/// R8: a row lock held by a cashier makes the apply give up after its
-/// short `lock_timeout` with a transient error (55P03) that rolled
-/// everything back and moved no progress; once the lock is gone, a fresh
-/// applier (the link's retry) applies the ChangeSet exactly once, and a
-/// resend of it changes nothing.
+/// R8: a row lock held by a cashier makes an apply statement give up after
+/// its short `lock_timeout` with a transient error (55P03) that rolled
+/// everything back and moved no progress; the apply session retries such a
+/// transaction in place, so once the lock is gone the ChangeSet applies
+/// exactly once, and a resend of it changes nothing.
 #[tokio::test]
 async fn r8_a_lock_timeout_is_transient_moves_no_progress_and_the_retry_applies_exactly_once() {
     let site = Site::new("CREATE TABLE stock (id int PRIMARY KEY, qty int); CREATE TABLE movements (item int, delta int);", &[]).await;
@@ -427,10 +427,12 @@ async fn r8_a_lock_timeout_is_transient_moves_no_progress_and_the_retry_applies_
     let cashier = site.pg.connect().await;
     cashier.batch_execute("BEGIN; SELECT * FROM stock WHERE id = 1 FOR UPDATE").await.unwrap();
     let started = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(10), site.run(&entries))
+    let mut once = site.applier().await;
+    let err = tokio::time::timeout(Duration::from_secs(10), once.apply_entries(&entries))
         .await
         .expect("the apply gave up after its lock timeout, it did not wait for the cashier")
         .expect_err("the row is locked");
+    drop(once);
     assert!(started.elapsed() < Duration::from_secs(5), "the apply gave up after its lock timeout, it did not wait for the cashier: {:?}", started.elapsed());
     assert_eq!(err.sqlstate(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
     assert!(err.is_transient(), "a lock timeout is retried, not quarantined: {err}");
@@ -439,8 +441,13 @@ async fn r8_a_lock_timeout_is_transient_moves_no_progress_and_the_retry_applies_
     assert!(site.rows("SELECT 1 FROM branchsync.conflicts UNION ALL SELECT 1 FROM branchsync.parked").await.is_empty(), "nothing quarantined or parked");
     assert_eq!(site.rows("SELECT qty FROM stock").await, ["(5)"]);
 
-    cashier.batch_execute("ROLLBACK").await.unwrap();
-    let stats = site.run(&entries).await.unwrap();
+    // The session retries in place while the cashier still holds the row.
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cashier.batch_execute("ROLLBACK").await.unwrap();
+    };
+    let (stats, ()) = tokio::join!(site.run(&entries), release);
+    let stats = stats.unwrap();
     assert_eq!((stats.changesets, stats.committed_pos), (1, 1));
     assert_eq!(site.rows("SELECT qty FROM stock").await, ["(4)"]);
     assert_eq!(site.rows("SELECT item, delta FROM movements").await, ["(1,-1)"]);

@@ -1,0 +1,91 @@
+//! Issue 4, done-when 2: pgbench as an outside workload.
+//!
+//! `pgbench -i` at the main (its tables reach the branches as DDL and rows),
+//! then pgbench runs at the main and at both branches at once while the
+//! branches are cut off, and the links heal. With the balance columns as
+//! delta columns, every site ends with identical tables and
+//! sum(abalance) = sum(bbalance) = sum(tbalance) = sum(delta) over every
+//! site's pgbench_history rows.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use branchsync_tests::*;
+
+const SCHEMA: &str = "CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;";
+
+const RULES: &str = "
+[[tables]]
+match = \"pgbench_accounts\"
+delta = [\"abalance\"]
+
+[[tables]]
+match = \"pgbench_tellers\"
+delta = [\"tbalance\"]
+
+[[tables]]
+match = \"pgbench_branches\"
+delta = [\"bbalance\"]
+";
+
+const TABLES: &[&str] = &["pgbench_branches", "pgbench_tellers", "pgbench_accounts", "pgbench_history"];
+
+fn pgbench(site: &Site, args: &[&str]) -> Command {
+    let mut c = Command::new(pg_bin_dir().join("pgbench"));
+    c.args(["-h", "127.0.0.1", "-p", &site.pg.port().to_string()]).args(args).arg("postgres");
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_at_three_sites_while_apart_keeps_every_balance_equal_to_the_history() {
+    let t0 = std::time::Instant::now();
+    let mut topo = Topology::prepare_with(2, SCHEMA, RULES).await;
+    topo.start_all();
+    let out = pgbench(&topo.main, &["-i", "-s", "1", "-U", "erp", "-q"]).output().expect("run pgbench -i");
+    assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+    wait_converged(&topo.sites(), TABLES, Duration::from_secs(180)).await;
+    println!("pgbench -i replicated to every site after {:.1} s", t0.elapsed().as_secs_f64());
+
+    for p in &topo.proxies {
+        p.cut();
+    }
+    for b in &topo.branches {
+        let name = b.name.clone();
+        wait_status(&topo.main, "the branches are cut off", Duration::from_secs(20), |s| s["peers"][&name]["connected"] == false).await;
+    }
+    let runs: Vec<_> = topo
+        .sites()
+        .into_iter()
+        .map(|s| (s.name.clone(), pgbench(s, &["-n", "-T", "3", "-c", "2", "-j", "1", "-U", "postgres"]).spawn().expect("start pgbench")))
+        .collect();
+    for (name, child) in runs {
+        let out = child.wait_with_output().expect("pgbench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "pgbench at {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let tps = text.lines().find(|l| l.starts_with("tps")).unwrap_or("");
+        println!("pgbench at {name} while cut off: {tps}");
+    }
+    let healed = std::time::Instant::now();
+    for p in &topo.proxies {
+        p.heal();
+    }
+    wait_converged(&topo.sites(), TABLES, Duration::from_secs(300)).await;
+    println!("converged {:.1} s after the links healed", healed.elapsed().as_secs_f64());
+    for s in topo.sites() {
+        let c = s.db().await;
+        let r = c
+            .query_one(
+                "SELECT (SELECT sum(abalance)::int8 FROM pgbench_accounts), (SELECT sum(bbalance)::int8 FROM pgbench_branches), \
+                        (SELECT sum(tbalance)::int8 FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0)::int8 FROM pgbench_history), \
+                        (SELECT count(*) FROM pgbench_history)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (a, b, t, d, n): (i64, i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        println!("{}: {n} transactions in the history, sum(delta) = {d}", s.name);
+        assert!(n > 0, "pgbench ran");
+        assert_eq!((a, b, t), (d, d, d), "{}: sum(abalance), sum(bbalance), sum(tbalance) = sum(delta)", s.name);
+    }
+}
