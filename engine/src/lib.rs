@@ -27,6 +27,7 @@
 pub mod apply;
 pub mod capture;
 pub mod clock;
+pub mod cluster;
 pub mod conflict;
 pub mod conflict_log;
 pub mod ddl;

@@ -148,3 +148,20 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
     }
 }
+
+/// `GET path` of a daemon's HTTP server at `addr`: the body of a 200 answer.
+/// Used by `branchsync status` and the scenario runner.
+pub async fn get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let timed_out = |_| Error::new(ErrorKind::TimedOut, format!("no answer from {addr}"));
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await.map_err(timed_out)??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.map_err(timed_out)??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| Error::new(ErrorKind::InvalidData, "malformed HTTP response"))?;
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
+        return Err(Error::other(format!("daemon answered: {}", head.lines().next().unwrap_or(""))));
+    }
+    Ok(body.to_string())
+}

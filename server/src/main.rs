@@ -1,4 +1,5 @@
-//! The `branchsync` binary: `init`, `run`, `status`, `conflicts`.
+//! The `branchsync` binary: `init`, `run`, `status`, `conflicts`, `demo`,
+//! `scenario run`.
 //!
 //! `main` does every synchronous, fallible step first (arguments, config,
 //! logging), then runs the command and turns its outcome into an exit code
@@ -9,6 +10,7 @@ mod http;
 mod link;
 mod node;
 mod report;
+mod scenario;
 mod status;
 
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use branchsync_engine::{setup, EngineError, Role};
+use branchsync_engine::{setup, EngineError};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
@@ -56,6 +58,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A head office and two shops on this machine: a shop sells offline for
+    /// a simulated day, reconnects, and everything lines up (the
+    /// pos-offline scenario on throwaway local PostgreSQL clusters).
+    Demo {
+        /// Seed of the sales (printed by every run).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Run scenarios: a topology, a workload, faults and checks (scenarios/*.toml).
+    Scenario {
+        #[command(subcommand)]
+        action: ScenarioAction,
+    },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
         /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
@@ -63,6 +78,28 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         action: ConflictsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScenarioAction {
+    /// Run one scenario file; exit code 0 passed, 1 failed, 2 could not run.
+    Run {
+        /// The scenario (TOML), e.g. scenarios/pos-offline.toml.
+        file: PathBuf,
+        /// Where: throwaway local clusters, or the docker-compose stack.
+        #[arg(long, value_enum, default_value = "local")]
+        target: scenario::TargetKind,
+        /// Print one JSON document at the end (the narrative goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Seed of the workload (default: the file's, else the time).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The compose file (compose target; default: docker-compose.yml
+        /// in the current directory or a parent).
+        #[arg(long)]
+        compose_file: Option<PathBuf>,
     },
 }
 
@@ -105,7 +142,12 @@ enum KeepArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| {
+            // The scenario runner narrates in its own words; its clients'
+            // notices (a cluster shutting down at teardown) are noise there.
+            let quiet = matches!(cli.command, Command::Demo { .. } | Command::Scenario { .. });
+            tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+        }))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -137,6 +179,29 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { config, json } => {
             let cfg = Config::load(&config)?;
             status(&cfg, json).await
+        }
+        Command::Demo { seed } => {
+            let sc = scenario::Scenario::parse(scenario::spec::POS_OFFLINE, "pos-offline (built in)")?;
+            let opts = scenario::RunOptions { target: scenario::TargetKind::Local, json: false, seed, compose_file: None };
+            Ok(ExitCode::from(scenario::run_scenario(sc, opts).await.exit_code()))
+        }
+        Command::Scenario { action: ScenarioAction::Run { file, target, json, seed, compose_file } } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("branchsync scenario run: cannot read {}: {e}", file.display());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let sc = match scenario::Scenario::parse(&text, &file.display().to_string()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("branchsync scenario run: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let opts = scenario::RunOptions { target, json, seed, compose_file };
+            Ok(ExitCode::from(scenario::run_scenario(sc, opts).await.exit_code()))
         }
         Command::Conflicts { config, action } => {
             let config = config.context("the configuration file is required: --config FILE or BRANCHSYNC_CONFIG")?;
@@ -317,7 +382,7 @@ fn report_engine_error(what: &str, e: &EngineError) {
 
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(addr) = &cfg.http.listen {
-        if let Ok(body) = http_get(addr, "/status").await {
+        if let Ok(body) = http::get(addr, "/status").await {
             if json {
                 println!("{body}");
             } else {
@@ -357,17 +422,4 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "daemon answered: {}", head.lines().next().unwrap_or(""));
-    let _ = Role::Main;
-    Ok(body.to_string())
 }

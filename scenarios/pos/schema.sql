@@ -1,5 +1,8 @@
--- Demo point-of-sale schema, created empty at EVERY site of the compose demo
--- (main, branch1, branch2) on the first start, before `branchsync init`.
+-- The point-of-sale schema of the demo and the scenarios (schema = "pos"),
+-- created empty at EVERY site before `branchsync init`: by the compose stack
+-- on each container's first start, by the scenario runner's local target in
+-- each throwaway cluster. `branchsync` embeds this file; its rules
+-- ([[tables]], products.stock is a counter) are in tables.toml beside it.
 --
 -- Why this is a correct way to start branches: a branch must start either
 -- from a copy of the main's database taken while the main is quiescent, or
@@ -9,6 +12,19 @@
 -- loaded at every site by this script would exist once per site, unknown to
 -- branchsync, and collide on their keys. For a real ERP, seed the branches
 -- from a copy of the main instead (BRANCHSYNC_SEED_FROM, docker/README.md).
+
+-- The shop application's own role, as an ERP has one (Odoo runs as "odoo"):
+-- it owns the tables, and the workload and module installs run as it.
+-- branchsync replays a schema change as the role that made it, which must
+-- not be a superuser (DESIGN R22), so the DDL of the module-install
+-- scenario is made as "pos", never as "postgres".
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pos') THEN
+        CREATE ROLE pos LOGIN;
+    END IF;
+END $$;
+GRANT CREATE, USAGE ON SCHEMA public TO pos;
+SET ROLE pos;
 
 CREATE TABLE products (
     id serial PRIMARY KEY,
@@ -39,3 +55,5 @@ CREATE TABLE audit_log (
 );
 -- Stays local to each site (BRANCHSYNC_EXCLUDE=local_cache in docker-compose.yml).
 CREATE TABLE local_cache (k text PRIMARY KEY, v text);
+
+RESET ROLE;
