@@ -108,6 +108,14 @@ write_config() {
     echo "listen = \"$HTTP_LISTEN\""
     echo "[keys]"
     echo "stride = $stride"
+    # Sections the variables do not cover ([[tables]] rules, [ddl]),
+    # appended as they are.
+    if [ -n "${BRANCHSYNC_EXTRA_CONFIG_FILE:-}" ]; then
+      [ -r "$BRANCHSYNC_EXTRA_CONFIG_FILE" ] || die "BRANCHSYNC_EXTRA_CONFIG_FILE=$BRANCHSYNC_EXTRA_CONFIG_FILE cannot be read"
+      echo
+      echo "# --- from $BRANCHSYNC_EXTRA_CONFIG_FILE"
+      cat "$BRANCHSYNC_EXTRA_CONFIG_FILE"
+    fi
   } >"$CONFIG.tmp"
   mv "$CONFIG.tmp" "$CONFIG"
   log "wrote $CONFIG for node $BRANCHSYNC_NODE ($role, index $index)"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one test command: `bash tests/run.sh`.
 # On a fresh machine it installs what is missing (PostgreSQL server binaries,
-# a Rust toolchain check), builds the branchsync binary with failpoints, and
-# runs every test of the workspace against throwaway PostgreSQL clusters.
+# libclang, faketime; a Rust toolchain check), builds the branchsync binary
+# with failpoints, runs every test of the workspace against throwaway
+# PostgreSQL clusters, then builds the Docker images and runs two scenarios
+# on the docker-compose stack (see the end of this file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,3 +51,37 @@ features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"
 # Two test threads: every end-to-end test runs its own clusters and daemons.
 cargo test --workspace --features "$features" -- --test-threads="${TEST_THREADS:-2}"
+
+# The compose target: the images (no registry needed) and the scenarios
+# pos-offline and flapping-link against the docker-compose stack, with real
+# network disconnects. Needs root (debootstrap) and a Docker engine; skipped
+# with a note where those are missing, unless BRANCHSYNC_REQUIRE_COMPOSE=1
+# (CI). BRANCHSYNC_SKIP_COMPOSE=1 skips it.
+if [ "${BRANCHSYNC_SKIP_COMPOSE:-0}" = 1 ]; then
+  echo "tests/run.sh: compose scenarios skipped (BRANCHSYNC_SKIP_COMPOSE=1)"
+  exit 0
+fi
+why_not=""
+if [ "$(id -u)" != 0 ]; then why_not="not running as root (docker/build.sh needs debootstrap)";
+elif ! command -v docker >/dev/null; then why_not="no docker CLI";
+elif ! docker info >/dev/null 2>&1; then why_not="no Docker engine answers";
+fi
+if [ -z "$why_not" ] && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+  echo "tests/run.sh: no compose client; installing docker-compose" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; } || why_not="docker-compose cannot be installed"
+fi
+if [ -n "$why_not" ]; then
+  if [ "${BRANCHSYNC_REQUIRE_COMPOSE:-0}" = 1 ]; then
+    echo "tests/run.sh: cannot run the compose scenarios: $why_not" >&2
+    exit 1
+  fi
+  echo "tests/run.sh: compose scenarios skipped: $why_not"
+  exit 0
+fi
+# The image takes the binary just built and tested (without debug info):
+# a release build would add minutes and test a different build.
+BRANCHSYNC_BINARY="$PWD/target/debug/branchsync" bash docker/build.sh
+for s in pos-offline flapping-link; do
+  echo "tests/run.sh: scenario $s on the compose target"
+  ./target/debug/branchsync scenario run "scenarios/$s.toml" --target compose
+done

@@ -13,3 +13,4 @@ mod offline;
 mod pgbench;
 mod random_convergence;
 mod restore;
+mod scenarios;

@@ -433,9 +433,12 @@ pub async fn site_table(r: &mut Runner<'_>) -> Vec<serde_json::Value> {
             line.push_str(&format!(" {:>w$}", v, w = t.len().max(8)));
         }
         let f = |v: Option<u64>| v.map(fmt_count).unwrap_or_else(|| "?".into());
-        line.push_str(&format!(" {:>9} {:>6} {:>8}", f(conflicts), f(parked), r.restarts[i]));
+        // Daemons that exited by themselves and the local target restarted
+        // (compose: the restart policy acts, unseen by the runner).
+        let restarts = r.restarts[i];
+        line.push_str(&format!(" {:>9} {:>6} {:>8}", f(conflicts), f(parked), restarts));
         r.n.raw(&line);
-        out.push(serde_json::json!({"site": site, "role": role, "link": link, "rows": tables, "conflicts": conflicts, "parked": parked, "daemon_restarts": r.restarts[i]}));
+        out.push(serde_json::json!({"site": site, "role": role, "link": link, "rows": tables, "conflicts": conflicts, "parked": parked, "daemon_restarts": restarts}));
     }
     out
 }

@@ -129,7 +129,7 @@ pub async fn run(sc: &Scenario, opts: &RunOptions, seed: u64, n: &Narrator) -> R
             report.verdict = Verdict::Failed;
             n.raw(&format!("\nFAILED: {e}"));
             for i in 0..r.names.len() {
-                let tail = r.target.log_tail(i, 12).await;
+                let tail = r.target.log_tail(i, 25).await;
                 if !tail.trim().is_empty() {
                     n.raw(&format!("--- last lines of {}'s daemon log ---\n{tail}", r.names[i]));
                 }
@@ -447,7 +447,10 @@ impl Runner<'_> {
                 return Ok(());
             }
             if t.elapsed() > limit {
-                let detail = checks::explain_differences(self, &sums, &differing, &left_out).await;
+                let explained = checks::explain_differences(self, &sums, &differing, &left_out).await;
+                let pending = self.pending_summary().await;
+                let links = self.link_summary().await;
+                let detail = format!("{explained}\nstill on its way: {pending}\nlinks: {links}");
                 return Err(ScenarioError::Timeout { what: format!("{who} holds the same rows"), secs: limit.as_secs(), detail });
             }
             if last_said.elapsed() >= Duration::from_secs(3) {
@@ -460,6 +463,29 @@ impl Runner<'_> {
             // longer the longer it took.
             tokio::time::sleep(Duration::from_millis(300).max(sums.took * 2)).await;
         }
+    }
+
+    /// "branch1: connected at the main, connected here (last error: …)" for
+    /// a failure report.
+    async fn link_summary(&mut self) -> String {
+        let main = self.target.status(0).await;
+        let mut parts = Vec::new();
+        for i in 1..self.names.len() {
+            let b = &self.names[i];
+            let at_main = main.as_ref().map(|s| &s["peers"][b]);
+            let here = self.target.status(i).await;
+            let here = here.as_ref().map(|s| &s["peers"]["main"]);
+            let f = |v: Option<&serde_json::Value>| match v {
+                None => "no status".to_string(),
+                Some(p) => format!(
+                    "{}{}",
+                    if p["connected"].as_bool() == Some(true) { "connected" } else { "not connected" },
+                    p["last_error"].as_str().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+                ),
+            };
+            parts.push(format!("{b}: at the main {}; at {b} {}", f(at_main), f(here)));
+        }
+        parts.join("; ")
     }
 
     /// "branch1: 1,234 transactions to send, 56 to receive; …" from the
