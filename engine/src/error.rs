@@ -26,7 +26,7 @@ pub enum EngineError {
     Log {
         context: String,
         #[source]
-        source: sled::Error,
+        source: std::io::Error,
     },
     /// A log entry or a stream message could not be decoded.
     #[error("corrupt data: {0}")]
@@ -53,8 +53,8 @@ impl EngineError {
         move |source| EngineError::Postgres { context, source }
     }
 
-    /// Wraps a sled error with what we were doing.
-    pub fn log(context: impl Into<String>) -> impl FnOnce(sled::Error) -> EngineError {
+    /// Wraps an I/O error of the local log with what we were doing.
+    pub fn log(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
         let context = context.into();
         move |source| EngineError::Log { context, source }
     }

@@ -2,7 +2,7 @@
 //! local log, and nothing that touches the network.
 //!
 //! ```text
-//!   PostgreSQL WAL --[capture]--> ChangeLog (sled) --(server's link)--> peer
+//!   PostgreSQL WAL --[capture]--> ChangeLog (segment files) --(server's link)--> peer
 //!   peer --(server's link)--> [apply] --> PostgreSQL (origin + progress in one xact)
 //! ```
 //!
