@@ -84,6 +84,10 @@ pub use table::{LocalTable, Mapping};
 
 /// Default time budget of one grouped apply transaction.
 pub const DEFAULT_GROUP_BUDGET: Duration = Duration::from_millis(50);
+/// After a group that ran its whole budget while holding locks on rows
+/// that existed before it, apply pauses for budget / this (R7/R8: local
+/// transactions, NOWAIT pollers included, get the rows in between).
+const YIELD_DIVISOR: u32 = 4;
 /// Largest number of rows per batched statement.
 const MAX_BATCH_ROWS: usize = 5_000;
 /// Lock timeouts and deadlocks retried in place before the session gives up
@@ -163,6 +167,9 @@ struct OpenTxn {
     /// Last complete ChangeSet of this transaction.
     last: Option<(u64, ChangeSetHeader)>,
     careful: bool,
+    /// It updated or deleted rows that were there before it (and holds
+    /// their locks until it commits).
+    touched_existing: bool,
 }
 
 /// Applies one incoming stream; owns its connection.
@@ -402,8 +409,19 @@ impl Applier {
                     if t.mid_changeset {
                         return Err(EngineError::Corrupt(format!("stream {} started a new ChangeSet at position {} inside another", self.stream, e.pos)));
                     }
-                    if t.author != e.header.author || t.started.elapsed() >= self.cfg.group_budget || careful || t.careful {
+                    let budget_spent = t.started.elapsed() >= self.cfg.group_budget;
+                    let held_rows = t.touched_existing;
+                    if t.author != e.header.author || budget_spent || careful || t.careful {
                         self.commit().await?;
+                        if budget_spent && held_rows {
+                            // A catch-up of changes to existing rows would
+                            // otherwise lock them back to back, group after
+                            // group: a till that polls for such a row with
+                            // NOWAIT could never get in. Apply yields a fifth
+                            // of its time (nothing is waiting on the stream
+                            // then: entries keep arriving into the buffer).
+                            tokio::time::sleep(self.cfg.group_budget / YIELD_DIVISOR).await;
+                        }
                     }
                 }
                 if self.txn.is_none() {
@@ -422,6 +440,11 @@ impl Applier {
                 )));
             }
             let careful = self.txn.as_ref().is_some_and(|t| t.careful);
+            if e.changes.iter().any(|c| matches!(c, RowChange::Update { .. } | RowChange::Delete { .. })) {
+                if let Some(t) = self.txn.as_mut() {
+                    t.touched_existing = true;
+                }
+            }
             self.apply_fragment(e, careful).await?;
             self.seen = e.pos;
             self.stats.rows += e.changes.len() as u64;
@@ -478,7 +501,7 @@ impl Applier {
             self.stmts.clear();
             self.schema_version = version;
         }
-        self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful });
+        self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful, touched_existing: false });
         Ok(())
     }
 
