@@ -362,6 +362,28 @@ async fn r14_a_branch_an_hour_fast_does_not_win_by_its_clock_even_while_its_daem
     assert_eq!(records_converged(&topo, 1).await, ["update_update public.products [\"1\"] main branch1"]);
 }
 
+/// Branch1 sells 1,500 units offline from the same ten `stock` rows, then
+/// its link comes back: the main starts catching up on changes to rows its
+/// own till sells from. Returns the topology, a client of the main, the
+/// till's connection and the units in stock before.
+async fn hot_catch_up() -> (Topology, tokio_postgres::Client, tokio_postgres::Client, i64) {
+    let topo = started().await;
+    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
+    main.batch_execute("INSERT INTO stock SELECT g, 1000, 'shelf' FROM generate_series(2, 10) g").await.unwrap();
+    wait_converged(&topo.sites(), &["stock"], Duration::from_secs(30)).await;
+    let before: i64 = main.query_one("SELECT sum(qty)::int8 FROM stock", &[]).await.unwrap().get(0);
+    topo.proxies[0].cut();
+    b1.batch_execute("DO $$ BEGIN FOR i IN 1..1500 LOOP UPDATE stock SET qty = qty - 1 WHERE id = 1 + i % 10; COMMIT; END LOOP; END $$").await.unwrap();
+    topo.proxies[0].heal();
+    let till = topo.main.db().await;
+    (topo, main, till, before)
+}
+
+/// Whether the main has applied branch1's whole backlog.
+async fn backlog_in(till: &tokio_postgres::Client) -> bool {
+    till.query_one("SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1' AND pos >= 1500", &[]).await.unwrap().get::<_, i64>(0) == 1
+}
+
 /// R7/R8 with a cashier that polls: apply catches up on a branch's backlog
 /// of changes to the rows a till is selling from, with `SELECT … FOR UPDATE
 /// NOWAIT` and retries 25 ms apart (for up to 2.5 s); no till transaction
@@ -372,21 +394,11 @@ async fn r14_a_branch_an_hour_fast_does_not_win_by_its_clock_even_while_its_daem
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cashier_taking_nowait_locks_is_never_starved_by_apply() {
     const RETRIES: u32 = 100;
-    let topo = started().await;
-    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
-    main.batch_execute("INSERT INTO stock SELECT g, 1000, 'shelf' FROM generate_series(2, 10) g").await.unwrap();
-    wait_converged(&topo.sites(), &["stock"], Duration::from_secs(30)).await;
-    let before: i64 = main.query_one("SELECT sum(qty)::int8 FROM stock", &[]).await.unwrap().get(0);
-    topo.proxies[0].cut();
-    // The branch's offline backlog: 1,500 sales on the same ten rows.
-    b1.batch_execute("DO $$ BEGIN FOR i IN 1..1500 LOOP UPDATE stock SET qty = qty - 1 WHERE id = 1 + i % 10; COMMIT; END LOOP; END $$").await.unwrap();
-    topo.proxies[0].heal();
-    let till = topo.main.db().await;
+    let (topo, main, till, before) = hot_catch_up().await;
     let (mut sold, mut max_tries) = (0i64, 0u32);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let backlog_in = till.query_one("SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1' AND pos >= 1500", &[]).await.unwrap().get::<_, i64>(0) == 1;
-        if backlog_in && sold >= 50 {
+        if backlog_in(&till).await && sold >= 50 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the backlog did not arrive");
@@ -422,25 +434,14 @@ async fn a_cashier_taking_nowait_locks_is_never_starved_by_apply() {
 /// `lock_timeout` does). Apply commits a group at least every group budget
 /// (50 ms), so no sale waits long; none times out, and every unit sold
 /// anywhere counts.
-///
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cashier_waiting_for_a_row_is_never_starved_by_apply() {
-    let topo = started().await;
-    let (main, b1) = (erp(&topo.main).await, erp(&topo.branches[0]).await);
-    main.batch_execute("INSERT INTO stock SELECT g, 1000, 'shelf' FROM generate_series(2, 10) g").await.unwrap();
-    wait_converged(&topo.sites(), &["stock"], Duration::from_secs(30)).await;
-    let before: i64 = main.query_one("SELECT sum(qty)::int8 FROM stock", &[]).await.unwrap().get(0);
-    topo.proxies[0].cut();
-    // The branch's offline backlog: 1,500 sales on the same ten rows.
-    b1.batch_execute("DO $$ BEGIN FOR i IN 1..1500 LOOP UPDATE stock SET qty = qty - 1 WHERE id = 1 + i % 10; COMMIT; END LOOP; END $$").await.unwrap();
-    topo.proxies[0].heal();
-    let till = topo.main.db().await;
+    let (topo, main, till, before) = hot_catch_up().await;
     till.batch_execute("SET lock_timeout = '1s'").await.unwrap();
     let (mut sold, mut longest) = (0i64, Duration::ZERO);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let backlog_in = till.query_one("SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1' AND pos >= 1500", &[]).await.unwrap().get::<_, i64>(0) == 1;
-        if backlog_in && sold >= 50 {
+        if backlog_in(&till).await && sold >= 50 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the backlog did not arrive");
