@@ -6,7 +6,8 @@
 //!   process that is killed on drop.
 //! * [`LinkProxy`]: a TCP relay between a branch and the main that a test
 //!   can cut (existing connections dropped, new ones refused) and heal, so a
-//!   branch's daemon keeps running while its link is down.
+//!   branch's daemon keeps running while its link is down (the scenario
+//!   runner's, from the server library).
 //! * [`table_checksum`]: per-table count and md5 over the rows' text, to
 //!   prove that sites hold the same rows.
 //!
@@ -16,14 +17,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use branchsync_engine::test_utils::{connect, eventually, faked_clock, free_port, pg_bin_dir, PgCluster};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+pub use branchsync_server::scenario::local::LinkProxy;
 
 /// Path of the `branchsync` binary under test.
 pub fn branchsync_bin() -> PathBuf {
@@ -208,62 +205,6 @@ impl Drop for Site {
     }
 }
 
-/// A TCP relay that can be cut and healed.
-pub struct LinkProxy {
-    /// Port branches dial.
-    pub port: u16,
-    up: Arc<AtomicBool>,
-    cut_tx: watch::Sender<u64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LinkProxy {
-    /// Relays `127.0.0.1:port` to `127.0.0.1:target`.
-    pub async fn start(target: u16) -> LinkProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let up = Arc::new(AtomicBool::new(true));
-        let (cut_tx, cut_rx) = watch::channel(0u64);
-        let up2 = up.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                if !up2.load(Ordering::SeqCst) {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
-                let mut cut = cut_rx.clone();
-                // Only a cut after this connection was accepted ends it.
-                cut.borrow_and_update();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        LinkProxy { port, up, cut_tx, task }
-    }
-
-    /// Drops every relayed connection and refuses new ones.
-    pub fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.cut_tx.send_modify(|v| *v += 1);
-    }
-
-    /// Accepts connections again.
-    pub fn heal(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for LinkProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// `(row count, md5 of the rows' text in order)` of a table.
 pub async fn table_checksum(c: &tokio_postgres::Client, table: &str) -> (i64, String) {
@@ -388,7 +329,7 @@ impl Topology {
         let mut proxies = Vec::new();
         for i in 1..=n {
             branches.push(Site::new(&format!("branch{i}"), i as u32));
-            proxies.push(LinkProxy::start(main_port).await);
+            proxies.push(LinkProxy::start(main_port).await.expect("start a link proxy"));
         }
         let names: Vec<(String, u32)> = branches.iter().map(|b| (b.name.clone(), b.index)).collect();
         let refs: Vec<(&str, u32)> = names.iter().map(|(n, i)| (n.as_str(), *i)).collect();
@@ -438,14 +379,8 @@ pub async fn wait_status(site: &Site, what: &str, timeout: Duration, pred: impl 
 
 /// `GET /status` of a daemon, parsed; `None` while it does not answer.
 pub async fn http_status(port: u16) -> Option<serde_json::Value> {
-    use tokio::io::AsyncReadExt;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (_, body) = text.split_once("\r\n\r\n")?;
-    serde_json::from_str(body).ok()
+    let body = branchsync_server::http::get(&format!("127.0.0.1:{port}"), "/status").await.ok()?;
+    serde_json::from_str(&body).ok()
 }
 
 /// Peak resident set size (VmHWM) of a process in KiB.

@@ -6,12 +6,12 @@
 //! with a PostgreSQL-style report. `anyhow` is used only here, at the edge.
 
 mod config;
-mod http;
 mod link;
 mod node;
 mod report;
-mod scenario;
 mod status;
+
+use branchsync_server::{http, scenario};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

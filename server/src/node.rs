@@ -407,10 +407,10 @@ impl Node {
                 misconfigured(format!("cannot listen on {addr}"), e.to_string(), "Check http.listen: the address must be free and local.")
             })?;
             http_addr = listener.local_addr().ok();
-            let src: Arc<dyn crate::http::StatusSource> = Arc::new(crate::report::HttpStatus(status.clone()));
+            let src: Arc<dyn branchsync_server::http::StatusSource> = Arc::new(crate::report::HttpStatus(status.clone()));
             let shutdown = shutdown_rx.clone();
             tasks.spawn(async move {
-                crate::http::serve(listener, src, shutdown).await;
+                branchsync_server::http::serve(listener, src, shutdown).await;
                 ("http", Ok(()))
             });
         }

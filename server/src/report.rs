@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::http::{Metric, StatusSource};
+use branchsync_server::http::{Metric, StatusSource};
 use crate::status::{NodeStatus, StatusSnapshot};
 
 /// Adapts [`NodeStatus`] to the HTTP server.
