@@ -221,6 +221,27 @@ mod tests {
         assert!(!incoming_wins(ConflictRule::Lww, "main", &held("main", 2, "main"), "branch1", 2), "ties to the higher node name");
     }
 
+    /// The version left standing when `versions` arrive one after another
+    /// (`wins(held, incoming)` decides each arrival), in three orders: as
+    /// given, reversed, and reversed with the first and middle swapped.
+    fn winners_in_three_orders<T: Clone>(versions: &mut [T], wins: impl Fn(&T, &T) -> bool) -> [T; 3] {
+        let fold = |vs: &[T]| {
+            let mut cur = vs[0].clone();
+            for x in &vs[1..] {
+                if wins(&cur, x) {
+                    cur = x.clone();
+                }
+            }
+            cur
+        };
+        let a = fold(versions);
+        versions.reverse();
+        let b = fold(versions);
+        versions.swap(0, versions.len() / 2);
+        let c = fold(versions);
+        [a, b, c]
+    }
+
     #[test]
     fn every_rule_is_a_total_order_so_any_arrival_order_converges() {
         let seed: u64 = std::env::var("CONFLICT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
@@ -240,22 +261,9 @@ mod tests {
                         versions.push(v);
                     }
                 }
-                let fold = |vs: &[Held]| {
-                    let mut cur = vs[0].clone();
-                    for x in &vs[1..] {
-                        if incoming_wins(rule, "main", &cur, &x.node, x.stamp) {
-                            cur = x.clone();
-                        }
-                    }
-                    cur
-                };
-                let a = fold(&versions);
-                versions.reverse();
-                let b = fold(&versions);
-                versions.swap(0, n / 2);
-                let c = fold(&versions);
-                assert_eq!(a, b, "seed {seed} rule {rule:?}");
-                assert_eq!(a, c, "seed {seed} rule {rule:?}");
+                let winners = winners_in_three_orders(&mut versions, |cur, x| incoming_wins(rule, "main", cur, &x.node, x.stamp));
+                assert_eq!(winners[0], winners[1], "seed {seed} rule {rule:?}");
+                assert_eq!(winners[0], winners[2], "seed {seed} rule {rule:?}");
             }
         }
     }
@@ -269,22 +277,9 @@ mod tests {
         for _ in 0..2_000 {
             let n = rng.gen_range(1..6);
             let mut versions: Vec<Version> = (0..n).map(|_| v(rng.gen_range(0..5), nodes[rng.gen_range(0..4)])).collect();
-            let fold = |vs: &[Version]| {
-                let mut cur = vs[0].clone();
-                for x in &vs[1..] {
-                    if lww(&cur, x) == Decision::ApplyIncoming {
-                        cur = x.clone();
-                    }
-                }
-                cur
-            };
-            let a = fold(&versions);
-            versions.reverse();
-            let b = fold(&versions);
-            versions.swap(0, n / 2);
-            let c = fold(&versions);
-            assert_eq!(a, b);
-            assert_eq!(a, c);
+            let winners = winners_in_three_orders(&mut versions, |cur, x| lww(cur, x) == Decision::ApplyIncoming);
+            assert_eq!(winners[0], winners[1]);
+            assert_eq!(winners[0], winners[2]);
         }
     }
 }

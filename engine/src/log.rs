@@ -145,10 +145,6 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, EngineError> {
     }
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-    EngineError::log(context)
-}
-
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("seg-{first:020}.log"))
 }
@@ -216,7 +212,7 @@ fn read_meta(dir: &Path) -> Result<(u64, BTreeMap<String, u64>), EngineError> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, BTreeMap::new())),
-        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(EngineError::log(format!("reading {}", path.display()))(e)),
     };
     let mut floor = 0;
     let mut acks = BTreeMap::new();
@@ -275,7 +271,7 @@ impl ChangeLog {
     }
 
     fn open_with(dir: &Path, segment_bytes: u64) -> Result<ChangeLog, EngineError> {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating the log directory {}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(EngineError::log(format!("creating the log directory {}", dir.display())))?;
         if dir.join("conf").exists() && dir.join("db").exists() {
             return Err(EngineError::Misconfigured {
                 message: format!("the log in {} was written by an earlier branchsync (sled format)", dir.display()),
@@ -285,8 +281,8 @@ impl ChangeLog {
         }
         let (floor, acks) = read_meta(dir)?;
         let mut firsts = Vec::new();
-        for e in std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))? {
-            let e = e.map_err(io_err(format!("listing {}", dir.display())))?;
+        for e in std::fs::read_dir(dir).map_err(EngineError::log(format!("listing {}", dir.display())))? {
+            let e = e.map_err(EngineError::log(format!("listing {}", dir.display())))?;
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(n) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse::<u64>().ok()) {
                 firsts.push(n);
@@ -299,10 +295,10 @@ impl ChangeLog {
         let mut stop = false;
         for first in firsts {
             let path = seg_path(dir, first);
-            let mut file = OpenOptions::new().read(true).append(true).open(&path).map_err(io_err(format!("opening {}", path.display())))?;
+            let mut file = OpenOptions::new().read(true).append(true).open(&path).map_err(EngineError::log(format!("opening {}", path.display())))?;
             if !stop {
-                let got = scan_segment(&mut file, first).map_err(io_err(format!("reading {}", path.display())))?;
-                let len = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
+                let got = scan_segment(&mut file, first).map_err(EngineError::log(format!("reading {}", path.display())))?;
+                let len = file.metadata().map_err(EngineError::log(format!("reading {}", path.display())))?.len();
                 let end = got.last().map(|(_, e)| *e).unwrap_or(0);
                 // A record that does not hold ends the stream, here and in
                 // every later segment.
@@ -324,22 +320,22 @@ impl ChangeLog {
         let later: Vec<u64> = segs.range(cut_seg + 1..).map(|(k, _)| *k).collect();
         for k in later {
             if let Some(s) = segs.remove(&k) {
-                std::fs::remove_file(&s.path).map_err(io_err(format!("removing {}", s.path.display())))?;
+                std::fs::remove_file(&s.path).map_err(EngineError::log(format!("removing {}", s.path.display())))?;
                 cut_anything = true;
             }
         }
         if let Some(s) = segs.get(&cut_seg) {
-            let len = s.file.metadata().map_err(io_err(format!("reading {}", s.path.display())))?.len();
+            let len = s.file.metadata().map_err(EngineError::log(format!("reading {}", s.path.display())))?.len();
             if len > cut_off {
-                s.file.set_len(cut_off).map_err(io_err(format!("cutting {} at {cut_off}", s.path.display())))?;
+                s.file.set_len(cut_off).map_err(EngineError::log(format!("cutting {} at {cut_off}", s.path.display())))?;
                 cut_anything = true;
             }
         }
         if cut_anything {
             for s in segs.values() {
-                s.file.sync_all().map_err(io_err(format!("syncing {}", s.path.display())))?;
+                s.file.sync_all().map_err(EngineError::log(format!("syncing {}", s.path.display())))?;
             }
-            sync_dir(dir).map_err(io_err("syncing the log directory"))?;
+            sync_dir(dir).map_err(EngineError::log("syncing the log directory"))?;
             tracing::info!(fragments = torn, "removed fragments of a transaction cut short by a crash");
         }
         let mut index = VecDeque::new();
@@ -361,10 +357,10 @@ impl ChangeLog {
                 }
             }
         }
-        let tail = segs.values().next_back().map(|s| s.file.metadata().map(|m| m.len())).transpose().map_err(io_err("reading the active segment"))?.unwrap_or(0);
+        let tail = segs.values().next_back().map(|s| s.file.metadata().map(|m| m.len())).transpose().map_err(EngineError::log("reading the active segment"))?.unwrap_or(0);
         let mut state = State { dir: dir.to_path_buf(), segs, tail, index, completion, appended_visible: visible, floor, acks, broken: false, segment_bytes };
         if state.segs.is_empty() {
-            state.rotate(visible.max(floor) + 1).map_err(io_err("creating the first log segment"))?;
+            state.rotate(visible.max(floor) + 1).map_err(EngineError::log("creating the first log segment"))?;
         }
         let (visible_tx, _) = watch::channel(visible);
         Ok(ChangeLog { state: Mutex::new(state), visible_tx, next_pos: std::sync::atomic::AtomicU64::new(visible.max(floor) + 1) })
@@ -413,7 +409,7 @@ impl ChangeLog {
             // Named after its first position; always after the active one.
             let after = st.active().map(|(k, _)| *k + 1).unwrap_or(0);
             let first = entries.first().map(|e| e.pos).unwrap_or(visible + 1).max(after);
-            st.rotate(first).map_err(io_err("starting a new log segment"))?;
+            st.rotate(first).map_err(EngineError::log("starting a new log segment"))?;
         }
         let (&seg, active) = st.active().ok_or_else(|| EngineError::Corrupt("the log has no active segment".into()))?;
         let file = active.file.clone();
@@ -423,7 +419,7 @@ impl ChangeLog {
             if file.set_len(base).is_err() {
                 st.broken = true;
             }
-            return Err(io_err("appending to the log")(e));
+            return Err(EngineError::log("appending to the log")(e));
         }
         st.tail = base + buf.len() as u64;
         for (pos, at, len) in locs {
@@ -450,7 +446,7 @@ impl ChangeLog {
             tokio::task::spawn_blocking(move || file.sync_data())
                 .await
                 .map_err(|e| EngineError::Corrupt(format!("log flush task failed: {e}")))?
-                .map_err(io_err("flushing the log"))?;
+                .map_err(EngineError::log("flushing the log"))?;
         }
         self.visible_tx.send_if_modified(|v| {
             if *v < visible {
@@ -527,7 +523,7 @@ impl ChangeLog {
         let mut buf = Vec::new();
         for (file, loc) in wanted {
             buf.resize(loc.len as usize, 0);
-            file.read_exact_at(&mut buf, loc.off).map_err(io_err("reading the log"))?;
+            file.read_exact_at(&mut buf, loc.off).map_err(EngineError::log("reading the log"))?;
             out.push(decode_entry(&buf)?);
         }
         Ok(out)
@@ -574,10 +570,10 @@ impl ChangeLog {
         let active = st.active().map(|(k, _)| *k);
         let doomed: Vec<u64> = st.segs.iter().filter(|(k, s)| Some(**k) != active && s.max_pos <= pos).map(|(k, _)| *k).collect();
         if !doomed.is_empty() {
-            st.write_meta().map_err(io_err("recording the log floor"))?;
+            st.write_meta().map_err(EngineError::log("recording the log floor"))?;
             for k in doomed {
                 if let Some(s) = st.segs.remove(&k) {
-                    std::fs::remove_file(&s.path).map_err(io_err(format!("removing {}", s.path.display())))?;
+                    std::fs::remove_file(&s.path).map_err(EngineError::log(format!("removing {}", s.path.display())))?;
                 }
             }
         }

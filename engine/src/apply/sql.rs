@@ -60,16 +60,23 @@ pub fn lock_rows(t: &LocalTable) -> String {
     )
 }
 
-/// `UPDATE … FROM unnest(keys…, values…)`.
-pub fn update(t: &LocalTable, set_cols: &[&str]) -> String {
-    let (mut arrays, mut aliases, conds) = key_join(t, 1);
-    let base = t.pk.len() + 1;
+/// `col = u.vJ::type` for each of `set_cols`, whose `text[]` parameters
+/// start at `$base` (added to `arrays` and `aliases` of the unnest).
+fn set_from_unnest(t: &LocalTable, set_cols: &[&str], base: usize, arrays: &mut Vec<String>, aliases: &mut Vec<String>) -> Vec<String> {
     let mut sets = Vec::new();
     for (j, c) in set_cols.iter().enumerate() {
         arrays.push(format!("${}::text[]", base + j));
         aliases.push(format!("v{j}"));
         sets.push(format!("{} = u.v{j}::{}", quote_ident(c), t.columns[*c].type_name));
     }
+    sets
+}
+
+/// `UPDATE … FROM unnest(keys…, values…)`.
+pub fn update(t: &LocalTable, set_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, conds) = key_join(t, 1);
+    let base = t.pk.len() + 1;
+    let sets = set_from_unnest(t, set_cols, base, &mut arrays, &mut aliases);
     format!(
         "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
         t.qualified,
@@ -180,12 +187,7 @@ pub fn upsert_tombstones() -> String {
 pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> String {
     let (mut arrays, mut aliases, mut conds) = key_join(t, 1);
     let base = t.pk.len() + 1;
-    let mut sets = Vec::new();
-    for (j, c) in set_cols.iter().enumerate() {
-        arrays.push(format!("${}::text[]", base + j));
-        aliases.push(format!("v{j}"));
-        sets.push(format!("{} = u.v{j}::{}", quote_ident(c), t.columns[*c].type_name));
-    }
+    let sets = set_from_unnest(t, set_cols, base, &mut arrays, &mut aliases);
     let base = base + set_cols.len();
     for (j, c) in cmp_cols.iter().enumerate() {
         arrays.push(format!("${}::text[]", base + j));

@@ -68,6 +68,53 @@ pub struct ForeignKey {
     pub column_names: Vec<String>,
 }
 
+/// Which end of its foreign keys a table is looked at from.
+#[derive(Clone, Copy)]
+enum FkSide {
+    /// The table's own foreign keys: `parent` is the referenced table.
+    Referencing,
+    /// Foreign keys of other tables that reference it: `parent` is the
+    /// referencing table, `columns` are this table's columns.
+    Referenced,
+}
+
+/// The foreign keys of `schema.name` seen from `side`, in constraint-name
+/// order.
+async fn foreign_keys(client: &tokio_postgres::Client, schema: &str, name: &str, side: FkSide) -> Result<Vec<ForeignKey>, EngineError> {
+    // (this table's relation and key columns, the other table's)
+    let ((this_rel, this_key, other_rel, other_key), what) = match side {
+        FkSide::Referencing => (("conrelid", "conkey", "confrelid", "confkey"), "the foreign keys of"),
+        FkSide::Referenced => (("confrelid", "confkey", "conrelid", "conkey"), "the foreign keys that reference"),
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT on_.nspname::text, oc.relname::text, \
+                        array(SELECT a.attname::text FROM unnest(f.{this_key}) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.{this_rel} AND a.attnum = k.n ORDER BY k.o), \
+                        array(SELECT a.attname::text FROM unnest(f.{other_key}) WITH ORDINALITY k(n, o) \
+                              JOIN pg_attribute a ON a.attrelid = f.{other_rel} AND a.attnum = k.n ORDER BY k.o) \
+                 FROM pg_constraint f \
+                 JOIN pg_class c ON c.oid = f.{this_rel} JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_class oc ON oc.oid = f.{other_rel} JOIN pg_namespace on_ ON on_.oid = oc.relnamespace \
+                 WHERE f.contype = 'f' AND n.nspname = $1 AND c.relname = $2 ORDER BY f.conname"
+            ),
+            &[&schema, &name],
+        )
+        .await
+        .map_err(EngineError::pg(format!("reading {what} {schema}.{name}")))?;
+    Ok(rows
+        .iter()
+        .map(|r| ForeignKey {
+            parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
+            columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
+            parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
+            parent_name: format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)),
+            column_names: r.get::<_, Vec<String>>(2),
+        })
+        .collect())
+}
+
 impl ForeignKey {
     /// SQL condition, over alias `alias`, that holds when the row has every
     /// referencing column set (MATCH SIMPLE) and no parent row exists.
@@ -157,58 +204,10 @@ impl LocalTable {
             )
             .await
             .map_err(EngineError::pg(format!("reading the primary key of {schema}.{name}")))?;
-        let fk_rows = client
-            .query(
-                "SELECT pn.nspname::text, pc.relname::text, \
-                        array(SELECT a.attname::text FROM unnest(f.conkey) WITH ORDINALITY k(n, o) \
-                              JOIN pg_attribute a ON a.attrelid = f.conrelid AND a.attnum = k.n ORDER BY k.o), \
-                        array(SELECT a.attname::text FROM unnest(f.confkey) WITH ORDINALITY k(n, o) \
-                              JOIN pg_attribute a ON a.attrelid = f.confrelid AND a.attnum = k.n ORDER BY k.o) \
-                 FROM pg_constraint f \
-                 JOIN pg_class c ON c.oid = f.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 JOIN pg_class pc ON pc.oid = f.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
-                 WHERE f.contype = 'f' AND n.nspname = $1 AND c.relname = $2 ORDER BY f.conname",
-                &[&schema, &name],
-            )
-            .await
-            .map_err(EngineError::pg(format!("reading the foreign keys of {schema}.{name}")))?;
-        let parents = fk_rows
-            .iter()
-            .map(|r| ForeignKey {
-                parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
-                columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
-                parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
-                parent_name: format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)),
-                column_names: r.get::<_, Vec<String>>(2),
-            })
-            .collect();
+        let parents = foreign_keys(client, schema, name, FkSide::Referencing).await?;
         // The same, seen from the referenced side: `parent` is the
         // referencing table, `columns` this table's columns.
-        let child_rows = client
-            .query(
-                "SELECT cn.nspname::text, cc.relname::text, \
-                        array(SELECT a.attname::text FROM unnest(f.confkey) WITH ORDINALITY k(n, o) \
-                              JOIN pg_attribute a ON a.attrelid = f.confrelid AND a.attnum = k.n ORDER BY k.o), \
-                        array(SELECT a.attname::text FROM unnest(f.conkey) WITH ORDINALITY k(n, o) \
-                              JOIN pg_attribute a ON a.attrelid = f.conrelid AND a.attnum = k.n ORDER BY k.o) \
-                 FROM pg_constraint f \
-                 JOIN pg_class c ON c.oid = f.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 JOIN pg_class cc ON cc.oid = f.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace \
-                 WHERE f.contype = 'f' AND n.nspname = $1 AND c.relname = $2 ORDER BY f.conname",
-                &[&schema, &name],
-            )
-            .await
-            .map_err(EngineError::pg(format!("reading the foreign keys that reference {schema}.{name}")))?;
-        let children = child_rows
-            .iter()
-            .map(|r| ForeignKey {
-                parent: format!("{}.{}", quote_ident(&r.get::<_, String>(0)), quote_ident(&r.get::<_, String>(1))),
-                columns: r.get::<_, Vec<String>>(2).iter().map(|c| quote_ident(c)).collect(),
-                parent_columns: r.get::<_, Vec<String>>(3).iter().map(|c| quote_ident(c)).collect(),
-                parent_name: format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)),
-                column_names: r.get::<_, Vec<String>>(2),
-            })
-            .collect();
+        let children = foreign_keys(client, schema, name, FkSide::Referenced).await?;
         let renames = client
             .query(
                 "SELECT old_name, new_name FROM branchsync.column_renames WHERE schema_name = $1 AND table_name = $2 ORDER BY id",

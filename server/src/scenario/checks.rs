@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::run::{fmt_count, Runner};
+use branchsync_proto::changeset::quote_ident;
+
+use super::run::{fmt_count, lit, Runner};
 use super::spec::CheckKind;
 
 /// Rows the difference report shows per kind of difference.
@@ -31,6 +33,16 @@ impl Checksums {
     }
 }
 
+/// `public."table"`.
+fn rel(table: &str) -> String {
+    format!("public.{}", quote_ident(table))
+}
+
+/// The key of row alias `x` as text: `row(x."a", x."b")::text`.
+fn key_text(key: &[String]) -> String {
+    format!("row({})::text", key.iter().map(|c| format!("x.{}", quote_ident(c))).collect::<Vec<_>>().join(", "))
+}
+
 /// Replicated tables of the `public` schema at site `i` (not `local_*`).
 async fn tables_at(r: &mut Runner<'_>, i: usize) -> Vec<String> {
     r.target
@@ -41,7 +53,7 @@ async fn tables_at(r: &mut Runner<'_>, i: usize) -> Vec<String> {
 }
 
 fn checksum_sql(t: &str) -> String {
-    format!("SELECT '{t}', count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM public.\"{t}\" x")
+    format!("SELECT {}, count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {} x", lit(t), rel(t))
 }
 
 /// Checksums of every replicated table at every site.
@@ -101,21 +113,22 @@ pub fn differing_tables(c: &Checksums, left_out: &[bool]) -> Vec<String> {
 async fn key_columns(r: &mut Runner<'_>, table: &str) -> Vec<String> {
     let sql = format!(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-         WHERE i.indrelid = 'public.\"{table}\"'::regclass AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)"
+         WHERE i.indrelid = {}::regclass AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+        lit(&rel(table))
     );
     r.target.query(0, &sql).await.map(|rows| rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect()).unwrap_or_default()
 }
 
 /// The columns of `table` at site `i`, in their order.
 async fn columns(r: &mut Runner<'_>, i: usize, table: &str) -> Vec<String> {
-    let sql = format!("SELECT attname FROM pg_attribute WHERE attrelid = 'public.\"{table}\"'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum");
+    let sql = format!("SELECT attname FROM pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", lit(&rel(table)));
     r.target.query(i, &sql).await.map(|rows| rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect()).unwrap_or_default()
 }
 
 /// Per key (or, without a key, per row text): md5 of the row's text.
 async fn row_digests(r: &mut Runner<'_>, i: usize, table: &str, key: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let k = if key.is_empty() { "x::text".to_string() } else { format!("row({})::text", key.iter().map(|c| format!("x.\"{c}\"")).collect::<Vec<_>>().join(", ")) };
-    let rows = r.target.query(i, &format!("SELECT {k}, md5(x::text), count(*) OVER (PARTITION BY x::text) FROM public.\"{table}\" x")).await.map_err(|e| e.to_string())?;
+    let k = if key.is_empty() { "x::text".to_string() } else { key_text(key) };
+    let rows = r.target.query(i, &format!("SELECT {k}, md5(x::text), count(*) OVER (PARTITION BY x::text) FROM {} x", rel(table))).await.map_err(|e| e.to_string())?;
     let mut m = BTreeMap::new();
     for row in rows {
         let (Some(Some(k)), Some(Some(d)), Some(Some(n))) = (row.first(), row.get(1), row.get(2)) else { continue };
@@ -128,8 +141,7 @@ async fn row_digests(r: &mut Runner<'_>, i: usize, table: &str, key: &[String]) 
 
 /// The row with key text `k` at site `i`, as JSON.
 async fn row_json(r: &mut Runner<'_>, i: usize, table: &str, key: &[String], k: &str) -> Option<serde_json::Value> {
-    let kexpr = format!("row({})::text", key.iter().map(|c| format!("x.\"{c}\"")).collect::<Vec<_>>().join(", "));
-    let sql = format!("SELECT to_jsonb(x)::text FROM public.\"{table}\" x WHERE {kexpr} = '{}'", k.replace('\'', "''"));
+    let sql = format!("SELECT to_jsonb(x)::text FROM {} x WHERE {} = {}", rel(table), key_text(key), lit(k));
     let rows = r.target.query(i, &sql).await.ok()?;
     serde_json::from_str(rows.first()?.first()?.as_deref()?).ok()
 }

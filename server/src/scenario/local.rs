@@ -41,14 +41,24 @@ impl LocalSite {
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("daemon.log")
     }
-}
 
-impl Drop for LocalSite {
-    fn drop(&mut self) {
+    /// `true` while the daemon runs (it may have stopped on an error).
+    fn daemon_running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `kill -9` of the daemon, if there is one.
+    fn kill_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for LocalSite {
+    fn drop(&mut self) {
+        self.kill_daemon();
     }
 }
 
@@ -177,7 +187,7 @@ impl LocalTarget {
     /// Starts the daemon of site `i`, its output appended to its log file.
     pub fn start_daemon(&mut self, i: usize) -> Result<(), ScenarioError> {
         let site = &mut self.sites[i];
-        if site.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))) {
+        if site.daemon_running() {
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
@@ -203,10 +213,7 @@ impl LocalTarget {
 
     /// `kill -9` of the daemon of site `i`.
     pub fn kill_daemon(&mut self, i: usize) {
-        if let Some(mut c) = self.sites[i].daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.sites[i].kill_daemon();
     }
 
     /// Immediate stop of site `i`'s PostgreSQL (a crash: recovery runs at
@@ -227,7 +234,7 @@ impl LocalTarget {
 
     /// `true` while site `i`'s daemon runs (it may have stopped on an error).
     pub fn daemon_running(&mut self, i: usize) -> bool {
-        self.sites[i].daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.sites[i].daemon_running()
     }
 
     /// The last `n` lines of site `i`'s daemon log.
@@ -245,7 +252,7 @@ impl LocalTarget {
             }
         }
         for _ in 0..100 {
-            if self.sites.iter_mut().all(|s| s.daemon.as_mut().is_none_or(|c| !matches!(c.try_wait(), Ok(None)))) {
+            if self.sites.iter_mut().all(|s| !s.daemon_running()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

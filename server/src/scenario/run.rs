@@ -166,7 +166,7 @@ pub(super) fn fmt_count(v: u64) -> String {
 }
 
 /// A SQL string literal.
-fn lit(s: &str) -> String {
+pub(super) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
