@@ -390,6 +390,13 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 impl Site {
+    /// The identity (epoch) of the site's log, creating the log if the
+    /// daemon never ran (call it while the daemon is stopped).
+    pub fn log_epoch(&self) -> u64 {
+        assert!(self.daemon.is_none(), "read the log of {} while its daemon is stopped", self.name);
+        branchsync_engine::log::ChangeLog::open(&self.dir.path().join("data").join("log")).expect("open the site's log").epoch()
+    }
+
     /// PID of the running daemon.
     pub fn pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|c| c.id())

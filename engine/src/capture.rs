@@ -7,10 +7,13 @@
 //!        --> pg_replication_slot_advance(end LSN of the last whole transaction)
 //! ```
 //!
-//! One task owns the one connection. Each poll peeks at most
+//! One task owns the slot's connection (and a second one for writing
+//! tombstones back while the slot is being read). Each poll peeks at most
 //! `batch_changes` changes (whole transactions), streaming the rows, so a
 //! transaction of a million rows is written to the log fragment by fragment
-//! and never sits in memory whole.
+//! and never sits in memory whole. Fragments are cut at `fragment_rows`
+//! rows or `fragment_bytes` bytes, whichever comes first; one row larger
+//! than that is a fragment of its own, up to `max_row_bytes` (R24).
 //!
 //! # Crash safety
 //!
@@ -18,7 +21,13 @@
 //! before the advance makes the slot deliver the transaction again, and it
 //! is recognised by its commit LSN (at most the log's `captured_lsn`) and
 //! dropped before any fragment is written. A crash in the middle of a large
-//! transaction leaves invisible fragments, which the log removes on open.
+//! transaction leaves invisible fragments, which the log removes on open;
+//! an error in the middle of one (PostgreSQL restarting, the connection
+//! lost, the disk full) leaves them too, and [`run_capture`] cuts the log
+//! back to the last whole transaction before it reads the slot again.
+//! Capture runs with `statement_timeout = 0`, whatever its role or database
+//! say: the peek of a large transaction must never be cancelled halfway on
+//! every retry.
 //!
 //! # Progress tracking
 //!
@@ -35,8 +44,17 @@
 //! original author's header, so the main's log is the relay. In both cases
 //! the author's stamp is merged into this node's hybrid clock, so a local
 //! change made after seeing a remote one always carries a larger stamp.
+//!
+//! # Only branchsync speaks for branchsync (R25)
+//!
+//! A mark counts only when it is sealed ([`crate::marks`]): with the
+//! daemon's key, bound to the transaction, and — for an apply mark — in a
+//! transaction under the replication origin of the author it names. Any
+//! other message with a branchsync prefix is ignored: its transaction is
+//! captured as an ordinary one, and the event is counted in
+//! [`CaptureStatus::forged_marks`] and logged once per prefix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,10 +66,11 @@ use tokio_postgres::Client;
 use crate::clock::{next_stamp, PG_EPOCH_OFFSET_US};
 use crate::ddl::{parse, DdlMessage, DDL_MESSAGE_PREFIX};
 use crate::log::{ChangeLog, Completion};
+use crate::marks;
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
-use crate::state::{ApplyMark, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
+use crate::state::{origin_name, ApplyMark, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::{failpoints, EngineError, Role};
 
 /// How capture runs.
@@ -73,6 +92,13 @@ pub struct CaptureConfig {
     pub publication: String,
     /// Rows per log fragment.
     pub fragment_rows: usize,
+    /// Bytes (roughly, encoded) per log fragment.
+    pub fragment_bytes: usize,
+    /// Largest row (encoded) captured; a larger one stops capture until
+    /// the operator records that it may be skipped (R24).
+    pub max_row_bytes: usize,
+    /// The daemon's mark key (the log's, R25).
+    pub mark_key: Vec<u8>,
     /// Pause between polls when the slot had nothing.
     pub poll_interval: Duration,
     /// `upto_nchanges` of one peek.
@@ -105,7 +131,28 @@ pub struct CaptureStatus {
     /// Everything committed before this WAL position is in the log and its
     /// tombstones are written back.
     pub caught_up_lsn: u64,
+    /// Messages with a branchsync prefix that were not branchsync's own
+    /// (R25): ignored, their transactions captured as ordinary ones.
+    pub forged_marks: u64,
+    /// The same, per prefix.
+    pub forged_by_prefix: BTreeMap<String, u64>,
+    /// Rows larger than `max_row_bytes` skipped as the operator recorded.
+    pub rows_skipped: u64,
+    /// Main, after `init --restored`: ChangeSets applied again but not
+    /// relayed again (the relay log holds them).
+    pub relay_suppressed: u64,
+    /// Capture is connected and reading the slot.
+    pub running: bool,
 }
+
+/// Largest pgoutput message after which the slot's connection is opened
+/// anew: its read buffer grew to the message's size and would stay so.
+const RECONNECT_AFTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Pending tombstones are written back once they hold this many rows.
+const TOMBSTONE_BATCH_ROWS: usize = 5_000;
+/// ... or this many bytes of deleted rows.
+const TOMBSTONE_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// A segment of a transaction: the changes of one ChangeSet.
 struct Segment {
@@ -114,13 +161,15 @@ struct Segment {
     tables: Vec<TableDesc>,
     table_index: HashMap<u32, u32>,
     changes: Vec<RowChange>,
+    /// Rough encoded size of `changes`.
+    bytes: usize,
     /// The main's commit time of the transaction (relay only; 0 at branches).
     relay_ts_us: i64,
 }
 
 impl Segment {
     fn new(header: ChangeSetHeader, relay_ts_us: i64) -> Segment {
-        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new(), relay_ts_us }
+        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new(), bytes: 0, relay_ts_us }
     }
 
     /// Index of a table description given whole (verdicts carry their own).
@@ -167,6 +216,7 @@ impl Segment {
             relay_ts_us: self.relay_ts_us,
         };
         self.table_index.clear();
+        self.bytes = 0;
         self.part += 1;
         e
     }
@@ -182,14 +232,29 @@ struct LocalDelete {
     commit_ts_us: i64,
 }
 
+/// A row larger than `max_row_bytes` that the operator allowed to skip.
+struct SkippedRow {
+    table: String,
+    key: String,
+    bytes: usize,
+    commit_lsn: u64,
+}
+
 /// The transaction being decoded.
 struct Txn {
     commit_lsn: u64,
     commit_ts_us: i64,
+    /// Transaction id (marks are bound to it, R25).
+    xid: u32,
+    /// Replication origin the transaction was written under.
+    origin: Option<String>,
     /// Already in the log (re-delivered after a crash, R1).
     duplicate: bool,
     /// Written by branchsync's apply, skipped at a branch (R3).
     applied_here: bool,
+    /// The current segment is a ChangeSet the relay log holds already
+    /// (a restored main applied it again): not logged a second time.
+    suppressing: bool,
     segment: Segment,
     /// Query strings (message keys) whose DDL went to the log whole at their
     /// first firing (positions not exact, R19).
@@ -212,9 +277,24 @@ pub struct Capturer {
     /// This node's clock offsets (R14): `(from local time µs, offset µs)`,
     /// ascending.
     offsets: Vec<(i64, i64)>,
-    /// Deletes of local ChangeSets whose tombstones are written back after
-    /// the log is durable.
+    /// Deletes of local ChangeSets whose tombstones are still to be
+    /// written back, and their size.
     tombstones: Vec<LocalDelete>,
+    tombstone_bytes: usize,
+    /// Key of the marks the event triggers write (`branchsync.mark_key`).
+    ddl_key: Option<Vec<u8>>,
+    /// Prefixes already warned about (forged marks are logged once each).
+    warned: HashSet<String>,
+    /// Commit LSNs whose too-large rows the operator allowed to skip.
+    skips: HashSet<u64>,
+    /// Rows skipped, to record in `branchsync.conflicts`.
+    skipped: Vec<SkippedRow>,
+    /// Largest slot message of the current poll.
+    largest_message: usize,
+    /// Main, after `init --restored`: ChangeSets the relay log holds already.
+    suppress: HashSet<(String, u64)>,
+    /// Primary keys of tables, for tombstones (cleared every poll).
+    pk_cache: HashMap<(String, String), Option<crate::apply::LocalTable>>,
     /// Messages the last peek returned (fewer than the limit: drained).
     peeked: i64,
     txn: Option<Txn>,
@@ -237,6 +317,14 @@ impl Capturer {
             seen_main_ts,
             offsets: Vec::new(),
             tombstones: Vec::new(),
+            tombstone_bytes: 0,
+            ddl_key: None,
+            warned: HashSet::new(),
+            skips: HashSet::new(),
+            skipped: Vec::new(),
+            suppress: HashSet::new(),
+            largest_message: 0,
+            pk_cache: HashMap::new(),
             peeked: 0,
             txn: None,
             status: CaptureStatus { captured_lsn, ..Default::default() },
@@ -271,12 +359,16 @@ impl Capturer {
                 let ts = b.commit_ts + PG_EPOCH_OFFSET_US;
                 let duplicate = b.final_lsn <= self.captured_lsn;
                 let header = self.local_header(b.final_lsn, ts);
+                let suppressing = self.suppress.contains(&(header.author.clone(), header.commit_lsn));
                 let relay_ts = if self.cfg.role == Role::Main { ts } else { 0 };
                 self.txn = Some(Txn {
                     commit_lsn: b.final_lsn,
                     commit_ts_us: ts,
+                    xid: b.xid,
+                    origin: None,
                     duplicate,
                     applied_here: false,
+                    suppressing,
                     segment: Segment::new(header, relay_ts),
                     ddl_seen: Default::default(),
                     done: Vec::new(),
@@ -286,25 +378,59 @@ impl Capturer {
             PgOutputMessage::Relation(r) => {
                 self.relations.insert(r.oid, r);
             }
-            PgOutputMessage::Type(_) | PgOutputMessage::Origin(_) => {}
+            PgOutputMessage::Type(_) => {}
+            PgOutputMessage::Origin(o) => {
+                if let Some(t) = self.txn.as_mut() {
+                    t.origin = Some(o.name);
+                }
+            }
             PgOutputMessage::Message(m) => {
-                if m.prefix == DDL_MESSAGE_PREFIX && m.transactional() {
-                    self.ddl_message(&m.content, m.lsn)?;
+                if !m.prefix.starts_with("branchsync.") {
                     return Ok(None);
                 }
-                if (m.prefix == VERDICT_MESSAGE_PREFIX || m.prefix == CONFLICT_MESSAGE_PREFIX) && m.transactional() {
-                    self.decision_message(&m.prefix, &m.content, m.lsn)?;
+                if !m.transactional() {
+                    self.forged(&m.prefix, m.lsn, "it is not transactional");
                     return Ok(None);
                 }
-                if m.prefix != APPLY_MESSAGE_PREFIX || !m.transactional() {
-                    return Ok(None);
-                }
-                let mark = ApplyMark::decode(&m.content).map_err(|e| EngineError::Corrupt(format!("undecodable apply message at {}: {e}", fmt_lsn(m.lsn))))?;
-                let header = mark.header;
-                let Some(txn) = self.txn.as_mut() else { return Ok(None) };
+                let Some(txn) = self.txn.as_ref() else { return Ok(None) };
                 if txn.duplicate {
                     return Ok(None);
                 }
+                let (xid, under_origin) = (txn.xid, txn.origin.as_deref().is_some_and(|o| o.starts_with("branchsync_")));
+                let prefix = m.prefix.as_str();
+                if prefix == DDL_MESSAGE_PREFIX {
+                    // The event trigger's key for DDL that ran here; the
+                    // daemon's for DDL that apply replayed (R25).
+                    let key = if under_origin { Some(self.cfg.mark_key.as_slice()) } else { self.ddl_key.as_deref() };
+                    let Some(body) = key.and_then(|k| marks::open_text(k, prefix, xid, &m.content)) else {
+                        self.forged(prefix, m.lsn, "its seal does not hold");
+                        return Ok(None);
+                    };
+                    let body = body.to_vec();
+                    self.ddl_message(&body, m.lsn)?;
+                    return Ok(None);
+                }
+                let known = [APPLY_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX].contains(&prefix);
+                let Some(body) = (known && under_origin).then(|| marks::open(&self.cfg.mark_key, prefix, xid, &m.content)).flatten() else {
+                    let why = if !known { "branchsync writes no such message" } else if !under_origin { "its transaction was not written by branchsync's apply" } else { "its seal does not hold" };
+                    self.forged(prefix, m.lsn, why);
+                    return Ok(None);
+                };
+                let body = body.to_vec();
+                if prefix != APPLY_MESSAGE_PREFIX {
+                    self.decision_message(prefix, &body, m.lsn)?;
+                    return Ok(None);
+                }
+                let Ok(mark) = ApplyMark::decode(&body) else {
+                    self.forged(prefix, m.lsn, "its content does not decode");
+                    return Ok(None);
+                };
+                let header = mark.header;
+                if txn.origin.as_deref() != Some(origin_name(&header.author).as_str()) {
+                    self.forged(prefix, m.lsn, "it names another author than its transaction's origin");
+                    return Ok(None);
+                }
+                let Some(txn) = self.txn.as_mut() else { return Ok(None) };
                 // Hybrid clock: never stamp below what this node has seen.
                 self.last_stamp = self.last_stamp.max(header.stamp);
                 match self.cfg.role {
@@ -316,6 +442,10 @@ impl Capturer {
                     }
                     Role::Main => {
                         txn.ddl_seen.clear();
+                        txn.suppressing = self.suppress.contains(&(header.author.clone(), header.commit_lsn));
+                        if txn.suppressing {
+                            self.status.relay_suppressed += 1;
+                        }
                         let relay_ts = txn.segment.relay_ts_us;
                         let prev = std::mem::replace(&mut txn.segment, Segment::new(header, relay_ts));
                         let mut prev = prev;
@@ -407,6 +537,7 @@ impl Capturer {
                     if let (RowChange::Delete { table, old }, Some(txn)) = (&ch, self.txn.as_ref()) {
                         if txn.segment.header.author == self.cfg.node {
                             if let Some(desc) = txn.segment.tables.get(*table as usize) {
+                                self.tombstone_bytes += ch.approx_bytes();
                                 self.tombstones.push(LocalDelete {
                                     schema: desc.schema.clone(),
                                     table: desc.name.clone(),
@@ -425,15 +556,59 @@ impl Capturer {
         Ok(None)
     }
 
+    /// A message with a branchsync prefix that is not branchsync's (R25):
+    /// counted, logged once per prefix, otherwise ignored.
+    fn forged(&mut self, prefix: &str, lsn: u64, why: &str) {
+        self.status.forged_marks += 1;
+        *self.status.forged_by_prefix.entry(prefix.to_string()).or_default() += 1;
+        if self.warned.insert(prefix.to_string()) {
+            tracing::warn!(
+                lsn = %fmt_lsn(lsn),
+                prefix,
+                reason = why,
+                "a logical message with a branchsync prefix was not written by branchsync; it is ignored and its transaction replicates as an ordinary one (later ones are counted in status)"
+            );
+        } else {
+            tracing::debug!(lsn = %fmt_lsn(lsn), prefix, reason = why, "forged branchsync message ignored");
+        }
+    }
+
     /// Adds a change to the open transaction's segment; a full fragment goes
     /// to the log now, invisible until the transaction's last fragment is
-    /// written.
+    /// written. A row larger than `max_row_bytes` stops capture, unless the
+    /// operator recorded that this transaction's large rows may be skipped.
     fn push_change(&mut self, ch: RowChange) -> Result<(), EngineError> {
         let Some(txn) = self.txn.as_mut() else { return Ok(()) };
+        if txn.suppressing {
+            return Ok(());
+        }
+        let size = ch.approx_bytes();
+        if size > self.cfg.max_row_bytes {
+            let (table, key) = describe_row(&txn.segment.tables, &ch);
+            if self.skips.contains(&txn.commit_lsn) {
+                tracing::warn!(table = %table, lsn = %fmt_lsn(txn.commit_lsn), bytes = size, "row larger than the largest branchsync carries skipped, as recorded by the operator");
+                self.status.rows_skipped += 1;
+                self.skipped.push(SkippedRow { table, key, bytes: size, commit_lsn: txn.commit_lsn });
+                return Ok(());
+            }
+            return Err(EngineError::Stopped {
+                message: format!("capture stopped: a row of {table} is {size} bytes, more than the largest branchsync carries ({} bytes)", self.cfg.max_row_bytes),
+                detail: format!(
+                    "Table {table}, key {key}, transaction {} committed at LSN {}. PostgreSQL hands a row to logical decoding as text, so a bytea value takes twice its size. Nothing after this transaction is captured until it is dealt with.",
+                    txn.xid,
+                    fmt_lsn(txn.commit_lsn)
+                ),
+                hint: format!(
+                    "Store such values outside the replicated tables, or let capture skip this row: branchsync capture skip --lsn {} --config FILE. The skip is recorded in branchsync.conflicts (kind row_too_large); the rest of the transaction replicates.",
+                    fmt_lsn(txn.commit_lsn)
+                ),
+            });
+        }
         let seg = &mut txn.segment;
         seg.changes.push(ch);
+        seg.bytes += size;
         txn.rows += 1;
-        if seg.changes.len() >= self.cfg.fragment_rows {
+        if seg.changes.len() >= self.cfg.fragment_rows || seg.bytes >= self.cfg.fragment_bytes {
             let f = seg.fragment(&self.log, false);
             txn.done.push(f);
             self.log.append(&txn.done, None)?;
@@ -553,9 +728,39 @@ impl Capturer {
         Ok(())
     }
 
+    /// Loads the key of the event triggers' marks and the transactions
+    /// whose too-large rows the operator allowed to skip.
+    pub async fn load_keys_and_skips(&mut self, client: &Client) -> Result<(), EngineError> {
+        self.ddl_key = client
+            .query_opt("SELECT key FROM branchsync.mark_key", &[])
+            .await
+            .map_err(EngineError::pg("reading the DDL mark key"))?
+            .map(|r| r.get::<_, Vec<u8>>(0));
+        if self.ddl_key.is_none() {
+            tracing::warn!("branchsync.mark_key is empty: schema changes made here are not replicated until branchsync init runs");
+        }
+        if self.cfg.role == Role::Main {
+            self.suppress = client
+                .query("SELECT author, commit_lsn FROM branchsync.relay_suppress", &[])
+                .await
+                .map_err(EngineError::pg("reading branchsync.relay_suppress"))?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                .collect();
+        }
+        self.skips = client
+            .query("SELECT commit_lsn FROM branchsync.capture_skips", &[])
+            .await
+            .map_err(EngineError::pg("reading the recorded capture skips"))?
+            .iter()
+            .filter_map(|r| pg::parse_lsn(&r.get::<_, String>(0)))
+            .collect();
+        Ok(())
+    }
+
     /// Peeks at the slot once, logs what committed, makes it durable, then
     /// confirms the slot. Returns the number of transactions seen.
-    pub async fn poll_once(&mut self, client: &Client) -> Result<u64, EngineError> {
+    pub async fn poll_once(&mut self, client: &Client, writer: &Client) -> Result<u64, EngineError> {
         self.load_offsets(client).await?;
         // Commits flushed before this point are all decodable now.
         let flushed: String = client
@@ -565,7 +770,9 @@ impl Capturer {
             .get(0);
         let flushed = pg::parse_lsn(&flushed).unwrap_or(0);
         self.peeked = 0;
-        let end = self.read_batch(client).await?;
+        self.largest_message = 0;
+        self.pk_cache.clear();
+        let end = self.read_batch(client, writer).await?;
         let drained = self.peeked < i64::from(self.cfg.batch_changes);
         let seen = match end {
             Some((end_lsn, seen)) => {
@@ -574,7 +781,8 @@ impl Capturer {
                 // Only now, with the log durable, may the slot forget these
                 // transactions (R1).
                 self.advance(client, end_lsn).await?;
-                self.write_back_tombstones(client).await?;
+                self.write_back_tombstones(writer).await?;
+                self.record_skipped(writer).await?;
                 seen
             }
             None => 0,
@@ -585,75 +793,132 @@ impl Capturer {
         Ok(seen)
     }
 
+    /// `true` when the last poll read a message so large that the slot's
+    /// connection should be opened anew to give its buffer back.
+    pub fn read_a_huge_message(&self) -> bool {
+        self.largest_message >= RECONNECT_AFTER_MESSAGE_BYTES
+    }
+
     /// Records the deletes of local ChangeSets in `branchsync.row_version`
     /// (tombstones, with the deleted row), unless the row exists again: the
-    /// version a concurrent change from elsewhere is decided against. Runs
-    /// after the log is durable; a crash before it loses nothing the log
-    /// does not hold, and the tombstone then only misses its row image.
-    async fn write_back_tombstones(&mut self, client: &Client) -> Result<(), EngineError> {
+    /// version a concurrent change from elsewhere is decided against. One
+    /// statement per table for each batch of deletes, so a delete of
+    /// millions of rows costs a few thousand statements and bounded memory.
+    /// A tombstone is only ever written for a delete that committed, so
+    /// writing it before the log is durable loses nothing: a crash makes
+    /// the slot deliver the delete again and its tombstone is written again.
+    async fn write_back_tombstones(&mut self, writer: &Client) -> Result<(), EngineError> {
         if self.tombstones.is_empty() {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.tombstones);
-        let mut pk_cache: HashMap<(String, String), Vec<String>> = HashMap::new();
+        self.tombstone_bytes = 0;
+        // Per table, the last delete of each key (a statement may not touch
+        // one row version twice).
+        let mut by_table: Vec<((String, String), Vec<LocalDelete>)> = Vec::new();
         for d in pending {
-            let key = (d.schema.clone(), d.table.clone());
-            if !pk_cache.contains_key(&key) {
-                let pk = crate::apply::LocalTable::load(client, &d.schema, &d.table).await?.map(|t| t.pk).unwrap_or_default();
-                pk_cache.insert(key.clone(), pk);
+            let k = (d.schema.clone(), d.table.clone());
+            match by_table.iter_mut().find(|(t, _)| *t == k) {
+                Some((_, v)) => v.push(d),
+                None => by_table.push((k, vec![d])),
             }
-            let pk = &pk_cache[&key];
-            if pk.is_empty() {
+        }
+        for ((schema, table), deletes) in by_table {
+            if !self.pk_cache.contains_key(&(schema.clone(), table.clone())) {
+                let t = crate::apply::LocalTable::load(writer, &schema, &table).await?;
+                self.pk_cache.insert((schema.clone(), table.clone()), t);
+            }
+            let Some(Some(t)) = self.pk_cache.get(&(schema.clone(), table.clone())) else { continue };
+            if t.pk.is_empty() {
                 continue;
             }
-            let mut parts = Vec::new();
-            let mut row = serde_json::Map::new();
-            for (c, v) in d.columns.iter().zip(&d.old) {
-                row.insert(c.clone(), v.as_text().map(|t| serde_json::Value::String(t.to_string())).unwrap_or(serde_json::Value::Null));
+            let mut latest: HashMap<String, usize> = HashMap::new();
+            let mut rows: Vec<(String, Vec<String>, i64, i64, String)> = Vec::new();
+            for d in deletes {
+                let mut parts = Vec::with_capacity(t.pk.len());
+                for k in &t.pk {
+                    let Some(i) = d.columns.iter().position(|c| c == k) else { break };
+                    parts.push(d.old.get(i).and_then(Value::as_text).unwrap_or("").to_string());
+                }
+                if parts.len() != t.pk.len() {
+                    continue;
+                }
+                let mut row = serde_json::Map::new();
+                for (c, v) in d.columns.iter().zip(&d.old) {
+                    row.insert(c.clone(), v.as_text().map(|t| serde_json::Value::String(t.to_string())).unwrap_or(serde_json::Value::Null));
+                }
+                let key = crate::apply::key_text(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+                let rec = (key.clone(), parts, d.stamp as i64, d.commit_ts_us, serde_json::Value::Object(row).to_string());
+                match latest.get(&key) {
+                    Some(i) => rows[*i] = rec,
+                    None => {
+                        latest.insert(key, rows.len());
+                        rows.push(rec);
+                    }
+                }
             }
-            for k in pk {
-                let Some(i) = d.columns.iter().position(|c| c == k) else { break };
-                parts.push(d.old.get(i).and_then(Value::as_text).unwrap_or("").to_string());
-            }
-            if parts.len() != pk.len() {
+            if rows.is_empty() {
                 continue;
             }
-            let key_text = crate::apply::key_text(&parts.iter().map(String::as_str).collect::<Vec<_>>());
-            let tbl = format!("{}.{}", d.schema, d.table);
-            let exists_sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {}.{} t WHERE json_build_array({})::text = $1)",
-                branchsync_proto::changeset::quote_ident(&d.schema),
-                branchsync_proto::changeset::quote_ident(&d.table),
-                pk.iter().map(|c| format!("t.{}::text", branchsync_proto::changeset::quote_ident(c))).collect::<Vec<_>>().join(", ")
+            let n = t.pk.len();
+            // $1 table, $2 node, $3 keys, $4 stamps, $5 commit times, $6 rows,
+            // then one array per key column.
+            let arrays: Vec<String> = (0..n).map(|j| format!("${}::text[]", 7 + j)).collect();
+            let aliases: Vec<String> = (0..n).map(|j| format!("k{j}")).collect();
+            let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = u.k{j}::{}", t.columns[k].quoted, t.columns[k].type_name)).collect();
+            let sql = format!(
+                "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, row_data) \
+                 SELECT $1, u.key, u.stamp, $2, true, u.ts, u.ts, u.row::jsonb \
+                 FROM unnest($3::text[], $4::int8[], $5::int8[], $6::text[], {arrays}) AS u(key, stamp, ts, row, {aliases}) \
+                 WHERE NOT EXISTS (SELECT 1 FROM {qt} t WHERE {conds}) \
+                 ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, \
+                     ts = excluded.ts, local_ts = excluded.local_ts, row_data = excluded.row_data \
+                 WHERE rv.local_ts <= excluded.local_ts",
+                arrays = arrays.join(", "),
+                aliases = aliases.join(", "),
+                qt = t.qualified,
+                conds = conds.join(" AND "),
             );
-            let exists: bool = match client.query_one(&exists_sql, &[&key_text]).await {
-                Ok(r) => r.get(0),
+            let tbl = format!("{schema}.{table}");
+            let keys: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+            let stamps: Vec<i64> = rows.iter().map(|r| r.2).collect();
+            let tss: Vec<i64> = rows.iter().map(|r| r.3).collect();
+            let images: Vec<&str> = rows.iter().map(|r| r.4.as_str()).collect();
+            let parts: Vec<Vec<&str>> = (0..n).map(|j| rows.iter().map(|r| r.1[j].as_str()).collect()).collect();
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tbl, &self.cfg.node, &keys, &stamps, &tss, &images];
+            params.extend(parts.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)));
+            match writer.execute(sql.as_str(), &params).await {
+                Ok(_) => {}
                 // The table is gone since: nothing to remember.
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => continue,
-                Err(e) => return Err(EngineError::pg("checking a deleted row")(e)),
-            };
-            if exists {
-                continue;
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {}
+                Err(e) => return Err(EngineError::pg(format!("recording tombstones of {tbl}"))(e)),
             }
-            let stamp = d.stamp as i64;
-            client
+        }
+        Ok(())
+    }
+
+    /// Records the rows skipped because they were too large (R24).
+    async fn record_skipped(&mut self, writer: &Client) -> Result<(), EngineError> {
+        for r in std::mem::take(&mut self.skipped) {
+            let detail = format!(
+                "a row of {} bytes at transaction LSN {} was not captured: it is larger than the largest branchsync carries; the operator recorded the skip",
+                r.bytes,
+                fmt_lsn(r.commit_lsn)
+            );
+            writer
                 .execute(
-                    "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, row_data) \
-                     VALUES ($1, $2, $3, $4, true, $5, $5, $6::text::jsonb) \
-                     ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, \
-                         ts = excluded.ts, local_ts = excluded.local_ts, row_data = excluded.row_data \
-                     WHERE rv.local_ts <= excluded.local_ts",
-                    &[&tbl, &key_text, &stamp, &self.cfg.node, &d.commit_ts_us, &serde_json::Value::Object(row).to_string()],
+                    "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, winner_node, loser_node, detail) VALUES ($1, $2, 'row_too_large', 'capture', NULL, $3, $4)",
+                    &[&r.table, &r.key, &self.cfg.node, &detail],
                 )
                 .await
-                .map_err(EngineError::pg("recording a tombstone"))?;
+                .map_err(EngineError::pg("recording a skipped row"))?;
         }
         Ok(())
     }
 
     /// Reads one peek batch into the log (not yet flushed). Returns the end
     /// LSN of the last whole transaction and how many were seen.
-    pub async fn read_batch(&mut self, client: &Client) -> Result<Option<(u64, u64)>, EngineError> {
+    pub async fn read_batch(&mut self, client: &Client, writer: &Client) -> Result<Option<(u64, u64)>, EngineError> {
         let limit = self.cfg.batch_changes;
         let rows = client
             .query_raw(
@@ -668,11 +933,21 @@ impl Capturer {
         self.txn = None;
         while let Some(row) = rows.try_next().await.map_err(EngineError::pg("reading the replication slot"))? {
             self.peeked += 1;
-            let data: &[u8] = row.get(0);
-            let msg = pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?;
+            let msg = {
+                let data: &[u8] = row.get(0);
+                self.largest_message = self.largest_message.max(data.len());
+                pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?
+            };
+            // The message owns its values now: the row's buffer can go.
+            drop(row);
             if let Some(e) = self.handle(msg)? {
                 end = Some(e);
                 seen += 1;
+            }
+            // Tombstones of a huge delete are written as they come, so they
+            // never all sit in memory.
+            if self.tombstones.len() >= TOMBSTONE_BATCH_ROWS || self.tombstone_bytes >= TOMBSTONE_BATCH_BYTES {
+                self.write_back_tombstones(writer).await?;
             }
         }
         Ok(end.map(|e| (e, seen)))
@@ -691,6 +966,25 @@ impl Capturer {
     }
 }
 
+/// `schema.table` and the key (or, without a key, nothing) of a row change,
+/// for messages about it (key values only, never other values).
+fn describe_row(tables: &[TableDesc], ch: &RowChange) -> (String, String) {
+    let (t, vals) = match ch {
+        RowChange::Insert { table, new } | RowChange::Update { table, new, .. } => (*table, new),
+        RowChange::Delete { table, old } => (*table, &old.values),
+        _ => return ("(unknown)".into(), String::new()),
+    };
+    let Some(d) = tables.get(t as usize) else { return ("(unknown)".into(), String::new()) };
+    let key: Vec<String> = d
+        .key
+        .iter()
+        .zip(vals)
+        .filter(|(k, _)| **k)
+        .map(|(_, v)| v.as_text().map(|s| s.chars().take(64).collect()).unwrap_or_else(|| "NULL".into()))
+        .collect();
+    (format!("{}.{}", d.schema, d.name), format!("({})", key.join(", ")))
+}
+
 /// The schema an unqualified name is created in: the first entry of the
 /// `search_path` that is not `$user` (best effort; `public` by default).
 fn first_schema(search_path: &str) -> String {
@@ -706,13 +1000,74 @@ fn old_row(o: OldTuple) -> OldRow {
     OldRow { full, values }
 }
 
+/// Session settings of capture's connections: nothing its role or
+/// database set may cancel a long peek or write-back (R24).
+const CAPTURE_SESSION: &str = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+
+async fn capture_conn(url: &str, name: &str) -> Result<pg::PgConn, EngineError> {
+    let c = pg::connect(url, name).await?;
+    c.client.batch_execute(CAPTURE_SESSION).await.map_err(EngineError::pg("configuring the capture session"))?;
+    Ok(c)
+}
+
+/// Why the slot cannot be read, when PostgreSQL invalidated it (its WAL
+/// was removed, `max_slot_wal_keep_size`): what was lost and what to do.
+async fn slot_lost(client: &Client, slot: &str, captured_lsn: u64) -> Option<EngineError> {
+    let row = client
+        .query_opt("SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .ok()?;
+    let Some(row) = row else {
+        return Some(EngineError::Stopped {
+            message: format!("capture stopped: the replication slot \"{slot}\" does not exist"),
+            detail: format!("Everything up to LSN {} was captured; what was committed after it cannot be read any more.", fmt_lsn(captured_lsn)),
+            hint: "The slot was dropped by hand, or the database was restored without it. Re-seed this node (a fresh copy of the main's database and branchsync init) so that no change goes missing.".into(),
+        });
+    };
+    let status: Option<String> = row.get(0);
+    (status.as_deref() == Some("lost")).then(|| EngineError::Stopped {
+        message: format!("capture stopped: PostgreSQL invalidated the replication slot \"{slot}\""),
+        detail: format!(
+            "The WAL the slot still needed was removed because it exceeded max_slot_wal_keep_size. Everything up to LSN {} was captured; transactions committed after it, up to when the WAL was removed, cannot be read and will not replicate.",
+            fmt_lsn(captured_lsn)
+        ),
+        hint: "Re-seed this node (a fresh copy of the main's database and branchsync init), and raise max_slot_wal_keep_size (or set it to -1) so that a stopped daemon cannot lose WAL again.".into(),
+    })
+}
+
 /// Runs capture until `shutdown`; transient errors return to the caller,
-/// which retries with backoff.
-pub async fn run_capture(cfg: CaptureConfig, url: String, log: Arc<ChangeLog>, mut shutdown: watch::Receiver<bool>, status: watch::Sender<CaptureStatus>) -> Result<(), EngineError> {
-    let conn = pg::connect(&url, "branchsync capture").await?;
+/// which retries with backoff. Every start (the first, and each retry after
+/// an error) first cuts the log back to its last whole transaction.
+pub async fn run_capture(cfg: CaptureConfig, url: String, log: Arc<ChangeLog>, shutdown: watch::Receiver<bool>, status: watch::Sender<CaptureStatus>) -> Result<(), EngineError> {
+    log.cut_back()?;
+    let conn = capture_conn(&url, "branchsync capture").await?;
+    let writer = capture_conn(&url, "branchsync capture write-back").await?;
     let poll = cfg.poll_interval;
+    let slot = cfg.slot.clone();
     let mut cap = Capturer::new(cfg, log)?;
+    cap.status = status.borrow().clone();
+    cap.status.captured_lsn = cap.captured_lsn;
+    cap.load_keys_and_skips(&writer.client).await?;
+    cap.status.running = true;
+    status.send_replace(cap.status.clone());
+    let r = capture_loop(&mut cap, &url, conn, writer, poll, &slot, shutdown, &status).await;
+    status.send_modify(|s| s.running = false);
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn capture_loop(
+    cap: &mut Capturer,
+    url: &str,
+    mut conn: pg::PgConn,
+    writer: pg::PgConn,
+    poll: Duration,
+    slot: &str,
+    mut shutdown: watch::Receiver<bool>,
+    status: &watch::Sender<CaptureStatus>,
+) -> Result<(), EngineError> {
     let mut closed = conn.closed.clone();
+    let mut writer_closed = writer.closed.clone();
     tracing::info!(lsn = %fmt_lsn(cap.captured_lsn), "capture started");
     loop {
         // Cancelling a poll at shutdown is safe: whatever was not confirmed
@@ -721,9 +1076,24 @@ pub async fn run_capture(cfg: CaptureConfig, url: String, log: Arc<ChangeLog>, m
             biased;
             _ = shutdown.changed() => return Ok(()),
             _ = closed.changed() => return Err(EngineError::ConnectionLost { context: "capturing changes".into() }),
-            r = cap.poll_once(&conn.client) => r?,
+            _ = writer_closed.changed() => return Err(EngineError::ConnectionLost { context: "writing tombstones".into() }),
+            r = cap.poll_once(&conn.client, &writer.client) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    let lost = if e.sqlstate().is_some() { slot_lost(&writer.client, slot, cap.captured_lsn).await } else { None };
+                    status.send_replace(cap.status.clone());
+                    return Err(lost.unwrap_or(e));
+                }
+            },
         };
         status.send_replace(cap.status.clone());
+        if cap.read_a_huge_message() {
+            // The connection's read buffer grew to hold that message and
+            // would keep the memory: start a new one.
+            tracing::debug!(bytes = cap.largest_message, "reconnecting capture after a very large message");
+            conn = capture_conn(url, "branchsync capture").await?;
+            closed = conn.closed.clone();
+        }
         if seen == 0 {
             tokio::select! {
                 biased;

@@ -44,6 +44,19 @@ pub enum EngineError {
     /// not catch up in time (capture is down or far behind).
     #[error("capture has not caught up with WAL position {wanted}")]
     CaptureBehind { wanted: String },
+    /// The log reached its disk budget (`[log] max_bytes`).
+    #[error("the local log is full: it uses {used} bytes of its budget of {budget} bytes ([log] max_bytes)")]
+    LogFull { used: u64, budget: u64 },
+    /// Capture cannot go on until the operator acts (a row too large, an
+    /// invalidated slot); the rest of the node keeps running.
+    #[error("{message}\nDETAIL: {detail}\nHINT: {hint}")]
+    Stopped { message: String, detail: String, hint: String },
+    /// A stream skipped positions: the sender broke the protocol (R26).
+    #[error("stream {stream} skipped from position {expected} to {got}")]
+    Gap { stream: String, expected: u64, got: u64 },
+    /// Something is larger than the log or the link can carry.
+    #[error("{what} is {bytes} bytes, more than the largest branchsync carries ({max} bytes)")]
+    TooLarge { what: String, bytes: u64, max: u64 },
 }
 
 impl EngineError {
@@ -60,13 +73,25 @@ impl EngineError {
     }
 
     /// `true` when retrying later can succeed: connection loss, server
-    /// restart, lock timeout, deadlock, serialization failure (R8).
+    /// restart, lock timeout, deadlock, serialization failure, insufficient
+    /// resources (R8), and a full disk or log budget (space may return).
     pub fn is_transient(&self) -> bool {
         match self {
             EngineError::Postgres { source, .. } => pg_error_is_transient(source),
-            EngineError::Log { .. } | EngineError::Corrupt(_) => false,
-            EngineError::Misconfigured { .. } | EngineError::Diverged { .. } => false,
-            EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } => true,
+            EngineError::Log { .. } => self.is_disk_full(),
+            EngineError::Corrupt(_) | EngineError::TooLarge { .. } | EngineError::Gap { .. } => false,
+            EngineError::Misconfigured { .. } | EngineError::Diverged { .. } | EngineError::Stopped { .. } => false,
+            EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } | EngineError::LogFull { .. } => true,
+        }
+    }
+
+    /// `true` when the local disk (or the log's budget) is full: capture
+    /// pauses until there is space again; nothing else stops.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            EngineError::LogFull { .. } => true,
+            EngineError::Log { source, .. } => io_is_disk_full(source),
+            _ => false,
         }
     }
 
@@ -77,6 +102,11 @@ impl EngineError {
             _ => None,
         }
     }
+}
+
+/// `true` for "no space left on device" and "disk quota exceeded".
+pub fn io_is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) || matches!(e.raw_os_error(), Some(28) | Some(122))
 }
 
 /// Classifies a PostgreSQL error: transient (retry) or not.

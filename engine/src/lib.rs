@@ -35,6 +35,7 @@ pub mod error;
 pub mod failpoints;
 pub mod keys;
 pub mod log;
+pub mod marks;
 pub mod pg;
 pub mod pgoutput;
 pub mod scope;

@@ -264,6 +264,8 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     set_publication(&tx, &tables).await?;
     let sequences = keys::stripe_all_in(tx.client(), &p.scope, p.index, p.stride, TxnMode::Caller).await?;
     crate::ddl::triggers::install(&tx, &p.scope).await?;
+    ensure_mark_key(&tx, seeded_from.is_some()).await?;
+    restrict_emit_message(&tx).await?;
     tx.commit().await.map_err(EngineError::pg("committing init"))?;
 
     // After the commit: a logical slot cannot be created in a transaction
@@ -297,13 +299,14 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
 /// state copied from another node. Returns the copied node's name.
 async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Result<Option<String>, EngineError> {
     let row = tx
-        .query_opt("SELECT name, node_index, role, stride, system_id FROM branchsync.node FOR UPDATE", &[])
+        .query_opt("SELECT name, node_index, role, stride, system_id, log_epoch FROM branchsync.node FOR UPDATE", &[])
         .await
         .map_err(EngineError::pg("reading branchsync.node"))?;
     let mut seeded_from = None;
     if let Some(r) = row {
         let (name, index, role, stride, copied_sid): (String, i32, String, i32, String) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let copied_epoch: Option<String> = r.get(5);
         if name == p.node {
             let same = i64::from(index) == i64::from(p.index) && role == p.role.to_string() && i64::from(stride) == i64::from(p.stride);
             if !same {
@@ -328,7 +331,11 @@ async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Res
             match head {
                 Some(pos) if role == Role::Main.to_string() && p.role == Role::Branch => {
                     // The copy holds every relayed change up to `pos`.
-                    tx.execute("INSERT INTO branchsync.progress (stream, pos, system_id) VALUES ($1, $2, $3)", &[&crate::state::RELAY_STREAM, &pos, &copied_sid])
+                    // ... in the main's relay log of that identity (R26).
+                    tx.execute(
+                        "INSERT INTO branchsync.progress (stream, pos, system_id, epoch) VALUES ($1, $2, $3, $4)",
+                        &[&crate::state::RELAY_STREAM, &pos, &copied_sid, &copied_epoch],
+                    )
                         .await
                         .map_err(EngineError::pg("recording where the main's relay resumes"))?;
                     tracing::info!(copied_from = %name, relay_pos = pos, "cleared copied state; the main's relay resumes after the copy point");
@@ -350,6 +357,161 @@ async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Res
     .await
     .map_err(EngineError::pg("recording the node"))?;
     Ok(seeded_from)
+}
+
+/// Gives the node a key for the marks its event triggers write (R25),
+/// unless it has one of its own; a copy of another node's database gets a
+/// new one (the copied key is the other node's).
+async fn ensure_mark_key(tx: &Transaction<'_>, copied: bool) -> Result<(), EngineError> {
+    let have = tx.query_opt("SELECT 1 FROM branchsync.mark_key", &[]).await.map_err(EngineError::pg("reading the mark key"))?.is_some();
+    if have && !copied {
+        return Ok(());
+    }
+    let mut key = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    let (ipad, opad) = crate::marks::padded_keys(&key);
+    tx.execute(
+        "INSERT INTO branchsync.mark_key (key, k_ipad, k_opad) VALUES ($1, $2, $3)          ON CONFLICT (singleton) DO UPDATE SET key = excluded.key, k_ipad = excluded.k_ipad, k_opad = excluded.k_opad",
+        &[&key.as_slice(), &ipad, &opad],
+    )
+    .await
+    .map_err(EngineError::pg("creating the mark key"))?;
+    Ok(())
+}
+
+/// Overloads of `pg_logical_emit_message` that PUBLIC may execute (R25).
+pub const EMIT_MESSAGE_PUBLIC_SQL: &str = "SELECT p.oid::regprocedure::text FROM pg_proc p \
+     WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace \
+       AND EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')";
+
+/// Takes `pg_logical_emit_message` (every overload) away from PUBLIC and
+/// gives it to the role running `init` (branchsync's), so an application
+/// role cannot write messages under branchsync's prefixes (R25; capture
+/// checks their seals anyway).
+async fn restrict_emit_message(tx: &Transaction<'_>) -> Result<(), EngineError> {
+    let rows = tx
+        .query("SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace", &[])
+        .await
+        .map_err(EngineError::pg("listing pg_logical_emit_message"))?;
+    for r in rows {
+        let f: String = r.get(0);
+        tx.batch_execute(&format!("REVOKE EXECUTE ON FUNCTION {f} FROM PUBLIC; GRANT EXECUTE ON FUNCTION {f} TO CURRENT_USER"))
+            .await
+            .map_err(EngineError::pg(format!("revoking {f} from PUBLIC")))?;
+    }
+    Ok(())
+}
+
+/// What `init --restored` found and did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    /// Commit LSN capture resumes after (the slot's position in the
+    /// restored database).
+    pub resume_lsn: u64,
+    /// Branch ChangeSets the relay log already holds (not relayed again).
+    pub suppressed: usize,
+}
+
+/// A main whose database was restored from a backup older than its log
+/// (run after [`init`], with the daemon stopped): capture goes on from the
+/// restored database's slot, however far back its LSNs went; the branch
+/// ChangeSets the relay log already holds are applied again when the
+/// branches re-send them (from what they keep), but not relayed a second
+/// time. Refuses a branch (a branch is re-seeded) and a database that did
+/// not go back.
+pub async fn restored(client: &Client, log: &crate::log::ChangeLog, node: &str, role: Role) -> Result<RestoreReport, EngineError> {
+    if role != Role::Main {
+        return Err(misconfigured(
+            "init --restored is for the main".into(),
+            "A branch whose database was restored from a backup is behind what the main already has from it.".into(),
+            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there with an empty data directory.".into(),
+        ));
+    }
+    let wal = pg::current_wal_lsn(client).await?;
+    let captured = log.captured_lsn()?;
+    let slot: Option<String> = client
+        .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+        .await
+        .map_err(EngineError::pg("reading the replication slot"))?
+        .and_then(|r| r.get(0));
+    let slot_lsn = slot.as_deref().and_then(pg::parse_lsn);
+    if wal >= captured && slot_lsn.is_some_and(|l| l >= captured) {
+        return Err(misconfigured(
+            "the database was not restored to an earlier state".into(),
+            format!("The log holds transactions up to LSN {}, and the database's WAL and slot are past it.", pg::fmt_lsn(captured)),
+            "Run init --restored only after restoring the main's database from a backup.".into(),
+        ));
+    }
+    let resume_lsn = match slot_lsn {
+        Some(l) => l,
+        None => {
+            ensure_slot(client).await?;
+            client
+                .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+                .await
+                .map_err(EngineError::pg("reading the replication slot"))?
+                .get::<_, Option<String>>(0)
+                .as_deref()
+                .and_then(pg::parse_lsn)
+                .unwrap_or(wal)
+        }
+    };
+    // Every ChangeSet still in the relay log that the restored database may
+    // produce again.
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    let mut after = log.floor()?;
+    loop {
+        let batch = log.read_after(after, 4 << 20)?;
+        let Some(last) = batch.last() else { break };
+        after = last.pos;
+        for e in &batch {
+            // Branch ChangeSets are named by the branch's LSNs; the main's
+            // own only below the restored WAL's end (later ones are lost
+            // here, and new transactions reuse those LSNs).
+            if e.part == 0 && (e.header.author != node || e.header.commit_lsn < wal) {
+                seen.push((e.header.author.clone(), e.header.commit_lsn as i64));
+            }
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    client.batch_execute("DELETE FROM branchsync.relay_suppress").await.map_err(EngineError::pg("clearing branchsync.relay_suppress"))?;
+    for chunk in seen.chunks(10_000) {
+        let (authors, lsns): (Vec<&str>, Vec<i64>) = chunk.iter().map(|(a, l)| (a.as_str(), *l)).unzip();
+        client
+            .execute("INSERT INTO branchsync.relay_suppress SELECT * FROM unnest($1::text[], $2::int8[]) ON CONFLICT DO NOTHING", &[&authors, &lsns])
+            .await
+            .map_err(EngineError::pg("recording what the relay log holds"))?;
+    }
+    // Capture goes on from the restored database's slot: the log's
+    // deduplication point moves back to it (stamps never go back).
+    log.append(&[], Some(crate::log::Completion { captured_lsn: resume_lsn, stamp: log.last_stamp()?, seen_main_ts: log.seen_main_ts()? }))?;
+    log.flush().await?;
+    tracing::info!(resume_lsn = %pg::fmt_lsn(resume_lsn), suppressed = seen.len(), "restored database: capture resumes at the slot, the relay goes on");
+    Ok(RestoreReport { resume_lsn, suppressed: seen.len() })
+}
+
+/// The database gives up the log it was bound to (`init
+/// --accept-new-log`): the next daemon start binds it to the log in the
+/// data directory. What the old log held and peers had not received is
+/// lost to replication.
+pub async fn accept_new_log(client: &Client) -> Result<Option<String>, EngineError> {
+    let row = client
+        .query_one("UPDATE branchsync.node SET log_epoch = NULL RETURNING (SELECT log_epoch FROM branchsync.node)", &[])
+        .await
+        .map_err(EngineError::pg("forgetting the node's log identity"))?;
+    Ok(row.get(0))
+}
+
+/// Records that capture may skip the rows too large to carry of the
+/// transaction committed at `lsn` (R24); capture records each skipped row
+/// in `branchsync.conflicts`.
+pub async fn record_capture_skip(client: &Client, lsn: u64, reason: &str) -> Result<bool, EngineError> {
+    let n = client
+        .execute("INSERT INTO branchsync.capture_skips (commit_lsn, reason) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&pg::fmt_lsn(lsn), &reason])
+        .await
+        .map_err(EngineError::pg("recording a capture skip"))?;
+    Ok(n > 0)
 }
 
 /// Drops the copied logical slot of this database, if any: its position

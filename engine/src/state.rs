@@ -30,6 +30,18 @@
 //!   against.
 //! * `schema_version` — bumped, transactionally, by every schema change in
 //!   scope; apply reloads its view of the tables when it moved.
+//! * `node.log_epoch` — the identity of the log in `data_dir` that belongs to
+//!   this database (R26); `progress.epoch` — the identity of the sender's
+//!   log a stream's progress counts in.
+//! * `mark_key` — the key the event triggers seal their DDL marks with
+//!   (R25), readable only by its owner; a copy of another node's database
+//!   gets a new one at `init`.
+//! * `relay_suppress` — at a main whose database was restored from a backup
+//!   (`init --restored`): the branch ChangeSets its relay log already holds,
+//!   which the branches re-send and the main applies again but does not
+//!   relay a second time.
+//! * `capture_skips` — transactions whose rows too large to carry the
+//!   operator allowed capture to skip (R24).
 
 /// DDL of the state schema; idempotent.
 pub const STATE_DDL: &str = r#"
@@ -156,6 +168,26 @@ CREATE TABLE IF NOT EXISTS branchsync.schema_version (
     n bigint NOT NULL
 );
 INSERT INTO branchsync.schema_version (n) VALUES (0) ON CONFLICT DO NOTHING;
+ALTER TABLE branchsync.node ADD COLUMN IF NOT EXISTS log_epoch text;
+ALTER TABLE branchsync.progress ADD COLUMN IF NOT EXISTS epoch text;
+ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS entry bytea;
+CREATE TABLE IF NOT EXISTS branchsync.mark_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    key bytea NOT NULL,
+    k_ipad bytea NOT NULL,
+    k_opad bytea NOT NULL
+);
+REVOKE ALL ON branchsync.mark_key FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS branchsync.relay_suppress (
+    author text NOT NULL,
+    commit_lsn bigint NOT NULL,
+    PRIMARY KEY (author, commit_lsn)
+);
+CREATE TABLE IF NOT EXISTS branchsync.capture_skips (
+    commit_lsn text PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    reason text NOT NULL
+);
 "#;
 
 /// Prefix of the transactional logical message every apply transaction

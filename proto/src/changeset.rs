@@ -212,6 +212,186 @@ impl LogEntry {
     }
 }
 
+/// Version byte in front of every stored or sent entry.
+pub const ENTRY_FORMAT_VERSION: u8 = 1;
+
+/// Largest encoded entry anyone stores, sends or accepts: below
+/// PostgreSQL's 1 GB limit for one value, so a row that PostgreSQL could
+/// hand over always fits, with room for its header.
+pub const MAX_ENTRY_BYTES: u64 = 1000 * 1024 * 1024;
+
+/// Why an entry's bytes are not an entry.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// Nothing there.
+    #[error("empty log entry")]
+    Empty,
+    /// Written by another (newer) version of branchsync.
+    #[error("log entry has format version {found}, expected {ENTRY_FORMAT_VERSION}")]
+    Version {
+        /// The version byte found.
+        found: u8,
+    },
+    /// The bytes do not decode.
+    #[error("undecodable log entry: {source}")]
+    Malformed {
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    /// An entry could not be encoded.
+    #[error("cannot encode log entry: {source}")]
+    Encode {
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+    /// The writer an entry was encoded into failed.
+    #[error("cannot write log entry: {source}")]
+    Write {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EntryError {
+    /// The I/O error underneath, if writing (not encoding) failed.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            EntryError::Write { source } => Some(source),
+            EntryError::Encode { source: rmp_serde::encode::Error::InvalidValueWrite(w) } => match w {
+                rmp::encode::ValueWriteError::InvalidMarkerWrite(e) | rmp::encode::ValueWriteError::InvalidDataWrite(e) => Some(e),
+            },
+            _ => None,
+        }
+    }
+}
+
+/// One thing wrong with a decoded entry: which change (`None`: the entry as
+/// a whole) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Index into [`LogEntry::changes`], or `None` for the entry itself.
+    pub change: Option<usize>,
+    /// What is wrong, as a sentence fragment.
+    pub reason: String,
+}
+
+impl LogEntry {
+    /// Encodes the entry with its format version byte.
+    pub fn encode(&self) -> Result<Vec<u8>, EntryError> {
+        let mut out = Vec::with_capacity(64 + self.approx_bytes());
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Encodes the entry with its format version byte into a writer (so a
+    /// large entry can be streamed to a file without a copy in memory).
+    pub fn encode_into<W: std::io::Write>(&self, w: &mut W) -> Result<(), EntryError> {
+        w.write_all(&[ENTRY_FORMAT_VERSION]).map_err(|source| EntryError::Write { source })?;
+        rmp_serde::encode::write(w, self).map_err(|source| EntryError::Encode { source })
+    }
+
+    /// Decodes an entry, checking its format version byte. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, EntryError> {
+        match bytes.split_first() {
+            Some((&ENTRY_FORMAT_VERSION, body)) => rmp_serde::from_slice(body).map_err(|source| EntryError::Malformed { source }),
+            Some((v, _)) => Err(EntryError::Version { found: *v }),
+            None => Err(EntryError::Empty),
+        }
+    }
+
+    /// Roughly the encoded size: the values' bytes plus a little per value
+    /// (used to cut fragments and batches by size, never for limits).
+    pub fn approx_bytes(&self) -> usize {
+        self.changes.iter().map(RowChange::approx_bytes).sum::<usize>() + 64 * self.tables.len()
+    }
+
+    /// Checks the entry's structure against itself: every table index in
+    /// range, every row as wide as its table, keys as wide as their
+    /// tables. Returns every problem found (empty: the entry is sound). A
+    /// receiver quarantines the changes named and applies the rest.
+    pub fn check(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if self.header.author.is_empty() {
+            out.push(Invalid { change: None, reason: "the header names no author".into() });
+        }
+        let mut sound_table = Vec::with_capacity(self.tables.len());
+        for (i, t) in self.tables.iter().enumerate() {
+            let ok = t.key.len() == t.columns.len() && !t.name.is_empty() && !t.schema.is_empty();
+            if !ok {
+                out.push(Invalid { change: None, reason: format!("table description {i} is malformed ({} columns, {} key flags)", t.columns.len(), t.key.len()) });
+            }
+            sound_table.push(ok);
+        }
+        let width = |t: u32| -> Result<usize, String> {
+            match self.tables.get(t as usize) {
+                None => Err(format!("table index {t} is out of range ({} tables)", self.tables.len())),
+                Some(_) if !sound_table[t as usize] => Err(format!("table description {t} is malformed")),
+                Some(d) => Ok(d.columns.len()),
+            }
+        };
+        let row = |what: &str, got: usize, want: usize| -> Result<(), String> {
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{what} has {got} values for {want} columns"))
+            }
+        };
+        for (i, ch) in self.changes.iter().enumerate() {
+            let r: Result<(), String> = match ch {
+                RowChange::Insert { table, new } => width(*table).and_then(|w| row("the new row", new.len(), w)),
+                RowChange::Update { table, old, new } => width(*table).and_then(|w| {
+                    row("the new row", new.len(), w)?;
+                    match old {
+                        Some(o) => row("the old row", o.values.len(), w),
+                        None => Ok(()),
+                    }
+                }),
+                RowChange::Delete { table, old } => width(*table).and_then(|w| row("the old row", old.values.len(), w)),
+                RowChange::Truncate { tables, .. } => tables.iter().try_for_each(|t| width(*t).map(|_| ())),
+                RowChange::Verdict(v) => width(v.table).and_then(|w| {
+                    row("the verdict's key", v.key.len(), w)?;
+                    match &v.row {
+                        Some(r) => row("the verdict's row", r.len(), w),
+                        None => Ok(()),
+                    }
+                }),
+                RowChange::Ddl(d) => {
+                    if d.statements.is_empty() {
+                        Err("the schema change holds no statement".into())
+                    } else {
+                        Ok(())
+                    }
+                }
+                RowChange::Conflict(_) => Ok(()),
+            };
+            if let Err(reason) = r {
+                out.push(Invalid { change: Some(i), reason });
+            }
+        }
+        out
+    }
+}
+
+impl RowChange {
+    /// Roughly the encoded size of the change (see [`LogEntry::approx_bytes`]).
+    pub fn approx_bytes(&self) -> usize {
+        fn vals(v: &[Value]) -> usize {
+            v.iter().map(|x| 2 + x.as_text().map_or(0, str::len)).sum()
+        }
+        8 + match self {
+            RowChange::Insert { new, .. } => vals(new),
+            RowChange::Update { old, new, .. } => vals(new) + old.as_ref().map_or(0, |o| vals(&o.values)),
+            RowChange::Delete { old, .. } => vals(&old.values),
+            RowChange::Truncate { tables, .. } => 4 * tables.len(),
+            RowChange::Ddl(d) => d.statements.iter().map(String::len).sum::<usize>() + d.search_path.len() + d.role.len() + d.tag.len(),
+            RowChange::Verdict(v) => vals(&v.key) + v.row.as_ref().map_or(0, |r| vals(r)),
+            RowChange::Conflict(c) => {
+                c.local_version.as_ref().map_or(0, String::len) + c.remote_version.as_ref().map_or(0, String::len) + c.detail.as_ref().map_or(0, String::len) + 64
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +464,32 @@ mod tests {
         let bytes = rmp_serde::to_vec(&e).unwrap();
         let back: LogEntry = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(e, back);
+    }
+
+    #[test]
+    fn entries_round_trip_through_their_stored_form_and_refuse_other_versions() {
+        let e = sample_entry(9);
+        assert_eq!(LogEntry::decode(&e.encode().unwrap()).unwrap(), e);
+        assert!(matches!(LogEntry::decode(&[9, 1, 2]), Err(EntryError::Version { found: 9 })));
+        assert!(matches!(LogEntry::decode(&[]), Err(EntryError::Empty)));
+        assert!(matches!(LogEntry::decode(&[ENTRY_FORMAT_VERSION, 0xc1]), Err(EntryError::Malformed { .. })));
+        assert!(e.approx_bytes() > 0);
+    }
+
+    #[test]
+    fn check_names_each_change_that_does_not_fit_its_table() {
+        let mut e = sample_entry(1);
+        assert!(e.check().is_empty(), "{:?}", e.check());
+        e.changes.push(RowChange::Insert { table: 7, new: vec![] });
+        e.changes.push(RowChange::Insert { table: 0, new: vec![Value::Null] });
+        e.changes.push(RowChange::Delete { table: 0, old: OldRow { full: true, values: vec![Value::Null; 4] } });
+        e.changes.push(RowChange::Truncate { tables: vec![0, 3], cascade: false, restart_identity: false });
+        let bad: Vec<Option<usize>> = e.check().iter().map(|i| i.change).collect();
+        let n = e.changes.len();
+        assert_eq!(bad, vec![Some(n - 4), Some(n - 3), Some(n - 2), Some(n - 1)]);
+        assert!(e.check()[0].reason.contains("out of range"), "{:?}", e.check());
+        e.tables[0].key.pop();
+        assert!(e.check().iter().any(|i| i.change.is_none() && i.reason.contains("malformed")));
     }
 
     #[test]

@@ -16,8 +16,17 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::message::Message;
 
-/// Default largest frame accepted: 64 MiB.
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Default largest frame accepted once a session is authenticated: 16 MiB.
+/// Larger entries travel in chunks ([`crate::EntryChunk`]).
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Largest frame accepted before the peer is authenticated (the handshake):
+/// nothing large is read from a peer nobody knows yet.
+pub const HANDSHAKE_MAX_FRAME: usize = 256 * 1024;
+
+/// Smallest frame limit a peer may ask for: below it, chunk headers and
+/// handshakes would not fit.
+pub const MIN_MAX_FRAME: usize = 64 * 1024;
 
 /// Errors of the link protocol. All of them close the connection.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +58,16 @@ impl FrameCodec {
     /// A codec that accepts frames up to `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
         Self { max_frame }
+    }
+
+    /// Changes the limit (after the handshake agreed on one).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// The current limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
     }
 }
 
@@ -153,20 +172,7 @@ mod tests {
             .unwrap_or_else(|| rand::thread_rng().gen());
         println!("seed {seed} (set PROTO_FUZZ_SEED to replay)");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let valid = encoded(Message::Hello(crate::Hello {
-            protocol_version: 1,
-            node: "b".into(),
-            index: 1,
-            token: "t".into(),
-            stride: 100,
-            exclude: vec![],
-            system_id: 1,
-            log_newest: 0,
-            log_floor: 0,
-            relay_applied: 0,
-            now_us: 0,
-            table_rules: vec![],
-        }));
+        let valid = encoded(Message::Hello(crate::message::tests::sample_hello()));
         for _ in 0..20_000 {
             let mut bytes = valid.to_vec();
             for _ in 0..rng.gen_range(1..4) {

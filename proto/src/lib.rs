@@ -18,6 +18,6 @@ pub mod changeset;
 pub mod frame;
 pub mod message;
 
-pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
-pub use frame::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME};
-pub use message::{Hello, Message, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
+pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, EntryError, Invalid, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict, ENTRY_FORMAT_VERSION, MAX_ENTRY_BYTES};
+pub use frame::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME};
+pub use message::{EntryChunk, Hello, Message, Refusal, RefusalReason, Welcome, WireEntry, PROTOCOL_VERSION};

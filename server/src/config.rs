@@ -25,8 +25,18 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
 /// Default time budget of a grouped apply transaction (ms).
 pub const DEFAULT_APPLY_GROUP_MS: u64 = 50;
-/// Default largest frame (bytes).
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Default largest frame (bytes); larger entries travel in chunks.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Default flow-control window: bytes of entries a receiver buffers.
+pub const DEFAULT_WINDOW_BYTES: usize = 32 * 1024 * 1024;
+/// Default time acknowledged log entries are kept (days).
+pub const DEFAULT_KEEP_ACKED_DAYS: u32 = 7;
+/// Default rows per log fragment.
+pub const DEFAULT_FRAGMENT_ROWS: usize = 5_000;
+/// Default bytes per log fragment.
+pub const DEFAULT_FRAGMENT_BYTES: usize = 4 * 1024 * 1024;
+/// Default largest row captured (bytes, as PostgreSQL hands it over).
+pub const DEFAULT_MAX_ROW_BYTES: usize = 900 * 1024 * 1024;
 
 /// A configuration error: the file, the key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +149,10 @@ pub struct SyncSection {
     /// Largest frame (bytes).
     #[serde(default = "d_frame")]
     pub max_frame_bytes: usize,
+    /// Flow-control window: bytes of entries this node buffers for its
+    /// apply; the sender never has more in flight.
+    #[serde(default = "d_window")]
+    pub window_bytes: usize,
     /// Main: the branches.
     #[serde(default)]
     pub peers: Vec<Peer>,
@@ -161,6 +175,59 @@ fn d_frame() -> usize {
 }
 fn d_stride() -> u32 {
     DEFAULT_STRIDE
+}
+fn d_window() -> usize {
+    DEFAULT_WINDOW_BYTES
+}
+
+/// `[log]`: the local log in `node.data_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Days acknowledged entries are kept before their space is reclaimed,
+    /// so a peer restored from a backup can be refilled from them.
+    #[serde(default = "d_keep_acked")]
+    pub keep_acked_days: u32,
+    /// Disk budget of the log in bytes (unset: the disk's free space).
+    /// Capture pauses at it; `status` warns at 80 %.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// Rows per log fragment of a large transaction.
+    #[serde(default = "d_fragment_rows")]
+    pub fragment_rows: usize,
+    /// Bytes per log fragment of a large transaction.
+    #[serde(default = "d_fragment_bytes")]
+    pub fragment_bytes: usize,
+    /// Largest row captured, as PostgreSQL hands it over (a bytea value
+    /// counts twice: it travels as hex). A larger row stops capture until
+    /// `branchsync capture skip` records that it may be skipped.
+    #[serde(default = "d_max_row_bytes")]
+    pub max_row_bytes: usize,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            keep_acked_days: DEFAULT_KEEP_ACKED_DAYS,
+            max_bytes: None,
+            fragment_rows: DEFAULT_FRAGMENT_ROWS,
+            fragment_bytes: DEFAULT_FRAGMENT_BYTES,
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+        }
+    }
+}
+
+fn d_keep_acked() -> u32 {
+    DEFAULT_KEEP_ACKED_DAYS
+}
+fn d_fragment_rows() -> usize {
+    DEFAULT_FRAGMENT_ROWS
+}
+fn d_fragment_bytes() -> usize {
+    DEFAULT_FRAGMENT_BYTES
+}
+fn d_max_row_bytes() -> usize {
+    DEFAULT_MAX_ROW_BYTES
 }
 
 /// `[http]`.
@@ -306,6 +373,9 @@ pub struct Config {
     /// `[conflicts]`.
     #[serde(default)]
     pub conflicts: ConflictsSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -414,6 +484,23 @@ impl Config {
                     return Err(self.invalid("sync.token", "a branch needs a token (token, token_file or BRANCHSYNC_TOKEN)".into()));
                 }
             }
+        }
+        let frame = self.sync.max_frame_bytes;
+        if !(branchsync_proto::MIN_MAX_FRAME..=(1 << 30)).contains(&frame) {
+            return Err(self.invalid("sync.max_frame_bytes", format!("{frame} is not between {} and {}", branchsync_proto::MIN_MAX_FRAME, 1u64 << 30)));
+        }
+        if self.sync.window_bytes < frame {
+            return Err(self.invalid("sync.window_bytes", format!("{} is below sync.max_frame_bytes ({frame})", self.sync.window_bytes)));
+        }
+        if self.log.fragment_rows == 0 || self.log.fragment_bytes < 1024 {
+            return Err(self.invalid("log.fragment_rows", "fragments need at least one row and 1024 bytes (log.fragment_bytes)".into()));
+        }
+        let max_row = branchsync_proto::MAX_ENTRY_BYTES as usize - 16 * 1024 * 1024;
+        if self.log.max_row_bytes == 0 || self.log.max_row_bytes > max_row {
+            return Err(self.invalid("log.max_row_bytes", format!("{} is not between 1 and {max_row}", self.log.max_row_bytes)));
+        }
+        if self.log.max_bytes.is_some_and(|b| b < 64 * 1024 * 1024) {
+            return Err(self.invalid("log.max_bytes", "must be at least 64 MiB (67108864)".into()));
         }
         if self.conflicts.tombstone_days == 0 {
             return Err(self.invalid("conflicts.tombstone_days", "must be at least 1".into()));

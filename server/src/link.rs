@@ -3,22 +3,41 @@
 //! ```text
 //!  branch                                         main
 //!  dial (backoff ≤ reconnect_max) ------------->  accept, one task per connection
-//!  Hello{version,node,index,token,log bounds,     check version, node, token, stride,
-//!        relay progress}                          excludes, index in use, identity (R4, R23)
-//!                           <------------------  Welcome{resume_after} | Refuse{why}
-//!  session: reader loop + writer task + pusher task + apply task (one DB connection)
-//!  pusher: own log entries after resume_after --> apply (stream "branch1")
-//!  apply (stream "main")  <-------------------   pusher: relay entries after relay progress,
-//!                                                 minus the ones the branch wrote itself
-//!  Ack{pos} after each apply commit  <-------->   Ack{pos} -> record, reclaim the log
+//!  Hello{version, node, token, limits, identities   check version, node, token, rules,
+//!        of its log and of its relay progress}     identities and positions (R4, R23, R26)
+//!                           <------------------  Welcome{limits, resume_after} | Refuse{why}
+//!
+//!  one session, on each side:
+//!    reader task   socket -> frames: Heartbeat, Ack, Credit at once; entries (chunks
+//!                  reassembled) into the apply queue. Never waits for anything
+//!                  but the socket.
+//!    writer task   control (Ack, Credit), heartbeats and our log entries (within the
+//!                  credit window, large ones in chunks) -> socket. The only task
+//!                  that writes.
+//!    apply task    apply queue -> database (engine::apply), durable progress out.
+//!    supervisor    shutdown, eviction, a task ending, progress -> Ack, the peer's
+//!                  Ack -> reclaim, and the peer timeout, judged on what is received.
 //! ```
+//!
+//! # No deadlock by construction
+//!
+//! A link carries both directions at once, and both can be large after a
+//! day offline (the branch's backlog up, the main's relay of it down). The
+//! reader never blocks on anything but its socket: the apply queue can take
+//! whatever arrives, because the sender sends entries only within the
+//! window of bytes the receiver has reported as consumed (`Credit`), and
+//! acknowledgements, credit and heartbeats are handled as they arrive. A
+//! stuck writer (the peer stopped reading) blocks only the writer task; the
+//! supervisor still sees what arrives and ends the session when nothing has
+//! arrived for `peer_timeout`.
 //!
 //! # Progress tracking
 //!
 //! Where a stream resumes is decided by the *receiver's* durable progress,
-//! read from its database at the start of every session (R4). An `Ack` is
-//! sent only after the apply transaction committed, and only lets the sender
-//! reclaim log space; losing one costs nothing but space until the next.
+//! read from its database at the start of every session (R4), and only
+//! within the log identity it was recorded for (R26). An `Ack` is sent only
+//! after the apply transaction committed, and only lets the sender reclaim
+//! log space; losing one costs nothing but space until the next.
 //!
 //! # Error handling
 //!
@@ -26,18 +45,25 @@
 //! drained first (it commits what is whole, so its replication origin is
 //! free for the next session), then the branch redials with backoff. Bad
 //! input (malformed or oversized frame, wrong token, unknown node, version
-//! mismatch, index in use) is refused with a log line and a `Refuse`
-//! message saying why; nothing is applied and the main keeps serving others.
+//! mismatch, index in use, a gap in positions, a log whose identity
+//! changed) is refused with a log line and a `Refuse` message saying why;
+//! nothing is applied and the main keeps serving others. A session that
+//! ends for any reason but the network is logged at WARN or ERROR and shown
+//! as the peer's `last_error` in `status`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use branchsync_engine::apply::{ApplyConfig, ApplyStats, Applier, StreamState};
 use branchsync_engine::clock::now_us;
-use branchsync_engine::log::ChangeLog;
+use branchsync_engine::log::{ChangeLog, RawEntry};
+use branchsync_engine::pg::fmt_lsn;
 use branchsync_engine::{failpoints, EngineError};
-use branchsync_proto::{FrameCodec, Hello, LogEntry, Message, ProtoError, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
+use branchsync_proto::{
+    EntryChunk, FrameCodec, Hello, Message, ProtoError, Refusal, RefusalReason, Welcome, WireEntry, HANDSHAKE_MAX_FRAME, MAX_ENTRY_BYTES, MIN_MAX_FRAME, PROTOCOL_VERSION,
+};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,14 +75,14 @@ use crate::status::NodeStatus;
 
 /// How long a handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest batch of entries read from the log for one frame.
-const SEND_BATCH_BYTES: usize = 1 << 20;
+/// Room in a frame for everything but entry bytes.
+const FRAME_OVERHEAD: usize = 4096;
 
 /// Errors that end a link session.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Socket or framing failure.
-    #[error("link protocol error")]
+    #[error("link protocol error: {0}")]
     Proto(#[from] ProtoError),
     /// The peer refused us, or we refused the peer.
     #[error("{0}")]
@@ -73,6 +99,14 @@ pub enum LinkError {
     /// The connection closed.
     #[error("connection closed by peer")]
     Closed,
+}
+
+impl LinkError {
+    /// `true` when the session ended because of the network (the peer went
+    /// away or silent): worth an INFO line, nothing more.
+    pub fn is_network(&self) -> bool {
+        matches!(self, LinkError::Closed | LinkError::Timeout(_) | LinkError::Proto(ProtoError::Io(_)))
+    }
 }
 
 /// What both sides of a link need to know.
@@ -100,6 +134,8 @@ pub struct LinkSettings {
     pub reconnect_max: Duration,
     /// Largest frame accepted.
     pub max_frame: usize,
+    /// Bytes of entries this node buffers for its apply (flow control).
+    pub window: usize,
     /// `[[tables]]` rules, canonical (must match between nodes, R23).
     pub table_rules: Vec<String>,
     /// Main: a branch away longer than this must re-seed (R23): the
@@ -131,6 +167,10 @@ fn tokens_equal(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn epoch_text(e: u64) -> String {
+    format!("{e:016x}")
+}
+
 /// Who an ongoing session serves, and how to tell it to go.
 struct Live {
     last_heard: Arc<Mutex<Instant>>,
@@ -149,6 +189,9 @@ struct Session {
     /// Send our log after this position.
     send_after: u64,
     last_heard: Arc<Mutex<Instant>>,
+    /// Limits agreed at the handshake.
+    max_frame: usize,
+    window: u64,
 }
 
 /// How a session ended without error.
@@ -157,33 +200,65 @@ enum SessionEnd {
     Evicted,
 }
 
+/// What the supervisor tells the writer to send besides entries.
+#[derive(Default)]
+struct Control {
+    /// Durable progress to acknowledge.
+    ack: watch::Sender<u64>,
+    /// Bytes of the peer's entries our apply has taken.
+    consumed: watch::Sender<u64>,
+}
+
 impl Session {
     async fn run(
         self,
         applier: Applier,
         progress: watch::Receiver<ApplyStats>,
-        mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
-        mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+        reader: FramedRead<OwnedReadHalf, FrameCodec>,
+        writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
         mut shutdown: watch::Receiver<bool>,
         mut evict: watch::Receiver<bool>,
     ) -> Result<SessionEnd, LinkError> {
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(2);
-        let writer_task = tokio::spawn(
-            async move {
-                while let Some(m) = out_rx.recv().await {
-                    writer.send(m).await?;
-                }
-                Ok::<_, ProtoError>(())
-            }
+        let control = Arc::new(Control::default());
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Vec<WireEntry>>();
+        let (apply_stop_tx, apply_stop_rx) = watch::channel(false);
+        let (peer_ack_tx, mut peer_ack_rx) = watch::channel(0u64);
+        let (peer_consumed_tx, peer_consumed_rx) = watch::channel(0u64);
+        let consumed_rx = control.consumed.subscribe();
+        let mut apply_task = tokio::spawn(applier.run(apply_rx, apply_stop_rx, control.consumed.clone()).in_current_span());
+        let mut reader_task = tokio::spawn(
+            read_loop(
+                reader,
+                ReadCtx {
+                    peer: self.peer.clone(),
+                    status: self.status.clone(),
+                    last_heard: self.last_heard.clone(),
+                    apply: apply_tx,
+                    peer_ack: peer_ack_tx,
+                    peer_consumed: peer_consumed_tx,
+                    our_consumed: consumed_rx,
+                    window: self.window,
+                    max_frame: self.max_frame,
+                },
+            )
             .in_current_span(),
         );
-        let (apply_tx, apply_rx) = mpsc::channel::<Vec<LogEntry>>(2);
-        let (apply_stop_tx, apply_stop_rx) = watch::channel(false);
-        let mut apply_task = tokio::spawn(applier.run(apply_rx, apply_stop_rx).in_current_span());
-        let pusher = tokio::spawn(push_log(self.log.clone(), self.send_after, out_tx.clone(), self.status.clone(), self.peer.clone()).in_current_span());
+        let mut writer_task = tokio::spawn(
+            write_loop(
+                writer,
+                WriteCtx {
+                    log: self.log.clone(),
+                    control: control.clone(),
+                    peer_consumed: peer_consumed_rx,
+                    send_after: self.send_after,
+                    heartbeat: self.settings.heartbeat,
+                    window: self.window,
+                    chunk: self.max_frame.saturating_sub(FRAME_OVERHEAD).max(1024),
+                },
+            )
+            .in_current_span(),
+        );
         let mut progress = progress;
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
-        let mut apply_tx = Some(apply_tx);
         let result = loop {
             let silent_for = self.last_heard.lock().map(|t| t.elapsed()).unwrap_or_default();
             let quiet_deadline = self.settings.peer_timeout.saturating_sub(silent_for);
@@ -192,15 +267,24 @@ impl Session {
                 // 1. Shutdown of the node, or eviction by a newer session of the same peer.
                 _ = shutdown.changed() => break Ok(SessionEnd::Shutdown),
                 _ = evict.changed() => break Ok(SessionEnd::Evicted),
-                // 2. Apply ended: an error (or its input closed).
-                r = &mut apply_task => {
-                    apply_tx = None;
-                    break match r {
-                        Ok(Ok(_)) => Err(LinkError::Closed),
-                        Ok(Err(e)) => Err(LinkError::Engine(e)),
-                        Err(e) => Err(LinkError::Violation(format!("apply task failed: {e}"))),
-                    };
-                }
+                // 2. A task ended: apply (an error, or its input closed),
+                //    the reader (the peer closed, or broke the protocol), the
+                //    writer (the socket failed).
+                r = &mut apply_task => break match r {
+                    Ok(Ok(_)) => Err(LinkError::Closed),
+                    Ok(Err(e)) => Err(LinkError::Engine(e)),
+                    Err(e) => Err(LinkError::Violation(format!("apply task failed: {e}"))),
+                },
+                r = &mut reader_task => break match r {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(LinkError::Closed),
+                    Err(e) => Err(LinkError::Violation(format!("reader task failed: {e}"))),
+                },
+                r = &mut writer_task => break match r {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(LinkError::Closed),
+                    Err(e) => Err(LinkError::Violation(format!("writer task failed: {e}"))),
+                },
                 // 3. Durable apply progress: acknowledge it.
                 Ok(()) = progress.changed() => {
                     let st = progress.borrow_and_update().clone();
@@ -209,82 +293,53 @@ impl Session {
                         p.changesets_applied = st.changesets;
                         p.rows_applied = st.rows;
                         p.conflicts = st.conflicts;
+                        p.quarantined = st.quarantined;
                         p.pending_from_peer = p.peer_log_newest.saturating_sub(st.committed_pos);
                     });
-                    if out_tx.send(Message::Ack { pos: st.committed_pos }).await.is_err() {
-                        break Err(LinkError::Closed);
+                    control.ack.send_replace(st.committed_pos);
+                }
+                // 4. The peer's durable progress in our log: reclaim.
+                Ok(()) = peer_ack_rx.changed() => {
+                    let pos = *peer_ack_rx.borrow_and_update();
+                    if let Err(e) = self.acknowledged(pos) {
+                        // A full disk may refuse the meta write; space is
+                        // freed at the next acknowledgement.
+                        tracing::warn!(peer = %self.peer, error = %e, "reclaiming log space failed");
                     }
                 }
-                // 4. Timers.
-                _ = heartbeat.tick() => {
-                    let m = Message::Heartbeat { now_us: now_us(), log_newest: self.log.visible() };
-                    if out_tx.send(m).await.is_err() {
-                        break Err(LinkError::Closed);
-                    }
-                }
-                _ = tokio::time::sleep(quiet_deadline) => break Err(LinkError::Timeout(self.settings.peer_timeout)),
-                // 5. Input from the peer.
-                frame = reader.next() => {
-                    let msg = match frame {
-                        None => break Err(LinkError::Closed),
-                        Some(Err(e)) => break Err(LinkError::Proto(e)),
-                        Some(Ok(m)) => m,
-                    };
-                    if let Ok(mut t) = self.last_heard.lock() {
-                        *t = Instant::now();
-                    }
-                    self.status.peer(&self.peer, |p| p.last_contact_unix_ms = Some(now_us() / 1000));
-                    match msg {
-                        Message::Entries(entries) => {
-                            if let Some(last) = entries.last() {
-                                let newest = last.pos;
-                                self.status.peer(&self.peer, |p| p.peer_log_newest = p.peer_log_newest.max(newest));
-                            }
-                            let Some(tx) = apply_tx.as_ref() else { break Err(LinkError::Closed) };
-                            if tx.send(entries).await.is_err() {
-                                continue; // apply ended; arm 2 reports why
-                            }
-                        }
-                        Message::Ack { pos } => {
-                            if let Err(e) = self.acknowledged(pos) {
-                                break Err(e.into());
-                            }
-                        }
-                        Message::Heartbeat { now_us: _, log_newest } => {
-                            // The clock offset is the databases' one, measured
-                            // at the handshake (R14); heartbeats do not move it.
-                            self.status.peer(&self.peer, |p| {
-                                p.peer_log_newest = log_newest;
-                                p.pending_from_peer = log_newest.saturating_sub(p.applied_from_peer);
-                            });
-                        }
-                        Message::Refuse(r) => break Err(LinkError::Refused(r)),
-                        other => break Err(LinkError::Violation(format!("unexpected {} during a session", kind(&other)))),
+                // 5. The peer timeout, judged on what arrives only: it fires
+                //    while a write to the peer is stuck, too.
+                _ = tokio::time::sleep(quiet_deadline) => {
+                    let silent = self.last_heard.lock().map(|t| t.elapsed()).unwrap_or_default();
+                    if silent >= self.settings.peer_timeout {
+                        break Err(LinkError::Timeout(self.settings.peer_timeout));
                     }
                 }
             }
         };
         // Drain: stop intake, let apply commit what is whole, so the
         // replication origin is free before any next session starts.
-        pusher.abort();
-        drop(apply_tx);
+        reader_task.abort();
+        writer_task.abort();
         let _ = apply_stop_tx.send(true);
         if !apply_task.is_finished() {
             let _ = (&mut apply_task).await;
         }
-        drop(out_tx);
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
         result
     }
 
     fn acknowledged(&self, pos: u64) -> Result<(), EngineError> {
+        // An Ack beyond what we sent is not believed (a confused or lying peer
+        // must not make us reclaim what it never received).
+        let pos = pos.min(self.log.visible());
         self.log.set_peer_ack(&self.peer, pos)?;
+        self.log.touch_peer(&self.peer);
         failpoints::hit(failpoints::LOG_BEFORE_RECLAIM);
-        let mut floor = u64::MAX;
-        for p in &self.ack_peers {
-            floor = floor.min(self.log.peer_ack(p)?);
-        }
-        if floor != u64::MAX {
+        // Only the main forgets peers (a branch's log holds its own sales,
+        // which stay until the main has them).
+        let retention = (self.settings.apply.role == branchsync_engine::Role::Main).then_some(self.settings.retention);
+        let floor = reclaim_floor(&self.log, &self.ack_peers, retention);
+        if let Some(floor) = floor {
             let n = self.log.reclaim_through(floor)?;
             if n > 0 {
                 tracing::debug!(peer = %self.peer, through = floor, entries = n, "log space reclaimed");
@@ -299,30 +354,264 @@ impl Session {
     }
 }
 
-/// Sends our log after `after` to the peer, in order, as it grows.
-async fn push_log(log: Arc<ChangeLog>, mut after: u64, out: mpsc::Sender<Message>, status: Arc<NodeStatus>, peer: String) -> Result<(), EngineError> {
-    let mut visible = log.subscribe();
+/// The position up to which every peer that still counts has acknowledged
+/// our log. With a `retention` (the main), a peer not in contact for longer
+/// than that — it must be re-seeded anyway (R23) — no longer pins the log.
+pub fn reclaim_floor(log: &ChangeLog, peers: &[String], retention: Option<Duration>) -> Option<u64> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut floor = None::<u64>;
+    for p in peers {
+        let away = now.saturating_sub(log.peer_last_seen(p));
+        if retention.is_some_and(|r| Duration::from_secs(away) > r) {
+            continue;
+        }
+        let ack = log.peer_ack(p).unwrap_or(0);
+        floor = Some(floor.map_or(ack, |f| f.min(ack)));
+    }
+    floor.or_else(|| (!peers.is_empty()).then(|| log.visible()))
+}
+
+/// What the reader task needs.
+struct ReadCtx {
+    peer: String,
+    status: Arc<NodeStatus>,
+    last_heard: Arc<Mutex<Instant>>,
+    apply: mpsc::UnboundedSender<Vec<WireEntry>>,
+    peer_ack: watch::Sender<u64>,
+    peer_consumed: watch::Sender<u64>,
+    our_consumed: watch::Receiver<u64>,
+    window: u64,
+    max_frame: usize,
+}
+
+/// An entry being put back together from its chunks.
+struct Assembly {
+    pos: u64,
+    part: u32,
+    last: bool,
+    total: u64,
+    bytes: Vec<u8>,
+}
+
+/// Reads frames until the socket ends: handles acknowledgements, credit
+/// and heartbeats at once, and hands entries to apply. Never waits for
+/// anything but the socket (the credit window bounds what it buffers).
+async fn read_loop(mut reader: FramedRead<OwnedReadHalf, FrameCodec>, ctx: ReadCtx) -> Result<(), LinkError> {
+    let mut received: u64 = 0;
+    let mut assembling: Option<Assembly> = None;
+    let mut last_pos: u64 = 0;
+    // A sender may start one entry of any size when nothing is in flight,
+    // and then fill the window; more than that breaks the protocol.
+    let slack = ctx.max_frame as u64;
     loop {
-        let batch = log.read_after(after, SEND_BATCH_BYTES)?;
-        let Some(last) = batch.last() else {
-            let pending = log.count_after(status.snapshot().peers.get(&peer).map(|p| p.acked_by_peer).unwrap_or(0));
-            status.peer(&peer, |p| p.pending_to_peer = pending);
-            if visible.changed().await.is_err() {
-                return Ok(());
-            }
-            continue;
+        let msg = match reader.next().await {
+            None => return Err(LinkError::Closed),
+            Some(Err(e)) => return Err(LinkError::Proto(e)),
+            Some(Ok(m)) => m,
         };
-        after = last.pos;
-        // Everything, a branch's own ChangeSets too: they are the main's
-        // result for its changes (the echo, see engine::apply::obey).
-        let entries: Vec<LogEntry> = batch;
-        if entries.is_empty() {
-            continue;
+        if let Ok(mut t) = ctx.last_heard.lock() {
+            *t = Instant::now();
         }
-        if out.send(Message::Entries(entries)).await.is_err() {
-            return Ok(());
+        ctx.status.peer(&ctx.peer, |p| p.last_contact_unix_ms = Some(now_us() / 1000));
+        let mut check_window = |bytes: u64, single: bool| -> Result<(), LinkError> {
+            received += bytes;
+            let in_flight = received.saturating_sub(*ctx.our_consumed.borrow());
+            if in_flight > ctx.window + slack && !single {
+                return Err(LinkError::Violation(format!("the peer sent {in_flight} bytes beyond what was consumed, more than the window of {} bytes", ctx.window)));
+            }
+            Ok(())
+        };
+        match msg {
+            Message::Entries(entries) => {
+                if assembling.is_some() {
+                    return Err(LinkError::Violation("entries arrived in the middle of a chunked entry".into()));
+                }
+                let Some(last) = entries.last() else { continue };
+                let newest = last.pos;
+                for e in &entries {
+                    if e.pos <= last_pos {
+                        return Err(LinkError::Violation(format!("entry at position {} after position {last_pos}", e.pos)));
+                    }
+                    last_pos = e.pos;
+                }
+                let bytes: u64 = entries.iter().map(|e| e.body.len() as u64).sum();
+                check_window(bytes, entries.len() == 1)?;
+                ctx.status.peer(&ctx.peer, |p| p.peer_log_newest = p.peer_log_newest.max(newest));
+                if ctx.apply.send(entries).is_err() {
+                    return Ok(()); // apply ended; the supervisor reports why
+                }
+            }
+            Message::Chunk(c) => {
+                let done = assemble(&mut assembling, c, last_pos)?;
+                if let Some(a) = done {
+                    last_pos = a.pos;
+                    check_window(a.total, true)?;
+                    ctx.status.peer(&ctx.peer, |p| p.peer_log_newest = p.peer_log_newest.max(a.pos));
+                    if ctx.apply.send(vec![WireEntry { pos: a.pos, part: a.part, last: a.last, body: a.bytes }]).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Message::Credit { consumed } => {
+                ctx.peer_consumed.send_if_modified(|c| {
+                    let moved = consumed > *c;
+                    *c = (*c).max(consumed);
+                    moved
+                });
+            }
+            Message::Ack { pos } => {
+                ctx.peer_ack.send_replace(pos);
+            }
+            Message::Heartbeat { now_us: _, log_newest } => {
+                // The clock offset is the databases' one, measured at the
+                // handshake (R14); heartbeats do not move it.
+                ctx.status.peer(&ctx.peer, |p| {
+                    p.peer_log_newest = log_newest;
+                    p.pending_from_peer = log_newest.saturating_sub(p.applied_from_peer);
+                });
+            }
+            Message::Refuse(r) => return Err(LinkError::Refused(r)),
+            other => return Err(LinkError::Violation(format!("unexpected {} during a session", other.kind()))),
         }
-        failpoints::hit(failpoints::LINK_AFTER_SEND);
+    }
+}
+
+/// Adds a chunk to the entry being assembled; returns the entry once whole.
+fn assemble(assembling: &mut Option<Assembly>, c: EntryChunk, last_pos: u64) -> Result<Option<Assembly>, LinkError> {
+    if c.total > MAX_ENTRY_BYTES {
+        return Err(LinkError::Violation(format!("an entry of {} bytes is larger than any entry may be ({MAX_ENTRY_BYTES} bytes)", c.total)));
+    }
+    let a = match assembling.as_mut() {
+        None => {
+            if c.offset != 0 || c.pos <= last_pos {
+                return Err(LinkError::Violation(format!("a chunked entry at position {} starts at offset {}", c.pos, c.offset)));
+            }
+            // The whole size is reserved once (the pages are touched only
+            // as bytes arrive), so the buffer never doubles past it.
+            assembling.insert(Assembly { pos: c.pos, part: c.part, last: c.last, total: c.total, bytes: Vec::with_capacity(c.total as usize) })
+        }
+        Some(a) => a,
+    };
+    if (c.pos, c.part, c.last, c.total) != (a.pos, a.part, a.last, a.total) || c.offset != a.bytes.len() as u64 || c.data.is_empty() {
+        return Err(LinkError::Violation(format!("chunk at offset {} of entry {} does not continue the entry", c.offset, c.pos)));
+    }
+    if a.bytes.len() as u64 + c.data.len() as u64 > a.total {
+        return Err(LinkError::Violation(format!("chunks of entry {} are longer than the entry", c.pos)));
+    }
+    a.bytes.extend_from_slice(&c.data);
+    if a.bytes.len() as u64 == a.total {
+        return Ok(assembling.take());
+    }
+    Ok(None)
+}
+
+/// What the writer task needs.
+struct WriteCtx {
+    log: Arc<ChangeLog>,
+    control: Arc<Control>,
+    peer_consumed: watch::Receiver<u64>,
+    send_after: u64,
+    heartbeat: Duration,
+    window: u64,
+    /// Largest entry bytes in one frame.
+    chunk: usize,
+}
+
+/// A large entry being sent in chunks.
+struct Sending {
+    raw: RawEntry,
+    offset: u64,
+}
+
+/// The only task that writes to the socket: acknowledgements and credit as
+/// they change, heartbeats, and our log after `send_after` as it grows,
+/// within the peer's credit window, large entries in chunks with control
+/// frames in between.
+async fn write_loop(mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>, mut ctx: WriteCtx) -> Result<(), LinkError> {
+    let mut ack = ctx.control.ack.subscribe();
+    let mut consumed = ctx.control.consumed.subscribe();
+    let mut visible = ctx.log.subscribe();
+    let mut heartbeat = tokio::time::interval(ctx.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut after = ctx.send_after;
+    let mut sent_bytes: u64 = 0;
+    let mut sending: Option<Sending> = None;
+    let mut credit_sent: u64 = 0;
+    loop {
+        let in_flight = sent_bytes.saturating_sub(*ctx.peer_consumed.borrow());
+        // May we send the next frame of entries? A chunked entry goes on;
+        // an entry larger than a frame starts only with nothing in flight;
+        // others while the window has room.
+        let ready = match &sending {
+            Some(_) => true,
+            None if ctx.log.visible() > after => match ctx.log.read_raw_after(after, 0).first() {
+                Some(next) if next.len as usize > ctx.chunk => in_flight == 0,
+                Some(_) => in_flight < ctx.window,
+                None => false,
+            },
+            None => false,
+        };
+        tokio::select! {
+            biased;
+            // 1. Control: acknowledgements and credit, coalesced.
+            Ok(()) = ack.changed() => {
+                let pos = *ack.borrow_and_update();
+                writer.send(Message::Ack { pos }).await?;
+            }
+            Ok(()) = consumed.changed() => {
+                let c = *consumed.borrow_and_update();
+                if c > credit_sent {
+                    credit_sent = c;
+                    writer.send(Message::Credit { consumed: c }).await?;
+                }
+            }
+            // 2. Heartbeats.
+            _ = heartbeat.tick() => {
+                writer.send(Message::Heartbeat { now_us: now_us(), log_newest: ctx.log.visible() }).await?;
+            }
+            // 3. One frame of entries.
+            _ = std::future::ready(()), if ready => {
+                if let Some(s) = sending.as_mut() {
+                    let data = s.raw.read(s.offset, ctx.chunk)?;
+                    let c = EntryChunk { pos: s.raw.pos, part: s.raw.part, last: s.raw.last, total: s.raw.len, offset: s.offset, data };
+                    s.offset += c.data.len() as u64;
+                    let done = s.offset >= s.raw.len;
+                    writer.send(Message::Chunk(c)).await?;
+                    if done {
+                        after = s.raw.pos;
+                        sending = None;
+                        failpoints::hit(failpoints::LINK_AFTER_SEND);
+                    }
+                    continue;
+                }
+                let room = (ctx.window.saturating_sub(in_flight)).min(ctx.chunk as u64) as usize;
+                let batch = ctx.log.read_raw_after(after, room);
+                let Some(first) = batch.first() else { continue };
+                if first.len as usize > ctx.chunk {
+                    // Larger than a frame: alone, in chunks.
+                    sent_bytes += first.len;
+                    sending = Some(Sending { raw: first.clone(), offset: 0 });
+                    continue;
+                }
+                let mut entries = Vec::with_capacity(batch.len());
+                let mut bytes = 0usize;
+                for r in batch.iter().take_while(|r| (r.len as usize) <= ctx.chunk) {
+                    if !entries.is_empty() && bytes + r.len as usize > room {
+                        break;
+                    }
+                    bytes += r.len as usize;
+                    entries.push(WireEntry { pos: r.pos, part: r.part, last: r.last, body: r.read_all()? });
+                }
+                let Some(last) = entries.last() else { continue };
+                after = last.pos;
+                sent_bytes += bytes as u64;
+                writer.send(Message::Entries(entries)).await?;
+                failpoints::hit(failpoints::LINK_AFTER_SEND);
+            }
+            // 4. Waiting: for new entries or for credit.
+            Ok(()) = visible.changed() => {}
+            Ok(()) = ctx.peer_consumed.changed() => {}
+        }
     }
 }
 
@@ -345,25 +634,22 @@ fn human(d: Duration) -> String {
 
 /// Tells the peer why it is refused, then ends the connection with that reason.
 async fn refuse(writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>, r: Refusal) -> Result<(), LinkError> {
-    let _ = writer.send(Message::Refuse(r.clone())).await;
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, writer.send(Message::Refuse(r.clone()))).await;
     Err(LinkError::Refused(r))
 }
 
-fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello(_) => "Hello",
-        Message::Welcome(_) => "Welcome",
-        Message::Refuse(_) => "Refuse",
-        Message::Entries(_) => "Entries",
-        Message::Ack { .. } => "Ack",
-        Message::Heartbeat { .. } => "Heartbeat",
-    }
-}
-
-fn split(stream: TcpStream, max_frame: usize) -> (FramedRead<OwnedReadHalf, FrameCodec>, FramedWrite<OwnedWriteHalf, FrameCodec>) {
+fn split(stream: TcpStream) -> (FramedRead<OwnedReadHalf, FrameCodec>, FramedWrite<OwnedWriteHalf, FrameCodec>) {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
-    (FramedRead::new(r, FrameCodec::new(max_frame)), FramedWrite::new(w, FrameCodec::new(max_frame)))
+    // Nothing large before the peer is known (R28): the limit is raised to
+    // the agreed one once the handshake is done.
+    (FramedRead::new(r, FrameCodec::new(HANDSHAKE_MAX_FRAME)), FramedWrite::new(w, FrameCodec::new(HANDSHAKE_MAX_FRAME)))
+}
+
+/// Sets the frame limit of both halves after the handshake.
+fn set_frame_limit(reader: &mut FramedRead<OwnedReadHalf, FrameCodec>, writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>, max: usize) {
+    reader.decoder_mut().set_max_frame(max);
+    writer.encoder_mut().set_max_frame(max);
 }
 
 async fn next_message(reader: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Result<Message, LinkError> {
@@ -373,6 +659,28 @@ async fn next_message(reader: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Res
         Ok(Some(Err(e))) => Err(LinkError::Proto(e)),
         Ok(Some(Ok(m))) => Ok(m),
     }
+}
+
+/// The limits of a session: the smaller of both sides'.
+fn agree(ours: usize, theirs: u64) -> usize {
+    (theirs.min(ours as u64) as usize).max(MIN_MAX_FRAME)
+}
+
+/// Logs how a session ended, at the level it deserves, and keeps the
+/// reason for `status` (R24: failures are loud).
+fn report_end(status: &NodeStatus, peer: &str, e: &LinkError, retry_ms: Option<u64>) {
+    let msg = e.to_string();
+    match e {
+        LinkError::Refused(r) => tracing::error!(peer, reason = ?r.reason, error = %msg, "link refused"),
+        LinkError::Engine(err) if !err.is_transient() => tracing::error!(peer, error = %msg, "link stopped"),
+        LinkError::Engine(_) | LinkError::Violation(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
+        LinkError::Proto(ProtoError::Io(_)) | LinkError::Closed | LinkError::Timeout(_) => tracing::info!(peer, error = %msg, retry_ms, "link down"),
+        LinkError::Proto(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
+    }
+    status.peer(peer, |p| {
+        p.connected = false;
+        p.last_error = Some(msg);
+    });
 }
 
 // ---------------------------------------------------------------- branch side
@@ -393,13 +701,10 @@ pub async fn run_branch(settings: LinkSettings, main_addr: String, token: String
             Ok(SessionEnd::Shutdown) => return,
             Ok(SessionEnd::Evicted) => {}
             Err(e) => {
-                let msg = e.to_string();
-                match &e {
-                    LinkError::Refused(r) => tracing::error!(peer = "main", reason = ?r.reason, error = %msg, "link refused"),
-                    LinkError::Engine(err) if !err.is_transient() => tracing::error!(peer = "main", error = %msg, "link stopped"),
-                    _ => tracing::info!(peer = "main", error = %msg, backoff_ms = backoff.as_millis() as u64, "link down; retrying"),
+                report_end(&status, "main", &e, Some(backoff.as_millis() as u64));
+                if !e.is_network() {
+                    status.peer("main", |p| p.session_failures += 1);
                 }
-                status.peer("main", |p| p.last_error = Some(msg));
             }
         }
         tokio::select! {
@@ -423,9 +728,10 @@ async fn branch_session(
         .await
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
         .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
-    let (mut reader, mut writer) = split(stream, settings.max_frame);
+    let (mut reader, mut writer) = split(stream);
     let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), branchsync_engine::state::RELAY_STREAM, state.clone()).await?;
     let t0 = applier.db_clock_us().await?;
+    let relay_epoch = applier.stream_epoch().await?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node: settings.node.clone(),
@@ -434,21 +740,29 @@ async fn branch_session(
         stride: settings.stride,
         exclude: settings.exclude.clone(),
         system_id: settings.system_id,
+        log_epoch: log.epoch(),
         log_newest: log.visible(),
         log_floor: log.floor()?,
+        relay_epoch: relay_epoch.unwrap_or(0),
         relay_applied: applier.committed(),
+        relay_applied_lsn: applier.committed_lsn().await?,
         now_us: t0,
         table_rules: settings.table_rules.clone(),
+        max_frame: settings.max_frame as u64,
+        window: settings.window as u64,
     };
     writer.send(Message::Hello(hello)).await?;
     let welcome: Welcome = match next_message(&mut reader).await? {
         Message::Welcome(w) => w,
         Message::Refuse(r) => return Err(LinkError::Refused(r)),
-        other => return Err(LinkError::Violation(format!("expected Welcome, got {}", kind(&other)))),
+        other => return Err(LinkError::Violation(format!("expected Welcome, got {}", other.kind()))),
     };
     if welcome.protocol_version != PROTOCOL_VERSION {
         return Err(LinkError::Violation(format!("main speaks protocol {}, we speak {PROTOCOL_VERSION}", welcome.protocol_version)));
     }
+    let max_frame = agree(settings.max_frame, welcome.max_frame);
+    let window = agree(settings.window, welcome.window) as u64;
+    set_frame_limit(&mut reader, &mut writer, max_frame);
     // R14: this database's clock minus the main's, from the four times of
     // the handshake (the network and the main's work cancel out), and this
     // node stamps its commits on the main's clock from now on.
@@ -458,38 +772,81 @@ async fn branch_session(
         tracing::info!(peer = "main", clock_offset_ms = offset_us / 1000, "clock offset to the main recorded; commit stamps are corrected by it");
     }
     status.peer("main", |p| p.clock_offset_ms = Some(offset_us / 1000));
-    // R4: the main resumes our stream after `resume_after`; that position
-    // must be one we wrote. If our log never reached it, or lost it without
-    // reclaiming it, this node went back in time: refuse, never skip.
+    // R26: the relay we applied must be this relay.
+    match relay_epoch {
+        Some(e) if e != welcome.relay_epoch => {
+            let r = refusal(
+                RefusalReason::LogRecreated,
+                "the main's relay log was recreated".into(),
+                format!(
+                    "This branch applied the main's relay up to position {} of relay log {}, but the main now serves relay log {}: the main's data directory was lost or replaced, and what it relayed after this branch's last session is gone.",
+                    applier.committed(),
+                    epoch_text(e),
+                    epoch_text(welcome.relay_epoch)
+                ),
+                "Re-seed this branch from a fresh copy of the main's database and run branchsync init here (with an empty data directory).",
+            );
+            return refuse(&mut writer, r).await.map(|_| SessionEnd::Shutdown);
+        }
+        None => applier.set_stream_epoch(welcome.relay_epoch).await?,
+        Some(_) => {}
+    }
+    // R4, R26: the main resumes our stream after `resume_after`; that
+    // position must be one of this log, and one we still hold or reclaimed
+    // exactly there. Never skip.
     let floor = log.floor()?;
     let r = welcome.resume_after;
-    let same_entry = if r > floor && r <= log.visible() {
-        match log.read_after(r - 1, 1)?.first() {
-            Some(e) if e.pos == r => welcome.resume_lsn == 0 || e.header.commit_lsn == welcome.resume_lsn,
-            _ => false,
-        }
-    } else {
-        r <= floor
-    };
-    if !same_entry {
-        let r = refusal(
+    let problem = if welcome.stream_epoch != 0 && welcome.stream_epoch != log.epoch() {
+        Some((
+            RefusalReason::LogRecreated,
+            format!("branch \"{}\" has a new log", settings.node),
+            format!(
+                "The main applied this branch's changes from log {}, but this branch's log is {}: its data directory was lost or replaced, and changes it held but had not sent are lost to replication.",
+                epoch_text(welcome.stream_epoch),
+                epoch_text(log.epoch())
+            ),
+            "Re-seed this branch from a fresh copy of the main's database, run branchsync init here with an empty data directory, and at the main run: DELETE FROM branchsync.progress WHERE stream = '<this branch>'.",
+        ))
+    } else if r < floor {
+        Some((
+            RefusalReason::MustReseed,
+            "the main needs changes this branch no longer keeps".into(),
+            format!(
+                "The main has applied this branch's changes up to position {r}, but this branch keeps its log only after position {floor} ([log] keep_acked): the main's database was restored from a backup older than that."
+            ),
+            "Restore the main's database from a newer backup, or re-seed this branch from the main; raise [log] keep_acked to keep more.",
+        ))
+    } else if r > log.visible() {
+        Some((
+            RefusalReason::WentBackInTime,
+            format!("branch \"{}\" went back in time", settings.node),
+            format!("The main has applied this branch's changes up to log position {r}, but this branch's log ends at {}. The branch's database or data directory was restored to an earlier state.", log.visible()),
+            "Changes made here after the restore point would be skipped. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
+        ))
+    } else if r > floor && welcome.resume_lsn != 0 && log.read_after(r - 1, 1)?.first().is_none_or(|e| e.pos != r || e.header.commit_lsn != welcome.resume_lsn) {
+        Some((
             RefusalReason::WentBackInTime,
             format!("branch \"{}\" went back in time", settings.node),
             format!(
-                "The main has already applied this branch's changes up to log position {r} (commit LSN {}), but this branch's log does not hold that transaction there (it ends at {}, reclaimed up to {floor}). The branch's database or data directory was restored to an earlier state.",
-                branchsync_engine::pg::fmt_lsn(welcome.resume_lsn),
-                log.visible()
+                "The main has applied this branch's changes up to log position {r} (commit LSN {}), but this branch's log does not hold that transaction there.",
+                fmt_lsn(welcome.resume_lsn)
             ),
-            "Changes made here after the restore point would be skipped. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
-        );
-        refuse(&mut writer, r).await?;
+            "The branch's database or data directory was restored to an earlier state. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
+        ))
+    } else {
+        None
+    };
+    if let Some((reason, message, detail, hint)) = problem {
+        return refuse(&mut writer, refusal(reason, message, detail, hint)).await.map(|_| SessionEnd::Shutdown);
     }
-    tracing::info!(peer = "main", resume_after = r, relay_applied = applier.committed(), "link up");
+    tracing::info!(peer = "main", resume_after = r, relay_applied = applier.committed(), max_frame, window, "link up");
     status.peer("main", |p| {
         p.connected = true;
         p.last_error = None;
         p.acked_by_peer = r;
     });
+    log.set_peer_ack("main", r)?;
+    log.touch_peer("main");
     let (_evict_tx, evict_rx) = watch::channel(false);
     let session = Session {
         peer: "main".into(),
@@ -499,6 +856,8 @@ async fn branch_session(
         ack_peers: vec!["main".into()],
         send_after: r,
         last_heard: Arc::new(Mutex::new(Instant::now())),
+        max_frame,
+        window,
     };
     session.run(applier, progress, reader, writer, shutdown, evict_rx).await
 }
@@ -510,6 +869,7 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
     let live: Arc<Mutex<HashMap<String, Live>>> = Arc::default();
     let states: Arc<HashMap<String, Arc<StreamState>>> = Arc::new(peers.iter().map(|p| (p.name.clone(), Arc::new(StreamState::default()))).collect());
     let peers = Arc::new(peers);
+    let sessions = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -525,13 +885,22 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
                     }
                 };
                 let span = tracing::info_span!("link", peer_addr = %addr);
-                let ctx = (settings.clone(), peers.clone(), log.clone(), status.clone(), live.clone(), states.clone(), shutdown.clone());
+                let ctx = (settings.clone(), peers.clone(), log.clone(), status.clone(), live.clone(), states.clone(), shutdown.clone(), sessions.clone());
                 tasks.spawn(async move {
-                    let (settings, peers, log, status, live, states, shutdown) = ctx;
-                    if let Err(e) = main_connection(sock, settings, &peers, log, status, live, states, shutdown).await {
-                        match e {
-                            LinkError::Refused(r) => tracing::warn!(reason = ?r.reason, error = %r, "branch refused"),
-                            other => tracing::info!(error = %other, "branch session ended"),
+                    let (settings, peers, log, status, live, states, shutdown, sessions) = ctx;
+                    sessions.fetch_add(1, Ordering::Relaxed);
+                    if let Err((peer, e)) = main_connection(sock, settings, &peers, log, status.clone(), live, states, shutdown).await {
+                        match peer {
+                            Some(p) => {
+                                report_end(&status, &p, &e, None);
+                                if !e.is_network() {
+                                    status.peer(&p, |s| s.session_failures += 1);
+                                }
+                            }
+                            None => match e {
+                                LinkError::Refused(r) => tracing::warn!(reason = ?r.reason, error = %r, "connection refused"),
+                                other => tracing::info!(error = %other, "connection ended before the handshake"),
+                            },
                         }
                     }
                 }.instrument(span));
@@ -542,6 +911,7 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
     while tasks.join_next().await.is_some() {}
 }
 
+/// One connection at the main; on error, the branch it was (once known).
 #[allow(clippy::too_many_arguments)]
 async fn main_connection(
     sock: TcpStream,
@@ -552,17 +922,21 @@ async fn main_connection(
     live: Arc<Mutex<HashMap<String, Live>>>,
     states: Arc<HashMap<String, Arc<StreamState>>>,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), LinkError> {
-    let (mut reader, mut writer) = split(sock, settings.max_frame);
+) -> Result<(), (Option<String>, LinkError)> {
+    let (mut reader, mut writer) = split(sock);
     let hello = match next_message(&mut reader).await {
         Ok(Message::Hello(h)) => h,
         Ok(other) => {
-            return refuse(&mut writer, refusal(RefusalReason::Other, format!("expected Hello, got {}", kind(&other)), String::new(), "Connect with a branchsync branch.")).await;
+            return refuse(&mut writer, refusal(RefusalReason::Other, format!("expected Hello, got {}", other.kind()), String::new(), "Connect with a branchsync branch."))
+                .await
+                .map_err(|e| (None, e));
         }
         Err(LinkError::Proto(e)) => {
-            return refuse(&mut writer, refusal(RefusalReason::Other, format!("malformed handshake: {e}"), String::new(), "Check that the peer is a branchsync branch of the same version.")).await;
+            return refuse(&mut writer, refusal(RefusalReason::Other, format!("malformed handshake: {e}"), String::new(), "Check that the peer is a branchsync branch of the same version."))
+                .await
+                .map_err(|e| (None, e));
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err((None, e)),
     };
     // R14: when the Hello arrived, on the main's clock (the daemon runs beside
     // its database, on the same clock).
@@ -574,7 +948,8 @@ async fn main_connection(
             String::new(),
             "Run the same branchsync version at the main and every branch.",
         ))
-        .await;
+        .await
+        .map_err(|e| (None, e));
     }
     let Some(peer) = peers.iter().find(|p| p.name == hello.node) else {
         return refuse(&mut writer, refusal(
@@ -583,7 +958,8 @@ async fn main_connection(
             "No [[sync.peers]] entry at the main has this name.".into(),
             "Add the branch to the main's [[sync.peers]] and restart the main, or fix node.name at the branch.",
         ))
-        .await;
+        .await
+        .map_err(|e| (None, e));
     };
     if !tokens_equal(&peer.token, &hello.token) {
         return refuse(&mut writer, refusal(
@@ -592,8 +968,11 @@ async fn main_connection(
             "The token does not match the main's token for this node.".into(),
             "Set the same token at the branch (token, token_file or BRANCHSYNC_TOKEN) and in the main's [[sync.peers]].",
         ))
-        .await;
+        .await
+        .map_err(|e| (None, e));
     }
+    let name = hello.node.clone();
+    let fail = |e: LinkError| (Some(name.clone()), e);
     if hello.table_rules != settings.table_rules {
         return refuse(&mut writer, refusal(
             RefusalReason::ConfigMismatch,
@@ -601,7 +980,8 @@ async fn main_connection(
             format!("Branch [[tables]] rules: {:?}. Main: {:?}.", hello.table_rules, settings.table_rules),
             "Every node must use the same [[tables]] entries, in the same order: conflicts are decided by them.",
         ))
-        .await;
+        .await
+        .map_err(fail);
     }
     if peer.index != hello.index || hello.stride != settings.stride || hello.exclude != settings.exclude {
         return refuse(&mut writer, refusal(
@@ -613,7 +993,8 @@ async fn main_connection(
             ),
             "Every node must use the same keys.stride and database.exclude, and the index listed at the main.",
         ))
-        .await;
+        .await
+        .map_err(fail);
     }
     // One live session per node; a silent earlier one is evicted (R23).
     let (evict_tx, evict_rx) = watch::channel(false);
@@ -645,7 +1026,8 @@ async fn main_connection(
             "Another connection with this node's name and index is connected and answering heartbeats.".into(),
             "Two machines are configured as the same branch; give each branch its own node.name and node.index.",
         ))
-        .await;
+        .await
+        .map_err(|e| (None, e));
     };
     if let Some(mut done) = previous {
         tracing::info!(peer = %hello.node, "evicting an earlier connection that stopped answering");
@@ -653,7 +1035,8 @@ async fn main_connection(
     }
     let r = main_session(&settings, hello, received_us, reader, writer, log, status.clone(), states, last_heard, shutdown, evict_rx).await;
     let _ = done_tx.send(true);
-    r
+    status.peer(&name, |p| p.connected = false);
+    r.map_err(fail)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -661,7 +1044,7 @@ async fn main_session(
     settings: &LinkSettings,
     hello: Hello,
     received_us: i64,
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
     mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
     log: Arc<ChangeLog>,
     status: Arc<NodeStatus>,
@@ -675,6 +1058,7 @@ async fn main_session(
     let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), &name, state.clone()).await?;
     let applied = applier.committed();
     let known = applier.stream_system_id().await?;
+    let known_epoch = applier.stream_epoch().await?;
     let went_back = |detail: String| {
         refusal(
             RefusalReason::WentBackInTime,
@@ -683,12 +1067,40 @@ async fn main_session(
             "Changes made at the branch after its restore point would be skipped. Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
         )
     };
+    let relay_entry_lsn = if hello.relay_applied > log.floor()? && hello.relay_applied <= log.visible() {
+        log.read_after(hello.relay_applied - 1, 1)?.first().filter(|e| e.pos == hello.relay_applied).map(|e| e.header.commit_lsn)
+    } else {
+        None
+    };
     let refusal = if known.as_deref().is_some_and(|k| k != hello.system_id.to_string()) {
         Some(refusal(
             RefusalReason::SystemIdChanged,
             format!("branch \"{name}\" connected with another database cluster"),
             format!("First seen with system identifier {}, now {}.", known.clone().unwrap_or_default(), hello.system_id),
             "If the branch's database was re-created or restored from a dump, re-seed it from a fresh copy of the main's database and run branchsync init; to replace the branch for good, remove its row from branchsync.progress at the main.",
+        ))
+    } else if known_epoch.is_some_and(|e| e != hello.log_epoch) {
+        Some(refusal(
+            RefusalReason::LogRecreated,
+            format!("branch \"{name}\" has a new log"),
+            format!(
+                "The main applied this branch's changes up to position {applied} of its log {}, but the branch now has log {}: its data directory was lost or replaced. Changes it had captured and not sent are lost to replication.",
+                epoch_text(known_epoch.unwrap_or(0)),
+                epoch_text(hello.log_epoch)
+            ),
+            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there with an empty data directory; then, at the main: DELETE FROM branchsync.progress WHERE stream = '<branch>'.",
+        ))
+    } else if hello.relay_epoch != 0 && hello.relay_epoch != log.epoch() {
+        Some(refusal(
+            RefusalReason::LogRecreated,
+            format!("branch \"{name}\" must be re-seeded: the main's relay log was recreated"),
+            format!(
+                "The branch applied relay log {} up to position {}; the main's relay log is now {}: the main's data directory was lost or replaced.",
+                epoch_text(hello.relay_epoch),
+                hello.relay_applied,
+                epoch_text(log.epoch())
+            ),
+            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
         ))
     } else if applied > hello.log_newest {
         Some(went_back(format!("The main has applied this branch's log up to position {applied}, but the branch's log ends at {}.", hello.log_newest)))
@@ -717,6 +1129,17 @@ async fn main_session(
             format!("The branch applied the relay up to position {}, but the main's log ends at {}.", hello.relay_applied, log.visible()),
             "The main's data directory or database was restored to an earlier state; restore the matching data directory, or re-seed the branches.",
         ))
+    } else if hello.relay_applied_lsn != 0 && relay_entry_lsn.is_some_and(|l| l != hello.relay_applied_lsn) {
+        Some(refusal(
+            RefusalReason::WentBackInTime,
+            "the main's log does not hold what this branch applied".into(),
+            format!(
+                "The branch applied the relay up to position {} (commit LSN {}), but the main's log holds another transaction there.",
+                hello.relay_applied,
+                fmt_lsn(hello.relay_applied_lsn)
+            ),
+            "The main's data directory was restored to an earlier state; restore the matching data directory, or re-seed the branches.",
+        ))
     } else {
         None
     };
@@ -726,22 +1149,33 @@ async fn main_session(
     if known.is_none() {
         applier.set_stream_system_id(hello.system_id).await?;
     }
+    if known_epoch.is_none() {
+        applier.set_stream_epoch(hello.log_epoch).await?;
+    }
     applier.touch_contact().await?;
+    log.touch_peer(&name);
     let resume_lsn = applier.committed_lsn().await?;
+    let max_frame = agree(settings.max_frame, hello.max_frame);
+    let window = agree(settings.window, hello.window) as u64;
     writer
         .send(Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             main_node: settings.node.clone(),
             resume_after: applied,
             resume_lsn,
+            stream_epoch: hello.log_epoch,
+            relay_epoch: log.epoch(),
             now_us: now_us(),
             hello_received_us: received_us,
+            max_frame: max_frame as u64,
+            window,
         }))
         .await?;
+    set_frame_limit(&mut reader, &mut writer, max_frame);
     // The branch computes the offset exactly (it knows both of its times);
     // this is the one-way estimate, for status.
     let offset_ms = (hello.now_us - received_us) / 1000;
-    tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, "branch connected");
+    tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, max_frame, window, "branch connected");
     status.peer(&name, |p| {
         p.connected = true;
         p.last_error = None;
@@ -759,13 +1193,49 @@ async fn main_session(
         ack_peers,
         send_after: hello.relay_applied,
         last_heard,
+        max_frame,
+        window,
     };
-    let r = session.run(applier, progress, reader, writer, shutdown, evict).await;
-    status.peer(&name, |p| {
-        p.connected = false;
-        if let Err(e) = &r {
-            p.last_error = Some(e.to_string());
-        }
-    });
-    r.map(|_| ())
+    session.run(applier, progress, reader, writer, shutdown, evict).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(pos: u64, total: u64, offset: u64, data: &[u8]) -> EntryChunk {
+        EntryChunk { pos, part: 0, last: true, total, offset, data: data.to_vec() }
+    }
+
+    #[test]
+    fn chunks_reassemble_in_order_and_anything_else_is_a_violation() {
+        let mut a = None;
+        assert!(assemble(&mut a, chunk(5, 6, 0, b"abc"), 4).unwrap().is_none());
+        let whole = assemble(&mut a, chunk(5, 6, 3, b"def"), 4).unwrap().expect("whole");
+        assert_eq!((whole.pos, whole.bytes.as_slice()), (5, &b"abcdef"[..]));
+        assert!(a.is_none());
+
+        let mut a = None;
+        assert!(assemble(&mut a, chunk(6, 6, 3, b"def"), 5).is_err(), "must start at offset 0");
+        let mut a = None;
+        assemble(&mut a, chunk(6, 6, 0, b"abc"), 5).unwrap();
+        assert!(assemble(&mut a, chunk(6, 6, 4, b"ef"), 5).is_err(), "no holes");
+        let mut a = None;
+        assemble(&mut a, chunk(6, 6, 0, b"abc"), 5).unwrap();
+        assert!(assemble(&mut a, chunk(7, 6, 3, b"def"), 5).is_err(), "one entry at a time");
+        let mut a = None;
+        assemble(&mut a, chunk(6, 4, 0, b"abc"), 5).unwrap();
+        assert!(assemble(&mut a, chunk(6, 4, 3, b"def"), 5).is_err(), "no longer than announced");
+        let mut a = None;
+        assert!(assemble(&mut a, chunk(6, MAX_ENTRY_BYTES + 1, 0, b"a"), 5).is_err(), "no entry larger than the limit");
+        let mut a = None;
+        assert!(assemble(&mut a, chunk(5, 3, 0, b"abc"), 5).is_err(), "positions only go forward");
+    }
+
+    #[test]
+    fn sessions_agree_on_the_smaller_limit_but_never_below_the_minimum() {
+        assert_eq!(agree(16 << 20, 1 << 20), 1 << 20);
+        assert_eq!(agree(1 << 20, 16 << 20), 1 << 20);
+        assert_eq!(agree(1 << 20, 10), MIN_MAX_FRAME);
+    }
 }

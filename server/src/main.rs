@@ -42,6 +42,16 @@ enum Command {
         /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
         #[arg(long, env = "BRANCHSYNC_CONFIG")]
         config: PathBuf,
+        /// The main's database was restored from a backup older than its
+        /// log: capture goes on from the restored database, the branches
+        /// re-send what the main lost (the daemon says when this is needed).
+        #[arg(long)]
+        restored: bool,
+        /// The data directory's log was lost for good: bind this database
+        /// to a new log (peers whose progress belongs to the old log must be
+        /// re-seeded; the daemon says when this is needed).
+        #[arg(long)]
+        accept_new_log: bool,
     },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
@@ -70,6 +80,11 @@ enum Command {
     Scenario {
         #[command(subcommand)]
         action: ScenarioAction,
+    },
+    /// Capture: let it skip rows too large to carry.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureAction,
     },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
@@ -100,6 +115,22 @@ enum ScenarioAction {
         /// in the current directory or a parent).
         #[arg(long)]
         compose_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaptureAction {
+    /// Let capture skip the rows of one transaction that are larger than
+    /// it carries ([log] max_row_bytes); capture names the transaction's
+    /// LSN when it stops. Each skipped row is recorded in
+    /// branchsync.conflicts (kind row_too_large); the rest replicates.
+    Skip {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// Commit LSN of the transaction, as capture printed it (e.g. 0/1A2B3C4).
+        #[arg(long)]
+        lsn: String,
     },
 }
 
@@ -149,6 +180,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
         }))
         .with_writer(std::io::stderr)
+        // No colour codes in files and journals (R24: logs are read by people
+        // and by log shippers).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -168,9 +202,24 @@ fn main() -> ExitCode {
 
 async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Init { config } => {
+        Command::Init { config, restored, accept_new_log } => {
             let cfg = Config::load(&config)?;
-            init(&cfg).await
+            init(&cfg, restored, accept_new_log).await
+        }
+        Command::Capture { action: CaptureAction::Skip { config, lsn } } => {
+            let cfg = Config::load(&config)?;
+            let Some(at) = branchsync_engine::pg::parse_lsn(&lsn) else {
+                eprintln!("branchsync capture skip: \"{lsn}\" is not an LSN (like 0/1A2B3C4)");
+                return Ok(ExitCode::FAILURE);
+            };
+            let conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync capture skip").await.context("cannot connect to the database (database.url)")?;
+            let new = setup::record_capture_skip(&conn.client, at, "recorded with branchsync capture skip").await?;
+            println!(
+                "{} capture may skip the rows too large to carry of the transaction at LSN {}; a running daemon picks this up within 10 s, and records each skipped row in branchsync.conflicts",
+                if new { "recorded:" } else { "already recorded:" },
+                branchsync_engine::pg::fmt_lsn(at)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
@@ -272,7 +321,7 @@ async fn conflicts(cfg: &Config, action: ConflictsAction) -> anyhow::Result<Exit
     }
 }
 
-async fn init(cfg: &Config) -> anyhow::Result<ExitCode> {
+async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Result<ExitCode> {
     let mut conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync init").await.context("cannot connect to the database (database.url)")?;
     let params = setup::InitParams {
         node: cfg.node.name.clone(),
@@ -289,6 +338,39 @@ async fn init(cfg: &Config) -> anyhow::Result<ExitCode> {
         }
     };
     std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("cannot create data directory {}", cfg.node.data_dir.display()))?;
+    if accept_new_log {
+        match setup::accept_new_log(&conn.client).await {
+            Ok(old) => println!(
+                "  this database gave up log {}: the daemon binds it to the log in {} at its next start. Peers whose progress belongs to the old log are refused and must be re-seeded.",
+                old.unwrap_or_else(|| "(none)".into()),
+                cfg.node.data_dir.join("log").display()
+            ),
+            Err(e) => {
+                eprintln!("branchsync init: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    if restored {
+        let log = match branchsync_engine::log::ChangeLog::open(&cfg.node.data_dir.join("log")) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("branchsync init: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        match setup::restored(&conn.client, &log, &cfg.node.name, cfg.node.role).await {
+            Ok(r) => println!(
+                "  restored database: capture resumes after LSN {}; the relay log goes on; {} ChangeSet(s) the branches re-send are applied again here but not relayed again. Changes made at the main after the backup are lost here.",
+                branchsync_engine::pg::fmt_lsn(r.resume_lsn),
+                r.suppressed
+            ),
+            Err(e) => {
+                eprintln!("branchsync init: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
     println!("initialised node \"{}\" ({} , index {}) on cluster {}", cfg.node.name, cfg.node.role, cfg.node.index, report.system_id);
     if let Some(from) = &report.seeded_from {
         println!("  found state copied from node \"{from}\": cleared it; this node resumes the main's relay where the copy was taken");
@@ -322,6 +404,15 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         reconnect_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
         group_budget: Duration::from_millis(cfg.sync.apply_group_ms),
         max_frame: cfg.sync.max_frame_bytes,
+        window: cfg.sync.window_bytes,
+        log: branchsync_engine::log::LogOptions {
+            keep_acked: Duration::from_secs(u64::from(cfg.log.keep_acked_days) * 86_400),
+            max_bytes: cfg.log.max_bytes,
+            ..Default::default()
+        },
+        fragment_rows: cfg.log.fragment_rows,
+        fragment_bytes: cfg.log.fragment_bytes,
+        max_row_bytes: cfg.log.max_row_bytes,
         audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,

@@ -72,6 +72,14 @@ pub struct NodeSettings {
     pub group_budget: Duration,
     /// Largest frame.
     pub max_frame: usize,
+    /// Flow-control window (bytes).
+    pub window: usize,
+    /// How the log is kept (acknowledged entries, disk budget).
+    pub log: branchsync_engine::log::LogOptions,
+    /// Rows and bytes per log fragment; largest row captured.
+    pub fragment_rows: usize,
+    pub fragment_bytes: usize,
+    pub max_row_bytes: usize,
     /// `[ddl]`: whose schema changes replay here, and as which role.
     pub ddl: DdlPolicy,
     /// `[[tables]]`: per-table rules.
@@ -150,6 +158,49 @@ async fn check_identity(client: &tokio_postgres::Client, s: &NodeSettings, syste
     Ok(())
 }
 
+/// R26: the log in `data_dir` and the database belong together. The first
+/// start after `init` binds them (the database records the log's epoch);
+/// afterwards a new, empty log beside a database that has replicated (the
+/// data directory was lost), or another database's log, is refused.
+async fn check_log_identity(client: &tokio_postgres::Client, s: &NodeSettings, log: &ChangeLog, dir: &std::path::Path) -> Result<(), EngineError> {
+    let recorded: Option<String> = client
+        .query_one("SELECT log_epoch FROM branchsync.node", &[])
+        .await
+        .map_err(EngineError::pg("reading the node's log identity"))?
+        .get(0);
+    let ours = format!("{:016x}", log.epoch());
+    let procedure = match s.role {
+        Role::Main => "Restore the data directory from a backup. If it is lost for good: run branchsync init --accept-new-log --config FILE here (a new relay log starts), then re-seed every branch, whose relay progress belongs to the lost log.",
+        Role::Branch => "Restore the data directory from a backup. If it is lost for good, re-seed this branch: a fresh copy of the main's database, branchsync init, an empty data directory; then, at the main: DELETE FROM branchsync.progress WHERE stream = '<this branch>'.",
+    };
+    match recorded {
+        None if log.is_empty() || log.identity_new() => {
+            client
+                .execute("UPDATE branchsync.node SET log_epoch = $1", &[&ours])
+                .await
+                .map_err(EngineError::pg("recording the node's log identity"))?;
+            tracing::info!(epoch = %ours, "log bound to this database");
+            Ok(())
+        }
+        None => Err(misconfigured(
+            format!("the log in {} does not belong to this database", dir.display()),
+            format!("The log (identity {ours}) holds changes, but this database was initialised anew or copied from another node since: it has not used this log."),
+            "Move the data directory's log away (keep it until you know what it held) and start again.",
+        )),
+        Some(r) if r == ours => Ok(()),
+        Some(r) if log.is_empty() => Err(EngineError::Diverged {
+            message: format!("the log in {} is new, but this database has replicated with another log", dir.display()),
+            detail: format!("This database used log {r}; the data directory now holds an empty log ({ours}): it was lost, deleted or replaced. Changes captured into the old log and not yet sent are lost to replication, and peers must not skip what it held."),
+            hint: procedure.into(),
+        }),
+        Some(r) => Err(EngineError::Diverged {
+            message: format!("the log in {} belongs to another database", dir.display()),
+            detail: format!("This database used log {r}; the data directory holds log {ours}."),
+            hint: "Point node.data_dir at this database's data directory. If the database was restored or copied, see branchsync init.".into(),
+        }),
+    }
+}
+
 impl Node {
     /// Checks the database and the log, then starts every task.
     pub async fn start(s: NodeSettings) -> Result<Node, EngineError> {
@@ -160,17 +211,23 @@ impl Node {
         std::fs::create_dir_all(&s.data_dir).map_err(|e| {
             misconfigured(format!("cannot create data directory {}", s.data_dir.display()), e.to_string(), "Check node.data_dir and its permissions.")
         })?;
-        let log = Arc::new(ChangeLog::open(&s.data_dir.join("log"))?);
+        let log_dir = s.data_dir.join("log");
+        let log = Arc::new(ChangeLog::open_with(&log_dir, s.log)?);
         // R4 at startup: the WAL must not be behind what the log captured.
         let wal = pg::current_wal_lsn(&conn.client).await?;
         let captured = log.captured_lsn()?;
         if wal < captured {
+            let hint = match s.role {
+                Role::Main => "The main's database was restored from a backup. Make sure nothing writes to it, then run branchsync init --restored --config FILE: the relay log goes on, and each branch re-sends what the main lost from the changes it keeps ([log] keep_acked). Changes made at the main itself after the backup are lost at the main.",
+                Role::Branch => "This branch's database was restored to an earlier state. Re-seed it from a fresh copy of the main's database, run branchsync init, and start with an empty data directory.",
+            };
             return Err(EngineError::Diverged {
                 message: "database went back in time".into(),
                 detail: format!("The local log holds transactions up to LSN {}, but the database's WAL ends at {}.", fmt_lsn(captured), fmt_lsn(wal)),
-                hint: "The database was restored to an earlier state. Re-seed this node from a fresh copy of the main's database, run branchsync init, and start with an empty data directory.".into(),
+                hint: hint.into(),
             });
         }
+        check_log_identity(&conn.client, &s, &log, &log_dir).await?;
         drop(conn);
 
         let peers: Vec<String> = match s.role {
@@ -193,7 +250,10 @@ impl Node {
                 scope: s.scope.clone(),
                 slot: state::SLOT.into(),
                 publication: state::PUBLICATION.into(),
-                fragment_rows: 5_000,
+                fragment_rows: s.fragment_rows,
+                fragment_bytes: s.fragment_bytes,
+                max_row_bytes: s.max_row_bytes,
+                mark_key: log.mark_key().to_vec(),
                 poll_interval: Duration::from_millis(50),
                 batch_changes: 20_000,
                 ddl_local_only: s.role == Role::Branch && !s.ddl.from_any,
@@ -201,21 +261,57 @@ impl Node {
             let (url, log, mut shutdown, status) = (s.db_url.clone(), log.clone(), shutdown_rx.clone(), status.clone());
             tasks.spawn(
                 async move {
+                    // Capture never stops the node: a transient error is
+                    // retried, a full disk pauses it until there is room,
+                    // and an error the operator must deal with (a row too
+                    // large, a lost slot) stops it, loudly, until the
+                    // operator has acted; link and inbound apply go on.
                     let mut backoff = Duration::from_millis(100);
+                    let mut last_stop = String::new();
+                    status.update(|st| st.capture_state = "running".into());
                     loop {
-                        match run_capture(cfg.clone(), url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await {
+                        let r = run_capture(cfg.clone(), url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await;
+                        let (state, wait) = match r {
                             Ok(()) => return ("capture", Ok(())),
+                            Err(e) if e.is_disk_full() => {
+                                let why = format!("{e}");
+                                if last_stop != why {
+                                    tracing::warn!(error = %e, "capture paused: no room for the log; it resumes by itself when space returns (link and inbound apply go on)");
+                                    last_stop = why.clone();
+                                }
+                                status.update(|st| {
+                                    st.capture_state = "paused".into();
+                                    st.capture_reason = Some(why);
+                                });
+                                ("paused", Duration::from_secs(1))
+                            }
                             Err(e) if e.is_transient() => {
                                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "capture interrupted; retrying");
                                 status.update(|st| st.last_error = Some(format!("capture: {e}")));
+                                ("retry", backoff)
                             }
-                            Err(e) => return ("capture", Err(e)),
-                        }
+                            Err(e) => {
+                                let why = format!("{e}");
+                                if last_stop != why {
+                                    tracing::error!(error = %e, "capture stopped; the link and inbound apply go on. It is retried every 10 s");
+                                    last_stop = why.clone();
+                                }
+                                status.update(|st| {
+                                    st.capture_state = "stopped".into();
+                                    st.capture_reason = Some(why);
+                                });
+                                ("stopped", Duration::from_secs(10))
+                            }
+                        };
                         tokio::select! {
                             _ = shutdown.changed() => return ("capture", Ok(())),
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(wait) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        if state == "retry" {
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        } else {
+                            backoff = Duration::from_millis(100);
+                        }
                     }
                 }
                 .instrument(tracing::info_span!("capture", node = %s.node)),
@@ -239,11 +335,13 @@ impl Node {
                 tables: s.tables.clone(),
                 role: s.role,
                 capture_progress: Some(cap_progress.clone()),
+                mark_key: log.mark_key().to_vec(),
             },
             heartbeat: s.heartbeat,
             peer_timeout: s.peer_timeout,
             reconnect_max: s.reconnect_max,
             max_frame: s.max_frame,
+            window: s.window,
             table_rules: s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect(),
             retention: s.retention,
         };
@@ -284,6 +382,8 @@ impl Node {
                     let mut last_head = u64::MAX;
                     let mut last_audit = std::time::Instant::now();
                     let mut last_housekeeping = std::time::Instant::now() - HOUSEKEEPING_PERIOD;
+                    let mut log_alarm = false;
+                    let mut emit_alarm = false;
                     loop {
                         tokio::select! {
                             biased;
@@ -291,13 +391,42 @@ impl Node {
                             _ = tick.tick() => {}
                         }
                         let cap = cap_rx.borrow().clone();
+                        let (bytes, budget) = (log.size_on_disk(), log.budget());
+                        // The log's disk budget: an alarm at 80 % (R24).
+                        let log_warning = budget.filter(|b| bytes.saturating_mul(5) >= b.saturating_mul(4)).map(|b| {
+                            format!("the log uses {bytes} of its {b} bytes ([log] max_bytes): capture pauses when it is full; a peer is not taking entries, or the budget is too small")
+                        });
+                        if log_warning.is_some() != log_alarm {
+                            log_alarm = log_warning.is_some();
+                            match &log_warning {
+                                Some(w) => tracing::warn!(bytes, budget = budget.unwrap_or(0), "{w}"),
+                                None => tracing::info!(bytes, "the log is below 80 % of its budget again"),
+                            }
+                        }
+                        let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                         status.update(|st| {
                             st.log_newest = log.visible();
                             st.log_floor = log.floor().unwrap_or(0);
-                            st.log_bytes = log.size_on_disk();
+                            st.log_bytes = bytes;
+                            st.log_budget_bytes = budget;
+                            st.log_warning = log_warning;
                             st.captured_lsn = fmt_lsn(cap.captured_lsn);
                             st.captured_transactions = cap.transactions;
                             st.captured_rows = cap.rows;
+                            st.forged_marks = cap.forged_marks;
+                            st.forged_by_prefix = cap.forged_by_prefix.clone();
+                            st.rows_skipped = cap.rows_skipped;
+                            if cap.running && st.capture_state != "running" {
+                                st.capture_state = "running".into();
+                                st.capture_reason = None;
+                            }
+                            if s2.role == Role::Main {
+                                // R23/R24: a branch away longer than the
+                                // retention no longer holds the log back.
+                                for (name, p) in st.peers.iter_mut() {
+                                    p.must_reseed = !p.connected && now_s.saturating_sub(log.peer_last_seen(name)) > s2.retention.as_secs();
+                                }
+                            }
                         });
                         if conn.as_ref().is_none_or(|c| *c.closed.borrow()) {
                             conn = pg::connect(&s2.db_url, "branchsync monitor").await.ok();
@@ -379,6 +508,21 @@ impl Node {
                         }
                         if last_audit.elapsed() >= s2.audit_interval {
                             last_audit = std::time::Instant::now();
+                            // R25: PUBLIC must not be able to write marks.
+                            if let Ok(rows) = c.client.query(branchsync_engine::setup::EMIT_MESSAGE_PUBLIC_SQL, &[]).await {
+                                let open: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                                let w = (!open.is_empty()).then(|| format!(
+                                    "PUBLIC may execute {} again: any role can write messages under branchsync's prefixes (they are ignored, but counted). Run branchsync init to revoke it.",
+                                    open.join(", ")
+                                ));
+                                if w.is_some() != emit_alarm {
+                                    emit_alarm = w.is_some();
+                                    if let Some(w) = &w {
+                                        tracing::warn!("{w}");
+                                    }
+                                }
+                                status.update(|st| st.emit_message_warning = w);
+                            }
                             // Cheap audit first; the full re-stripe (which scans
                             // key columns) only when a sequence is off its stripe.
                             let off = keys::audit(&c.client, &s2.scope, s2.index, s2.stride).await.map(|v| !v.is_empty()).unwrap_or(true);

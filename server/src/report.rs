@@ -36,6 +36,10 @@ impl StatusSource for HttpStatus {
             gauge("branchsync_ddl_replayed", "DDL replayed here from other nodes (branchsync.ddl_log).", vec![], s.ddl.replayed as f64),
             gauge("branchsync_ddl_failed", "Replayed DDL that failed or was refused (branchsync.conflicts).", vec![], s.ddl.failed as f64),
             counter("branchsync_ddl_unreplicable_total", "DDL that ran here but could not be replicated, since start.", vec![], s.ddl.unreplicable as f64),
+            gauge("branchsync_capture_running", "1 while capture runs; 0 while it is paused (disk full) or stopped (the operator must act).", vec![], if s.capture_state == "running" { 1.0 } else { 0.0 }),
+            gauge("branchsync_log_budget_bytes", "The log's disk budget ([log] max_bytes); 0 when unset.", vec![], s.log_budget_bytes.unwrap_or(0) as f64),
+            counter("branchsync_forged_marks_total", "Messages with a branchsync prefix not written by branchsync, ignored, since start.", vec![], s.forged_marks as f64),
+            counter("branchsync_rows_skipped_total", "Rows too large to carry that capture skipped as the operator recorded, since start.", vec![], s.rows_skipped as f64),
         ];
         for (kind, n) in &s.conflicts_by_kind {
             m.push(gauge("branchsync_conflicts_by_kind", "Rows in branchsync.conflicts per kind.", vec![("kind".to_string(), kind.clone())], *n as f64));
@@ -47,12 +51,14 @@ impl StatusSource for HttpStatus {
             m.push(gauge("branchsync_peer_pending_from", "Positions of the peer's log not applied here.", l(), p.pending_from_peer as f64));
             m.push(counter("branchsync_peer_rows_applied_total", "Rows applied from the peer since start.", l(), p.rows_applied as f64));
             m.push(gauge("branchsync_peer_clock_offset_ms", "Peer clock minus local clock.", l(), p.clock_offset_ms.unwrap_or(0) as f64));
+            m.push(counter("branchsync_peer_session_failures_total", "Link sessions that ended for a reason other than the network, since start.", l(), p.session_failures as f64));
+            m.push(counter("branchsync_peer_quarantined_total", "Changes of the peer quarantined since start.", l(), p.quarantined as f64));
         }
         m
     }
 
     fn healthy(&self) -> bool {
-        true
+        self.0.snapshot().healthy()
     }
 }
 
@@ -89,6 +95,22 @@ pub fn render_text(s: &StatusSnapshot) -> String {
     if let Some(w) = &d.drift_warning {
         out.push_str(&format!("  WARNING: {w}\n"));
     }
+    if s.capture_state != "running" && !s.capture_state.is_empty() {
+        out.push_str(&format!("  CAPTURE {}: {}\n", s.capture_state.to_uppercase(), s.capture_reason.as_deref().unwrap_or("?")));
+    }
+    if let Some(b) = s.log_budget_bytes {
+        out.push_str(&format!("  log budget: {} of {b} bytes ({:.0} %)\n", s.log_bytes, 100.0 * s.log_bytes as f64 / b.max(1) as f64));
+    }
+    for w in [&s.log_warning, &s.emit_message_warning].into_iter().flatten() {
+        out.push_str(&format!("  WARNING: {w}\n"));
+    }
+    if s.forged_marks > 0 {
+        let by: Vec<String> = s.forged_by_prefix.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push_str(&format!("  ignored {} message(s) with a branchsync prefix that branchsync did not write ({}); their transactions replicated as ordinary ones\n", s.forged_marks, by.join(", ")));
+    }
+    if s.rows_skipped > 0 {
+        out.push_str(&format!("  {} row(s) too large to carry were skipped as recorded (branchsync.conflicts, kind row_too_large)\n", s.rows_skipped));
+    }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("  last error: {e}\n"));
     }
@@ -111,6 +133,12 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         ));
         if let Some(o) = p.clock_offset_ms {
             out.push_str(&format!("  clock offset: {o} ms\n"));
+        }
+        if p.must_reseed {
+            out.push_str("  MUST BE RE-SEEDED: away longer than the retention; it no longer holds the log back\n");
+        }
+        if p.quarantined > 0 || p.session_failures > 0 {
+            out.push_str(&format!("  quarantined this run: {}; sessions failed this run: {}\n", p.quarantined, p.session_failures));
         }
         if let Some(e) = &p.last_error {
             out.push_str(&format!("  last error: {e}\n"));

@@ -34,8 +34,18 @@ pub struct PeerStatus {
     pub rows_applied: u64,
     /// Conflicts recorded while applying this peer's stream in this run.
     pub conflicts: u64,
+    /// Changes of this peer quarantined in this run.
+    #[serde(default)]
+    pub quarantined: u64,
+    /// Sessions that ended for a reason other than the network, this run.
+    #[serde(default)]
+    pub session_failures: u64,
     /// Why the last session ended or was refused.
     pub last_error: Option<String>,
+    /// Main: the branch has been away longer than the retention; it no
+    /// longer pins the log and must be re-seeded.
+    #[serde(default)]
+    pub must_reseed: bool,
 }
 
 /// Schema changes (DDL) at this node.
@@ -113,6 +123,39 @@ pub struct StatusSnapshot {
     pub peers: BTreeMap<String, PeerStatus>,
     /// Last error of a local component (capture, database).
     pub last_error: Option<String>,
+    /// What capture is doing: `running`, `paused` (a full disk or log
+    /// budget; it resumes by itself) or `stopped` (the operator must act).
+    #[serde(default)]
+    pub capture_state: String,
+    /// Why capture is paused or stopped.
+    #[serde(default)]
+    pub capture_reason: Option<String>,
+    /// The log's disk budget (`[log] max_bytes`), if set.
+    #[serde(default)]
+    pub log_budget_bytes: Option<u64>,
+    /// Set when the log uses 80 % of its budget or more.
+    #[serde(default)]
+    pub log_warning: Option<String>,
+    /// Messages with a branchsync prefix not written by branchsync (R25),
+    /// ignored, this run; and per prefix.
+    #[serde(default)]
+    pub forged_marks: u64,
+    #[serde(default)]
+    pub forged_by_prefix: BTreeMap<String, u64>,
+    /// Set when PUBLIC may execute `pg_logical_emit_message` (run init).
+    #[serde(default)]
+    pub emit_message_warning: Option<String>,
+    /// Rows too large to carry that the operator let capture skip.
+    #[serde(default)]
+    pub rows_skipped: u64,
+}
+
+impl StatusSnapshot {
+    /// `true` when everything that keeps the stream flowing works: capture
+    /// runs and no alarm is raised (for `/health`).
+    pub fn healthy(&self) -> bool {
+        self.capture_state == "running" && self.log_warning.is_none()
+    }
 }
 
 /// Shared, mutable status.

@@ -77,11 +77,16 @@ fn hello(node: &str, index: u32, token: &str) -> Hello {
         stride: 100,
         exclude: vec!["local_*".into()],
         system_id: 1,
+        log_epoch: 1,
         log_newest: 0,
         log_floor: 0,
+        relay_epoch: 0,
         relay_applied: 0,
+        relay_applied_lsn: 0,
         now_us: 0,
         table_rules: Vec::new(),
+        max_frame: branchsync_proto::DEFAULT_MAX_FRAME as u64,
+        window: 1 << 24,
     }
 }
 

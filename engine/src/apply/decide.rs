@@ -903,6 +903,7 @@ impl Applier {
         });
         let v = Verdict { table: 0, key, row, for_commit_ts: e.header.commit_ts_us };
         let msg = rmp_serde::to_vec(&(desc, &v)).map_err(|err| EngineError::Corrupt(format!("cannot encode a verdict: {err}")))?;
+        let msg = self.seal(VERDICT_MESSAGE_PREFIX, &msg);
         self.conn
             .client
             .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)::text", &[&VERDICT_MESSAGE_PREFIX, &msg])
@@ -946,6 +947,7 @@ impl Applier {
                 at_us: row.get(1),
             };
             let msg = rmp_serde::to_vec(&rec).map_err(|err| EngineError::Corrupt(format!("cannot encode a conflict record: {err}")))?;
+            let msg = self.seal(CONFLICT_MESSAGE_PREFIX, &msg);
             self.conn
                 .client
                 .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)::text", &[&CONFLICT_MESSAGE_PREFIX, &msg])

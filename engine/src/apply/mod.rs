@@ -67,7 +67,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, WireEntry};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
@@ -95,6 +95,11 @@ const MAX_BATCH_ROWS: usize = 5_000;
 const LOCK_RETRIES: u32 = 30;
 /// Transactions of more rows than this are not kept for an in-place retry.
 const RETRY_BUFFER_ROWS: usize = 50_000;
+/// ... nor of more bytes than this.
+const RETRY_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+/// Statements of batched rows hold at most this many bytes of values; a row
+/// larger than that is a statement of its own (R24).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 fn is_lock_contention(e: &EngineError) -> bool {
     use tokio_postgres::error::SqlState;
@@ -122,6 +127,8 @@ pub struct ApplyConfig {
     /// Capture's progress (WAL position logged and written back), for the
     /// few decisions that need this node's own newest changes.
     pub capture_progress: Option<watch::Receiver<crate::capture::CaptureStatus>>,
+    /// The daemon's key for the marks apply writes (R25; the log's).
+    pub mark_key: Vec<u8>,
 }
 
 /// State of one incoming stream that outlives apply sessions.
@@ -198,13 +205,28 @@ pub struct Applier {
     /// Entries applied since the last commit (while they are few), for a
     /// retry after lock contention.
     uncommitted: Vec<LogEntry>,
-    /// Rows of the entries applied since the last commit.
+    /// Rows and bytes of the entries applied since the last commit.
     uncommitted_rows: usize,
+    uncommitted_bytes: usize,
+    /// Last position received from the link (positions must follow each
+    /// other without a gap, R26).
+    received: u64,
+    /// Header of the last ChangeSet received (a fragment that does not
+    /// decode is accounted to it).
+    last_header: Option<ChangeSetHeader>,
+    /// Entries (by position) whose body did not decode or check: the raw
+    /// bytes and why, recorded as quarantined when their position applies.
+    undecodable: HashMap<u64, (Vec<u8>, String)>,
+    /// Changes removed from entries because they do not fit their table:
+    /// recorded as quarantined when their position applies.
+    invalid: HashMap<u64, Vec<(RowChange, String)>>,
     committed: u64,
     seen: u64,
     /// Position of the entry being applied (its error may surface before
     /// `seen` moves to it).
     attempting: u64,
+    /// Transaction id of the open transaction (marks are bound to it, R25).
+    xid: u32,
     stats: ApplyStats,
     progress_tx: watch::Sender<ApplyStats>,
 }
@@ -264,9 +286,15 @@ impl Applier {
                 queue: pipeline::Queue::default(),
                 uncommitted: Vec::new(),
                 uncommitted_rows: 0,
+                uncommitted_bytes: 0,
+                received: committed,
+                last_header: None,
+                undecodable: HashMap::new(),
+                invalid: HashMap::new(),
                 committed,
                 seen: committed,
                 attempting: committed,
+                xid: 0,
                 stats,
                 progress_tx,
         };
@@ -296,7 +324,11 @@ impl Applier {
     /// Runs until `rx` closes or `shutdown` fires. An open transaction that
     /// sits at a ChangeSet boundary is committed before returning (drain);
     /// a half-received ChangeSet is rolled back and resent later.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<LogEntry>>, mut shutdown: watch::Receiver<bool>) -> Result<ApplyStats, EngineError> {
+    ///
+    /// `consumed` counts the bytes of entries taken off `rx` (the link turns
+    /// it into flow-control credit for the sender): the channel is unbounded
+    /// because the sender never has more than its window in flight.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<WireEntry>>, mut shutdown: watch::Receiver<bool>, consumed: watch::Sender<u64>) -> Result<ApplyStats, EngineError> {
         let mut closed = self.conn.closed.clone();
         let mut retry = tokio::time::interval(park::RETRY_PERIOD);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -321,11 +353,17 @@ impl Applier {
                 }
                 // 4. New entries from the link.
                 msg = rx.recv() => match msg {
-                    Some(entries) => {
-                        let mut batch = entries.clone();
+                    Some(wire) => {
+                        let bytes: u64 = wire.iter().map(|w| w.body.len() as u64).sum();
+                        consumed.send_modify(|c| *c += bytes);
+                        let entries = self.receive(wire)?;
+                        let mut again: Vec<LogEntry> = Vec::new();
                         let mut tries = 0u32;
                         loop {
-                            let mut r = self.apply_entries(&batch).await;
+                            let mut r = self.apply_entries(&again).await;
+                            if r.is_ok() {
+                                r = self.apply_entries(&entries).await;
+                            }
                             if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
                                 r = self.commit().await;
                             }
@@ -334,7 +372,7 @@ impl Applier {
                                 // R8: a lock timeout or deadlock (a cashier, or
                                 // another stream on the same rows) is retried
                                 // here, without moving progress.
-                                Err(e) if is_lock_contention(&e) && tries < LOCK_RETRIES && self.uncommitted_rows <= RETRY_BUFFER_ROWS && !self.conn.client.is_closed() => {
+                                Err(e) if is_lock_contention(&e) && tries < LOCK_RETRIES && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
                                     tries += 1;
                                     tracing::debug!(stream = %self.stream, tries, error = %e, "lock contention; retrying the transaction");
                                     self.rollback_for_retry().await?;
@@ -343,10 +381,9 @@ impl Applier {
                                     // What was applied since the last commit, then
                                     // the rest of this batch (positions already
                                     // applied again are skipped).
-                                    let mut again = std::mem::take(&mut self.uncommitted);
-                                    again.extend(entries.iter().cloned());
-                                    batch = again;
+                                    again = std::mem::take(&mut self.uncommitted);
                                     self.uncommitted_rows = 0;
+                                    self.uncommitted_bytes = 0;
                                 }
                                 Err(e) => return Err(self.fail(e)),
                             }
@@ -391,6 +428,101 @@ impl Applier {
         pos <= self.state.careful_until.load(Ordering::SeqCst)
     }
 
+    /// `true` while every entry since the last commit is kept for an
+    /// in-place retry (not after a large transaction).
+    fn retry_buffer_holds_all(&self) -> bool {
+        self.uncommitted_rows <= RETRY_BUFFER_ROWS && self.uncommitted_bytes <= RETRY_BUFFER_BYTES
+    }
+
+    /// Takes entries off the wire: each must follow the last without a gap
+    /// (R26; a resend of what was received is skipped), is decoded and
+    /// checked (R24). A body that does not decode, or an entry that does
+    /// not hold together, becomes an empty fragment at its position and is
+    /// quarantined when that position applies; a change that does not fit
+    /// its table is taken out and quarantined the same way. The raw bytes
+    /// are dropped as soon as they are decoded.
+    pub fn receive(&mut self, wire: Vec<WireEntry>) -> Result<Vec<LogEntry>, EngineError> {
+        let mut out = Vec::with_capacity(wire.len());
+        for w in wire {
+            if w.pos <= self.received {
+                continue;
+            }
+            if w.pos != self.received + 1 {
+                return Err(EngineError::Gap { stream: self.stream.clone(), expected: self.received + 1, got: w.pos });
+            }
+            self.received = w.pos;
+            let decoded = LogEntry::decode(&w.body).map_err(|e| e.to_string()).and_then(|e| {
+                if (e.pos, e.part, e.last) != (w.pos, w.part, w.last) {
+                    return Err(format!("the entry says position {} part {} (last: {}), the link said position {} part {} (last: {})", e.pos, e.part, e.last, w.pos, w.part, w.last));
+                }
+                match e.check().into_iter().find(|i| i.change.is_none()) {
+                    Some(i) => Err(i.reason),
+                    None => Ok(e),
+                }
+            });
+            let e = match decoded {
+                Ok(mut e) => {
+                    drop(w.body);
+                    let bad = e.check();
+                    if !bad.is_empty() {
+                        let mut keep = Vec::with_capacity(e.changes.len());
+                        let mut quarantined = Vec::new();
+                        for (i, ch) in e.changes.drain(..).enumerate() {
+                            match bad.iter().find(|b| b.change == Some(i)) {
+                                Some(b) => quarantined.push((ch, b.reason.clone())),
+                                None => keep.push(ch),
+                            }
+                        }
+                        e.changes = keep;
+                        tracing::warn!(stream = %self.stream, pos = e.pos, changes = quarantined.len(), "changes that do not fit their table are quarantined");
+                        self.invalid.insert(e.pos, quarantined);
+                    }
+                    self.last_header = Some(e.header.clone());
+                    e
+                }
+                Err(reason) => {
+                    tracing::warn!(stream = %self.stream, pos = w.pos, bytes = w.body.len(), reason = %reason, "an entry that does not decode is quarantined");
+                    // Accounted to its ChangeSet when it is a later fragment;
+                    // a whole one of its own is this stream's.
+                    let header = match (&self.last_header, w.part) {
+                        (Some(h), p) if p > 0 => h.clone(),
+                        _ => ChangeSetHeader { author: self.stream.clone(), author_index: 0, system_id: 0, commit_lsn: 0, commit_ts_us: 0, stamp: 0, seen_main_ts: 0 },
+                    };
+                    self.undecodable.insert(w.pos, (w.body, reason));
+                    LogEntry { pos: w.pos, header, part: w.part, last: w.last, tables: Vec::new(), changes: Vec::new(), relay_ts_us: 0 }
+                }
+            };
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Records what [`Applier::receive`] set aside at `e`'s position, in the
+    /// open transaction (so it commits with the progress past it).
+    async fn record_set_aside(&mut self, e: &LogEntry) -> Result<(), EngineError> {
+        if let Some((raw, reason)) = self.undecodable.get(&e.pos).cloned() {
+            self.stats.quarantined += 1;
+            let detail = format!("entry {} of stream {} (fragment {} of its ChangeSet) was not applied: {reason}", e.pos, self.stream, e.part);
+            self.conn
+                .client
+                .execute(
+                    "INSERT INTO branchsync.conflicts (tbl, kind, rule, loser_node, detail, entry) VALUES ('(undecodable entry)', 'quarantined', 'validation', $1, $2, $3)",
+                    &[&e.header.author, &detail, &raw],
+                )
+                .await
+                .map_err(EngineError::pg("recording an undecodable entry"))?;
+        }
+        if let Some(bad) = self.invalid.get(&e.pos).cloned() {
+            for (ch, reason) in bad {
+                self.stats.quarantined += 1;
+                let tbl = change_table(&ch).and_then(|t| e.tables.get(t as usize)).map(|d| format!("{}.{}", d.schema, d.name)).unwrap_or_else(|| "(invalid change)".into());
+                let json = serde_json::to_string(&ch).unwrap_or_default();
+                self.record(&tbl, None, "quarantined", &e.header, None, Some(serde_json::json!({ "change": json }).to_string()), Some(format!("the change does not fit its table: {reason}"))).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies entries in order, skipping positions already seen (a resend).
     pub async fn apply_entries(&mut self, entries: &[LogEntry]) -> Result<(), EngineError> {
         for e in entries {
@@ -399,7 +531,8 @@ impl Applier {
             }
             // Kept until committed, to apply again after a lock timeout.
             self.uncommitted_rows += e.changes.len();
-            if self.uncommitted_rows <= RETRY_BUFFER_ROWS {
+            self.uncommitted_bytes += e.approx_bytes();
+            if self.retry_buffer_holds_all() {
                 self.uncommitted.push(e.clone());
             }
             self.attempting = e.pos;
@@ -429,7 +562,8 @@ impl Applier {
                 }
                 let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us };
                 let msg = rmp_serde::to_vec(&mark).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
-                self.queue_apply_message(msg).await?;
+                let sealed = self.seal(crate::state::APPLY_MESSAGE_PREFIX, &msg);
+                self.queue_apply_message(sealed).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;
                 }
@@ -440,6 +574,7 @@ impl Applier {
                 )));
             }
             let careful = self.txn.as_ref().is_some_and(|t| t.careful);
+            self.record_set_aside(e).await?;
             if e.changes.iter().any(|c| matches!(c, RowChange::Update { .. } | RowChange::Delete { .. })) {
                 if let Some(t) = self.txn.as_mut() {
                     t.touched_existing = true;
@@ -486,13 +621,15 @@ impl Applier {
         let msgs = self
             .conn
             .client
-            .simple_query("BEGIN; SELECT n FROM branchsync.schema_version")
+            .simple_query(&format!("BEGIN; SELECT n FROM branchsync.schema_version; {}", sql::CURRENT_XID))
             .await
             .map_err(EngineError::pg("starting an apply transaction"))?;
-        let version = msgs.iter().find_map(|m| match m {
+        let mut values = msgs.iter().filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<i64>().ok()),
             _ => None,
         });
+        let version = values.next();
+        self.xid = values.next().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| EngineError::Corrupt("the apply transaction has no transaction id".into()))?;
         if version != self.schema_version {
             if self.schema_version.is_some() {
                 tracing::debug!(stream = %self.stream, "schema changed here; reloading table definitions");
@@ -503,6 +640,11 @@ impl Applier {
         }
         self.txn = Some(OpenTxn { started: Instant::now(), author: author.to_string(), mid_changeset: false, last: None, careful, touched_existing: false });
         Ok(())
+    }
+
+    /// Seals a mark of the open transaction with the daemon's key (R25).
+    pub(super) fn seal(&self, prefix: &str, body: &[u8]) -> Vec<u8> {
+        crate::marks::seal(&self.cfg.mark_key, prefix, self.xid, body)
     }
 
     /// Sets the session's replication origin to the author's.
@@ -542,9 +684,12 @@ impl Applier {
         let pos_i = pos as i64;
         let lsn_i = header.commit_lsn as i64;
         c.execute(sql::UPSERT_PROGRESS, &[&self.stream, &pos_i, &lsn_i]).await.map_err(EngineError::pg("recording stream progress"))?;
-        c.query_one(sql::XACT_SETUP, &[&fmt_lsn(header.commit_lsn), &header.commit_ts_us])
-            .await
-            .map_err(EngineError::pg("setting the origin of the apply transaction"))?;
+        // An entry that did not decode has no author's commit to point at.
+        if header.commit_lsn != 0 {
+            c.query_one(sql::XACT_SETUP, &[&fmt_lsn(header.commit_lsn), &header.commit_ts_us])
+                .await
+                .map_err(EngineError::pg("setting the origin of the apply transaction"))?;
+        }
         failpoints::hit(failpoints::APPLY_BEFORE_COMMIT);
         c.batch_execute("COMMIT").await.map_err(EngineError::pg("committing an apply transaction"))?;
         // Progress moves only now, after the commit is durable
@@ -553,6 +698,9 @@ impl Applier {
         self.committed = pos;
         self.uncommitted.retain(|e| e.pos > pos);
         self.uncommitted_rows = self.uncommitted.iter().map(|e| e.changes.len()).sum();
+        self.uncommitted_bytes = self.uncommitted.iter().map(|e| e.approx_bytes()).sum();
+        self.undecodable.retain(|p, _| *p > pos);
+        self.invalid.retain(|p, _| *p > pos);
         self.stats.committed_pos = pos;
         self.stats.transactions += 1;
         self.progress_tx.send_replace(self.stats.clone());
@@ -650,7 +798,7 @@ impl Applier {
                     ordinal: 1,
                     key: format!("apply/{}/{}/{}", self.stream, e.pos, self.stats.ddl_applied),
                 };
-                let json = serde_json::to_string(&msg).unwrap_or_default();
+                let json = crate::marks::seal_text(&self.cfg.mark_key, ddl::DDL_MESSAGE_PREFIX, self.xid, &serde_json::to_string(&msg).unwrap_or_default());
                 c.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&ddl::DDL_MESSAGE_PREFIX, &json]).await?;
                 c.batch_execute("RELEASE SAVEPOINT branchsync_ddl").await
             }
@@ -724,7 +872,7 @@ impl Applier {
     }
 
     async fn apply_rows_mapped(&mut self, e: &LogEntry, careful: bool, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
-        let echo = self.is_echo(e).then(|| self.echo_rows(e, maps));
+        let echo = if self.is_echo(e) { self.echo_rows(e, maps) } else { None };
         let e = echo.as_ref().unwrap_or(e);
         // Changes to a parked or quarantined key queue behind it (R6, R9).
         // Anything but inserts must see the rows queued before it (and the
@@ -807,7 +955,13 @@ impl Applier {
                     // key repeated (a repeat must see the earlier change).
                     let start = i;
                     let mut keys = HashSet::new();
+                    let mut bytes = 0usize;
                     while i < e.changes.len() && i - start < MAX_BATCH_ROWS && same_run(&e.changes[start], &e.changes[i]) {
+                        // Bounded by bytes too: a large row is a run of its own.
+                        bytes += e.changes[i].approx_bytes();
+                        if i > start && bytes > MAX_BATCH_BYTES {
+                            break;
+                        }
                         let m = maps[change_table(&e.changes[i]).unwrap_or(0) as usize].as_ref();
                         if let Some(k) = m.and_then(|m| change_key(m, &e.changes[i])) {
                             if !keys.insert(k) {
@@ -1150,6 +1304,32 @@ impl Applier {
             )
             .await
             .map_err(EngineError::pg("recording the stream identity"))?;
+        Ok(())
+    }
+
+    /// The identity (epoch) of the sender's log this stream's progress
+    /// counts in (R26); `None` before it is first recorded.
+    pub async fn stream_epoch(&self) -> Result<Option<u64>, EngineError> {
+        let row = self
+            .conn
+            .client
+            .query_opt("SELECT epoch FROM branchsync.progress WHERE stream = $1", &[&self.stream])
+            .await
+            .map_err(EngineError::pg("reading the stream's log identity"))?;
+        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)).and_then(|e| u64::from_str_radix(&e, 16).ok()))
+    }
+
+    /// Records the identity of the sender's log for this stream.
+    pub async fn set_stream_epoch(&self, epoch: u64) -> Result<(), EngineError> {
+        self.conn
+            .client
+            .execute(
+                "INSERT INTO branchsync.progress (stream, pos, epoch) VALUES ($1, 0, $2) \
+                 ON CONFLICT (stream) DO UPDATE SET epoch = excluded.epoch",
+                &[&self.stream, &format!("{epoch:016x}")],
+            )
+            .await
+            .map_err(EngineError::pg("recording the stream's log identity"))?;
         Ok(())
     }
 }

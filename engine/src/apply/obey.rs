@@ -64,19 +64,19 @@ impl Applier {
     }
 
     /// An echo without what was only ever ours: schema changes, TRUNCATE and
-    /// rows of tables without a key already happened here.
-    pub(super) fn echo_rows(&self, e: &LogEntry, maps: &[Option<Mapping>]) -> LogEntry {
-        let changes = e
-            .changes
-            .iter()
-            .filter(|c| match c {
-                RowChange::Ddl(_) | RowChange::Truncate { .. } => false,
-                RowChange::Verdict(_) | RowChange::Conflict(_) => true,
-                _ => change_table(c).and_then(|t| maps.get(t as usize)).and_then(|m| m.as_ref()).is_some_and(|m| m.key_src.is_some()),
-            })
-            .cloned()
-            .collect();
-        LogEntry { changes, ..e.clone() }
+    /// rows of tables without a key already happened here. `None` when the
+    /// echo is to be applied whole (no copy of a large entry is made).
+    pub(super) fn echo_rows(&self, e: &LogEntry, maps: &[Option<Mapping>]) -> Option<LogEntry> {
+        let keep = |c: &RowChange| match c {
+            RowChange::Ddl(_) | RowChange::Truncate { .. } => false,
+            RowChange::Verdict(_) | RowChange::Conflict(_) => true,
+            _ => change_table(c).and_then(|t| maps.get(t as usize)).and_then(|m| m.as_ref()).is_some_and(|m| m.key_src.is_some()),
+        };
+        if e.changes.iter().all(keep) {
+            return None;
+        }
+        let changes = e.changes.iter().filter(|c| keep(c)).cloned().collect();
+        Some(LogEntry { changes, tables: e.tables.clone(), header: e.header.clone(), ..*e })
     }
 
     /// A run of updates or deletes of one table, written as the main sent them.

@@ -324,7 +324,17 @@ impl Applier {
         let first: ChangeSetHeader = rmp_serde::from_slice(queue[0].get::<_, &[u8]>(3)).map_err(|err| EngineError::Corrupt(format!("parked row {}: bad header: {err}", queue[0].get::<_, i64>(0))))?;
         self.set_origin(&first.author).await?;
         let c = &self.conn.client;
-        c.batch_execute("BEGIN").await.map_err(EngineError::pg("starting a parked-row transaction"))?;
+        let xid = c
+            .simple_query(&format!("BEGIN; {}", sql::CURRENT_XID))
+            .await
+            .map_err(EngineError::pg("starting a parked-row transaction"))?
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<u32>().ok()),
+                _ => None,
+            })
+            .ok_or_else(|| EngineError::Corrupt("the parked-row transaction has no transaction id".into()))?;
+        self.xid = xid;
         self.held.remove(k);
         let mut last = first.clone();
         let mut ids = Vec::with_capacity(queue.len());
@@ -332,7 +342,7 @@ impl Applier {
             let id: i64 = r.get(0);
             ids.push(id);
             let h: ChangeSetHeader = rmp_serde::from_slice(r.get::<_, &[u8]>(3)).map_err(|err| EngineError::Corrupt(format!("parked row {id}: bad header: {err}")))?;
-            let msg = r.get::<_, &[u8]>(3).to_vec();
+            let msg = self.seal(APPLY_MESSAGE_PREFIX, r.get::<_, &[u8]>(3));
             self.conn
                 .client
                 .query_one(sql::EMIT_APPLY_MESSAGE, &[&APPLY_MESSAGE_PREFIX, &msg])
@@ -441,7 +451,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None, mark_key: vec![7; 32] };
         let (mut a, _progress) = Applier::connect(&pg.url(), cfg, "branch1", Arc::new(StreamState::default())).await.unwrap();
         let lines = desc("order_lines", &["id", "order_id", "qty"]);
         let orders = desc("orders", &["id", "shop"]);
@@ -515,7 +525,7 @@ mod missing_table_tests {
         let pg = PgCluster::start();
         let c = pg.connect().await;
         c.batch_execute(STATE_DDL).await.unwrap();
-        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Branch, capture_progress: None };
+        let cfg = ApplyConfig { node: "branch1".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: DEFAULT_GROUP_BUDGET, lock_timeout_ms: 200, ddl: Default::default(), tables: Default::default(), role: crate::Role::Branch, capture_progress: None, mark_key: vec![7; 32] };
         let (mut a, _p) = Applier::connect(&pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap();
         a.apply_entries(&[entry(1, vec![RowChange::Insert { table: 0, new: row("1", "10") }, RowChange::Insert { table: 0, new: row("2", "20") }])]).await.unwrap();
         a.commit().await.unwrap();

@@ -37,6 +37,32 @@ use crate::EngineError;
 const DRAIN_ROWS: usize = 20_000;
 /// Queued statements after which the queue is sent even mid-group.
 const DRAIN_STATEMENTS: usize = 512;
+/// Queued bytes of values after which the queue is sent even mid-group.
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+
+/// Splits rows into batches of at most [`super::MAX_BATCH_ROWS`] rows and
+/// about [`super::MAX_BATCH_BYTES`] bytes of the values in `cols`; a row
+/// larger than that is a batch of its own (R24).
+pub(super) fn byte_chunks<'a, R: AsRef<[Value]>>(rows: &'a [R], cols: &[usize]) -> Vec<&'a [R]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, r) in rows.iter().enumerate() {
+        let size: usize = cols.iter().map(|c| r.as_ref().get(*c).and_then(Value::as_text).map_or(0, str::len) + 2).sum();
+        if i > start && (i - start >= super::MAX_BATCH_ROWS || bytes + size > super::MAX_BATCH_BYTES) {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+fn chunk_bytes<R: AsRef<[Value]>>(rows: &[R], cols: &[usize]) -> usize {
+    rows.iter().map(|r| cols.iter().map(|c| r.as_ref().get(*c).and_then(Value::as_text).map_or(0, str::len)).sum::<usize>()).sum()
+}
 
 type Param = Box<dyn ToSql + Sync + Send>;
 
@@ -45,6 +71,7 @@ type Param = Box<dyn ToSql + Sync + Send>;
 pub(super) struct Queue {
     statements: Vec<(Statement, Vec<Param>)>,
     rows: usize,
+    bytes: usize,
     /// Row versions per (table, author): keys, stamps, author commit times.
     versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>, Vec<i64>)>,
     /// Keys to check for missing parents, per table with foreign keys.
@@ -85,7 +112,7 @@ impl Applier {
             }
         }
         self.queue_buckets(e, maps, buckets).await?;
-        if self.queue.rows >= DRAIN_ROWS || self.queue.statements.len() >= DRAIN_STATEMENTS {
+        if self.queue.rows >= DRAIN_ROWS || self.queue.statements.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES {
             self.drain().await?;
         }
         Ok(())
@@ -112,7 +139,21 @@ impl Applier {
                 types.push(Type::INT8);
             }
             let st = self.stmt(&text, &types).await?;
-            for chunk in rows.chunks(super::MAX_BATCH_ROWS) {
+            for chunk in byte_chunks(&rows, &cols) {
+                if chunk.len() == 1 && chunk_bytes(chunk, &cols) > super::MAX_BATCH_BYTES {
+                    // A large row goes now, alone, its values borrowed from
+                    // the entry: no copy of it waits in the queue.
+                    self.drain().await?;
+                    let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![chunk[0].get(*c).and_then(|v| v.as_text())]).collect();
+                    let ts = e.header.commit_ts_us;
+                    let mut p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                    if echo {
+                        p.push(&ts);
+                    }
+                    self.conn.client.execute(&st, &p).await.map_err(EngineError::pg(format!("applying a large row to {}", m.table.name)))?;
+                    continue;
+                }
+                self.queue.bytes += chunk_bytes(chunk, &cols);
                 let mut params: Vec<Param> = cols
                     .iter()
                     .map(|c| Box::new(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect::<Vec<Option<String>>>()) as Param)

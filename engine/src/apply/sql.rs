@@ -362,7 +362,12 @@ pub fn has_children(t: &LocalTable) -> String {
 pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, lsn, updated_at) VALUES ($1, $2, $3, now()) \
      ON CONFLICT (stream) DO UPDATE SET pos = excluded.pos, lsn = excluded.lsn, updated_at = now()";
 
-/// The author's identity on every applied transaction (R3).
+/// The open transaction's id, as marks are bound to it (R25): the low 32
+/// bits of `pg_current_xact_id()`, which logical decoding reports.
+pub const CURRENT_XID: &str = "SELECT (pg_current_xact_id()::text::int8 % 4294967296)";
+
+/// The author's identity on every applied transaction (R3); its content
+/// is sealed ([`crate::marks`]).
 pub const EMIT_APPLY_MESSAGE: &str = "SELECT pg_logical_emit_message(true, $1, $2::bytea)::text";
 
 /// Origin LSN and original commit time of the transaction being applied.

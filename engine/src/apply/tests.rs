@@ -57,7 +57,7 @@ impl Site {
     }
 
     async fn applier_for(&self, stream: &str, state: Arc<StreamState>, budget: Duration, lock_timeout_ms: u64) -> Applier {
-        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None };
+        let cfg = ApplyConfig { node: "main".into(), scope: Scope::new(&["public".to_string()], &[]).unwrap(), group_budget: budget, lock_timeout_ms, ddl: Default::default(), tables: Default::default(), role: crate::Role::Main, capture_progress: None, mark_key: vec![7; 32] };
         Applier::connect(&self.pg.url(), cfg, stream, state).await.unwrap().0
     }
 
@@ -72,11 +72,11 @@ impl Site {
     async fn session(&self, budget: Duration, entries: &[LogEntry]) -> Result<ApplyStats, EngineError> {
         let a = self.applier_with(budget, 200).await;
         let from = a.committed();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::unbounded_channel();
         let (_stop_tx, stop_rx) = watch::channel(false);
-        tx.send(entries.iter().filter(|e| e.pos > from).cloned().collect()).await.unwrap();
+        tx.send(wire(entries.iter().filter(|e| e.pos > from))).unwrap();
         drop(tx);
-        a.run(rx, stop_rx).await
+        a.run(rx, stop_rx, watch::channel(0).0).await
     }
 
     async fn run(&self, entries: &[LogEntry]) -> Result<ApplyStats, EngineError> {
@@ -91,6 +91,11 @@ impl Site {
     async fn progress(&self) -> u64 {
         super::read_progress(&self.c, STREAM).await.unwrap()
     }
+}
+
+/// Entries as the link hands them to apply.
+fn wire<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Vec<branchsync_proto::WireEntry> {
+    entries.into_iter().map(|e| branchsync_proto::WireEntry::of(e).unwrap()).collect()
 }
 
 fn text(s: &str) -> Value {
@@ -337,9 +342,9 @@ async fn r7_a_cashiers_commit_while_apply_waits_for_the_row_is_never_overwritten
     let incoming = cs(2, "branch1", now_us(), d.clone(), vec![upd(&["1", "4"])]);
 
     let a = site.applier_with(DEFAULT_GROUP_BUDGET, 20_000).await;
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    tx.send(vec![incoming]).await.unwrap();
+    tx.send(wire([&incoming])).unwrap();
     drop(tx);
     let watcher = site.pg.connect().await;
     let commit_later = async {
@@ -354,7 +359,7 @@ async fn r7_a_cashiers_commit_while_apply_waits_for_the_row_is_never_overwritten
         tokio::time::sleep(Duration::from_millis(20)).await;
         cashier.batch_execute("COMMIT").await.unwrap();
     };
-    let (applied, ()) = tokio::join!(a.run(rx, stop_rx), commit_later);
+    let (applied, ()) = tokio::join!(a.run(rx, stop_rx, watch::channel(0).0), commit_later);
     applied.unwrap();
     assert_eq!(site.rows("SELECT qty FROM stock").await, ["(3)"], "the cashier's later commit is kept, not overwritten by an older incoming update");
     let c = site.rows("SELECT kind, winner_node, loser_node, local_version->>'qty', remote_version->>'qty' FROM branchsync.conflicts").await;
@@ -378,9 +383,9 @@ async fn r7_an_apply_waiting_behind_another_streams_apply_decides_on_the_version
     first.apply_entries(&[cs(2, "branch1", T0 + 100, d.clone(), vec![upd(&["1", "7"])])]).await.unwrap();
     // branch2's older update (newer than the version before) arrives on its own stream.
     let second = site.applier_for("branch2", Arc::new(StreamState::default()), DEFAULT_GROUP_BUDGET, 20_000).await;
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    tx.send(vec![cs(1, "branch2", T0 + 50, d.clone(), vec![upd(&["1", "6"])])]).await.unwrap();
+    tx.send(wire([&cs(1, "branch2", T0 + 50, d.clone(), vec![upd(&["1", "6"])])])).unwrap();
     drop(tx);
     let watcher = site.pg.connect().await;
     let commit_first = async {
@@ -394,7 +399,7 @@ async fn r7_an_apply_waiting_behind_another_streams_apply_decides_on_the_version
         .await;
         first.commit().await.unwrap();
     };
-    let (applied, ()) = tokio::join!(second.run(rx, stop_rx), commit_first);
+    let (applied, ()) = tokio::join!(second.run(rx, stop_rx, watch::channel(0).0), commit_first);
     applied.unwrap();
     assert_eq!(site.rows("SELECT qty FROM stock").await, ["(7)"], "branch1's newer update (stamp T0+100) is kept; branch2's (T0+50) loses as it does everywhere");
     let v = site.rows("SELECT stamp - 1700000000000000, node FROM branchsync.row_version").await;

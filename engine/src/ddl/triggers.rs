@@ -233,7 +233,7 @@ CREATE OR REPLACE FUNCTION branchsync.on_ddl_end(role text, tag text, path text,
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    r record; hit boolean := dropped; kind "char"; tbl oid;
+    r record; hit boolean := dropped; kind "char"; tbl oid; body text; k record; seal bytea;
     replaying boolean := coalesce(current_setting('branchsync.replaying', true), '') = 'on';
     rew oid[] := coalesce(string_to_array(nullif(rewritten, ''), ',')::oid[], '{}');
 BEGIN
@@ -260,8 +260,17 @@ BEGIN
         UPDATE branchsync.schema_version SET n = n + 1;
         INSERT INTO branchsync.ddl_log (role, tag, query, replayed) VALUES (role, tag, left(current_query(), 20000), replaying);
         IF NOT replaying THEN
-            PERFORM pg_logical_emit_message(true, 'branchsync.ddl', json_build_object(
-                'query', current_query(), 'search_path', path, 'role', role, 'tag', tag, 'ordinal', ordinal, 'key', stmt_key)::text);
+            -- Sealed with the DDL mark key, bound to this transaction (R25):
+            -- capture counts a branchsync.ddl message only with a seal that holds.
+            body := json_build_object('query', current_query(), 'search_path', path, 'role', role, 'tag', tag, 'ordinal', ordinal, 'key', stmt_key)::text;
+            SELECT k_ipad, k_opad INTO k FROM branchsync.mark_key;
+            IF FOUND THEN
+                seal := sha256(k.k_opad || sha256(k.k_ipad || convert_to('branchsync.ddl', 'UTF8') || '\x00'::bytea
+                    || convert_to((pg_current_xact_id()::text::int8 % 4294967296)::text, 'UTF8') || '\x00'::bytea || convert_to(body, 'UTF8')));
+                PERFORM pg_logical_emit_message(true, 'branchsync.ddl', body || E'\n' || encode(seal, 'hex'));
+            ELSE
+                PERFORM pg_logical_emit_message(true, 'branchsync.ddl', body);
+            END IF;
         END IF;
     END IF;
     -- Pass 2: the fix-ups, at every node.
@@ -518,20 +527,34 @@ mod pg_tests {
         (pg, admin, erp)
     }
 
-    /// DDL messages (content JSON) and table changes, in WAL order, since the last call.
+    /// DDL messages (content JSON) and table changes, in WAL order, since
+    /// the last call. Every DDL message must carry a seal that holds for the
+    /// node's DDL mark key and its transaction (R25): SQL's HMAC is the
+    /// engine's.
     async fn stream(admin: &Client) -> Vec<String> {
-        admin
-            .query("SELECT data FROM pg_logical_slot_get_changes('peek', NULL, NULL)", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .filter(|d| d.starts_with("message") || (d.starts_with("table ") && !d.starts_with("table branchsync.")))
-            .map(|d| match d.find("content:") {
-                Some(i) => d[i + "content:".len()..].to_string(),
+        let key: Vec<u8> = admin.query_one("SELECT key FROM branchsync.mark_key", &[]).await.unwrap().get(0);
+        let mut xid = 0u32;
+        let mut out = Vec::new();
+        for r in admin.query("SELECT data FROM pg_logical_slot_get_changes('peek', NULL, NULL)", &[]).await.unwrap() {
+            let d: String = r.get(0);
+            if let Some(x) = d.strip_prefix("BEGIN ") {
+                xid = x.trim().parse().unwrap();
+                continue;
+            }
+            if !(d.starts_with("message") || (d.starts_with("table ") && !d.starts_with("table branchsync."))) {
+                continue;
+            }
+            out.push(match d.find("content:") {
+                Some(i) => {
+                    let content = &d[i + "content:".len()..];
+                    let body = crate::marks::open_text(&key, crate::ddl::DDL_MESSAGE_PREFIX, xid, content.as_bytes())
+                        .unwrap_or_else(|| panic!("the DDL message of transaction {xid} is not sealed with the node's key: {content}"));
+                    String::from_utf8(body.to_vec()).unwrap()
+                }
                 None => d.split(':').take(2).collect::<Vec<_>>().join(":"),
-            })
-            .collect()
+            });
+        }
+        out
     }
 
     fn ddl(v: &str) -> serde_json::Value {
