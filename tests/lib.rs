@@ -367,6 +367,111 @@ impl Topology {
     }
 }
 
+/// Replaces `from` by `to` in the site's config file (the text must be there).
+pub fn edit_config(site: &Site, from: &str, to: &str) {
+    let text = std::fs::read_to_string(site.config_path()).expect("read config");
+    assert!(text.contains(from), "config of {} lacks {from:?}:\n{text}", site.name);
+    std::fs::write(site.config_path(), text.replacen(from, to, 1)).expect("write config");
+}
+
+/// A procedure that sells `n` sales for `shop_name`, each an order and four
+/// lines in its own transaction (a shop's day without a round trip per
+/// sale). Load it with the schema, at every site.
+pub const SELL_MANY: &str = "
+CREATE PROCEDURE sell_many(n int, shop_name text) LANGUAGE plpgsql AS $p$
+BEGIN
+    FOR i IN 1..n LOOP
+        WITH o AS (INSERT INTO orders (shop, total) VALUES (shop_name, 0) RETURNING id)
+        INSERT INTO order_lines (order_id, product_id, qty, price)
+            SELECT o.id, p.id, 1, p.price FROM o, (SELECT id, price FROM products ORDER BY id LIMIT 4) p;
+        COMMIT;
+    END LOOP;
+END
+$p$;";
+
+/// `(orders, order lines)` of `shop` at a site.
+pub async fn sales_of(c: &tokio_postgres::Client, shop: &str) -> (i64, i64) {
+    let r = c
+        .query_one("SELECT count(DISTINCT o.id), count(l.id) FROM orders o LEFT JOIN order_lines l ON l.order_id = o.id WHERE o.shop = $1", &[&shop])
+        .await
+        .expect("count sales");
+    (r.get(0), r.get(1))
+}
+
+/// A Hello as branch `node` would send it: the branch's cluster and its log
+/// (the main records the first identity it sees, so a hand-made Hello must
+/// speak for the real branch's log).
+pub fn hello_for(node: &str, index: u32, system_id: u64, log_epoch: u64) -> branchsync_proto::Hello {
+    branchsync_proto::Hello {
+        protocol_version: branchsync_proto::PROTOCOL_VERSION,
+        node: node.into(),
+        index,
+        token: TOKEN.into(),
+        stride: 100,
+        exclude: vec!["local_*".into()],
+        system_id,
+        log_epoch,
+        log_newest: 0,
+        log_floor: 0,
+        relay_epoch: 0,
+        relay_applied: 0,
+        relay_applied_lsn: 0,
+        now_us: branchsync_engine::clock::now_us(),
+        table_rules: Vec::new(),
+        max_frame: branchsync_proto::DEFAULT_MAX_FRAME as u64,
+        window: 1 << 24,
+    }
+}
+
+/// The cluster's `system_identifier`.
+pub async fn system_id(site: &Site) -> u64 {
+    let sid: i64 = site.db().await.query_one("SELECT system_identifier FROM pg_control_system()", &[]).await.unwrap().get(0);
+    sid as u64
+}
+
+/// A hand-made branch speaking the link protocol: for feeding the main
+/// crafted entries.
+pub struct FakeBranch {
+    /// The connection, framed with the real codec.
+    pub framed: tokio_util::codec::Framed<tokio::net::TcpStream, branchsync_proto::FrameCodec>,
+}
+
+impl FakeBranch {
+    /// Connects and sends `hello`; returns the connection once welcomed, or
+    /// the main's other answer.
+    pub async fn connect(port: u16, hello: branchsync_proto::Hello) -> Result<FakeBranch, branchsync_proto::Message> {
+        use futures::{SinkExt, StreamExt};
+        let sock = eventually("the main listens", Duration::from_secs(30), || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok() }).await;
+        let mut framed = tokio_util::codec::Framed::new(sock, branchsync_proto::FrameCodec::default());
+        framed.send(branchsync_proto::Message::Hello(hello)).await.expect("send Hello");
+        match tokio::time::timeout(Duration::from_secs(15), framed.next()).await.expect("an answer to Hello").expect("a frame").expect("decodable") {
+            branchsync_proto::Message::Welcome(_) => Ok(FakeBranch { framed }),
+            other => Err(other),
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, m: branchsync_proto::Message) {
+        use futures::SinkExt;
+        self.framed.send(m).await.expect("send to the main");
+    }
+
+    /// Reads (and drops heartbeats, acks and credit) until the main refuses
+    /// or closes; returns the refusal, if one came.
+    pub async fn refusal(&mut self, timeout: Duration) -> Option<branchsync_proto::Refusal> {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Err(_) => panic!("the main neither refused nor closed within {timeout:?}"),
+                Ok(Some(Ok(branchsync_proto::Message::Refuse(r)))) => return Some(r),
+                Ok(Some(Ok(_))) => continue,
+                Ok(None) | Ok(Some(Err(_))) => return None,
+            }
+        }
+    }
+}
+
 /// Waits until the HTTP status of `site` satisfies `pred`.
 pub async fn wait_status(site: &Site, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let port = site.http_port;
@@ -390,6 +495,23 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 impl Site {
+    /// Arms a failpoint that pauses the daemon at its `n`-th hit (effective
+    /// at the next start); returns the file whose creation releases it.
+    pub fn arm_pause(&mut self, name: &str, n: u64) -> PathBuf {
+        let release = self.dir.path().join(format!("release-{}-{n}", name.replace('.', "_")));
+        let _ = std::fs::remove_file(&release);
+        self.env = vec![
+            ("BRANCHSYNC_FAILPOINT".into(), format!("{name}:{n}:pause")),
+            ("BRANCHSYNC_FAILPOINT_RELEASE".into(), release.display().to_string()),
+        ];
+        release
+    }
+
+    /// Waits until the daemon's output contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        eventually(&format!("{}'s log says {needle:?}", self.name), timeout, || async { self.daemon_log().contains(needle).then_some(()) }).await;
+    }
+
     /// The identity (epoch) of the site's log, creating the log if the
     /// daemon never ran (call it while the daemon is stopped).
     pub fn log_epoch(&self) -> u64 {

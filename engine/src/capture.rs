@@ -613,6 +613,7 @@ impl Capturer {
             txn.done.push(f);
             self.log.append(&txn.done, None)?;
             txn.done.clear();
+            failpoints::hit(failpoints::CAPTURE_AFTER_FRAGMENT);
         }
         Ok(())
     }
@@ -933,6 +934,12 @@ impl Capturer {
         self.txn = None;
         while let Some(row) = rows.try_next().await.map_err(EngineError::pg("reading the replication slot"))? {
             self.peeked += 1;
+            // Rows that are already buffered never make this loop wait: give
+            // the other tasks of the node (the link's reader, its timers) a
+            // turn now and then.
+            if self.peeked % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
             let msg = {
                 let data: &[u8] = row.get(0);
                 self.largest_message = self.largest_message.max(data.len());

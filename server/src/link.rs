@@ -77,6 +77,9 @@ use crate::status::NodeStatus;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room in a frame for everything but entry bytes.
 const FRAME_OVERHEAD: usize = 4096;
+/// Bytes an entry takes in an `Entries` frame besides its body (its
+/// position, part and flag, and the body's length), with room to spare.
+const ENTRY_OVERHEAD: usize = 32;
 
 /// Errors that end a link session.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +210,8 @@ struct Control {
     ack: watch::Sender<u64>,
     /// Bytes of the peer's entries our apply has taken.
     consumed: watch::Sender<u64>,
+    /// A refusal to send, after which the writer stops.
+    refuse: watch::Sender<Option<Refusal>>,
 }
 
 impl Session {
@@ -262,6 +267,7 @@ impl Session {
         let result = loop {
             let silent_for = self.last_heard.lock().map(|t| t.elapsed()).unwrap_or_default();
             let quiet_deadline = self.settings.peer_timeout.saturating_sub(silent_for);
+            let wake_at = Instant::now() + quiet_deadline;
             tokio::select! {
                 biased;
                 // 1. Shutdown of the node, or eviction by a newer session of the same peer.
@@ -271,7 +277,11 @@ impl Session {
                 //    the reader (the peer closed, or broke the protocol), the
                 //    writer (the socket failed).
                 r = &mut apply_task => break match r {
-                    Ok(Ok(_)) => Err(LinkError::Closed),
+                    // Apply's input closed: the reader ended, and says why.
+                    Ok(Ok(_)) => match tokio::time::timeout(Duration::from_secs(1), &mut reader_task).await {
+                        Ok(Ok(Err(e))) => Err(e),
+                        _ => Err(LinkError::Closed),
+                    },
                     Ok(Err(e)) => Err(LinkError::Engine(e)),
                     Err(e) => Err(LinkError::Violation(format!("apply task failed: {e}"))),
                 },
@@ -308,15 +318,34 @@ impl Session {
                     }
                 }
                 // 5. The peer timeout, judged on what arrives only: it fires
-                //    while a write to the peer is stuck, too.
+                //    while a write to the peer is stuck, too. A timer that
+                //    fired late means this node was too busy to run its
+                //    tasks: the reader gets its turn before anyone is judged
+                //    silent (input waiting is not silence).
                 _ = tokio::time::sleep(quiet_deadline) => {
+                    let late = Instant::now().saturating_duration_since(wake_at) > Duration::from_millis(250);
+                    for _ in 0..8 {
+                        tokio::task::yield_now().await;
+                    }
                     let silent = self.last_heard.lock().map(|t| t.elapsed()).unwrap_or_default();
-                    if silent >= self.settings.peer_timeout {
+                    if silent >= self.settings.peer_timeout && !late {
                         break Err(LinkError::Timeout(self.settings.peer_timeout));
                     }
                 }
             }
         };
+        // A peer that broke the stream's order is told so (R26).
+        if let Err(LinkError::Engine(EngineError::Gap { stream, expected, got })) = &result {
+            control.refuse.send_replace(Some(refusal(
+                RefusalReason::ProtocolViolation,
+                format!("stream {stream} skipped from position {expected} to {got}"),
+                "Positions of a stream follow each other without a gap; nothing after the gap was applied.".into(),
+                "This is a bug or a tampered peer: check the sender's version and log.",
+            )));
+            if !writer_task.is_finished() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer_task).await;
+            }
+        }
         // Drain: stop intake, let apply commit what is whole, so the
         // replication origin is free before any next session starts.
         reader_task.abort();
@@ -530,6 +559,7 @@ struct Sending {
 async fn write_loop(mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>, mut ctx: WriteCtx) -> Result<(), LinkError> {
     let mut ack = ctx.control.ack.subscribe();
     let mut consumed = ctx.control.consumed.subscribe();
+    let mut refuse = ctx.control.refuse.subscribe();
     let mut visible = ctx.log.subscribe();
     let mut heartbeat = tokio::time::interval(ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -553,6 +583,14 @@ async fn write_loop(mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>, mut ctx
         };
         tokio::select! {
             biased;
+            // 0. A refusal ends the session.
+            Ok(()) = refuse.changed() => {
+                let r = refuse.borrow_and_update().clone();
+                if let Some(r) = r {
+                    writer.send(Message::Refuse(r)).await?;
+                    return Ok(());
+                }
+            }
             // 1. Control: acknowledgements and credit, coalesced.
             Ok(()) = ack.changed() => {
                 let pos = *ack.borrow_and_update();
@@ -594,17 +632,21 @@ async fn write_loop(mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>, mut ctx
                     continue;
                 }
                 let mut entries = Vec::with_capacity(batch.len());
-                let mut bytes = 0usize;
+                // The frame stays within `chunk` (its size counts every
+                // entry's overhead); the credit counts bodies.
+                let (mut framed, mut bytes) = (0usize, 0u64);
                 for r in batch.iter().take_while(|r| (r.len as usize) <= ctx.chunk) {
-                    if !entries.is_empty() && bytes + r.len as usize > room {
+                    let add = r.len as usize + ENTRY_OVERHEAD;
+                    if !entries.is_empty() && (framed + add > ctx.chunk || bytes + r.len > room as u64) {
                         break;
                     }
-                    bytes += r.len as usize;
+                    framed += add;
+                    bytes += r.len;
                     entries.push(WireEntry { pos: r.pos, part: r.part, last: r.last, body: r.read_all()? });
                 }
                 let Some(last) = entries.last() else { continue };
                 after = last.pos;
-                sent_bytes += bytes as u64;
+                sent_bytes += bytes;
                 writer.send(Message::Entries(entries)).await?;
                 failpoints::hit(failpoints::LINK_AFTER_SEND);
             }
@@ -842,6 +884,7 @@ async fn branch_session(
     tracing::info!(peer = "main", resume_after = r, relay_applied = applier.committed(), max_frame, window, "link up");
     status.peer("main", |p| {
         p.connected = true;
+        p.sessions += 1;
         p.last_error = None;
         p.acked_by_peer = r;
     });
@@ -1178,6 +1221,7 @@ async fn main_session(
     tracing::info!(peer = %name, resume_after = applied, relay_from = hello.relay_applied, clock_offset_ms = offset_ms, max_frame, window, "branch connected");
     status.peer(&name, |p| {
         p.connected = true;
+        p.sessions += 1;
         p.last_error = None;
         p.clock_offset_ms = Some(offset_ms);
         p.peer_log_newest = hello.log_newest;
@@ -1230,6 +1274,19 @@ mod tests {
         assert!(assemble(&mut a, chunk(6, MAX_ENTRY_BYTES + 1, 0, b"a"), 5).is_err(), "no entry larger than the limit");
         let mut a = None;
         assert!(assemble(&mut a, chunk(5, 3, 0, b"abc"), 5).is_err(), "positions only go forward");
+    }
+
+    #[test]
+    fn an_entries_frame_is_no_larger_than_its_bodies_and_their_overhead() {
+        use branchsync_proto::FrameCodec;
+        use tokio_util::codec::Encoder;
+        for (n, len) in [(1usize, 0usize), (1, 300), (50_000, 1), (40_000, 400), (10, 1 << 20), (3, 65_600)] {
+            let entries: Vec<WireEntry> = (0..n).map(|i| WireEntry { pos: u64::MAX - i as u64, part: u32::MAX, last: true, body: vec![0xa5; len] }).collect();
+            let mut buf = bytes::BytesMut::new();
+            FrameCodec::new(1 << 30).encode(Message::Entries(entries), &mut buf).unwrap();
+            let budget = n * (len + ENTRY_OVERHEAD) + FRAME_OVERHEAD;
+            assert!(buf.len() <= budget, "{n} entries of {len} bytes took {} bytes, budget {budget}", buf.len());
+        }
     }
 
     #[test]

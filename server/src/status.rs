@@ -37,6 +37,9 @@ pub struct PeerStatus {
     /// Changes of this peer quarantined in this run.
     #[serde(default)]
     pub quarantined: u64,
+    /// Sessions established with the peer, this run.
+    #[serde(default)]
+    pub sessions: u64,
     /// Sessions that ended for a reason other than the network, this run.
     #[serde(default)]
     pub session_failures: u64,

@@ -15,7 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use branchsync_engine::clock::now_us;
 use branchsync_proto::{FrameCodec, Hello, Message, Refusal, RefusalReason, PROTOCOL_VERSION};
 use branchsync_tests::*;
 use futures::{SinkExt, StreamExt};
@@ -32,43 +31,6 @@ fn describe(test: &str, topo: &Topology) {
     for (b, p) in topo.branches.iter().zip(&topo.proxies) {
         eprintln!("{test}: {} dials proxy port {}, http {}, dir {}", b.name, p.port, b.http_port, b.dir.path().display());
     }
-}
-
-/// Replaces `from` by `to` in the site's config file (the text must be there).
-fn edit_config(site: &Site, from: &str, to: &str) {
-    let text = std::fs::read_to_string(site.config_path()).expect("read config");
-    assert!(text.contains(from), "config of {} lacks {from:?}:\n{text}", site.name);
-    std::fs::write(site.config_path(), text.replacen(from, to, 1)).expect("write config");
-}
-
-/// A Hello as branch `node` would send it, valid up to the identity checks:
-/// the branch's cluster and its log (the main records the first identity it
-/// sees, so a hand-made Hello must speak for the real branch's log).
-fn hello(node: &str, index: u32, system_id: u64, log_epoch: u64) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node: node.into(),
-        index,
-        token: TOKEN.into(),
-        stride: 100,
-        exclude: vec!["local_*".into()],
-        system_id,
-        log_epoch,
-        log_newest: 0,
-        log_floor: 0,
-        relay_epoch: 0,
-        relay_applied: 0,
-        relay_applied_lsn: 0,
-        now_us: now_us(),
-        table_rules: Vec::new(),
-        max_frame: branchsync_proto::DEFAULT_MAX_FRAME as u64,
-        window: 1 << 24,
-    }
-}
-
-async fn system_id(site: &Site) -> u64 {
-    let sid: i64 = site.db().await.query_one("SELECT system_identifier FROM pg_control_system()", &[]).await.unwrap().get(0);
-    sid as u64
 }
 
 /// Durable progress of `stream` in the site's database (0 = none).
@@ -152,12 +114,12 @@ async fn a_silent_session_holds_the_index_while_fresh_and_is_evicted_by_the_real
     let sid = system_id(&topo.branches[0]).await;
     let epoch = topo.branches[0].log_epoch();
 
-    let (m, mut silent) = dial(port, hello("branch1", 1, sid, epoch)).await;
+    let (m, mut silent) = dial(port, hello_for("branch1", 1, sid, epoch)).await;
     let welcomed = Instant::now();
     expect_welcome(&m, "the first connection of branch1");
 
     // Fresh: the index is in use.
-    let (m, _) = dial(port, hello("branch1", 1, sid, epoch)).await;
+    let (m, _) = dial(port, hello_for("branch1", 1, sid, epoch)).await;
     let fresh_for = welcomed.elapsed();
     assert!(fresh_for < Duration::from_millis(3 * HEARTBEAT_MS), "the second Hello took {fresh_for:?}; the first session was no longer fresh (test too slow)");
     expect_refusal(m, RefusalReason::IndexInUse, "already in use");
@@ -221,7 +183,7 @@ async fn exclude_globs_that_differ_from_the_mains_are_refused_as_a_config_mismat
     let sid = system_id(&topo.branches[0]).await;
 
     for globs in [vec!["local_*", "tmp_*"], vec![], vec!["cache_*"]] {
-        let mut h = hello("branch1", 1, sid, 1);
+        let mut h = hello_for("branch1", 1, sid, 1);
         h.exclude = globs.iter().map(|g| g.to_string()).collect();
         let r = expect_refusal(dial(port, h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
         assert!(r.detail.contains(&format!("exclude {globs:?}")), "the detail must show the branch's globs {globs:?}: {r}");
@@ -306,7 +268,7 @@ async fn a_branch_behind_the_mains_reclaimed_log_is_told_to_reseed() {
     assert!(applied_from_b1 >= 1, "the main applied branch1's sale");
     assert!(relay_b1 >= floor, "the real branch1 acknowledged everything the main reclaimed");
     let epoch = topo.branches[0].log_epoch();
-    let behind = |relay_applied: u64| Hello { log_newest: applied_from_b1, log_floor: 0, relay_applied, ..hello("branch1", 1, sid, epoch) };
+    let behind = |relay_applied: u64| Hello { log_newest: applied_from_b1, log_floor: 0, relay_applied, ..hello_for("branch1", 1, sid, epoch) };
 
     let r = expect_refusal(dial_when_free(topo.main_port, behind(0)).await.0, RefusalReason::MustReseed, "must be re-seeded");
     assert!(r.message.contains("branch1"), "{r}");

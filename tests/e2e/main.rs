@@ -1,13 +1,17 @@
 //! End-to-end tests: real PostgreSQL clusters, real `branchsync` daemons.
 //! Run them with `bash tests/run.sh` (builds the binary with failpoints).
 
+mod backlog;
+mod bad_entries;
 mod bad_input;
 mod big_transactions;
+mod big_values;
 mod causal_order;
 mod conflicts;
 mod convergence;
 mod crash;
 mod ddl;
+mod forged_marks;
 mod handshake;
 mod offline;
 mod pgbench;

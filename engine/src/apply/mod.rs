@@ -136,7 +136,14 @@ pub struct ApplyConfig {
 pub struct StreamState {
     /// Positions up to this one are replayed carefully (after a data error).
     careful_until: AtomicU64,
+    /// Entries whose careful replay failed, by position: how often, and the
+    /// last error. After [`MAX_CAREFUL_FAILURES`] the entry is quarantined
+    /// whole instead of being tried again (R24: nothing wedges a stream).
+    failures: std::sync::Mutex<HashMap<u64, (u32, String)>>,
 }
+
+/// Careful replays of one entry that may fail before it is quarantined.
+pub const MAX_CAREFUL_FAILURES: u32 = 3;
 
 /// Counters for status and metrics.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -228,6 +235,8 @@ pub struct Applier {
     /// Transaction id of the open transaction (marks are bound to it, R25).
     xid: u32,
     stats: ApplyStats,
+    /// `stats` as of the last commit.
+    committed_stats: ApplyStats,
     progress_tx: watch::Sender<ApplyStats>,
 }
 
@@ -295,6 +304,7 @@ impl Applier {
                 seen: committed,
                 attempting: committed,
                 xid: 0,
+                committed_stats: stats.clone(),
                 stats,
                 progress_tx,
         };
@@ -356,9 +366,10 @@ impl Applier {
                     Some(wire) => {
                         let bytes: u64 = wire.iter().map(|w| w.body.len() as u64).sum();
                         consumed.send_modify(|c| *c += bytes);
-                        let entries = self.receive(wire)?;
+                        let entries = self.receive(wire).await?;
                         let mut again: Vec<LogEntry> = Vec::new();
                         let mut tries = 0u32;
+                        let mut careful_retry = false;
                         loop {
                             let mut r = self.apply_entries(&again).await;
                             if r.is_ok() {
@@ -385,6 +396,17 @@ impl Applier {
                                     self.uncommitted_rows = 0;
                                     self.uncommitted_bytes = 0;
                                 }
+                                // A data error: the range is replayed carefully,
+                                // here when every entry of it is at hand (else by
+                                // the link, from durable progress).
+                                Err(e) if !careful_retry && matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source)) && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
+                                    careful_retry = true;
+                                    let _ = self.fail(e);
+                                    self.rollback_for_retry().await?;
+                                    again = std::mem::take(&mut self.uncommitted);
+                                    self.uncommitted_rows = 0;
+                                    self.uncommitted_bytes = 0;
+                                }
                                 Err(e) => return Err(self.fail(e)),
                             }
                         }
@@ -405,6 +427,8 @@ impl Applier {
     async fn rollback_for_retry(&mut self) -> Result<(), EngineError> {
         self.conn.client.batch_execute("ROLLBACK").await.map_err(EngineError::pg("rolling back an apply transaction"))?;
         self.txn = None;
+        // What the rolled-back attempt counted did not happen.
+        self.stats = ApplyStats { committed_pos: self.committed, ..self.committed_stats.clone() };
         self.queue = pipeline::Queue::default();
         self.seen = self.committed;
         self.attempting = self.committed;
@@ -417,9 +441,20 @@ impl Applier {
     fn fail(&mut self, e: EngineError) -> EngineError {
         let data = matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source));
         let until = self.seen.max(self.attempting);
-        if data && until > self.committed {
+        if !e.is_transient() && self.careful_for(self.attempting) && self.attempting > self.committed {
+            // Even one change at a time, this entry fails: count it.
+            let mut f = self.state.failures.lock().unwrap_or_else(|p| p.into_inner());
+            let n = f.entry(self.attempting).or_insert((0, String::new()));
+            n.0 += 1;
+            n.1 = e.to_string();
+            tracing::warn!(stream = %self.stream, pos = self.attempting, failures = n.0, error = %e, "an entry fails even when replayed change by change");
+        } else if data && until > self.committed {
             self.state.careful_until.fetch_max(until, Ordering::SeqCst);
             tracing::warn!(stream = %self.stream, from = self.committed + 1, to = until, error = %e, "data error: replaying this range change by change");
+        } else if !e.is_transient() && until > self.committed {
+            // Anything else that is not a passing condition: replay the
+            // range carefully next time, where each entry's failures count.
+            self.state.careful_until.fetch_max(until, Ordering::SeqCst);
         }
         e
     }
@@ -441,9 +476,12 @@ impl Applier {
     /// quarantined when that position applies; a change that does not fit
     /// its table is taken out and quarantined the same way. The raw bytes
     /// are dropped as soon as they are decoded.
-    pub fn receive(&mut self, wire: Vec<WireEntry>) -> Result<Vec<LogEntry>, EngineError> {
+    pub async fn receive(&mut self, wire: Vec<WireEntry>) -> Result<Vec<LogEntry>, EngineError> {
         let mut out = Vec::with_capacity(wire.len());
         for w in wire {
+            // Decoding is CPU work: let the link's reader and timers run
+            // between entries (a stalled reader looks like a silent peer).
+            tokio::task::yield_now().await;
             if w.pos <= self.received {
                 continue;
             }
@@ -451,7 +489,13 @@ impl Applier {
                 return Err(EngineError::Gap { stream: self.stream.clone(), expected: self.received + 1, got: w.pos });
             }
             self.received = w.pos;
+            let given_up = self.state.failures.lock().unwrap_or_else(|p| p.into_inner()).get(&w.pos).filter(|(n, _)| *n >= MAX_CAREFUL_FAILURES).map(|(n, e)| {
+                format!("it could not be applied in {n} attempts, change by change: {e}")
+            });
             let decoded = LogEntry::decode(&w.body).map_err(|e| e.to_string()).and_then(|e| {
+                if let Some(why) = &given_up {
+                    return Err(why.clone());
+                }
                 if (e.pos, e.part, e.last) != (w.pos, w.part, w.last) {
                     return Err(format!("the entry says position {} part {} (last: {}), the link said position {} part {} (last: {})", e.pos, e.part, e.last, w.pos, w.part, w.last));
                 }
@@ -529,6 +573,9 @@ impl Applier {
             if e.pos <= self.seen {
                 continue;
             }
+            // Queued inserts build statements without a round trip: yield
+            // between entries so other tasks (the link's reader) keep running.
+            tokio::task::yield_now().await;
             // Kept until committed, to apply again after a lock timeout.
             self.uncommitted_rows += e.changes.len();
             self.uncommitted_bytes += e.approx_bytes();
@@ -701,8 +748,10 @@ impl Applier {
         self.uncommitted_bytes = self.uncommitted.iter().map(|e| e.approx_bytes()).sum();
         self.undecodable.retain(|p, _| *p > pos);
         self.invalid.retain(|p, _| *p > pos);
+        self.state.failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|p, _| *p > pos);
         self.stats.committed_pos = pos;
         self.stats.transactions += 1;
+        self.committed_stats = self.stats.clone();
         self.progress_tx.send_replace(self.stats.clone());
         tracing::debug!(stream = %self.stream, pos, author = %header.author, lsn = %fmt_lsn(header.commit_lsn), "apply transaction committed");
         Ok(())
@@ -1137,8 +1186,24 @@ impl Applier {
                         _ => return Ok(()),
                     };
                     let key_vals: Vec<String> = ks.iter().map(|k| vals.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
-                    let row = self.lock_and_read_current(&m, std::slice::from_ref(&key_vals)).await?.remove(&0).map(|c| c.values);
-                    self.emit_verdict(e, &m, desc, &ks, &key_vals, row.as_ref()).await?;
+                    // A key that is no value of its type names no row here:
+                    // nothing to tell the author.
+                    self.conn.client.batch_execute("SAVEPOINT branchsync_verdict").await.map_err(EngineError::pg("setting a savepoint"))?;
+                    match self.lock_and_read_current(&m, std::slice::from_ref(&key_vals)).await {
+                        Ok(mut cur) => {
+                            let row = cur.remove(&0).map(|c| c.values);
+                            self.emit_verdict(e, &m, desc, &ks, &key_vals, row.as_ref()).await?;
+                            self.conn.client.batch_execute("RELEASE SAVEPOINT branchsync_verdict").await.map_err(EngineError::pg("releasing a savepoint"))?;
+                        }
+                        Err(EngineError::Postgres { source, .. }) if pg_error_is_data_error(&source) => {
+                            self.conn
+                                .client
+                                .batch_execute("ROLLBACK TO SAVEPOINT branchsync_verdict; RELEASE SAVEPOINT branchsync_verdict")
+                                .await
+                                .map_err(EngineError::pg("rolling back to a savepoint"))?;
+                        }
+                        Err(other) => return Err(other),
+                    }
                 }
                 Ok(())
             }

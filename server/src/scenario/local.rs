@@ -261,15 +261,54 @@ impl LocalTarget {
     }
 }
 
-/// A TCP relay between a branch and the main that can be cut (existing
-/// connections dropped, new ones refused) and healed, so the branch's daemon
-/// keeps running while its link is down, as when a shop's line fails.
+/// A TCP relay between a branch and the main: `cut` drops its connections
+/// and refuses new ones until `heal`; `stall` stops carrying one direction
+/// (the relay neither reads nor writes it, as a peer that stopped reading
+/// its socket), with the connection left open.
 pub struct LinkProxy {
     /// The port the branch dials.
     pub port: u16,
     up: Arc<AtomicBool>,
     cut_tx: watch::Sender<u64>,
+    to_main: watch::Sender<bool>,
+    to_branch: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// One direction of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the branch to the main.
+    ToMain,
+    /// From the main to the branch.
+    ToBranch,
+}
+
+/// Carries bytes one way while not stalled; ends when either side does.
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while *stalled.borrow_and_update() {
+            if stalled.changed().await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            _ = stalled.changed() => {}
+        }
+    }
 }
 
 impl LinkProxy {
@@ -279,6 +318,8 @@ impl LinkProxy {
         let port = listener.local_addr()?.port();
         let up = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = watch::channel(0u64);
+        let (to_main, to_main_rx) = watch::channel(false);
+        let (to_branch, to_branch_rx) = watch::channel(false);
         let up2 = up.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -290,16 +331,26 @@ impl LinkProxy {
                 let mut cut = cut_rx.clone();
                 // Only a cut after this connection was accepted ends it.
                 cut.borrow_and_update();
+                let (up_rx, down_rx) = (to_main_rx.clone(), to_branch_rx.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let _ = outbound.set_nodelay(true);
+                    let _ = inbound.set_nodelay(true);
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    let mut up = tokio::spawn(pump(ir, ow, up_rx));
+                    let mut down = tokio::spawn(pump(or, iw, down_rx));
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = &mut up => {}
+                        _ = &mut down => {}
                         _ = cut.changed() => {}
                     }
+                    up.abort();
+                    down.abort();
                 });
             }
         });
-        Ok(LinkProxy { port, up, cut_tx, task })
+        Ok(LinkProxy { port, up, cut_tx, to_main, to_branch, task })
     }
 
     /// Drops every relayed connection and refuses new ones.
@@ -311,6 +362,15 @@ impl LinkProxy {
     /// Accepts connections again.
     pub fn heal(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops (`true`) or resumes (`false`) carrying one direction of every
+    /// relayed connection, now and for later ones.
+    pub fn stall(&self, dir: Direction, stalled: bool) {
+        match dir {
+            Direction::ToMain => self.to_main.send_replace(stalled),
+            Direction::ToBranch => self.to_branch.send_replace(stalled),
+        };
     }
 }
 

@@ -1,0 +1,181 @@
+//! Issue 12, done-when 3: the link never deadlocks.
+//!
+//! * A branch offline for 100,000 one-sale transactions reconnects while
+//!   the main and another branch keep selling: its backlog goes up while
+//!   the main's relay (with the echoes of that very backlog) comes down,
+//!   both at once, and everything arrives, exactly once. (Before the link
+//!   had flow control, both daemons stopped reading their sockets after
+//!   46,198 sales and stayed so.) The 1,000,000-sale day is the benchmark
+//!   `cargo bench -p branchsync-tests --bench offline_day`.
+//! * A peer that stops reading its socket for a minute, then resumes: no
+//!   deadlock, no reconnect, nothing lost.
+//! * A peer that goes silent for good is disconnected within the peer
+//!   timeout although writes to it are stuck.
+
+use std::time::{Duration, Instant};
+
+use branchsync_server::scenario::local::Direction;
+use branchsync_tests::*;
+
+fn schema() -> String {
+    format!("{POS_SCHEMA}\n{SELL_MANY}")
+}
+
+/// Products at the main, replicated everywhere before the test begins.
+async fn stock_the_shelves(topo: &Topology) {
+    topo.main.db().await.batch_execute("INSERT INTO products (name, price, stock) SELECT 'p' || g, g, 1000000 FROM generate_series(1, 8) g").await.unwrap();
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_offline_for_100k_sales_catches_up_both_ways_while_the_others_keep_selling() {
+    offline_day(100_000).await;
+}
+
+/// branch1 sells `sales` one-sale transactions while cut off, then heals
+/// while the main and branch2 keep selling; prints how long the catch-up
+/// took and checks every sale at every site exactly once.
+pub async fn offline_day(sales: i32) {
+    let mut topo = Topology::prepare(2, &schema()).await;
+    topo.start_all();
+    stock_the_shelves(&topo).await;
+    topo.proxies[0].cut();
+    let b1 = topo.branches[0].db().await;
+    let t = Instant::now();
+    b1.batch_execute(&format!("CALL sell_many({sales}, 'branch1')")).await.unwrap();
+    println!("branch1 sold {sales} sales offline in {:.1} s", t.elapsed().as_secs_f64());
+    wait_status(&topo.branches[0], "branch1 captured its day", Duration::from_secs(600), |s| s["captured_transactions"].as_u64().unwrap_or(0) >= sales as u64).await;
+
+    // The others keep selling through the catch-up.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut sellers = Vec::new();
+    for (site, shop) in [(&topo.main, "main"), (&topo.branches[1], "branch2")] {
+        let c = site.db().await;
+        let stop = stop.clone();
+        sellers.push(tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                c.batch_execute(&format!("CALL sell_many(2, '{shop}')")).await.unwrap();
+                n += 2;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        }));
+    }
+    let healed = Instant::now();
+    topo.proxies[0].heal();
+    let main = topo.main.db().await;
+    eventually("branch1's day reaches the main", Duration::from_secs(900), || async {
+        (sales_of(&main, "branch1").await.0 == sales as i64).then_some(())
+    })
+    .await;
+    let up = healed.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sold = Vec::new();
+    for s in sellers {
+        sold.push(s.await.unwrap());
+    }
+    wait_converged(&topo.sites(), &["orders", "order_lines", "products"], Duration::from_secs(900)).await;
+    println!(
+        "offline day of {sales} sales: at the main {:.1} s after the heal ({:.0} sales/s), every site converged after {:.1} s; meanwhile main sold {}, branch2 {}",
+        up.as_secs_f64(),
+        sales as f64 / up.as_secs_f64(),
+        healed.elapsed().as_secs_f64(),
+        sold[0],
+        sold[1]
+    );
+    for s in topo.sites() {
+        let c = s.db().await;
+        assert_eq!(sales_of(&c, "branch1").await, (sales as i64, 4 * sales as i64), "branch1's sales at {}", s.name);
+        assert_eq!(sales_of(&c, "main").await, (sold[0], 4 * sold[0]), "the main's sales at {}", s.name);
+        assert_eq!(sales_of(&c, "branch2").await, (sold[1], 4 * sold[1]), "branch2's sales at {}", s.name);
+    }
+    // One session per branch: the link never had to be torn down to get
+    // going again.
+    let st = http_status(topo.main.http_port).await.unwrap();
+    assert_eq!(st["peers"]["branch1"]["session_failures"], 0, "{}", st["peers"]["branch1"]);
+}
+
+/// branch1 and the main each build a backlog for the other while the link
+/// is cut; once healed, the main's socket towards branch1 is not read for a
+/// minute (the relay stops carrying that direction): the main's writes
+/// block, branch1 hears nothing. With a peer timeout longer than that, the
+/// session must survive, and once reading resumes everything flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_for_a_minute_causes_no_deadlock() {
+    const STALL: Duration = Duration::from_secs(60);
+    let mut topo = Topology::prepare(1, &schema()).await;
+    for s in topo.sites() {
+        edit_config(s, "peer_timeout_ms = 3000", "peer_timeout_ms = 120000");
+    }
+    topo.start_all();
+    stock_the_shelves(&topo).await;
+    topo.proxies[0].cut();
+    let (main, b1) = (topo.main.db().await, topo.branches[0].db().await);
+    b1.batch_execute("CALL sell_many(20000, 'branch1')").await.unwrap();
+    main.batch_execute("CALL sell_many(20000, 'main')").await.unwrap();
+    // A few large rows fill the socket buffers for sure.
+    main.batch_execute("INSERT INTO audit_log (event, payload) SELECT 'big', jsonb_build_object('blob', repeat(md5(g::text), 3000)) FROM generate_series(1, 200) g").await.unwrap();
+    topo.proxies[0].stall(Direction::ToBranch, true);
+    topo.proxies[0].heal();
+    wait_status(&topo.main, "branch1 connected", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == true).await;
+    let stalled_at = Instant::now();
+    // While branch1 reads nothing, the main still reads branch1.
+    let mut last_contact = 0;
+    while stalled_at.elapsed() < STALL {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let st = http_status(topo.main.http_port).await.expect("the main answers its status while its writes are stuck");
+        let c = st["peers"]["branch1"]["last_contact_unix_ms"].as_i64().unwrap_or(0);
+        assert!(c > last_contact, "the main must keep hearing branch1 while its own writes are stuck: {}", st["peers"]["branch1"]);
+        last_contact = c;
+    }
+    let mid = sales_of(&main, "branch1").await.0;
+    println!("after {STALL:?} of the main's writes stuck: {mid} of branch1's 20000 sales at the main");
+    topo.proxies[0].stall(Direction::ToBranch, false);
+    wait_converged(&topo.sites(), &["orders", "order_lines", "audit_log"], Duration::from_secs(300)).await;
+    for s in topo.sites() {
+        let c = s.db().await;
+        assert_eq!(sales_of(&c, "branch1").await, (20000, 80000), "at {}", s.name);
+        assert_eq!(sales_of(&c, "main").await, (20000, 80000), "at {}", s.name);
+    }
+    for (site, peer) in [(&topo.main, "branch1"), (&topo.branches[0], "main")] {
+        let st = http_status(site.http_port).await.unwrap();
+        assert_eq!(st["peers"][peer]["sessions"], 1, "{} reconnected: the session did not survive the stall: {}", site.name, st["peers"][peer]);
+    }
+}
+
+/// The link goes silent for good in both directions, connections left
+/// open, while the main has a relay backlog for branch1 (its writes get
+/// stuck): the main must end the session within the peer timeout, judged on
+/// what it receives, and sync again once the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_silent_for_good_is_disconnected_within_the_timeout_while_writes_to_it_are_stuck() {
+    const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+    let mut topo = Topology::prepare(1, &schema()).await;
+    topo.start_all();
+    stock_the_shelves(&topo).await;
+    topo.proxies[0].cut();
+    let main = topo.main.db().await;
+    main.batch_execute("INSERT INTO audit_log (event, payload) SELECT 'big', jsonb_build_object('blob', repeat(md5(g::text), 3000)) FROM generate_series(1, 400) g").await.unwrap();
+    main.batch_execute("CALL sell_many(5000, 'main')").await.unwrap();
+    topo.proxies[0].heal();
+    wait_status(&topo.main, "branch1 connected", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == true).await;
+    // Let the relay get going, then nothing crosses any more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    topo.proxies[0].stall(Direction::ToBranch, true);
+    topo.proxies[0].stall(Direction::ToMain, true);
+    let silent_since = Instant::now();
+    wait_status(&topo.main, "the main ends the silent session", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == false).await;
+    let took = silent_since.elapsed();
+    println!("the main ended the silent session {:.1} s after the link went silent (peer timeout {PEER_TIMEOUT:?})", took.as_secs_f64());
+    assert!(took <= PEER_TIMEOUT + Duration::from_secs(2), "took {took:?}");
+    let st = http_status(topo.main.http_port).await.unwrap();
+    assert!(st["peers"]["branch1"]["last_error"].as_str().unwrap_or("").contains("silent"), "{}", st["peers"]["branch1"]);
+    // The link comes back: everything arrives.
+    topo.proxies[0].stall(Direction::ToBranch, false);
+    topo.proxies[0].stall(Direction::ToMain, false);
+    topo.proxies[0].cut();
+    topo.proxies[0].heal();
+    wait_converged(&topo.sites(), &["orders", "order_lines", "audit_log"], Duration::from_secs(120)).await;
+    assert_eq!(sales_of(&topo.branches[0].db().await, "main").await, (5000, 20000));
+}

@@ -1,0 +1,122 @@
+//! Issue 12, done-when 4: nothing poisons a stream. A client holding a
+//! valid branch credential sends crafted entries on the wire: a change
+//! whose table index is out of range, a row too narrow for its table, a
+//! body that is not an entry at all, a value the table's type refuses, and
+//! then a gap in positions. Each bad change or entry is quarantined (the
+//! entries after it apply) or, for the gap, the session is refused; nothing
+//! after the gap is applied, and the stream goes on from where it was.
+
+use std::time::Duration;
+
+use branchsync_proto::{ChangeSetHeader, LogEntry, Message, RefusalReason, RowChange, TableDesc, Value, WireEntry};
+use branchsync_tests::*;
+
+const SCHEMA: &str = "CREATE TABLE orders (id int PRIMARY KEY, shop text NOT NULL);";
+
+fn orders_desc() -> TableDesc {
+    TableDesc { schema: "public".into(), name: "orders".into(), columns: vec!["id".into(), "shop".into()], key: vec![true, false], identity_full: true }
+}
+
+fn entry(pos: u64, sid: u64, changes: Vec<RowChange>) -> LogEntry {
+    let ts = branchsync_engine::clock::now_us();
+    LogEntry {
+        pos,
+        header: ChangeSetHeader { author: "branch1".into(), author_index: 1, system_id: sid, commit_lsn: 0x100_0000 + pos, commit_ts_us: ts, stamp: ts as u64, seen_main_ts: 0 },
+        part: 0,
+        last: true,
+        tables: vec![orders_desc()],
+        changes,
+        relay_ts_us: 0,
+    }
+}
+
+fn order(id: &str) -> RowChange {
+    RowChange::Insert { table: 0, new: vec![Value::Text(id.into()), Value::Text("branch1".into())] }
+}
+
+fn wire(e: &LogEntry) -> WireEntry {
+    WireEntry::of(e).unwrap()
+}
+
+async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
+    c.query("SELECT id FROM orders ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+async fn progress(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT coalesce((SELECT pos FROM branchsync.progress WHERE stream = 'branch1'), 0)", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_entries_are_quarantined_or_refused_and_the_stream_goes_on() {
+    let mut topo = Topology::prepare(1, SCHEMA).await;
+    topo.main.start();
+    let sid = system_id(&topo.branches[0]).await;
+    // The crafted branch's log reaches far enough for everything it sends.
+    let hello = || branchsync_proto::Hello { log_newest: 100, ..hello_for("branch1", 1, sid, 0xbad) };
+    let port = topo.main_port;
+    let main = topo.main.db().await;
+    let mut fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+
+    let mut bad_index = entry(2, sid, vec![order("2"), RowChange::Insert { table: 7, new: vec![Value::Text("20".into())] }]);
+    bad_index.changes.swap(0, 1);
+    let narrow = entry(3, sid, vec![RowChange::Insert { table: 0, new: vec![Value::Text("30".into())] }, order("3")]);
+    let garbage = WireEntry { pos: 4, part: 0, last: true, body: vec![1, 0xc1, 0xff, 0x13] };
+    let bad_value = entry(5, sid, vec![order("not a number"), order("5")]);
+    fake.send(Message::Entries(vec![wire(&entry(1, sid, vec![order("1")])), wire(&bad_index), wire(&narrow), garbage, wire(&bad_value)])).await;
+    fake.send(Message::Entries(vec![wire(&entry(6, sid, vec![order("6")]))])).await;
+    eventually("the entries after the bad ones apply", Duration::from_secs(30), || async { (progress(&main).await == 6).then_some(()) }).await;
+    assert_eq!(ids(&main).await, vec![1, 2, 3, 5, 6], "every good change applied, no bad one");
+    let q: Vec<(String, String)> = main
+        .query("SELECT tbl, detail FROM branchsync.conflicts WHERE kind = 'quarantined' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    println!("quarantined: {q:#?}");
+    assert_eq!(q.len(), 4, "one record per bad change or entry: {q:#?}");
+    assert!(q[0].1.contains("out of range"), "{q:?}");
+    assert!(q[1].1.contains("1 values for 2 columns"), "{q:?}");
+    assert!(q[2].0 == "(undecodable entry)" && q[2].1.contains("entry 4"), "{q:?}");
+    assert!(q[3].0 == "public.orders" && q[3].1.contains("22P02"), "the refused value is named by its SQLSTATE: {q:?}");
+    let raw: Vec<u8> = main.query_one("SELECT entry FROM branchsync.conflicts WHERE tbl = '(undecodable entry)'", &[]).await.unwrap().get(0);
+    assert_eq!(raw, vec![1, 0xc1, 0xff, 0x13], "the undecodable entry is kept as it came");
+    let st = wait_status(&topo.main, "status counts the quarantined changes", Duration::from_secs(10), |s| s["quarantined_total"].as_i64() == Some(4)).await;
+    assert_eq!(st["peers"]["branch1"]["quarantined"], 4, "{}", st["peers"]["branch1"]);
+
+    // A gap: position 8 after 6. Refused; nothing after the gap applies.
+    fake.send(Message::Entries(vec![wire(&entry(8, sid, vec![order("8")]))])).await;
+    let r = fake.refusal(Duration::from_secs(15)).await.expect("the main refuses a gap in positions");
+    assert_eq!(r.reason, RefusalReason::ProtocolViolation, "{r}");
+    assert!(r.message.contains("skipped from position 7 to 8"), "{r}");
+    topo.main.wait_log("skipped from position 7 to 8", Duration::from_secs(10)).await;
+    assert_eq!(progress(&main).await, 6);
+    assert!(!ids(&main).await.contains(&8));
+
+    // The stream goes on from where it was.
+    let mut fake = eventually("the main welcomes the branch again", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+    fake.send(Message::Entries(vec![wire(&entry(7, sid, vec![order("7")])), wire(&entry(8, sid, vec![order("8")]))])).await;
+    eventually("positions 7 and 8 apply", Duration::from_secs(30), || async { (progress(&main).await == 8).then_some(()) }).await;
+    assert_eq!(ids(&main).await, vec![1, 2, 3, 5, 6, 7, 8]);
+}
+
+/// A chunk that claims an entry larger than anything may be is refused
+/// before anything is buffered; so is an entry whose chunks do not follow
+/// each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_chunks_end_the_session_and_change_nothing() {
+    let mut topo = Topology::prepare(1, SCHEMA).await;
+    topo.main.start();
+    let sid = system_id(&topo.branches[0]).await;
+    let port = topo.main_port;
+    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
+    fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 4 << 30, offset: 0, data: vec![0; 16] })).await;
+    let _ = fake.refusal(Duration::from_secs(15)).await;
+    topo.main.wait_log("larger than any entry may be", Duration::from_secs(10)).await;
+    let mut fake = eventually("welcomed again", Duration::from_secs(30), || async { FakeBranch::connect(port, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
+    fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 100, offset: 0, data: vec![0; 10] })).await;
+    fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 100, offset: 50, data: vec![0; 10] })).await;
+    let _ = fake.refusal(Duration::from_secs(15)).await;
+    topo.main.wait_log("does not continue the entry", Duration::from_secs(10)).await;
+    assert_eq!(progress(&topo.main.db().await).await, 0);
+}
