@@ -149,6 +149,39 @@ pub struct CaptureStatus {
 /// anew: its read buffer grew to the message's size and would stay so.
 const RECONNECT_AFTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Messages larger than this are not sent by PostgreSQL on the first read
+/// of a batch: most are rows of transactions capture skips (a branch's own
+/// apply transactions, echoes of large rows that arrive as updates carrying
+/// the old row too). One that is needed makes capture read the batch again
+/// in full.
+const TRUNCATE_OVER_BYTES: i32 = 64 * 1024 * 1024;
+
+/// In a full read, the server cuts every message into pieces of this many
+/// bytes, which capture puts back together in a buffer of exactly the
+/// message's size (the client library's buffer would otherwise grow by
+/// doubling to hold a large message whole).
+const PIECE_BYTES: i32 = 16 * 1024 * 1024;
+
+/// The slot's messages, each whole (the first read of a batch: messages
+/// larger than `$4` bytes come as NULL).
+const PEEK_SQL: &str = "SELECT CASE WHEN $4 > 0 AND octet_length(data) > $4 THEN NULL ELSE data END, 1::int4, 1::int4 \
+     FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3, 'messages', 'true')";
+
+/// The slot's messages in pieces of at most `$4` bytes, in order: piece
+/// number and the message's whole size come with each.
+const PEEK_PIECES_SQL: &str = "SELECT substring(o.data from (g.i - 1) * $4 + 1 for $4), g.i, octet_length(o.data) \
+     FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3, 'messages', 'true') WITH ORDINALITY AS o(lsn, xid, data, n) \
+     CROSS JOIN LATERAL generate_series(1, greatest(1, (octet_length(o.data) + $4 - 1) / $4)) AS g(i)";
+
+/// How a read of the slot ended.
+pub enum Batch {
+    /// End LSN of the last whole transaction read, and how many were read.
+    Read(Option<(u64, u64)>),
+    /// A message left out for its size is needed: read the batch again, in
+    /// full.
+    NeedFull,
+}
+
 /// Pending tombstones are written back once they hold this many rows.
 const TOMBSTONE_BATCH_ROWS: usize = 5_000;
 /// ... or this many bytes of deleted rows.
@@ -773,7 +806,22 @@ impl Capturer {
         self.peeked = 0;
         self.largest_message = 0;
         self.pk_cache.clear();
-        let end = self.read_batch(client, writer).await?;
+        let end = match self.read_batch(client, writer, TRUNCATE_OVER_BYTES).await? {
+            Batch::Read(end) => end,
+            Batch::NeedFull => {
+                // What was read of the transaction that needs the message
+                // is cut off; whole transactions before it stay, and are
+                // recognised as read when the slot delivers them again.
+                self.log.cut_back()?;
+                let captured = self.captured_lsn;
+                self.skipped.retain(|r| r.commit_lsn <= captured);
+                self.peeked = 0;
+                match self.read_batch(client, writer, -PIECE_BYTES).await? {
+                    Batch::Read(end) => end,
+                    Batch::NeedFull => return Err(EngineError::Corrupt("the slot left out a message in a full read".into())),
+                }
+            }
+        };
         let drained = self.peeked < i64::from(self.cfg.batch_changes);
         let seen = match end {
             Some((end_lsn, seen)) => {
@@ -917,22 +965,42 @@ impl Capturer {
         Ok(())
     }
 
-    /// Reads one peek batch into the log (not yet flushed). Returns the end
-    /// LSN of the last whole transaction and how many were seen.
-    pub async fn read_batch(&mut self, client: &Client, writer: &Client) -> Result<Option<(u64, u64)>, EngineError> {
-        let limit = self.cfg.batch_changes;
+    /// Reads one peek batch into the log (not yet flushed): the end LSN of
+    /// the last whole transaction and how many were seen. With `limit > 0`,
+    /// messages larger than `limit` bytes are left out by the server; one of
+    /// a transaction that is skipped anyway costs nothing, and for any other
+    /// the read stops with [`Batch::NeedFull`]. With `limit < 0`, every
+    /// message comes, in pieces of `-limit` bytes.
+    pub async fn read_batch(&mut self, client: &Client, writer: &Client, limit: i32) -> Result<Batch, EngineError> {
+        let changes = self.cfg.batch_changes;
+        let (sql, size) = if limit < 0 { (PEEK_PIECES_SQL, -limit) } else { (PEEK_SQL, limit) };
         let rows = client
-            .query_raw(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
-                [&self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync), &limit, &self.cfg.publication],
-            )
+            .query_raw(sql, [&self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync), &changes, &self.cfg.publication, &size])
             .await
             .map_err(EngineError::pg("reading the replication slot"))?;
+        let mut assembling: Option<Vec<u8>> = None;
         futures::pin_mut!(rows);
         let mut end = None;
         let mut seen = 0;
         self.txn = None;
         while let Some(row) = rows.try_next().await.map_err(EngineError::pg("reading the replication slot"))? {
+            // A message in pieces: put it back together first.
+            let (piece, total): (i32, i32) = (row.get(1), row.get(2));
+            let whole: Option<Vec<u8>> = if total > size.max(1) && limit < 0 {
+                let data: &[u8] = row.get::<_, Option<&[u8]>>(0).unwrap_or_default();
+                let buf = match (piece, assembling.as_mut()) {
+                    (1, _) => assembling.insert(Vec::with_capacity(total as usize)),
+                    (_, Some(b)) => b,
+                    (_, None) => return Err(EngineError::Corrupt(format!("piece {piece} of a slot message came without its start"))),
+                };
+                buf.extend_from_slice(data);
+                if buf.len() < total as usize {
+                    continue;
+                }
+                assembling.take()
+            } else {
+                None
+            };
             self.peeked += 1;
             // Rows that are already buffered never make this loop wait: give
             // the other tasks of the node (the link's reader, its timers) a
@@ -940,13 +1008,29 @@ impl Capturer {
             if self.peeked % 256 == 0 {
                 tokio::task::yield_now().await;
             }
+            // Row changes of a transaction that is not captured are not
+            // even decoded (a branch's own apply transactions: echoes).
+            let skipping = self.txn.as_ref().is_some_and(|t| t.duplicate || t.applied_here || t.suppressing);
             let msg = {
-                let data: &[u8] = row.get(0);
+                let data = match &whole {
+                    Some(w) => Some(w.as_slice()),
+                    None => row.get::<_, Option<&[u8]>>(0),
+                };
+                let Some(data) = data else {
+                    if skipping {
+                        continue;
+                    }
+                    return Ok(Batch::NeedFull);
+                };
+                if skipping && matches!(data.first(), Some(b'I' | b'U' | b'D' | b'T')) {
+                    continue;
+                }
                 self.largest_message = self.largest_message.max(data.len());
                 pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?
             };
             // The message owns its values now: the row's buffer can go.
             drop(row);
+            drop(whole);
             if let Some(e) = self.handle(msg)? {
                 end = Some(e);
                 seen += 1;
@@ -957,7 +1041,7 @@ impl Capturer {
                 self.write_back_tombstones(writer).await?;
             }
         }
-        Ok(end.map(|e| (e, seen)))
+        Ok(Batch::Read(end.map(|e| (e, seen))))
     }
 
     async fn advance(&self, client: &Client, end_lsn: u64) -> Result<(), EngineError> {

@@ -379,25 +379,36 @@ async fn ensure_mark_key(tx: &Transaction<'_>, copied: bool) -> Result<(), Engin
     Ok(())
 }
 
-/// Overloads of `pg_logical_emit_message` that PUBLIC may execute (R25).
-pub const EMIT_MESSAGE_PUBLIC_SQL: &str = "SELECT p.oid::regprocedure::text FROM pg_proc p \
-     WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace \
-       AND EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')";
+/// Who besides branchsync's role (and superusers) may execute an overload
+/// of `pg_logical_emit_message` (R25): one row per overload and grantee,
+/// `PUBLIC` included. Empty after `init`.
+pub const EMIT_MESSAGE_GRANTS_SQL: &str = "SELECT p.oid::regprocedure::text || ' to ' || coalesce(r.rolname::text, 'PUBLIC') FROM pg_proc p \
+     CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a LEFT JOIN pg_roles r ON r.oid = a.grantee \
+     WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace AND a.privilege_type = 'EXECUTE' \
+       AND (a.grantee = 0 OR (r.rolname <> current_user AND NOT r.rolsuper)) ORDER BY 1";
 
 /// Takes `pg_logical_emit_message` (every overload) away from PUBLIC and
-/// gives it to the role running `init` (branchsync's), so an application
-/// role cannot write messages under branchsync's prefixes (R25; capture
-/// checks their seals anyway).
+/// from every other role that is not a superuser, and gives it to the role
+/// running `init` (branchsync's), so an application role cannot write
+/// messages under branchsync's prefixes (R25; capture checks their seals
+/// anyway).
 async fn restrict_emit_message(tx: &Transaction<'_>) -> Result<(), EngineError> {
     let rows = tx
-        .query("SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace", &[])
+        .query(
+            "SELECT p.oid::regprocedure::text, coalesce(array_agg(quote_ident(r.rolname)) FILTER (WHERE r.rolname <> current_user AND NOT r.rolsuper), '{}') \
+             FROM pg_proc p CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a LEFT JOIN pg_roles r ON r.oid = a.grantee \
+             WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace AND a.privilege_type = 'EXECUTE' \
+             GROUP BY 1",
+            &[],
+        )
         .await
         .map_err(EngineError::pg("listing pg_logical_emit_message"))?;
     for r in rows {
-        let f: String = r.get(0);
-        tx.batch_execute(&format!("REVOKE EXECUTE ON FUNCTION {f} FROM PUBLIC; GRANT EXECUTE ON FUNCTION {f} TO CURRENT_USER"))
+        let (f, others): (String, Vec<String>) = (r.get(0), r.get(1));
+        let from = std::iter::once("PUBLIC".to_string()).chain(others).collect::<Vec<_>>().join(", ");
+        tx.batch_execute(&format!("REVOKE EXECUTE ON FUNCTION {f} FROM {from}; GRANT EXECUTE ON FUNCTION {f} TO CURRENT_USER"))
             .await
-            .map_err(EngineError::pg(format!("revoking {f} from PUBLIC")))?;
+            .map_err(EngineError::pg(format!("revoking {f} from {from}")))?;
     }
     Ok(())
 }

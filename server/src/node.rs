@@ -509,10 +509,10 @@ impl Node {
                         if last_audit.elapsed() >= s2.audit_interval {
                             last_audit = std::time::Instant::now();
                             // R25: PUBLIC must not be able to write marks.
-                            if let Ok(rows) = c.client.query(branchsync_engine::setup::EMIT_MESSAGE_PUBLIC_SQL, &[]).await {
+                            if let Ok(rows) = c.client.query(branchsync_engine::setup::EMIT_MESSAGE_GRANTS_SQL, &[]).await {
                                 let open: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
                                 let w = (!open.is_empty()).then(|| format!(
-                                    "PUBLIC may execute {} again: any role can write messages under branchsync's prefixes (they are ignored, but counted). Run branchsync init to revoke it.",
+                                    "roles other than branchsync's may execute pg_logical_emit_message ({}): they can write messages under branchsync's prefixes (those are ignored, but counted). Run branchsync init to revoke it.",
                                     open.join(", ")
                                 ));
                                 if w.is_some() != emit_alarm {

@@ -186,9 +186,18 @@ struct OpenTxn {
     touched_existing: bool,
 }
 
+/// Entries larger than this make apply open its connection anew after
+/// their transaction: the client's buffers grew to their size and would
+/// keep the memory.
+const REOPEN_AFTER_BYTES: usize = 64 * 1024 * 1024;
+
 /// Applies one incoming stream; owns its connection.
 pub struct Applier {
     conn: PgConn,
+    /// Where `conn` connects (for [`Applier::reopen`]).
+    url: String,
+    /// Open the connection anew after the next commit.
+    reopen: bool,
     cfg: ApplyConfig,
     stream: String,
     state: Arc<StreamState>,
@@ -266,20 +275,14 @@ fn row_json(desc: &TableDesc, vals: &[Value]) -> String {
 impl Applier {
     /// Opens the apply connection for `stream` and reads its durable progress.
     pub async fn connect(url: &str, cfg: ApplyConfig, stream: &str, state: Arc<StreamState>) -> Result<(Applier, watch::Receiver<ApplyStats>), EngineError> {
-        let conn = crate::pg::connect(url, &format!("branchsync apply {stream}")).await?;
-        conn.client
-            .batch_execute(&format!(
-                "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0; SET {} = on",
-                cfg.lock_timeout_ms,
-                ddl::REPLAYING_GUC
-            ))
-            .await
-            .map_err(EngineError::pg("configuring the apply session"))?;
+        let conn = Self::open_session(url, &cfg, stream).await?;
         let committed = read_progress(&conn.client, stream).await?;
         let stats = ApplyStats { committed_pos: committed, ..Default::default() };
         let (progress_tx, progress_rx) = watch::channel(stats.clone());
         let mut applier = Applier {
                 conn,
+                url: url.to_string(),
+                reopen: false,
                 cfg,
                 stream: stream.to_string(),
                 state,
@@ -325,6 +328,31 @@ impl Applier {
         Ok((applier, progress_rx))
     }
 
+    /// Opens the apply connection with its session settings.
+    async fn open_session(url: &str, cfg: &ApplyConfig, stream: &str) -> Result<PgConn, EngineError> {
+        let conn = crate::pg::connect(url, &format!("branchsync apply {stream}")).await?;
+        conn.client
+            .batch_execute(&format!(
+                "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0; SET {} = on",
+                cfg.lock_timeout_ms,
+                ddl::REPLAYING_GUC
+            ))
+            .await
+            .map_err(EngineError::pg("configuring the apply session"))?;
+        Ok(conn)
+    }
+
+    /// Replaces the connection by a new one (between transactions): after a
+    /// very large row the client's buffers would otherwise keep its size.
+    async fn reopen_connection(&mut self) -> Result<(), EngineError> {
+        self.conn = Self::open_session(&self.url, &self.cfg, &self.stream).await?;
+        self.session_origin = None;
+        self.stmts.clear();
+        self.reopen = false;
+        tracing::debug!(stream = %self.stream, "apply connection opened anew after a very large row");
+        Ok(())
+    }
+
     /// Durable progress of the stream: the position of the last ChangeSet
     /// committed locally.
     pub fn committed(&self) -> u64 {
@@ -339,10 +367,14 @@ impl Applier {
     /// it into flow-control credit for the sender): the channel is unbounded
     /// because the sender never has more than its window in flight.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<WireEntry>>, mut shutdown: watch::Receiver<bool>, consumed: watch::Sender<u64>) -> Result<ApplyStats, EngineError> {
-        let mut closed = self.conn.closed.clone();
         let mut retry = tokio::time::interval(park::RETRY_PERIOD);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The connection may have been opened anew since the last turn.
+            let mut closed = self.conn.closed.clone();
+            if *closed.borrow() {
+                return Err(EngineError::ConnectionLost { context: format!("applying stream {}", self.stream) });
+            }
             let at_boundary = self.txn.as_ref().is_some_and(|t| !t.mid_changeset);
             tokio::select! {
                 biased;
@@ -366,7 +398,7 @@ impl Applier {
                     Some(wire) => {
                         let bytes: u64 = wire.iter().map(|w| w.body.len() as u64).sum();
                         consumed.send_modify(|c| *c += bytes);
-                        let entries = self.receive(wire).await?;
+                        let mut entries = self.receive(wire).await?;
                         let mut again: Vec<LogEntry> = Vec::new();
                         let mut tries = 0u32;
                         let mut careful_retry = false;
@@ -374,6 +406,11 @@ impl Applier {
                             let mut r = self.apply_entries(&again).await;
                             if r.is_ok() {
                                 r = self.apply_entries(&entries).await;
+                            }
+                            if r.is_ok() && !self.retry_buffer_holds_all() {
+                                // Too large to apply again in place anyway:
+                                // let go of it before the commit.
+                                entries = Vec::new();
                             }
                             if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
                                 r = self.commit().await;
@@ -578,7 +615,11 @@ impl Applier {
             tokio::task::yield_now().await;
             // Kept until committed, to apply again after a lock timeout.
             self.uncommitted_rows += e.changes.len();
-            self.uncommitted_bytes += e.approx_bytes();
+            let bytes = e.approx_bytes();
+            self.uncommitted_bytes += bytes;
+            if bytes > REOPEN_AFTER_BYTES {
+                self.reopen = true;
+            }
             if self.retry_buffer_holds_all() {
                 self.uncommitted.push(e.clone());
             }
@@ -753,6 +794,9 @@ impl Applier {
         self.stats.transactions += 1;
         self.committed_stats = self.stats.clone();
         self.progress_tx.send_replace(self.stats.clone());
+        if self.reopen {
+            self.reopen_connection().await?;
+        }
         tracing::debug!(stream = %self.stream, pos, author = %header.author, lsn = %fmt_lsn(header.commit_lsn), "apply transaction committed");
         Ok(())
     }

@@ -40,6 +40,28 @@ const DRAIN_STATEMENTS: usize = 512;
 /// Queued bytes of values after which the queue is sent even mid-group.
 const DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
+/// Rows larger than this are staged with `COPY` instead of bound.
+const STAGE_ABOVE_BYTES: usize = 16 * 1024 * 1024;
+/// Pieces a staged value is sent in.
+const STAGE_PIECE_BYTES: usize = 1024 * 1024;
+
+/// Escapes bytes of a text value for `COPY … FROM STDIN` (text format).
+/// The special bytes are ASCII, never part of a multi-byte character, so a
+/// value may be escaped piece by piece.
+fn copy_escape(piece: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(piece.len() + piece.len() / 64 + 8);
+    for &b in piece {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
 /// Splits rows into batches of at most [`super::MAX_BATCH_ROWS`] rows and
 /// about [`super::MAX_BATCH_BYTES`] bytes of the values in `cols`; a row
 /// larger than that is a batch of its own (R24).
@@ -140,6 +162,14 @@ impl Applier {
             }
             let st = self.stmt(&text, &types).await?;
             for chunk in byte_chunks(&rows, &cols) {
+                if chunk.len() == 1 && chunk_bytes(chunk, &cols) > STAGE_ABOVE_BYTES {
+                    // A very large row is streamed into a staging table in
+                    // pieces and inserted from there: no copy of its value
+                    // in a bound parameter or the client's buffers (R24).
+                    self.drain().await?;
+                    self.apply_staged(e, m, &cols, &names, chunk[0]).await?;
+                    continue;
+                }
                 if chunk.len() == 1 && chunk_bytes(chunk, &cols) > super::MAX_BATCH_BYTES {
                     // A large row goes now, alone, its values borrowed from
                     // the entry: no copy of it waits in the queue.
@@ -181,6 +211,47 @@ impl Applier {
             }
         }
         self.queue.header = Some(rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?);
+        Ok(())
+    }
+
+    /// Inserts (main) or upserts (branch) one very large row: the row is
+    /// streamed with `COPY` into a temporary staging table, in pieces, then
+    /// moved into the table by the same statement a batch would use.
+    async fn apply_staged(&mut self, e: &LogEntry, m: &Mapping, cols: &[usize], names: &[&str], row: &[Value]) -> Result<(), EngineError> {
+        use futures::SinkExt;
+        let n = cols.len();
+        let c = &self.conn.client;
+        c.batch_execute(&sql::create_staging(n)).await.map_err(EngineError::pg("creating the staging table"))?;
+        let copy = format!("COPY {} FROM STDIN", sql::staging(n));
+        let sink = c.copy_in::<_, bytes::Bytes>(copy.as_str()).await.map_err(EngineError::pg("staging a large row"))?;
+        futures::pin_mut!(sink);
+        let staged = async {
+            for (j, col) in cols.iter().enumerate() {
+                if j > 0 {
+                    sink.send(bytes::Bytes::from_static(b"\t")).await?;
+                }
+                match row.get(*col).and_then(Value::as_text) {
+                    None => sink.send(bytes::Bytes::from_static(b"\\N")).await?,
+                    Some(text) => {
+                        for piece in text.as_bytes().chunks(STAGE_PIECE_BYTES) {
+                            sink.send(bytes::Bytes::from(copy_escape(piece))).await?;
+                        }
+                    }
+                }
+            }
+            sink.send(bytes::Bytes::from_static(b"\n")).await?;
+            sink.as_mut().finish().await
+        }
+        .await;
+        staged.map_err(EngineError::pg(format!("staging a large row of {}", m.table.name)))?;
+        let guard = self.guard_for(e, 1);
+        let source = sql::staging(n);
+        let text = if self.cfg.role == crate::Role::Branch { sql::upsert_from(&m.table, names, guard, &source) } else { sql::insert_from(&m.table, names, false, &source) };
+        let ts = e.header.commit_ts_us;
+        let params: Vec<&(dyn ToSql + Sync)> = if matches!(guard, sql::Guard::Echo(_)) { vec![&ts] } else { Vec::new() };
+        let c = &self.conn.client;
+        c.execute(text.as_str(), &params).await.map_err(EngineError::pg(format!("applying a large row to {}", m.table.name)))?;
+        c.batch_execute(&format!("TRUNCATE {source}")).await.map_err(EngineError::pg("emptying the staging table"))?;
         Ok(())
     }
 
@@ -229,5 +300,16 @@ impl Applier {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_escape;
+
+    #[test]
+    fn copy_text_escapes_backslash_newline_return_and_tab_only() {
+        assert_eq!(copy_escape(b"\\x00ff\tA\nB\rC"), b"\\\\x00ff\\tA\\nB\\rC".to_vec());
+        assert_eq!(copy_escape("é\\".as_bytes()), "é\\\\".as_bytes().to_vec(), "multi-byte characters pass through");
     }
 }

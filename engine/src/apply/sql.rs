@@ -9,17 +9,34 @@ use super::table::LocalTable;
 /// `INSERT … SELECT … FROM unnest(…)`; `careful` adds `ON CONFLICT DO
 /// NOTHING RETURNING key` so conflicting rows can be resolved one by one.
 pub fn insert(t: &LocalTable, cols: &[&str], careful: bool) -> String {
+    let arrays: Vec<String> = (1..=cols.len()).map(|j| format!("${j}::text[]")).collect();
+    insert_from(t, cols, careful, &format!("unnest({})", arrays.join(", ")))
+}
+
+/// The temporary table one large row is staged in by `COPY` (columns `c0`…
+/// of type text, emptied at commit), so its value never sits in a bound
+/// parameter: see [`super::pipeline`].
+pub fn staging(columns: usize) -> String {
+    format!("pg_temp.branchsync_big_{columns}")
+}
+
+/// Creates [`staging`] for `columns` columns if this session has none.
+pub fn create_staging(columns: usize) -> String {
+    let cols: Vec<String> = (0..columns).map(|j| format!("c{j} text")).collect();
+    format!("CREATE TEMP TABLE IF NOT EXISTS branchsync_big_{columns} ({}) ON COMMIT DELETE ROWS", cols.join(", "))
+}
+
+/// [`insert`] of the rows of `source`, a FROM item with columns `c0`…
+pub fn insert_from(t: &LocalTable, cols: &[&str], careful: bool, source: &str) -> String {
     let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
     let casts: Vec<String> = cols.iter().enumerate().map(|(j, c)| format!("u.c{j}::{}", t.columns[*c].type_name)).collect();
-    let arrays: Vec<String> = (1..=cols.len()).map(|j| format!("${j}::text[]")).collect();
     let aliases: Vec<String> = (0..cols.len()).map(|j| format!("c{j}")).collect();
     let overriding = if cols.iter().any(|c| t.columns[*c].identity_always) { " OVERRIDING SYSTEM VALUE" } else { "" };
     let mut sql = format!(
-        "INSERT INTO {} AS t ({}){overriding} SELECT {} FROM unnest({}) AS u({})",
+        "INSERT INTO {} AS t ({}){overriding} SELECT {} FROM {source} AS u({})",
         t.qualified,
         names.join(", "),
         casts.join(", "),
-        arrays.join(", "),
         aliases.join(", ")
     );
     if careful && !t.pk.is_empty() {
@@ -301,7 +318,16 @@ impl Guard {
 /// main's row as it comes, unless `guard` says the row is its own pending
 /// change. Parameters as [`insert`] (then the guard's, if any).
 pub fn upsert(t: &LocalTable, cols: &[&str], guard: Guard) -> String {
-    let mut sql = insert(t, cols, false);
+    upsert_with(t, cols, guard, insert(t, cols, false))
+}
+
+/// [`upsert`] of the rows of `source` (see [`insert_from`]).
+pub fn upsert_from(t: &LocalTable, cols: &[&str], guard: Guard, source: &str) -> String {
+    upsert_with(t, cols, guard, insert_from(t, cols, false, source))
+}
+
+fn upsert_with(t: &LocalTable, cols: &[&str], guard: Guard, insert: String) -> String {
+    let mut sql = insert;
     if t.pk.is_empty() {
         return sql;
     }
