@@ -324,6 +324,8 @@ pub struct Capturer {
     skipped: Vec<SkippedRow>,
     /// Largest slot message of the current poll.
     largest_message: usize,
+    /// The current poll logged a transaction of several fragments.
+    fragmented: bool,
     /// Main, after `init --restored`: ChangeSets the relay log holds already.
     suppress: HashSet<(String, u64)>,
     /// Primary keys of tables, for tombstones (cleared every poll).
@@ -357,6 +359,7 @@ impl Capturer {
             skipped: Vec::new(),
             suppress: HashSet::new(),
             largest_message: 0,
+            fragmented: false,
             pk_cache: HashMap::new(),
             peeked: 0,
             txn: None,
@@ -646,6 +649,7 @@ impl Capturer {
             txn.done.push(f);
             self.log.append(&txn.done, None)?;
             txn.done.clear();
+            self.fragmented = true;
             failpoints::hit(failpoints::CAPTURE_AFTER_FRAGMENT);
         }
         Ok(())
@@ -805,6 +809,7 @@ impl Capturer {
         let flushed = pg::parse_lsn(&flushed).unwrap_or(0);
         self.peeked = 0;
         self.largest_message = 0;
+        self.fragmented = false;
         self.pk_cache.clear();
         let end = match self.read_batch(client, writer, TRUNCATE_OVER_BYTES).await? {
             Batch::Read(end) => end,
@@ -827,6 +832,9 @@ impl Capturer {
             Some((end_lsn, seen)) => {
                 self.log.flush().await?;
                 failpoints::hit(failpoints::CAPTURE_AFTER_LOG_WRITE);
+                if self.fragmented {
+                    failpoints::hit(failpoints::CAPTURE_AFTER_FRAGMENTED_FLUSH);
+                }
                 // Only now, with the log durable, may the slot forget these
                 // transactions (R1).
                 self.advance(client, end_lsn).await?;

@@ -23,6 +23,9 @@ pub const LOG_BEFORE_RECLAIM: &str = "log.after_ack_before_reclaim";
 /// After a fragment of a large transaction went to the log, before the
 /// transaction is whole and flushed.
 pub const CAPTURE_AFTER_FRAGMENT: &str = "capture.after_fragment_before_flush";
+/// After a batch holding a transaction of several fragments is durable in
+/// the log, before the slot is confirmed.
+pub const CAPTURE_AFTER_FRAGMENTED_FLUSH: &str = "capture.after_fragmented_flush_before_slot_confirm";
 
 /// Crashes the process here if the failpoint `name` is armed.
 #[inline]

@@ -14,6 +14,7 @@ mod ddl;
 mod forged_marks;
 mod handshake;
 mod offline;
+mod pg_restart;
 mod pgbench;
 mod random_convergence;
 mod restore;
