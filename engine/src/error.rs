@@ -22,7 +22,7 @@ pub enum EngineError {
     #[error("{message}\nDETAIL: {detail}\nHINT: {hint}")]
     Misconfigured { message: String, detail: String, hint: String },
     /// The local log could not be read or written.
-    #[error("local log error while {context}")]
+    #[error("local log error while {context}: {source}")]
     Log {
         context: String,
         #[source]

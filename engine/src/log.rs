@@ -208,6 +208,9 @@ struct State {
     size: u64,
     /// A failed write could not be cut back: no more appends.
     broken: bool,
+    /// The last append found no room (disk full or over the budget): acked
+    /// segments go at once, `keep_acked` or not, until an append succeeds.
+    pressure: bool,
     opts: LogOptions,
 }
 
@@ -483,7 +486,12 @@ impl ChangeLog {
     }
 
     /// [`ChangeLog::open`] with options.
-    pub fn open_with(dir: &Path, opts: LogOptions) -> Result<ChangeLog, EngineError> {
+    pub fn open_with(dir: &Path, mut opts: LogOptions) -> Result<ChangeLog, EngineError> {
+        // Under a budget, segments are small enough that reclaiming whole
+        // ones frees room (the active segment is never deleted).
+        if let Some(b) = opts.max_bytes {
+            opts.segment_bytes = opts.segment_bytes.min((b / 8).max(1));
+        }
         std::fs::create_dir_all(dir).map_err(EngineError::log(format!("creating the log directory {}", dir.display())))?;
         if dir.join("conf").exists() && dir.join("db").exists() {
             return Err(EngineError::Misconfigured {
@@ -593,6 +601,7 @@ impl ChangeLog {
             meta,
             size: 0,
             broken: false,
+            pressure: false,
             opts,
         };
         let cut = state.cut_to_whole().map_err(EngineError::log("cutting off a torn transaction"))?;
@@ -707,8 +716,10 @@ impl ChangeLog {
             if file.set_len(base).is_err() {
                 st.broken = true;
             }
+            st.pressure |= e.is_disk_full();
             return Err(e);
         }
+        st.pressure = false;
         st.tail = at;
         st.size += at - base;
         for (pos, loc) in locs {
@@ -925,7 +936,11 @@ impl ChangeLog {
         if pos <= st.meta.floor {
             return Ok(0);
         }
-        let keep = st.opts.keep_acked;
+        // Kept acknowledged entries are a convenience (refilling a restored
+        // main); they never cost new sales their room: under pressure, or
+        // past half the budget, they go.
+        let squeezed = st.pressure || st.opts.max_bytes.is_some_and(|b| st.size.saturating_mul(2) >= b);
+        let keep = if squeezed { Duration::ZERO } else { st.opts.keep_acked };
         let now = SystemTime::now();
         let active = st.active().map(|(k, _)| *k);
         // Whole segments from the oldest on, while they qualify: the floor
@@ -971,6 +986,14 @@ impl ChangeLog {
     /// Bytes the log uses on disk (for status and alarms).
     pub fn size_on_disk(&self) -> u64 {
         self.lock().size
+    }
+
+    /// `true` while the last append found no room: the caller should
+    /// reclaim what every peer acknowledged ([`ChangeLog::reclaim_through`]
+    /// then ignores `keep_acked`).
+    pub fn under_pressure(&self) -> bool {
+        let st = self.lock();
+        st.pressure || st.opts.max_bytes.is_some_and(|b| st.size.saturating_mul(2) >= b)
     }
 
     /// The disk budget, if one is set.
@@ -1245,6 +1268,27 @@ mod tests {
         assert_eq!(log.read_after(0, 1 << 20).unwrap().len() as u64, n);
     }
 
+    #[tokio::test]
+    async fn a_full_budget_lets_acknowledged_entries_go_even_when_they_would_be_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { max_bytes: Some(2000), keep_acked: Duration::from_secs(3600), ..LogOptions::default() };
+        let log = ChangeLog::open_with(dir.path(), opts).unwrap();
+        let mut n = 0;
+        while log.append(&[entry(&log, 0, true)], Some(Completion { captured_lsn: n + 1, stamp: 1, seen_main_ts: 0 })).is_ok() {
+            n += 1;
+            assert!(n < 200);
+        }
+        log.cut_back().unwrap();
+        log.flush().await.unwrap();
+        assert!(log.under_pressure(), "the failed append is remembered");
+        assert!(segments(dir.path()).len() > 2, "small segments under a budget: {:?}", segments(dir.path()));
+        // The peer has everything: the kept entries give way.
+        assert!(log.reclaim_through(log.visible()).unwrap() > 0);
+        assert!(log.size_on_disk() < 1000, "room again: {} bytes", log.size_on_disk());
+        log.append(&[entry(&log, 0, true)], Some(Completion { captured_lsn: n + 1, stamp: 1, seen_main_ts: 0 })).unwrap();
+        assert!(!log.under_pressure());
+    }
+
     #[test]
     fn a_sled_log_of_an_earlier_version_is_refused_with_a_hint() {
         let dir = tempfile::tempdir().unwrap();
@@ -1277,5 +1321,22 @@ mod tests {
         assert_eq!((log.epoch(), log.mark_key().to_vec()), (epoch, key));
         let other = tempfile::tempdir().unwrap();
         assert_ne!(ChangeLog::open(other.path()).unwrap().epoch(), epoch, "another log, another identity");
+    }
+
+    #[test]
+    fn saved_acknowledgements_and_contact_times_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ChangeLog::open(dir.path()).unwrap();
+        let created = log.peer_last_seen("branch1");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        log.touch_peer("branch1");
+        log.set_peer_ack("branch1", 0).unwrap();
+        let seen = log.peer_last_seen("branch1");
+        assert!(seen > created, "contact is later than the log's creation");
+        log.save_meta().unwrap();
+        drop(log);
+        let log = ChangeLog::open(dir.path()).unwrap();
+        assert_eq!(log.peer_last_seen("branch1"), seen, "a restart does not make a peer look away since the log was created");
+        assert_eq!(log.peer_last_seen("branch2"), created, "a peer never seen counts from the log's creation");
     }
 }

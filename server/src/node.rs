@@ -90,6 +90,10 @@ pub struct NodeSettings {
     pub audit_interval: Duration,
 }
 
+/// How often the log's meta (peers' acknowledgements and contact times) is
+/// written.
+const META_PERIOD: Duration = Duration::from_secs(30);
+
 /// How often the main records its branches' contact and drops old tombstones.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 
@@ -268,6 +272,7 @@ impl Node {
                     // operator has acted; link and inbound apply go on.
                     let mut backoff = Duration::from_millis(100);
                     let mut last_stop = String::new();
+                    let mut paused_wait = Duration::from_secs(1);
                     status.update(|st| st.capture_state = "running".into());
                     loop {
                         let r = run_capture(cfg.clone(), url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await;
@@ -283,7 +288,9 @@ impl Node {
                                     st.capture_state = "paused".into();
                                     st.capture_reason = Some(why);
                                 });
-                                ("paused", Duration::from_secs(1))
+                                // Each retry decodes the transaction again:
+                                // back off, but not far.
+                                ("paused", paused_wait.min(Duration::from_secs(5)))
                             }
                             Err(e) if e.is_transient() => {
                                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "capture interrupted; retrying");
@@ -312,6 +319,7 @@ impl Node {
                         } else {
                             backoff = Duration::from_millis(100);
                         }
+                        paused_wait = if state == "paused" { paused_wait * 2 } else { Duration::from_secs(1) };
                     }
                 }
                 .instrument(tracing::info_span!("capture", node = %s.node)),
@@ -375,6 +383,10 @@ impl Node {
         // Monitor: relay head (seeding), conflict counts, stripe audit (R18).
         {
             let (s2, log, status, mut shutdown, cap_rx) = (s.clone(), log.clone(), status.clone(), shutdown_rx.clone(), cap_rx);
+            let ack_peers: Vec<String> = match s.role {
+                Role::Main => s.peers.iter().map(|p| p.name.clone()).collect(),
+                Role::Branch => vec!["main".into()],
+            };
             tasks.spawn(
                 async move {
                     let mut conn: Option<pg::PgConn> = None;
@@ -384,16 +396,52 @@ impl Node {
                     let mut last_housekeeping = std::time::Instant::now() - HOUSEKEEPING_PERIOD;
                     let mut log_alarm = false;
                     let mut emit_alarm = false;
+                    // The peers' acknowledgements and contact times are
+                    // made durable every META_PERIOD and at shutdown: after
+                    // a restart, a branch must not look away since the log
+                    // was created (it would stop pinning the log, R23).
+                    let mut last_meta = std::time::Instant::now();
+                    let mut meta_failing = false;
+                    let save_meta = |failing: &mut bool| match log.save_meta() {
+                        Ok(()) => *failing = false,
+                        Err(e) => {
+                            if !*failing {
+                                tracing::warn!(error = %e, "cannot record the peers' acknowledgements in the log's meta; retried");
+                            }
+                            *failing = true;
+                        }
+                    };
                     loop {
                         tokio::select! {
                             biased;
-                            _ = shutdown.changed() => return ("monitor", Ok(())),
+                            _ = shutdown.changed() => {
+                                save_meta(&mut meta_failing);
+                                return ("monitor", Ok(()));
+                            }
                             _ = tick.tick() => {}
+                        }
+                        if last_meta.elapsed() >= META_PERIOD {
+                            last_meta = std::time::Instant::now();
+                            save_meta(&mut meta_failing);
+                        }
+                        // No room for the log: what every peer has
+                        // acknowledged goes now, kept entries included,
+                        // so that capture can resume (R24).
+                        if log.under_pressure() {
+                            let retention = (s2.role == Role::Main).then_some(s2.retention);
+                            if let Some(floor) = link::reclaim_floor(&log, &ack_peers, retention) {
+                                match log.reclaim_through(floor) {
+                                    Ok(n) if n > 0 => tracing::info!(through = floor, entries = n, "no room for the log: acknowledged entries reclaimed early"),
+                                    Ok(_) => {}
+                                    Err(e) => tracing::warn!(error = %e, "cannot reclaim log space"),
+                                }
+                            }
                         }
                         let cap = cap_rx.borrow().clone();
                         let (bytes, budget) = (log.size_on_disk(), log.budget());
                         // The log's disk budget: an alarm at 80 % (R24).
-                        let log_warning = budget.filter(|b| bytes.saturating_mul(5) >= b.saturating_mul(4)).map(|b| {
+                        let squeezed = log.under_pressure();
+                        let log_warning = budget.filter(|b| squeezed || bytes.saturating_mul(5) >= b.saturating_mul(4)).map(|b| {
                             format!("the log uses {bytes} of its {b} bytes ([log] max_bytes): capture pauses when it is full; a peer is not taking entries, or the budget is too small")
                         });
                         if log_warning.is_some() != log_alarm {
