@@ -21,3 +21,4 @@ mod pgbench;
 mod random_convergence;
 mod restore;
 mod scenarios;
+mod soak;

@@ -994,8 +994,13 @@ impl Applier {
     /// table and column set and session, so the operator sees it without a
     /// record per row.
     async fn note_skipped_columns(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
-        for m in maps.iter().flatten() {
-            if m.skipped.is_empty() {
+        // Only tables these changes write: a fragment split around DDL
+        // still describes every table of the transaction, and a table
+        // altered by that DDL must not count as missing the new column.
+        let written: HashSet<u32> = e.changes.iter().filter_map(change_table).collect();
+        for (i, m) in maps.iter().enumerate() {
+            let Some(m) = m else { continue };
+            if m.skipped.is_empty() || !written.contains(&(i as u32)) {
                 continue;
             }
             let cols = m.skipped.join(", ");
