@@ -421,17 +421,32 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
 }
 
 async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let node = match Node::start(settings(cfg)?).await {
-        Ok(n) => n,
-        Err(e) => {
-            report_engine_error("cannot start", &e);
-            return Ok(ExitCode::FAILURE);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    // A database that is restarting (or not up yet after a reboot) is
+    // waited for: the daemon must not depend on starting after PostgreSQL.
+    // Anything else that stops the start is for the operator.
+    let mut backoff = Duration::from_millis(200);
+    let node = loop {
+        match Node::start(settings(cfg)?).await {
+            Ok(n) => break n,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot start yet; retrying");
+                tokio::select! {
+                    _ = term.recv() => return Ok(ExitCode::SUCCESS),
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                report_engine_error("cannot start", &e);
+                return Ok(ExitCode::FAILURE);
+            }
         }
     };
     if let Some(a) = node.http_addr {
         tracing::info!(addr = %a, "http status listening");
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let shutdown = node_shutdown_handle(&node);
     tokio::spawn(async move {
         tokio::select! {

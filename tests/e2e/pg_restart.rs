@@ -81,3 +81,21 @@ async fn postgres_restarts_inside_a_large_transaction_at_a_branch_lose_and_doubl
 async fn postgres_restarts_inside_a_large_transaction_at_the_main_lose_and_double_nothing() {
     restarts_inside_a_large_transaction(0).await;
 }
+
+/// A daemon started while its PostgreSQL is down (a reboot where the
+/// daemon comes up first, or a restart at the wrong moment) waits for the
+/// database instead of exiting, then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_while_its_database_is_down_waits_for_it() {
+    let mut topo = Topology::prepare(1, SCHEMA).await;
+    topo.main.start();
+    let branch = &mut topo.branches[0];
+    branch.pg.stop_fast();
+    branch.start();
+    branch.wait_log("cannot start yet; retrying", Duration::from_secs(30)).await;
+    assert!(branch.running(), "the daemon waits for its database");
+    branch.pg.start_server();
+    let b = branch.db().await;
+    b.batch_execute("INSERT INTO orders (shop) VALUES ('branch1')").await.unwrap();
+    wait_converged(&topo.sites(), &["orders"], Duration::from_secs(60)).await;
+}

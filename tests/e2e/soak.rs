@@ -177,6 +177,8 @@ impl Soak {
         for i in 0..3 {
             let s = self.topo.site_mut(i);
             if !s.running() {
+                // It exited (or was killed): reap it, start it again.
+                s.kill9();
                 s.start();
             }
         }
