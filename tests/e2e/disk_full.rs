@@ -143,7 +143,10 @@ async fn a_full_log_budget_pauses_capture_until_acknowledged_entries_give_way() 
     topo.proxies[0].cut();
     // About 90 MB of notes, 64 KB a sale: more than the budget.
     b1.execute("CALL note_many(1400)", &[]).await.unwrap();
-    let st = wait_status(&topo.branches[0], "capture pauses at the budget", Duration::from_secs(120), |s| s["capture_state"] == "paused").await;
+    let st = wait_status(&topo.branches[0], "capture pauses at the budget and the alarm is raised", Duration::from_secs(120), |s| {
+        s["capture_state"] == "paused" && !s["log_warning"].is_null()
+    })
+    .await;
     println!("branch status: log {} of {} bytes; {}", st["log_bytes"], st["log_budget_bytes"], st["log_warning"]);
     assert!(st["log_warning"].as_str().is_some_and(|w| w.contains("max_bytes")), "the 80 % alarm is raised: {st}");
     assert!(st["log_bytes"].as_u64().unwrap_or(u64::MAX) <= BUDGET, "the budget holds: {st}");
