@@ -1098,7 +1098,7 @@ async fn main_session(
 ) -> Result<(), LinkError> {
     let name = hello.node.clone();
     let state = states.get(&name).cloned().unwrap_or_default();
-    let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), &name, state.clone()).await?;
+    let (mut applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), &name, state.clone()).await?;
     let applied = applier.committed();
     let known = applier.stream_system_id().await?;
     let known_epoch = applier.stream_epoch().await?;
@@ -1196,6 +1196,7 @@ async fn main_session(
         applier.set_stream_epoch(hello.log_epoch).await?;
     }
     applier.touch_contact().await?;
+    applier.expect_author(hello.index, hello.system_id);
     log.touch_peer(&name);
     let resume_lsn = applier.committed_lsn().await?;
     let max_frame = agree(settings.max_frame, hello.max_frame);

@@ -120,3 +120,39 @@ async fn impossible_chunks_end_the_session_and_change_nothing() {
     topo.main.wait_log("does not continue the entry", Duration::from_secs(10)).await;
     assert_eq!(progress(&topo.main.db().await).await, 0);
 }
+
+/// Issue 13: a shop's credential cannot speak as the main or as another
+/// shop. Entries whose header names another author, another index or
+/// another cluster than the handshake authenticated are quarantined, never
+/// applied as that node's; the honest entry after them applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_cannot_send_entries_in_another_nodes_name() {
+    let mut topo = Topology::prepare(1, SCHEMA).await;
+    topo.main.start();
+    let sid = system_id(&topo.branches[0]).await;
+    let hello = || branchsync_proto::Hello { log_newest: 100, ..hello_for("branch1", 1, sid, 0xbad) };
+    let port = topo.main_port;
+    let main = topo.main.db().await;
+    let mut fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+
+    let mut as_main = entry(1, sid, vec![order("1")]);
+    as_main.header.author = "main".into();
+    as_main.header.author_index = 0;
+    let mut index_zero = entry(2, sid, vec![order("2")]);
+    index_zero.header.author_index = 0;
+    let other_cluster = entry(3, sid + 1, vec![order("3")]);
+    let honest = entry(4, sid, vec![order("4")]);
+    fake.send(Message::Entries(vec![wire(&as_main), wire(&index_zero), wire(&other_cluster), wire(&honest)])).await;
+    eventually("the honest entry applies", Duration::from_secs(30), || async { (progress(&main).await == 4).then_some(()) }).await;
+    assert_eq!(ids(&main).await, vec![4], "nothing applied in another node's name");
+    let q: Vec<String> = main
+        .query("SELECT detail FROM branchsync.conflicts WHERE kind = 'quarantined' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    println!("quarantined: {q:#?}");
+    assert_eq!(q.len(), 3, "{q:#?}");
+    assert!(q.iter().all(|d| d.contains("speaks only for itself")), "{q:#?}");
+}

@@ -230,6 +230,10 @@ pub struct Applier {
     /// Header of the last ChangeSet received (a fragment that does not
     /// decode is accounted to it).
     last_header: Option<ChangeSetHeader>,
+    /// At the main, for a branch's stream: the index and cluster the
+    /// handshake authenticated. Every entry must name exactly them (a
+    /// branch speaks only for itself, never as the main or another shop).
+    expected_author: Option<(u32, u64)>,
     /// Entries (by position) whose body did not decode or check: the raw
     /// bytes and why, recorded as quarantined when their position applies.
     undecodable: HashMap<u64, (Vec<u8>, String)>,
@@ -301,6 +305,7 @@ impl Applier {
                 uncommitted_bytes: 0,
                 received: committed,
                 last_header: None,
+                expected_author: None,
                 undecodable: HashMap::new(),
                 invalid: HashMap::new(),
                 committed,
@@ -506,6 +511,15 @@ impl Applier {
         self.uncommitted_rows <= RETRY_BUFFER_ROWS && self.uncommitted_bytes <= RETRY_BUFFER_BYTES
     }
 
+    /// At the main: every entry of this branch's stream must name the
+    /// branch as its author, with the index and cluster the handshake
+    /// authenticated; one that names another node is quarantined, never
+    /// applied as that node's (a shop's credential must not speak as the
+    /// main: its DDL, rules and stamps would count as the main's).
+    pub fn expect_author(&mut self, index: u32, system_id: u64) {
+        self.expected_author = Some((index, system_id));
+    }
+
     /// Takes entries off the wire: each must follow the last without a gap
     /// (R26; a resend of what was received is skipped), is decoded and
     /// checked (R24). A body that does not decode, or an entry that does
@@ -535,6 +549,15 @@ impl Applier {
                 }
                 if (e.pos, e.part, e.last) != (w.pos, w.part, w.last) {
                     return Err(format!("the entry says position {} part {} (last: {}), the link said position {} part {} (last: {})", e.pos, e.part, e.last, w.pos, w.part, w.last));
+                }
+                if let Some((index, system_id)) = self.expected_author {
+                    let h = &e.header;
+                    if h.author != self.stream || h.author_index != index || h.system_id != system_id {
+                        return Err(format!(
+                            "the entry names author \"{}\" (index {}, cluster {}), but it came from \"{}\" (index {index}, cluster {system_id}): a node speaks only for itself",
+                            h.author, h.author_index, h.system_id, self.stream
+                        ));
+                    }
                 }
                 match e.check().into_iter().find(|i| i.change.is_none()) {
                     Some(i) => Err(i.reason),
