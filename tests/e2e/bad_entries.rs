@@ -46,16 +46,26 @@ async fn progress(c: &tokio_postgres::Client) -> i64 {
     c.query_one("SELECT coalesce((SELECT pos FROM branchsync.progress WHERE stream = 'branch1'), 0)", &[]).await.unwrap().get(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crafted_entries_are_quarantined_or_refused_and_the_stream_goes_on() {
+/// A main, and a crafted branch1 it welcomed (its log reaches far enough
+/// for everything it sends): `(topology, branch1's cluster, connection to
+/// the main's database, the crafted branch)`.
+fn crafted_hello(sid: u64) -> branchsync_proto::Hello {
+    branchsync_proto::Hello { log_newest: 100, ..hello_for("branch1", 1, sid, 0xbad) }
+}
+
+async fn crafted_branch() -> (Topology, u64, tokio_postgres::Client, FakeBranch) {
     let mut topo = Topology::prepare(1, SCHEMA).await;
     topo.main.start();
     let sid = system_id(&topo.branches[0]).await;
-    // The crafted branch's log reaches far enough for everything it sends.
-    let hello = || branchsync_proto::Hello { log_newest: 100, ..hello_for("branch1", 1, sid, 0xbad) };
     let port = topo.main_port;
     let main = topo.main.db().await;
-    let mut fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+    let fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, crafted_hello(sid)).await.ok() }).await;
+    (topo, sid, main, fake)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_entries_are_quarantined_or_refused_and_the_stream_goes_on() {
+    let (topo, sid, main, mut fake) = crafted_branch().await;
 
     let mut bad_index = entry(2, sid, vec![order("2"), RowChange::Insert { table: 7, new: vec![Value::Text("20".into())] }]);
     bad_index.changes.swap(0, 1);
@@ -94,7 +104,8 @@ async fn crafted_entries_are_quarantined_or_refused_and_the_stream_goes_on() {
     assert!(!ids(&main).await.contains(&8));
 
     // The stream goes on from where it was.
-    let mut fake = eventually("the main welcomes the branch again", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+    let port = topo.main_port;
+    let mut fake = eventually("the main welcomes the branch again", Duration::from_secs(30), || async { FakeBranch::connect(port, crafted_hello(sid)).await.ok() }).await;
     fake.send(Message::Entries(vec![wire(&entry(7, sid, vec![order("7")])), wire(&entry(8, sid, vec![order("8")]))])).await;
     eventually("positions 7 and 8 apply", Duration::from_secs(30), || async { (progress(&main).await == 8).then_some(()) }).await;
     assert_eq!(ids(&main).await, vec![1, 2, 3, 5, 6, 7, 8]);
@@ -127,13 +138,7 @@ async fn impossible_chunks_end_the_session_and_change_nothing() {
 /// applied as that node's; the honest entry after them applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_cannot_send_entries_in_another_nodes_name() {
-    let mut topo = Topology::prepare(1, SCHEMA).await;
-    topo.main.start();
-    let sid = system_id(&topo.branches[0]).await;
-    let hello = || branchsync_proto::Hello { log_newest: 100, ..hello_for("branch1", 1, sid, 0xbad) };
-    let port = topo.main_port;
-    let main = topo.main.db().await;
-    let mut fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, hello()).await.ok() }).await;
+    let (_topo, sid, main, mut fake) = crafted_branch().await;
 
     let mut as_main = entry(1, sid, vec![order("1")]);
     as_main.header.author = "main".into();
