@@ -157,6 +157,10 @@ pub struct Hello {
     pub now_us: i64,
     /// The branch's `[[tables]]` rules (R23: must equal the main's).
     pub table_rules: Vec<String>,
+    /// The branch's `[ddl] from` (`"main"` or `"any"`): must equal the
+    /// main's, or a branch's schema change would be kept at one end and
+    /// replayed at the other.
+    pub ddl_from: String,
     /// Largest frame the branch accepts.
     pub max_frame: u64,
     /// Bytes of entries the branch buffers for its apply (flow control).
@@ -284,6 +288,7 @@ pub(crate) mod tests {
             relay_applied_lsn: 0x16_B374_D848,
             now_us: 1,
             table_rules: vec!["{}".into()],
+            ddl_from: "main".into(),
             max_frame: 16 << 20,
             window: 16 << 20,
         }

@@ -146,6 +146,15 @@ pub struct LinkSettings {
     pub retention: Duration,
 }
 
+/// This node's `[ddl] from`, as the handshake compares it.
+fn ddl_from(settings: &LinkSettings) -> &'static str {
+    if settings.apply.ddl.from_any {
+        "any"
+    } else {
+        "main"
+    }
+}
+
 /// A branch the main accepts.
 #[derive(Clone)]
 pub struct PeerAuth {
@@ -790,6 +799,7 @@ async fn branch_session(
         relay_applied_lsn: applier.committed_lsn().await?,
         now_us: t0,
         table_rules: settings.table_rules.clone(),
+        ddl_from: ddl_from(&settings).into(),
         max_frame: settings.max_frame as u64,
         window: settings.window as u64,
     };
@@ -1022,6 +1032,16 @@ async fn main_connection(
             format!("configuration of node \"{}\" differs from the main's", hello.node),
             format!("Branch [[tables]] rules: {:?}. Main: {:?}.", hello.table_rules, settings.table_rules),
             "Every node must use the same [[tables]] entries, in the same order: conflicts are decided by them.",
+        ))
+        .await
+        .map_err(fail);
+    }
+    if hello.ddl_from != ddl_from(&settings) {
+        return refuse(&mut writer, refusal(
+            RefusalReason::ConfigMismatch,
+            format!("configuration of node \"{}\" differs from the main's", hello.node),
+            format!("Branch: [ddl] from = \"{}\". Main: [ddl] from = \"{}\".", hello.ddl_from, ddl_from(&settings)),
+            "Set the same [ddl] from at every node: it decides whether a branch's schema changes are replayed or kept local.",
         ))
         .await
         .map_err(fail);

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use branchsync_proto::{FrameCodec, Hello, Message, RefusalReason, PROTOCOL_VERSION};
+use branchsync_proto::{FrameCodec, Hello, Message, RefusalReason};
 use branchsync_tests::*;
 
 use crate::handshake::expect_refusal;
@@ -69,25 +69,7 @@ async fn a_daemon_whose_scope_changed_since_init_refuses_to_start_and_says_to_ru
 }
 
 fn hello(node: &str, index: u32, token: &str) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node: node.into(),
-        index,
-        token: token.into(),
-        stride: 100,
-        exclude: vec!["local_*".into()],
-        system_id: 1,
-        log_epoch: 1,
-        log_newest: 0,
-        log_floor: 0,
-        relay_epoch: 0,
-        relay_applied: 0,
-        relay_applied_lsn: 0,
-        now_us: 0,
-        table_rules: Vec::new(),
-        max_frame: branchsync_proto::DEFAULT_MAX_FRAME as u64,
-        window: 1 << 24,
-    }
+    Hello { token: token.into(), now_us: 0, ..hello_for(node, index, 1, 1) }
 }
 
 async fn handshake(port: u16, h: Hello) -> Message {

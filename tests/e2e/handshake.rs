@@ -362,3 +362,38 @@ async fn a_branch_does_not_capture_what_branchsync_applied_there() {
         assert_eq!(counts, (4 + 3 + 1, 2 * (4 + 3), 12000, 10, 0), "orders, lines, audit rows, products, conflicts at {name}");
     }
 }
+
+/// Issue 13: `[ddl] from` differs between a branch and the main (the main
+/// would keep a branch's schema change local while the branch expects it
+/// replayed, or the reverse): refused as ConfigMismatch naming both values;
+/// nothing applied; accepted once they match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ddl_policy_that_differs_from_the_mains_is_refused_as_a_config_mismatch() {
+    let mut topo = Topology::prepare(1, ORDERS).await;
+    topo.main.start();
+    main_listening(topo.main_port).await;
+    let sid = system_id(&topo.branches[0]).await;
+    let mut h = hello_for("branch1", 1, sid, 1);
+    h.ddl_from = "any".into();
+    let r = expect_refusal(dial(topo.main_port, h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
+    assert!(r.detail.contains("Branch: [ddl] from = \"any\". Main: [ddl] from = \"main\"."), "{r}");
+
+    // A real branch set to "any" against a main left at "main".
+    let branch = &mut topo.branches[0];
+    std::fs::write(branch.config_path(), format!("{}\n[ddl]\nfrom = \"any\"\n", std::fs::read_to_string(branch.config_path()).unwrap())).unwrap();
+    branch.start();
+    branch.db().await.batch_execute("INSERT INTO orders (shop) VALUES ('branch1')").await.unwrap();
+    let st = wait_status(&topo.branches[0], "branch1 reports the refusal", Duration::from_secs(30), |s| {
+        s["peers"]["main"]["last_error"].as_str().is_some_and(|e| e.contains("[ddl] from"))
+    })
+    .await;
+    eprintln!("ddl from: branch1 says {}", st["peers"]["main"]["last_error"]);
+    let main = topo.main.db().await;
+    assert_eq!(progress(&main, "branch1").await, 0, "nothing may be applied from a refused branch");
+
+    let branch = &mut topo.branches[0];
+    branch.stop();
+    edit_config(branch, "[ddl]\nfrom = \"any\"\n", "");
+    branch.start();
+    wait_converged(&topo.sites(), &["orders"], Duration::from_secs(30)).await;
+}
