@@ -40,6 +40,10 @@ CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL, price numeric(10,
 INSERT INTO products VALUES (1, 'tea', 2.50), (2, 'cake', 3.20), (3, 'milk', 1.10), (4, 'rice', 4.00);
 CREATE TABLE orders (id serial PRIMARY KEY, shop text NOT NULL, sale_ref text NOT NULL, total numeric(12,2) NOT NULL DEFAULT 0);
 CREATE TABLE order_lines (id bigserial PRIMARY KEY, order_id integer NOT NULL REFERENCES orders(id), product_id integer NOT NULL REFERENCES products(id), qty integer NOT NULL, price numeric(10,2) NOT NULL);
+-- A schedule's sales are found by the prefix of their reference, also
+-- after a thousand schedules.
+CREATE INDEX orders_sale_ref ON orders (sale_ref text_pattern_ops);
+CREATE INDEX order_lines_order ON order_lines (order_id);
 CREATE TABLE bulk (id bigserial PRIMARY KEY, site text NOT NULL, n int NOT NULL, payload text);
 CREATE TABLE blobs (id bigserial PRIMARY KEY, site text NOT NULL, data bytea NOT NULL);
 ";
