@@ -470,6 +470,12 @@ impl State {
         Ok(cut)
     }
 
+    /// Under pressure (the last append found no room) or past half the
+    /// budget: kept acknowledged entries give way.
+    fn squeezed(&self) -> bool {
+        self.pressure || self.opts.max_bytes.is_some_and(|b| self.size.saturating_mul(2) >= b)
+    }
+
     fn check_budget(&self, adding: u64) -> Result<(), EngineError> {
         match self.opts.max_bytes {
             Some(budget) if self.size + adding > budget => Err(EngineError::LogFull { used: self.size, budget }),
@@ -939,8 +945,7 @@ impl ChangeLog {
         // Kept acknowledged entries are a convenience (refilling a restored
         // main); they never cost new sales their room: under pressure, or
         // past half the budget, they go.
-        let squeezed = st.pressure || st.opts.max_bytes.is_some_and(|b| st.size.saturating_mul(2) >= b);
-        let keep = if squeezed { Duration::ZERO } else { st.opts.keep_acked };
+        let keep = if st.squeezed() { Duration::ZERO } else { st.opts.keep_acked };
         let now = SystemTime::now();
         let active = st.active().map(|(k, _)| *k);
         // Whole segments from the oldest on, while they qualify: the floor
@@ -992,8 +997,7 @@ impl ChangeLog {
     /// reclaim what every peer acknowledged ([`ChangeLog::reclaim_through`]
     /// then ignores `keep_acked`).
     pub fn under_pressure(&self) -> bool {
-        let st = self.lock();
-        st.pressure || st.opts.max_bytes.is_some_and(|b| st.size.saturating_mul(2) >= b)
+        self.lock().squeezed()
     }
 
     /// The disk budget, if one is set.

@@ -383,10 +383,8 @@ impl Node {
         // Monitor: relay head (seeding), conflict counts, stripe audit (R18).
         {
             let (s2, log, status, mut shutdown, cap_rx) = (s.clone(), log.clone(), status.clone(), shutdown_rx.clone(), cap_rx);
-            let ack_peers: Vec<String> = match s.role {
-                Role::Main => s.peers.iter().map(|p| p.name.clone()).collect(),
-                Role::Branch => vec!["main".into()],
-            };
+            // The peers whose acknowledgements hold the log back.
+            let ack_peers = peers.clone();
             tasks.spawn(
                 async move {
                     let mut conn: Option<pg::PgConn> = None;
