@@ -114,6 +114,26 @@ impl Site {
         std::fs::write(self.config_path(), text).expect("write config");
     }
 
+    /// The node's TLS directory (the default: `tls/` beside the config).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// Issues this branch's credentials at `main` (whose `init` created the
+    /// chain's CA) into this site's TLS directory, as an operator would.
+    pub fn issue_credentials(&self, main: &Site) {
+        let out = main.cli(&["tls", "issue", &self.name, "--out", &self.tls_dir().display().to_string()]);
+        assert!(out.status.success(), "tls issue {} failed:\n{}\n{}", self.name, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Gives a lone branch (no main in the test) credentials from a CA of
+    /// its own.
+    pub fn self_issue_credentials(&self) {
+        let ca = self.dir.path().join("ca");
+        branchsync_server::tls::create_ca(&ca, "test").expect("create a CA");
+        branchsync_server::tls::issue_branch(&ca, &self.name, &self.tls_dir(), 30).expect("issue credentials");
+    }
+
     /// Runs `branchsync <args> --config FILE` to completion.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(branchsync_bin()).args(args).arg("--config").arg(self.config_path()).output().expect("run branchsync")
@@ -338,6 +358,9 @@ impl Topology {
             b.write_branch_config(p.port, extra);
         }
         for s in std::iter::once(&main).chain(branches.iter()) {
+            if s.index != 0 {
+                s.issue_credentials(&main);
+            }
             s.db().await.batch_execute(schema).await.expect("load schema");
             s.init();
         }
@@ -430,19 +453,35 @@ pub async fn system_id(site: &Site) -> u64 {
     sid as u64
 }
 
+/// A byte stream to the main's link port.
+pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for T {}
+
+/// A connection to the main's link port as a branch opens it: TLS with the
+/// credentials in `tls_dir` (a branch's TLS directory), the main verified.
+pub async fn dial_link(port: u16, tls_dir: &std::path::Path) -> std::io::Result<Box<dyn LinkIo>> {
+    let sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let cfg = branchsync_server::tls::client_config(tls_dir).map_err(std::io::Error::other)?;
+    let s = tokio_rustls::TlsConnector::from(cfg).connect(branchsync_server::tls::main_server_name(), sock).await?;
+    Ok(Box::new(s))
+}
+
+/// A link connection framed with the real codec.
+pub type LinkConn = tokio_util::codec::Framed<Box<dyn LinkIo>, branchsync_proto::FrameCodec>;
+
 /// A hand-made branch speaking the link protocol: for feeding the main
 /// crafted entries.
 pub struct FakeBranch {
     /// The connection, framed with the real codec.
-    pub framed: tokio_util::codec::Framed<tokio::net::TcpStream, branchsync_proto::FrameCodec>,
+    pub framed: LinkConn,
 }
 
 impl FakeBranch {
-    /// Connects and sends `hello`; returns the connection once welcomed, or
-    /// the main's other answer.
-    pub async fn connect(port: u16, hello: branchsync_proto::Hello) -> Result<FakeBranch, branchsync_proto::Message> {
+    /// Connects with the credentials in `tls_dir` and sends `hello`;
+    /// returns the connection once welcomed, or the main's other answer.
+    pub async fn connect(port: u16, tls_dir: &std::path::Path, hello: branchsync_proto::Hello) -> Result<FakeBranch, branchsync_proto::Message> {
         use futures::{SinkExt, StreamExt};
-        let sock = eventually("the main listens", Duration::from_secs(30), || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok() }).await;
+        let sock = eventually("the main listens", Duration::from_secs(30), || async { dial_link(port, tls_dir).await.ok() }).await;
         let mut framed = tokio_util::codec::Framed::new(sock, branchsync_proto::FrameCodec::default());
         framed.send(branchsync_proto::Message::Hello(hello)).await.expect("send Hello");
         match tokio::time::timeout(Duration::from_secs(15), framed.next()).await.expect("an answer to Hello").expect("a frame").expect("decodable") {

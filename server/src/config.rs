@@ -156,6 +156,9 @@ pub struct SyncSection {
     /// Main: the branches.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// Plaintext link, no TLS (both ends must say so; logged loudly).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn d_reconnect() -> u64 {
@@ -348,6 +351,20 @@ pub struct DdlSection {
     pub run_as: Option<String>,
 }
 
+/// `[tls]`: the link's credentials (see `branchsync tls`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Directory of `ca.pem`, `cert.pem`, `key.pem` (and, at the main,
+    /// `ca.key`); default `tls/` beside the configuration file.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Main: fingerprints (`sha256:…`, as `tls issue` and `tls show` print
+    /// them) of branch certificates no longer accepted.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +393,9 @@ pub struct Config {
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: TlsSection,
     #[serde(skip)]
     path: PathBuf,
 }
@@ -502,6 +522,12 @@ impl Config {
         if self.log.max_bytes.is_some_and(|b| b < 64 * 1024 * 1024) {
             return Err(self.invalid("log.max_bytes", "must be at least 64 MiB (67108864)".into()));
         }
+        for (i, f) in self.tls.revoked.iter().enumerate() {
+            let hex = f.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(self.invalid(&format!("tls.revoked[{i}]"), format!("\"{f}\" is not a certificate fingerprint (sha256: and 64 hex digits, as branchsync tls show prints it)")));
+            }
+        }
         if self.conflicts.tombstone_days == 0 {
             return Err(self.invalid("conflicts.tombstone_days", "must be at least 1".into()));
         }
@@ -519,6 +545,17 @@ impl Config {
     /// The `[[tables]]` rules, compiled.
     pub fn table_rules(&self) -> Result<branchsync_engine::conflict::TableRules, branchsync_engine::EngineError> {
         branchsync_engine::conflict::TableRules::new(self.tables.iter().map(TableEntry::rule).collect())
+    }
+
+    /// The TLS directory: `[tls] dir` (relative to the configuration
+    /// file's directory), or `tls/` beside the configuration file.
+    pub fn tls_dir(&self) -> PathBuf {
+        let base = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match &self.tls.dir {
+            Some(d) if d.is_absolute() => d.clone(),
+            Some(d) => base.join(d),
+            None => base.join("tls"),
+        }
     }
 
     /// The node's own token.

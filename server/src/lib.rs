@@ -6,3 +6,4 @@
 
 pub mod http;
 pub mod scenario;
+pub mod tls;

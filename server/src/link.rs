@@ -65,16 +65,42 @@ use branchsync_proto::{
     EntryChunk, FrameCodec, Hello, Message, ProtoError, Refusal, RefusalReason, Welcome, WireEntry, HANDSHAKE_MAX_FRAME, MAX_ENTRY_BYTES, MIN_MAX_FRAME, PROTOCOL_VERSION,
 };
 use futures::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::Instrument;
 
 use crate::status::NodeStatus;
+use branchsync_server::tls::{self, ClientCredentials, ServerCredentials};
+
+/// What a link session runs on: TLS over TCP, or TCP alone with
+/// `sync.insecure`.
+pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for T {}
+type Reader = FramedRead<tokio::io::ReadHalf<Box<dyn LinkIo>>, FrameCodec>;
+type Writer = FramedWrite<tokio::io::WriteHalf<Box<dyn LinkIo>>, FrameCodec>;
+
+/// How this node secures its link.
+#[derive(Clone)]
+pub enum LinkTls {
+    /// `sync.insecure = true`: plaintext.
+    Insecure,
+    /// A branch: verifies the main, offers its certificate.
+    Branch(Arc<ClientCredentials>),
+    /// The main: verifies every branch's certificate (revoked ones are
+    /// refused in the TLS handshake).
+    Main {
+        /// The main's credentials.
+        creds: Arc<ServerCredentials>,
+    },
+}
 
 /// How long a handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the main lets into their handshake at once; more are closed
+/// at once (a flood of connections that never authenticate costs a socket
+/// each for a moment, not a task and buffers for ten seconds).
+const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Room in a frame for everything but entry bytes.
 const FRAME_OVERHEAD: usize = 4096;
 /// Bytes an entry takes in an `Entries` frame besides its body (its
@@ -99,6 +125,10 @@ pub enum LinkError {
     /// Local database or log failure.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The TLS handshake failed, or the peer's certificate is not the one
+    /// it should hold (the message says which and what to do).
+    #[error("{0}")]
+    Tls(String),
     /// The connection closed.
     #[error("connection closed by peer")]
     Closed,
@@ -144,6 +174,18 @@ pub struct LinkSettings {
     /// Main: a branch away longer than this must re-seed (R23): the
     /// tombstones its changes would be decided against are gone.
     pub retention: Duration,
+    /// TLS, or plaintext with `sync.insecure`.
+    pub tls: LinkTls,
+}
+
+/// A socket or framing error that is really a TLS failure, explained.
+fn tls_aware(e: LinkError, at_main: bool) -> LinkError {
+    if let LinkError::Proto(ProtoError::Io(io)) = &e {
+        if let Some(m) = tls::explain(io, at_main) {
+            return LinkError::Tls(m);
+        }
+    }
+    e
 }
 
 /// This node's `[ddl] from`, as the handshake compares it.
@@ -228,8 +270,8 @@ impl Session {
         self,
         applier: Applier,
         progress: watch::Receiver<ApplyStats>,
-        reader: FramedRead<OwnedReadHalf, FrameCodec>,
-        writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+        reader: Reader,
+        writer: Writer,
         mut shutdown: watch::Receiver<bool>,
         mut evict: watch::Receiver<bool>,
     ) -> Result<SessionEnd, LinkError> {
@@ -434,7 +476,7 @@ struct Assembly {
 /// Reads frames until the socket ends: handles acknowledgements, credit
 /// and heartbeats at once, and hands entries to apply. Never waits for
 /// anything but the socket (the credit window bounds what it buffers).
-async fn read_loop(mut reader: FramedRead<OwnedReadHalf, FrameCodec>, ctx: ReadCtx) -> Result<(), LinkError> {
+async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
     let mut received: u64 = 0;
     let mut assembling: Option<Assembly> = None;
     let mut last_pos: u64 = 0;
@@ -565,7 +607,7 @@ struct Sending {
 /// they change, heartbeats, and our log after `send_after` as it grows,
 /// within the peer's credit window, large entries in chunks with control
 /// frames in between.
-async fn write_loop(mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>, mut ctx: WriteCtx) -> Result<(), LinkError> {
+async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkError> {
     let mut ack = ctx.control.ack.subscribe();
     let mut consumed = ctx.control.consumed.subscribe();
     let mut refuse = ctx.control.refuse.subscribe();
@@ -684,26 +726,25 @@ fn human(d: Duration) -> String {
 }
 
 /// Tells the peer why it is refused, then ends the connection with that reason.
-async fn refuse(writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>, r: Refusal) -> Result<(), LinkError> {
+async fn refuse(writer: &mut Writer, r: Refusal) -> Result<(), LinkError> {
     let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, writer.send(Message::Refuse(r.clone()))).await;
     Err(LinkError::Refused(r))
 }
 
-fn split(stream: TcpStream) -> (FramedRead<OwnedReadHalf, FrameCodec>, FramedWrite<OwnedWriteHalf, FrameCodec>) {
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+fn split(stream: Box<dyn LinkIo>) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
     // Nothing large before the peer is known (R28): the limit is raised to
     // the agreed one once the handshake is done.
     (FramedRead::new(r, FrameCodec::new(HANDSHAKE_MAX_FRAME)), FramedWrite::new(w, FrameCodec::new(HANDSHAKE_MAX_FRAME)))
 }
 
 /// Sets the frame limit of both halves after the handshake.
-fn set_frame_limit(reader: &mut FramedRead<OwnedReadHalf, FrameCodec>, writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>, max: usize) {
+fn set_frame_limit(reader: &mut Reader, writer: &mut Writer, max: usize) {
     reader.decoder_mut().set_max_frame(max);
     writer.encoder_mut().set_max_frame(max);
 }
 
-async fn next_message(reader: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Result<Message, LinkError> {
+async fn next_message(reader: &mut Reader) -> Result<Message, LinkError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
         Err(_) => Err(LinkError::Timeout(HANDSHAKE_TIMEOUT)),
         Ok(None) => Err(LinkError::Closed),
@@ -723,6 +764,7 @@ fn report_end(status: &NodeStatus, peer: &str, e: &LinkError, retry_ms: Option<u
     let msg = e.to_string();
     match e {
         LinkError::Refused(r) => tracing::error!(peer, reason = ?r.reason, error = %msg, "link refused"),
+        LinkError::Tls(_) => tracing::error!(peer, error = %msg, retry_ms, "link refused"),
         LinkError::Engine(err) if !err.is_transient() => tracing::error!(peer, error = %msg, "link stopped"),
         LinkError::Engine(_) | LinkError::Violation(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
         LinkError::Proto(ProtoError::Io(_)) | LinkError::Closed | LinkError::Timeout(_) => tracing::info!(peer, error = %msg, retry_ms, "link down"),
@@ -752,6 +794,7 @@ pub async fn run_branch(settings: LinkSettings, main_addr: String, token: String
             Ok(SessionEnd::Shutdown) => return,
             Ok(SessionEnd::Evicted) => {}
             Err(e) => {
+                let e = tls_aware(e, false);
                 report_end(&status, "main", &e, Some(backoff.as_millis() as u64));
                 if !e.is_network() {
                     status.peer("main", |p| p.session_failures += 1);
@@ -779,7 +822,21 @@ async fn branch_session(
         .await
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
         .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
-    let (mut reader, mut writer) = split(stream);
+    let _ = stream.set_nodelay(true);
+    let io: Box<dyn LinkIo> = match &settings.tls {
+        LinkTls::Branch(creds) => {
+            let cfg = creds.get().map_err(|e| LinkError::Tls(format!("{e}. Hint: issue this shop's credentials at the main (branchsync tls issue {} --out DIR) and copy DIR to {}.", settings.node, creds.dir().display())))?;
+            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(tls::main_server_name(), stream))
+                .await
+                .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+                .map_err(|e| tls_aware(LinkError::Proto(ProtoError::Io(e)), false))?;
+            let fp = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| tls::fingerprint(c));
+            status.peer("main", |p| p.certificate = fp);
+            Box::new(s)
+        }
+        _ => Box::new(stream),
+    };
+    let (mut reader, mut writer) = split(io);
     let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), branchsync_engine::state::RELAY_STREAM, state.clone()).await?;
     let t0 = applier.db_clock_us().await?;
     let relay_epoch = applier.stream_epoch().await?;
@@ -923,6 +980,9 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
     let states: Arc<HashMap<String, Arc<StreamState>>> = Arc::new(peers.iter().map(|p| (p.name.clone(), Arc::new(StreamState::default()))).collect());
     let peers = Arc::new(peers);
     let sessions = Arc::new(AtomicU64::new(0));
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut turned_away: u64 = 0;
+    let mut last_warned: Option<Instant> = None;
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -937,12 +997,50 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
                         continue;
                     }
                 };
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    turned_away += 1;
+                    if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(peer_addr = %addr, turned_away, limit = MAX_PENDING_HANDSHAKES, "too many connections in their handshake; closing new ones at once");
+                        last_warned = Some(Instant::now());
+                    }
+                    drop(sock);
+                    continue;
+                };
                 let span = tracing::info_span!("link", peer_addr = %addr);
                 let ctx = (settings.clone(), peers.clone(), log.clone(), status.clone(), live.clone(), states.clone(), shutdown.clone(), sessions.clone());
                 tasks.spawn(async move {
                     let (settings, peers, log, status, live, states, shutdown, sessions) = ctx;
                     sessions.fetch_add(1, Ordering::Relaxed);
-                    if let Err((peer, e)) = main_connection(sock, settings, &peers, log, status.clone(), live, states, shutdown).await {
+                    let _ = sock.set_nodelay(true);
+                    let (io, cert): (Box<dyn LinkIo>, _) = match &settings.tls {
+                        LinkTls::Main { creds, .. } => {
+                            let cfg = match creds.get() {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "TLS credentials of the main unusable; connection dropped");
+                                    return;
+                                }
+                            };
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(sock)).await {
+                                Err(_) => {
+                                    tracing::info!("TLS handshake timed out");
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    let e = tls_aware(LinkError::Proto(ProtoError::Io(e)), true);
+                                    tracing::warn!(error = %e, "TLS handshake failed; connection dropped");
+                                    return;
+                                }
+                                Ok(Ok(s)) => {
+                                    let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+                                    (Box::new(s) as Box<dyn LinkIo>, cert)
+                                }
+                            }
+                        }
+                        _ => (Box::new(sock) as Box<dyn LinkIo>, None),
+                    };
+                    if let Err((peer, e)) = main_connection(io, cert, permit, settings, &peers, log, status.clone(), live, states, shutdown).await {
+                        let e = tls_aware(e, true);
                         match peer {
                             Some(p) => {
                                 report_end(&status, &p, &e, None);
@@ -967,7 +1065,9 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
 /// One connection at the main; on error, the branch it was (once known).
 #[allow(clippy::too_many_arguments)]
 async fn main_connection(
-    sock: TcpStream,
+    sock: Box<dyn LinkIo>,
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     settings: LinkSettings,
     peers: &[PeerAuth],
     log: Arc<ChangeLog>,
@@ -1004,27 +1104,44 @@ async fn main_connection(
         .await
         .map_err(|e| (None, e));
     }
-    let Some(peer) = peers.iter().find(|p| p.name == hello.node) else {
+    // Who the peer is: a listed node, its token, and (mutual TLS) the
+    // certificate issued to that node. Every failure gets the same reply on
+    // the wire; the main's log and status give the reason.
+    let peer = peers.iter().find(|p| p.name == hello.node);
+    let why = match peer {
+        None => Some(format!("unknown node \"{}\": no [[sync.peers]] entry at the main has this name", hello.node)),
+        Some(p) if !tokens_equal(&p.token, &hello.token) => Some(format!("the token of node \"{}\" does not match the main's", hello.node)),
+        Some(_) => match (&settings.tls, &cert) {
+            (LinkTls::Main { .. }, None) => Some("it presented no certificate".to_string()),
+            (LinkTls::Main { .. }, Some(c)) if !tls::valid_for_node(c, &hello.node) => {
+                Some(format!("its certificate {} was issued to another node, not to \"{}\"", tls::fingerprint(c), hello.node))
+            }
+            _ => None,
+        },
+    };
+    let Some(peer) = peer.filter(|_| why.is_none()) else {
+        let why = why.unwrap_or_default();
+        tracing::warn!(node = %hello.node, reason = %why, "authentication failed");
+        if peers.iter().any(|p| p.name == hello.node) {
+            status.peer(&hello.node, |p| {
+                p.auth_failures += 1;
+                p.last_error = Some(format!("authentication failed: {why}"));
+            });
+        }
         return refuse(&mut writer, refusal(
-            RefusalReason::UnknownNode,
-            format!("unknown node \"{}\"", hello.node),
-            "No [[sync.peers]] entry at the main has this name.".into(),
-            "Add the branch to the main's [[sync.peers]] and restart the main, or fix node.name at the branch.",
+            RefusalReason::BadToken,
+            format!("authentication failed for node \"{}\"", hello.node),
+            "The main does not accept this node's name, token or certificate; the main's log says which.".into(),
+            "Check that the branch is listed in the main's [[sync.peers]], that its token matches, and that its TLS directory holds the credentials the main issued to it (branchsync tls issue NAME).",
         ))
         .await
         .map_err(|e| (None, e));
     };
-    if !tokens_equal(&peer.token, &hello.token) {
-        return refuse(&mut writer, refusal(
-            RefusalReason::BadToken,
-            format!("authentication failed for node \"{}\"", hello.node),
-            "The token does not match the main's token for this node.".into(),
-            "Set the same token at the branch (token, token_file or BRANCHSYNC_TOKEN) and in the main's [[sync.peers]].",
-        ))
-        .await
-        .map_err(|e| (None, e));
-    }
     let name = hello.node.clone();
+    if let Some(c) = &cert {
+        let fp = tls::fingerprint(c);
+        status.peer(&name, |p| p.certificate = Some(fp));
+    }
     let fail = |e: LinkError| (Some(name.clone()), e);
     if hello.table_rules != settings.table_rules {
         return refuse(&mut writer, refusal(
@@ -1096,6 +1213,8 @@ async fn main_connection(
         tracing::info!(peer = %hello.node, "evicting an earlier connection that stopped answering");
         let _ = done.wait_for(|d| *d).await;
     }
+    // Authenticated: no longer counts against the handshake limit.
+    drop(permit);
     let r = main_session(&settings, hello, received_us, reader, writer, log, status.clone(), states, last_heard, shutdown, evict_rx).await;
     let _ = done_tx.send(true);
     status.peer(&name, |p| p.connected = false);
@@ -1107,8 +1226,8 @@ async fn main_session(
     settings: &LinkSettings,
     hello: Hello,
     received_us: i64,
-    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    mut writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    mut reader: Reader,
+    mut writer: Writer,
     log: Arc<ChangeLog>,
     status: Arc<NodeStatus>,
     states: Arc<HashMap<String, Arc<StreamState>>>,

@@ -11,7 +11,7 @@ mod node;
 mod report;
 mod status;
 
-use branchsync_server::{http, scenario};
+use branchsync_server::{http, scenario, tls};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +22,44 @@ use branchsync_engine::{setup, EngineError};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::link::PeerAuth;
+use crate::link::{LinkTls, PeerAuth};
 use crate::node::{Node, NodeSettings};
+
+/// `branchsync tls` actions.
+#[derive(Subcommand)]
+enum TlsAction {
+    /// At the main: write a shop's credentials (ca.pem, cert.pem, key.pem)
+    /// into a directory, to copy into the shop's TLS directory. Issuing
+    /// again renews them.
+    Issue {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// The branch's node name.
+        name: String,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = tls::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// At the main: renew the main's own certificate.
+    Renew {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = tls::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// This node's certificate and CA: fingerprints and expiry.
+    Show {
+        /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+    },
+}
 
 /// Multi-master, offline-first sync of PostgreSQL databases between a head
 /// office (main) and shop branches.
@@ -52,6 +88,11 @@ enum Command {
         /// re-seeded; the daemon says when this is needed).
         #[arg(long)]
         accept_new_log: bool,
+    },
+    /// The link's TLS credentials: issue a shop's, renew the main's, show.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
     },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
@@ -202,6 +243,11 @@ fn main() -> ExitCode {
 
 async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Tls { action } => {
+            let (TlsAction::Issue { config, .. } | TlsAction::Renew { config, .. } | TlsAction::Show { config }) = &action;
+            let cfg = Config::load(config)?;
+            tls_command(&cfg, action)
+        }
         Command::Init { config, restored, accept_new_log } => {
             let cfg = Config::load(&config)?;
             init(&cfg, restored, accept_new_log).await
@@ -382,6 +428,72 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
     let changed = report.sequences.iter().filter(|s| s.changed).count();
     println!("  sequences striped: {} changed, {} already on stripe {} mod {}", changed, report.sequences.len() - changed, cfg.node.index, cfg.keys.stride);
     println!("  replication slot: {}", if report.slot_created { "created" } else { "exists" });
+    init_tls(cfg)
+}
+
+/// The link's credentials at `init`: the main creates the chain's CA and
+/// its own certificate when its TLS directory holds none; a branch says
+/// whether its credentials are in place.
+fn init_tls(cfg: &Config) -> anyhow::Result<ExitCode> {
+    if cfg.sync.insecure {
+        println!("  TLS: off (sync.insecure = true): the link is not encrypted");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = cfg.tls_dir();
+    match cfg.node.role {
+        branchsync_engine::Role::Main if tls::has_ca(&dir) => println!("  TLS: the chain's CA is in {}", dir.display()),
+        branchsync_engine::Role::Main => {
+            let info = tls::create_ca(&dir, &cfg.node.name).with_context(|| format!("cannot create the chain's CA in {}", dir.display()))?;
+            println!("  TLS: created the chain's CA and the main's certificate in {} (valid until {})", dir.display(), info.not_after);
+            println!("  issue each shop's credentials here with: branchsync tls issue <branch name> --out DIR (then copy DIR's files into the shop's TLS directory)");
+        }
+        branchsync_engine::Role::Branch => match tls::cert_info(&dir.join(tls::CERT)) {
+            Ok(info) => println!("  TLS: this shop's certificate {} is valid until {}", info.fingerprint, info.not_after),
+            Err(e) => {
+                eprintln!("branchsync init: this shop has no TLS credentials: {e}");
+                eprintln!("HINT:  At the main, run: branchsync tls issue {} --out DIR, and copy DIR's files into {}.", cfg.node.name, dir.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `branchsync tls …`.
+fn tls_command(cfg: &Config, action: TlsAction) -> anyhow::Result<ExitCode> {
+    let dir = cfg.tls_dir();
+    match action {
+        TlsAction::Issue { name, out, days, .. } => {
+            anyhow::ensure!(cfg.node.role == branchsync_engine::Role::Main && tls::has_ca(&dir), "credentials are issued at the main, where the chain's CA is (no CA in {})", dir.display());
+            if !cfg.sync.peers.iter().any(|p| p.name == name) {
+                eprintln!("WARNING: \"{name}\" is not in this main's [[sync.peers]]: add it before the shop connects.");
+            }
+            let info = tls::issue_branch(&dir, &name, &out, i64::from(days.clamp(1, 3650)))?;
+            println!("issued the credentials of branch \"{name}\" into {}", out.display());
+            println!("  certificate {} valid until {}", info.fingerprint, info.not_after);
+            println!("  copy ca.pem, cert.pem and key.pem into the shop's TLS directory ([tls] dir, default tls/ beside its configuration file); key.pem is secret");
+            println!("  a shop renewed while connected goes on; its next session uses the new certificate");
+        }
+        TlsAction::Renew { days, .. } => {
+            anyhow::ensure!(cfg.node.role == branchsync_engine::Role::Main && tls::has_ca(&dir), "branchsync tls renew renews the main's own certificate, at the main (a branch's is renewed by issuing it again: branchsync tls issue NAME at the main)");
+            let info = tls::issue_main(&dir, days.clamp(1, 3650))?;
+            println!("renewed the main's certificate: {} valid until {} (new sessions use it; the running ones go on)", info.fingerprint, info.not_after);
+        }
+        TlsAction::Show { .. } => {
+            if cfg.sync.insecure {
+                println!("TLS: off (sync.insecure = true)");
+            }
+            if dir.join(tls::CA_CERT).exists() {
+                let ca = tls::cert_info(&dir.join(tls::CA_CERT))?;
+                println!("CA:          {} ({}) valid until {}", ca.subject, ca.fingerprint, ca.not_after);
+            }
+            let me = tls::cert_info(&dir.join(tls::CERT))?;
+            println!("certificate: {} ({}) valid until {}", me.subject, me.fingerprint, me.not_after);
+            if me.expires_in_s < 30 * 86_400 {
+                println!("WARNING: it expires in {} days: renew it", me.expires_in_s / 86_400);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -417,6 +529,32 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,
         retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
+        tls: link_tls(cfg)?,
+    })
+}
+
+/// The link's TLS from the config; the credentials are read once here, so
+/// that a missing or unreadable file stops the start with its name.
+fn link_tls(cfg: &Config) -> anyhow::Result<LinkTls> {
+    if cfg.sync.insecure {
+        tracing::warn!("sync.insecure = true: the link is NOT encrypted and peers are NOT authenticated by certificate; tokens and every row cross the network in clear");
+        return Ok(LinkTls::Insecure);
+    }
+    let dir = cfg.tls_dir();
+    Ok(match cfg.node.role {
+        branchsync_engine::Role::Main => {
+            let revoked = cfg.tls.revoked.clone();
+            let creds = tls::ServerCredentials::new(dir.clone(), move |d| tls::server_config(d, &revoked));
+            creds.get().with_context(|| format!("the main's TLS credentials in {} are not usable. Hint: branchsync init creates them when the directory holds none.", dir.display()))?;
+            LinkTls::Main { creds: std::sync::Arc::new(creds) }
+        }
+        branchsync_engine::Role::Branch => {
+            let creds = tls::ClientCredentials::new(dir.clone(), tls::client_config);
+            creds.get().with_context(|| {
+                format!("this shop's TLS credentials in {} are not usable. Hint: at the main run branchsync tls issue {} --out DIR and copy DIR's files into {}.", dir.display(), cfg.node.name, dir.display())
+            })?;
+            LinkTls::Branch(std::sync::Arc::new(creds))
+        }
     })
 }
 

@@ -88,6 +88,8 @@ pub struct NodeSettings {
     pub retention: Duration,
     /// Period of the sequence stripe audit.
     pub audit_interval: Duration,
+    /// TLS of the link.
+    pub tls: crate::link::LinkTls,
 }
 
 /// How often the log's meta (peers' acknowledgements and contact times) is
@@ -352,6 +354,7 @@ impl Node {
             window: s.window,
             table_rules: s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect(),
             retention: s.retention,
+            tls: s.tls.clone(),
         };
         match s.role {
             Role::Branch => {

@@ -45,6 +45,14 @@ pub struct PeerStatus {
     pub session_failures: u64,
     /// Why the last session ended or was refused.
     pub last_error: Option<String>,
+    /// Connections that claimed this node and failed authentication
+    /// (token or certificate), this run.
+    #[serde(default)]
+    pub auth_failures: u64,
+    /// Fingerprint (`sha256:…`) of the certificate the peer presented in
+    /// the last session (none with `sync.insecure`).
+    #[serde(default)]
+    pub certificate: Option<String>,
     /// Main: the branch has been away longer than the retention; it no
     /// longer pins the log and must be re-seeded.
     #[serde(default)]

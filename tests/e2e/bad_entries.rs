@@ -58,8 +58,9 @@ async fn crafted_branch() -> (Topology, u64, tokio_postgres::Client, FakeBranch)
     topo.main.start();
     let sid = system_id(&topo.branches[0]).await;
     let port = topo.main_port;
+    let tls = topo.branches[0].tls_dir();
     let main = topo.main.db().await;
-    let fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, crafted_hello(sid)).await.ok() }).await;
+    let fake = eventually("the main welcomes the crafted branch", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, crafted_hello(sid)).await.ok() }).await;
     (topo, sid, main, fake)
 }
 
@@ -105,7 +106,8 @@ async fn crafted_entries_are_quarantined_or_refused_and_the_stream_goes_on() {
 
     // The stream goes on from where it was.
     let port = topo.main_port;
-    let mut fake = eventually("the main welcomes the branch again", Duration::from_secs(30), || async { FakeBranch::connect(port, crafted_hello(sid)).await.ok() }).await;
+    let tls = topo.branches[0].tls_dir();
+    let mut fake = eventually("the main welcomes the branch again", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, crafted_hello(sid)).await.ok() }).await;
     fake.send(Message::Entries(vec![wire(&entry(7, sid, vec![order("7")])), wire(&entry(8, sid, vec![order("8")]))])).await;
     eventually("positions 7 and 8 apply", Duration::from_secs(30), || async { (progress(&main).await == 8).then_some(()) }).await;
     assert_eq!(ids(&main).await, vec![1, 2, 3, 5, 6, 7, 8]);
@@ -120,11 +122,12 @@ async fn impossible_chunks_end_the_session_and_change_nothing() {
     topo.main.start();
     let sid = system_id(&topo.branches[0]).await;
     let port = topo.main_port;
-    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
+    let tls = topo.branches[0].tls_dir();
+    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
     fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 4 << 30, offset: 0, data: vec![0; 16] })).await;
     let _ = fake.refusal(Duration::from_secs(15)).await;
     topo.main.wait_log("larger than any entry may be", Duration::from_secs(10)).await;
-    let mut fake = eventually("welcomed again", Duration::from_secs(30), || async { FakeBranch::connect(port, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
+    let mut fake = eventually("welcomed again", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, hello_for("branch1", 1, sid, 0xbad)).await.ok() }).await;
     fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 100, offset: 0, data: vec![0; 10] })).await;
     fake.send(Message::Chunk(branchsync_proto::EntryChunk { pos: 1, part: 0, last: true, total: 100, offset: 50, data: vec![0; 10] })).await;
     let _ = fake.refusal(Duration::from_secs(15)).await;

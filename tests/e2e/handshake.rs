@@ -21,7 +21,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-type Conn = Framed<TcpStream, FrameCodec>;
+type Conn = LinkConn;
 
 const ORDERS: &str = "CREATE TABLE orders (id serial PRIMARY KEY, shop text NOT NULL);\nCREATE TABLE local_cache (k text PRIMARY KEY, v text);";
 
@@ -44,8 +44,8 @@ async fn main_listening(port: u16) {
 }
 
 /// Sends `h` on a new connection; returns the main's answer and the connection.
-async fn dial(port: u16, h: Hello) -> (Message, Conn) {
-    let sock = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the main");
+async fn dial(port: u16, tls: &std::path::Path, h: Hello) -> (Message, Conn) {
+    let sock = dial_link(port, tls).await.expect("connect to the main");
     let mut f = Framed::new(sock, FrameCodec::default());
     f.send(Message::Hello(h)).await.expect("send Hello");
     let m = tokio::time::timeout(Duration::from_secs(15), f.next()).await.expect("an answer to Hello").expect("a frame").expect("decodable");
@@ -55,10 +55,10 @@ async fn dial(port: u16, h: Hello) -> (Message, Conn) {
 /// Like [`dial`], but while the main still holds the node's previous
 /// session (it ends a moment after the main reports the peer disconnected)
 /// the IndexInUse answer is retried.
-async fn dial_when_free(port: u16, h: Hello) -> (Message, Conn) {
+async fn dial_when_free(port: u16, tls: &std::path::Path, h: Hello) -> (Message, Conn) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let (m, f) = dial(port, h.clone()).await;
+        let (m, f) = dial(port, tls, h.clone()).await;
         match &m {
             Message::Refuse(r) if r.reason == RefusalReason::IndexInUse && Instant::now() < deadline => {
                 drop(f);
@@ -114,12 +114,12 @@ async fn a_silent_session_holds_the_index_while_fresh_and_is_evicted_by_the_real
     let sid = system_id(&topo.branches[0]).await;
     let epoch = topo.branches[0].log_epoch();
 
-    let (m, mut silent) = dial(port, hello_for("branch1", 1, sid, epoch)).await;
+    let (m, mut silent) = dial(port, &topo.branches[0].tls_dir(), hello_for("branch1", 1, sid, epoch)).await;
     let welcomed = Instant::now();
     expect_welcome(&m, "the first connection of branch1");
 
     // Fresh: the index is in use.
-    let (m, _) = dial(port, hello_for("branch1", 1, sid, epoch)).await;
+    let (m, _) = dial(port, &topo.branches[0].tls_dir(), hello_for("branch1", 1, sid, epoch)).await;
     let fresh_for = welcomed.elapsed();
     assert!(fresh_for < Duration::from_millis(3 * HEARTBEAT_MS), "the second Hello took {fresh_for:?}; the first session was no longer fresh (test too slow)");
     expect_refusal(m, RefusalReason::IndexInUse, "already in use");
@@ -185,7 +185,7 @@ async fn exclude_globs_that_differ_from_the_mains_are_refused_as_a_config_mismat
     for globs in [vec!["local_*", "tmp_*"], vec![], vec!["cache_*"]] {
         let mut h = hello_for("branch1", 1, sid, 1);
         h.exclude = globs.iter().map(|g| g.to_string()).collect();
-        let r = expect_refusal(dial(port, h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
+        let r = expect_refusal(dial(port, &topo.branches[0].tls_dir(), h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
         assert!(r.detail.contains(&format!("exclude {globs:?}")), "the detail must show the branch's globs {globs:?}: {r}");
         assert!(r.detail.contains("exclude [\"local_*\"]"), "the detail must show the main's globs: {r}");
     }
@@ -270,13 +270,13 @@ async fn a_branch_behind_the_mains_reclaimed_log_is_told_to_reseed() {
     let epoch = topo.branches[0].log_epoch();
     let behind = |relay_applied: u64| Hello { log_newest: applied_from_b1, log_floor: 0, relay_applied, ..hello_for("branch1", 1, sid, epoch) };
 
-    let r = expect_refusal(dial_when_free(topo.main_port, behind(0)).await.0, RefusalReason::MustReseed, "must be re-seeded");
+    let r = expect_refusal(dial_when_free(topo.main_port, &topo.branches[0].tls_dir(), behind(0)).await.0, RefusalReason::MustReseed, "must be re-seeded");
     assert!(r.message.contains("branch1"), "{r}");
     assert!(r.detail.contains(&format!("position {}", floor + 1)), "the detail must name the first position the main still holds: {r}");
-    expect_refusal(dial_when_free(topo.main_port, behind(floor - 1)).await.0, RefusalReason::MustReseed, "must be re-seeded");
+    expect_refusal(dial_when_free(topo.main_port, &topo.branches[0].tls_dir(), behind(floor - 1)).await.0, RefusalReason::MustReseed, "must be re-seeded");
     log_says(&topo.main, "must be re-seeded").await;
     // At the floor everything the branch still needs is there.
-    let (m, at_floor) = dial_when_free(topo.main_port, behind(floor)).await;
+    let (m, at_floor) = dial_when_free(topo.main_port, &topo.branches[0].tls_dir(), behind(floor)).await;
     expect_welcome(&m, "a branch whose relay progress is at the main's log floor");
     drop(at_floor);
 
@@ -375,7 +375,7 @@ async fn a_ddl_policy_that_differs_from_the_mains_is_refused_as_a_config_mismatc
     let sid = system_id(&topo.branches[0]).await;
     let mut h = hello_for("branch1", 1, sid, 1);
     h.ddl_from = "any".into();
-    let r = expect_refusal(dial(topo.main_port, h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
+    let r = expect_refusal(dial(topo.main_port, &topo.branches[0].tls_dir(), h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
     assert!(r.detail.contains("Branch: [ddl] from = \"any\". Main: [ddl] from = \"main\"."), "{r}");
 
     // A real branch set to "any" against a main left at "main".

@@ -22,3 +22,4 @@ mod random_convergence;
 mod restore;
 mod scenarios;
 mod soak;
+mod tls;

@@ -117,6 +117,21 @@ impl LocalTarget {
         let mut t = LocalTarget { sites, proxies, exe, pg_bin: bin.display().to_string() };
         progress("loading the schema and running branchsync init at every site".into());
         for i in 0..t.sites.len() {
+            if i > 0 {
+                // The shop's credentials, issued at the main as an operator
+                // would (the main's init created the chain's CA).
+                let out_dir = t.sites[i].dir.path().join("tls");
+                let out = Command::new(&t.exe)
+                    .args(["tls", "issue", &t.sites[i].name, "--out"])
+                    .arg(&out_dir)
+                    .arg("--config")
+                    .arg(t.sites[0].config_path())
+                    .output()
+                    .map_err(|e| ScenarioError::Setup(format!("cannot run branchsync tls issue: {e}")))?;
+                if !out.status.success() {
+                    return Err(ScenarioError::Setup(format!("branchsync tls issue {} failed:\n{}{}", t.sites[i].name, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))));
+                }
+            }
             t.client(i).await?.batch_execute(schema).await.map_err(|e| ScenarioError::Setup(format!("loading the schema at {}: {}", t.sites[i].name, super::pg_message(&e))))?;
             let out = Command::new(&t.exe).arg("init").arg("--config").arg(t.sites[i].config_path()).output().map_err(|e| ScenarioError::Setup(format!("cannot run branchsync init: {e}")))?;
             if !out.status.success() {
