@@ -128,8 +128,10 @@ fn not_resolvable(message: String, detail: String) -> EngineError {
 
 /// Settles conflict `id` by keeping the local or the remote version (see
 /// the module documentation). One transaction: the row change and the mark
-/// commit together.
-pub async fn resolve(client: &mut Client, id: i64, keep: Keep) -> Result<Resolved, EngineError> {
+/// commit together. A record names its table as text, and records arrive
+/// from other nodes: a row is written back only into a table of `scope`
+/// (never into branchsync's own tables, the catalog, or an excluded table).
+pub async fn resolve(client: &mut Client, id: i64, keep: Keep, scope: &crate::scope::Scope) -> Result<Resolved, EngineError> {
     let tx = client.transaction().await.map_err(EngineError::pg("starting a resolution"))?;
     let row = tx
         .query_opt(
@@ -154,6 +156,12 @@ pub async fn resolve(client: &mut Client, id: i64, keep: Keep) -> Result<Resolve
         let (schema, name) = tbl
             .split_once('.')
             .ok_or_else(|| not_resolvable(format!("conflict {id} is not about a table row"), format!("It is a {kind} record of {tbl}.")))?;
+        if !scope.includes(schema, name) {
+            return Err(not_resolvable(
+                format!("table {tbl} is not replicated here"),
+                "A resolution writes only into replicated tables (database.schemas minus database.exclude); this record names another table.".into(),
+            ));
+        }
         let t = LocalTable::load(tx.client(), schema, name)
             .await?
             .ok_or_else(|| not_resolvable(format!("table {tbl} does not exist here"), "The row cannot be written back.".into()))?;

@@ -159,6 +159,16 @@ pub struct SyncSection {
     /// Plaintext link, no TLS (both ends must say so; logged loudly).
     #[serde(default)]
     pub insecure: bool,
+    /// Main: a branch's change stamped more than this many seconds ahead
+    /// of the main's clock when it arrives is clamped to that moment.
+    #[serde(default = "d_stamp_ahead")]
+    pub max_stamp_ahead_s: u64,
+}
+
+/// Default lead a branch's stamp may have over the main's clock (s).
+pub const DEFAULT_MAX_STAMP_AHEAD_S: u64 = 300;
+fn d_stamp_ahead() -> u64 {
+    DEFAULT_MAX_STAMP_AHEAD_S
 }
 
 fn d_reconnect() -> u64 {

@@ -176,6 +176,9 @@ pub struct LinkSettings {
     pub retention: Duration,
     /// TLS, or plaintext with `sync.insecure`.
     pub tls: LinkTls,
+    /// Main: how far ahead of its clock a branch's stamp may be on arrival
+    /// before it is clamped.
+    pub max_stamp_ahead: Duration,
 }
 
 /// A socket or framing error that is really a TLS failure, explained.
@@ -1335,7 +1338,7 @@ async fn main_session(
         applier.set_stream_epoch(hello.log_epoch).await?;
     }
     applier.touch_contact().await?;
-    applier.expect_author(hello.index, hello.system_id);
+    applier.expect_author(hello.index, hello.system_id, settings.max_stamp_ahead);
     log.touch_peer(&name);
     let resume_lsn = applier.committed_lsn().await?;
     let max_frame = agree(settings.max_frame, hello.max_frame);

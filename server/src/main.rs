@@ -353,7 +353,7 @@ async fn conflicts(cfg: &Config, action: ConflictsAction) -> anyhow::Result<Exit
                 KeepArg::Local => Keep::Local,
                 KeepArg::Remote => Keep::Remote,
             };
-            match conflict_log::resolve(&mut conn.client, id, keep).await {
+            match conflict_log::resolve(&mut conn.client, id, keep, &cfg.scope()?).await {
                 Ok(Resolved::Marked) => println!("conflict {id} resolved: the local version stays"),
                 Ok(Resolved::RowWritten) => println!("conflict {id} resolved: the remote version was written back and replicates"),
                 Ok(Resolved::RowDeleted) => println!("conflict {id} resolved: the remote delete was applied and replicates"),
@@ -530,6 +530,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         tables: cfg.table_rules()?,
         retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
         tls: link_tls(cfg)?,
+        max_stamp_ahead: Duration::from_secs(cfg.sync.max_stamp_ahead_s),
     })
 }
 

@@ -90,6 +90,8 @@ pub struct NodeSettings {
     pub audit_interval: Duration,
     /// TLS of the link.
     pub tls: crate::link::LinkTls,
+    /// Main: largest lead of a branch's stamp over the main's clock.
+    pub max_stamp_ahead: Duration,
 }
 
 /// How often the log's meta (peers' acknowledgements and contact times) is
@@ -355,6 +357,7 @@ impl Node {
             table_rules: s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect(),
             retention: s.retention,
             tls: s.tls.clone(),
+            max_stamp_ahead: s.max_stamp_ahead,
         };
         match s.role {
             Role::Branch => {

@@ -164,3 +164,52 @@ async fn a_branch_cannot_send_entries_in_another_nodes_name() {
     assert_eq!(q.len(), 3, "{q:#?}");
     assert!(q.iter().all(|d| d.contains("speaks only for itself")), "{q:#?}");
 }
+
+/// Issue 13, done-when 7: a client with branch1's valid credentials sends
+/// changes stamped a year ahead. The main clamps each to its arrival time
+/// and records it; the row's later change at branch2 (made offline after
+/// the forged update arrived) wins the conflict at every site, as it would
+/// against an honest clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stamp_a_year_ahead_is_clamped_on_arrival_and_loses_to_a_later_change() {
+    let mut topo = Topology::prepare(2, SCHEMA).await;
+    topo.main.start();
+    topo.branches[1].start();
+    let sid = system_id(&topo.branches[0]).await;
+    let port = topo.main_port;
+    let tls = topo.branches[0].tls_dir();
+    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, crafted_hello(sid)).await.ok() }).await;
+    let year_ahead = |mut e: LogEntry| {
+        e.header.stamp += 365 * 86_400 * 1_000_000;
+        e
+    };
+    fake.send(Message::Entries(vec![wire(&year_ahead(entry(1, sid, vec![order("1")])))])).await;
+    let b2 = topo.branches[1].db().await;
+    eventually("the forged insert reaches branch2", Duration::from_secs(30), || async { ids(&b2).await.contains(&1).then_some(()) }).await;
+    topo.proxies[1].cut();
+    let row = |shop: &str| vec![Value::Text("1".into()), Value::Text(shop.into())];
+    let update = RowChange::Update { table: 0, old: Some(branchsync_proto::OldRow { full: true, values: row("branch1") }), new: row("forged") };
+    fake.send(Message::Entries(vec![wire(&year_ahead(entry(2, sid, vec![update])))])).await;
+    let main = topo.main.db().await;
+    eventually("the forged update applies at the main", Duration::from_secs(30), || async {
+        let shop: String = main.query_one("SELECT shop FROM orders WHERE id = 1", &[]).await.ok()?.get(0);
+        (shop == "forged").then_some(())
+    })
+    .await;
+    // Later, at branch2 (offline): the same row.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b2.execute("UPDATE orders SET shop = 'branch2-later' WHERE id = 1", &[]).await.unwrap();
+    topo.proxies[1].heal();
+    wait_converged(&[&topo.main, &topo.branches[1]], &["orders"], Duration::from_secs(60)).await;
+    let shop: String = main.query_one("SELECT shop FROM orders WHERE id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(shop, "branch2-later", "the later change must win over a stamp a year ahead");
+    let clamped: i64 = main.query_one("SELECT count(*) FROM branchsync.conflicts WHERE kind = 'stamp_clamped'", &[]).await.unwrap().get(0);
+    assert_eq!(clamped, 2, "each clamped ChangeSet is recorded once");
+    // No stamp the main holds is far ahead of its clock.
+    let ahead: i64 = main
+        .query_one("SELECT count(*) FROM branchsync.row_version WHERE stamp > (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + 300000000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ahead, 0, "a row version at the main kept a far-future stamp");
+}

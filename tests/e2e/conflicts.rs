@@ -328,6 +328,26 @@ async fn an_operator_resolves_a_conflict_and_the_resolution_replicates() {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already resolved"));
     let text = String::from_utf8_lossy(&topo.main.cli(&["conflicts", "list"]).stdout).to_string();
     assert!(text.contains("no unresolved conflicts"), "{text}");
+
+    // Records name their table as text and arrive from other nodes: one
+    // that names branchsync's own progress (or any table outside the
+    // replicated scope) is never written into.
+    let admin = topo.main.db().await;
+    for target in ["branchsync.progress", "public.local_cache", "pg_catalog.pg_class"] {
+        let forged: i64 = admin
+            .query_one(
+                "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, remote_version) VALUES ($1, '[\"x\"]', 'update_update', 'lww', '{\"stream\": \"branch1\", \"pos\": 0}') RETURNING id",
+                &[&target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let out = topo.main.cli(&["conflicts", "resolve", &forged.to_string(), "--keep", "remote"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("is not replicated here"), "resolving a record of {target}: {err}");
+    }
+    let progress: i64 = admin.query_one("SELECT pos FROM branchsync.progress WHERE stream = 'branch1'", &[]).await.unwrap().get(0);
+    assert!(progress > 0, "branch1's progress at the main was overwritten by a resolution");
 }
 
 /// R14: a shop PC whose clock runs an hour fast does not win every

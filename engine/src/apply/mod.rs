@@ -237,6 +237,11 @@ pub struct Applier {
     /// Entries (by position) whose body did not decode or check: the raw
     /// bytes and why, recorded as quarantined when their position applies.
     undecodable: HashMap<u64, (Vec<u8>, String)>,
+    /// Main: a branch's stamp may be at most this far ahead of the main's
+    /// clock on receipt (µs).
+    max_stamp_ahead_us: Option<i64>,
+    /// Stamps clamped on receipt, by position: (the stamp sent, the one kept).
+    clamped: HashMap<u64, (u64, u64)>,
     /// Changes removed from entries because they do not fit their table:
     /// recorded as quarantined when their position applies.
     invalid: HashMap<u64, Vec<(RowChange, String)>>,
@@ -307,6 +312,8 @@ impl Applier {
                 last_header: None,
                 expected_author: None,
                 undecodable: HashMap::new(),
+                max_stamp_ahead_us: None,
+                clamped: HashMap::new(),
                 invalid: HashMap::new(),
                 committed,
                 seen: committed,
@@ -516,8 +523,15 @@ impl Applier {
     /// authenticated; one that names another node is quarantined, never
     /// applied as that node's (a shop's credential must not speak as the
     /// main: its DDL, rules and stamps would count as the main's).
-    pub fn expect_author(&mut self, index: u32, system_id: u64) {
+    ///
+    /// A stamp more than `max_ahead` beyond the main's clock when the entry
+    /// arrives is clamped to that moment, once, here: the ChangeSet is
+    /// decided, recorded and relayed with the clamped stamp, so one
+    /// far-future stamp cannot win every later decision (a record of kind
+    /// `stamp_clamped` keeps what was sent).
+    pub fn expect_author(&mut self, index: u32, system_id: u64, max_ahead: Duration) {
         self.expected_author = Some((index, system_id));
+        self.max_stamp_ahead_us = Some(i64::try_from(max_ahead.as_micros()).unwrap_or(i64::MAX));
     }
 
     /// Takes entries off the wire: each must follow the last without a gap
@@ -581,6 +595,19 @@ impl Applier {
                         tracing::warn!(stream = %self.stream, pos = e.pos, changes = quarantined.len(), "changes that do not fit their table are quarantined");
                         self.invalid.insert(e.pos, quarantined);
                     }
+                    if let Some(ahead) = self.max_stamp_ahead_us {
+                        let now = u64::try_from(crate::clock::now_us()).unwrap_or(0);
+                        if e.header.stamp > now.saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX)) {
+                            // Every fragment of a ChangeSet keeps the clamp of its first.
+                            let kept = match &self.last_header {
+                                Some(h) if e.part > 0 && h.commit_lsn == e.header.commit_lsn => h.stamp,
+                                _ => now,
+                            };
+                            tracing::warn!(stream = %self.stream, pos = e.pos, ahead_s = (e.header.stamp - now) / 1_000_000, "a stamp far ahead of this node's clock is clamped to the time it arrived");
+                            self.clamped.insert(e.pos, (e.header.stamp, kept));
+                            e.header.stamp = kept;
+                        }
+                    }
                     self.last_header = Some(e.header.clone());
                     e
                 }
@@ -604,6 +631,17 @@ impl Applier {
     /// Records what [`Applier::receive`] set aside at `e`'s position, in the
     /// open transaction (so it commits with the progress past it).
     async fn record_set_aside(&mut self, e: &LogEntry) -> Result<(), EngineError> {
+        if let Some((sent, kept)) = self.clamped.get(&e.pos).copied() {
+            if e.part == 0 {
+                let detail = format!(
+                    "ChangeSet at position {} of stream {} was stamped {} s ahead of this node's clock on arrival; it is decided and relayed with the time it arrived",
+                    e.pos,
+                    self.stream,
+                    sent.saturating_sub(kept) / 1_000_000
+                );
+                self.record("(stamp)", None, "stamp_clamped", &e.header, None, Some(serde_json::json!({ "stamp_sent": sent, "stamp_kept": kept }).to_string()), Some(detail)).await?;
+            }
+        }
         if let Some((raw, reason)) = self.undecodable.get(&e.pos).cloned() {
             self.stats.quarantined += 1;
             let detail = format!("entry {} of stream {} (fragment {} of its ChangeSet) was not applied: {reason}", e.pos, self.stream, e.part);
@@ -811,6 +849,7 @@ impl Applier {
         self.uncommitted_rows = self.uncommitted.iter().map(|e| e.changes.len()).sum();
         self.uncommitted_bytes = self.uncommitted.iter().map(|e| e.approx_bytes()).sum();
         self.undecodable.retain(|p, _| *p > pos);
+        self.clamped.retain(|p, _| *p > pos);
         self.invalid.retain(|p, _| *p > pos);
         self.state.failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|p, _| *p > pos);
         self.stats.committed_pos = pos;
