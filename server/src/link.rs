@@ -302,6 +302,9 @@ impl Session {
             )
             .in_current_span(),
         );
+        // The newest position of our log the peer has been sent (or held
+        // before this session).
+        let sent = Arc::new(AtomicU64::new(self.send_after));
         let mut writer_task = tokio::spawn(
             write_loop(
                 writer,
@@ -310,6 +313,7 @@ impl Session {
                     control: control.clone(),
                     peer_consumed: peer_consumed_rx,
                     send_after: self.send_after,
+                    sent: sent.clone(),
                     heartbeat: self.settings.heartbeat,
                     window: self.window,
                     chunk: self.max_frame.saturating_sub(FRAME_OVERHEAD).max(1024),
@@ -365,7 +369,10 @@ impl Session {
                 // 4. The peer's durable progress in our log: reclaim.
                 Ok(()) = peer_ack_rx.changed() => {
                     let pos = *peer_ack_rx.borrow_and_update();
-                    if let Err(e) = self.acknowledged(pos) {
+                    // An Ack beyond what this session sent (or the peer held
+                    // from before it) is not believed: a confused or lying
+                    // peer must not make us reclaim what it never received.
+                    if let Err(e) = self.acknowledged(pos.min(sent.load(Ordering::SeqCst))) {
                         // A full disk may refuse the meta write; space is
                         // freed at the next acknowledgement.
                         tracing::warn!(peer = %self.peer, error = %e, "reclaiming log space failed");
@@ -412,9 +419,6 @@ impl Session {
     }
 
     fn acknowledged(&self, pos: u64) -> Result<(), EngineError> {
-        // An Ack beyond what we sent is not believed (a confused or lying peer
-        // must not make us reclaim what it never received).
-        let pos = pos.min(self.log.visible());
         self.log.set_peer_ack(&self.peer, pos)?;
         self.log.touch_peer(&self.peer);
         failpoints::hit(failpoints::LOG_BEFORE_RECLAIM);
@@ -594,6 +598,8 @@ struct WriteCtx {
     control: Arc<Control>,
     peer_consumed: watch::Receiver<u64>,
     send_after: u64,
+    /// Where sending has reached (for capping the peer's Acks).
+    sent: Arc<AtomicU64>,
     heartbeat: Duration,
     window: u64,
     /// Largest entry bytes in one frame.
@@ -671,6 +677,7 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
                     writer.send(Message::Chunk(c)).await?;
                     if done {
                         after = s.raw.pos;
+                        ctx.sent.store(after, Ordering::SeqCst);
                         sending = None;
                         failpoints::hit(failpoints::LINK_AFTER_SEND);
                     }
@@ -702,6 +709,7 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
                 after = last.pos;
                 sent_bytes += bytes;
                 writer.send(Message::Entries(entries)).await?;
+                ctx.sent.store(after, Ordering::SeqCst);
                 failpoints::hit(failpoints::LINK_AFTER_SEND);
             }
             // 4. Waiting: for new entries or for credit.

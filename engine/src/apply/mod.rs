@@ -840,7 +840,10 @@ impl Applier {
                 .map_err(EngineError::pg("setting the origin of the apply transaction"))?;
         }
         failpoints::hit(failpoints::APPLY_BEFORE_COMMIT);
-        c.batch_execute("COMMIT").await.map_err(EngineError::pg("committing an apply transaction"))?;
+        // Application code ran inside this transaction (triggers, defaults,
+        // casts): whatever it set, the commit is flushed before it is
+        // acknowledged, and apply's own search_path is back.
+        c.batch_execute("SET LOCAL synchronous_commit = on; SET LOCAL search_path TO DEFAULT; COMMIT").await.map_err(EngineError::pg("committing an apply transaction"))?;
         // Progress moves only now, after the commit is durable
         // (synchronous_commit = on): the link may acknowledge it.
         failpoints::hit(failpoints::APPLY_AFTER_COMMIT);
