@@ -116,6 +116,12 @@ write_config() {
     echo "dir = \"$TLS_DIR\""
     echo "[http]"
     echo "listen = \"$HTTP_LISTEN\""
+    # Off loopback the daemon's /status and /metrics need a bearer token:
+    # BRANCHSYNC_HTTP_TOKEN (read by the daemon itself), else one made here.
+    if [ -z "${BRANCHSYNC_HTTP_TOKEN:-}" ]; then
+      [ -s /data/http.token ] || (umask 077; mkdir -p /data; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >/data/http.token)
+      echo "token_file = \"/data/http.token\""
+    fi
     echo "[keys]"
     echo "stride = $stride"
     # Sections the variables do not cover ([[tables]] rules, [ddl]),

@@ -249,6 +249,25 @@ fn d_max_row_bytes() -> usize {
 pub struct HttpSection {
     /// Address of `/status`, `/metrics`, `/health`.
     pub listen: Option<String>,
+    /// Bearer token: required off loopback and for any state change.
+    #[serde(default)]
+    token: Option<Secret>,
+    /// File holding the token.
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+impl HttpSection {
+    /// The HTTP bearer token (resolved at load).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_ref().map(|s| s.0.as_str()).filter(|t| !t.is_empty())
+    }
+}
+
+/// Whether `addr` (`host:port`) is a loopback address.
+pub fn is_loopback_addr(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `[keys]`.
@@ -439,6 +458,13 @@ impl Config {
                 cfg.sync.token = Some(read_token(&f, "sync.token_file")?);
             }
         }
+        if let Some(t) = env("BRANCHSYNC_HTTP_TOKEN") {
+            cfg.http.token = Some(Secret(t));
+        } else if cfg.http.token.is_none() {
+            if let Some(f) = cfg.http.token_file.clone() {
+                cfg.http.token = Some(read_token(&f, "http.token_file")?);
+            }
+        }
         let mut peers = cfg.sync.peers.clone();
         for (i, p) in peers.iter_mut().enumerate() {
             if p.token.is_none() {
@@ -531,6 +557,14 @@ impl Config {
         }
         if self.log.max_bytes.is_some_and(|b| b < 64 * 1024 * 1024) {
             return Err(self.invalid("log.max_bytes", "must be at least 64 MiB (67108864)".into()));
+        }
+        if let Some(a) = &self.http.listen {
+            if !is_loopback_addr(a) && self.http.token().is_none() {
+                return Err(self.invalid(
+                    "http.listen",
+                    format!("\"{a}\" is not a loopback address: set http.token or http.token_file (or BRANCHSYNC_HTTP_TOKEN), which every request but /health must then carry as Authorization: Bearer"),
+                ));
+            }
         }
         for (i, f) in self.tls.revoked.iter().enumerate() {
             let hex = f.strip_prefix("sha256:").unwrap_or("");

@@ -1,11 +1,29 @@
-//! A tiny HTTP/1.1 server for `/health`, `/status` (JSON) and `/metrics`
-//! (Prometheus text). One task per connection, a 5 s read timeout, 8 KiB of
-//! request at most, `Connection: close` after every answer. It never
-//! touches the database: it renders what [`StatusSource`] holds.
+//! The operator's HTTP surface: `/health`, `/status` (JSON) and `/metrics`
+//! (Prometheus text), on axum (hyper). It never touches the database: it
+//! renders what [`StatusSource`] holds.
+//!
+//! # Who may ask
+//!
+//! On a loopback address anyone on the machine may `GET`; on any other
+//! address every request but `/health` needs `Authorization: Bearer
+//! <[http] token>` (the config refuses a non-loopback address without a
+//! token). A request that would change state (any method but `GET` and
+//! `HEAD`) needs the token on every address and must carry no `Origin`
+//! (browsers send one; scripts of other sites must not reach it). On
+//! loopback the `Host` must name the loopback (a DNS-rebinding page names
+//! its own host). Refusals are 401 (no or wrong token) and 403 (host or
+//! origin), never a hint of the token.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get as route_get;
+use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -57,50 +75,92 @@ pub fn render_metrics(ms: &[Metric]) -> String {
     out
 }
 
-/// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<dyn StatusSource>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => return,
-            acc = listener.accept() => {
-                let Ok((sock, _)) = acc else { continue };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), handle(sock, state)).await;
-                });
-            }
+/// Who may ask what (see the module documentation).
+#[derive(Clone, Default)]
+pub struct HttpAccess {
+    /// `[http] token`: required off loopback and for any state change.
+    pub token: Option<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    source: Arc<dyn StatusSource>,
+    access: HttpAccess,
+    loopback: bool,
+}
+
+fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer_ok(headers: &HeaderMap, token: Option<&str>) -> bool {
+    let Some(token) = token else { return false };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| tokens_equal(given.trim().as_bytes(), token.as_bytes()))
+}
+
+/// The host part of a `Host` header (`[::1]:7071` → `::1`).
+fn host_name(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    h.rsplit_once(':').map_or(h, |(n, _)| n)
+}
+
+async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    if st.loopback {
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(host_name).unwrap_or("");
+        if !matches!(host, "127.0.0.1" | "localhost" | "::1") {
+            return (StatusCode::FORBIDDEN, "forbidden: the Host header must name the loopback address\n").into_response();
         }
+    }
+    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+    if !reads && headers.contains_key(header::ORIGIN) {
+        return (StatusCode::FORBIDDEN, "forbidden: requests from web pages may not change state\n").into_response();
+    }
+    let needs_token = !reads || (!st.loopback && req.uri().path() != "/health");
+    if needs_token && !bearer_ok(headers, st.access.token.as_deref()) {
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "unauthorized: send Authorization: Bearer <[http] token>\n").into_response();
+    }
+    next.run(req).await
+}
+
+async fn health(State(st): State<AppState>) -> Response {
+    if st.source.healthy() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n").into_response()
     }
 }
 
-async fn handle(mut sock: TcpStream, state: Arc<dyn StatusSource>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    while n < buf.len() {
-        let r = sock.read(&mut buf[n..]).await?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let mut parts = req.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = match (method, path) {
-        ("GET", "/health") if state.healthy() => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/health") => ("503 Service Unavailable", "text/plain", "unhealthy\n".to_string()),
-        ("GET", "/status") => ("200 OK", "application/json", state.status_json().to_string()),
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render_metrics(&state.metrics())),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+async fn status(State(st): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], st.source.status_json().to_string()).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&st.source.metrics())).into_response()
+}
+
+/// Serves until `shutdown` turns true; in-flight requests finish first.
+pub async fn serve(listener: TcpListener, source: Arc<dyn StatusSource>, access: HttpAccess, mut shutdown: watch::Receiver<bool>) {
+    let loopback = listener.local_addr().is_ok_and(|a: SocketAddr| a.ip().is_loopback());
+    let st = AppState { source, access, loopback };
+    let app = Router::new()
+        .route("/health", route_get(health))
+        .route("/status", route_get(status))
+        .route("/metrics", route_get(metrics))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
+        .with_state(st);
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
     };
-    let resp = format!("HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-    sock.write_all(resp.as_bytes()).await?;
-    sock.shutdown().await
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "the HTTP server stopped");
+    }
 }
 
 #[cfg(test)]
@@ -124,8 +184,12 @@ mod tests {
     }
 
     async fn get(port: u16, path: &str) -> String {
+        request(port, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")).await
+    }
+
+    async fn request(port: u16, text: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(text.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -136,10 +200,16 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(l, Arc::new(Fixed), rx));
+        let task = tokio::spawn(serve(l, Arc::new(Fixed), HttpAccess::default(), rx));
         assert!(get(port, "/health").await.starts_with("HTTP/1.1 200"));
         let st = get(port, "/status").await;
         assert!(st.contains("application/json") && st.ends_with("{\"node\":\"main\"}"), "{st}");
+        // DNS rebinding: a page of another host reaching the loopback.
+        let rebound = request(port, &format!("GET /status HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n")).await;
+        assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+        // A state change without the token, on loopback.
+        let post = request(port, &format!("POST /status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
+        assert!(post.starts_with("HTTP/1.1 401"), "{post}");
         let m = get(port, "/metrics").await;
         assert_eq!(m.matches("# TYPE x_total counter").count(), 1, "{m}");
         assert!(m.contains("x_total{peer=\"b\\\"1\"} 3"), "{m}");
@@ -152,10 +222,16 @@ mod tests {
 /// `GET path` of a daemon's HTTP server at `addr`: the body of a 200 answer.
 /// Used by `branchsync status` and the scenario runner.
 pub async fn get(addr: &str, path: &str) -> std::io::Result<String> {
+    get_with_token(addr, path, None).await
+}
+
+/// [`get`] with `Authorization: Bearer <token>` when a token is given.
+pub async fn get_with_token(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind};
     let timed_out = |_| Error::new(ErrorKind::TimedOut, format!("no answer from {addr}"));
     let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await.map_err(timed_out)??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.map_err(timed_out)??;
     let text = String::from_utf8_lossy(&buf);

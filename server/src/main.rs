@@ -531,6 +531,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
         tls: link_tls(cfg)?,
         max_stamp_ahead: Duration::from_secs(cfg.sync.max_stamp_ahead_s),
+        http_token: cfg.http.token().map(str::to_string),
     })
 }
 
@@ -627,7 +628,7 @@ fn report_engine_error(what: &str, e: &EngineError) {
 
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(addr) = &cfg.http.listen {
-        if let Ok(body) = http::get(addr, "/status").await {
+        if let Ok(body) = http::get_with_token(addr, "/status", cfg.http.token()).await {
             if json {
                 println!("{body}");
             } else {

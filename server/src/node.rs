@@ -90,6 +90,8 @@ pub struct NodeSettings {
     pub audit_interval: Duration,
     /// TLS of the link.
     pub tls: crate::link::LinkTls,
+    /// `[http] token`.
+    pub http_token: Option<String>,
     /// Main: largest lead of a branch's stamp over the main's clock.
     pub max_stamp_ahead: Duration,
 }
@@ -605,8 +607,9 @@ impl Node {
             http_addr = listener.local_addr().ok();
             let src: Arc<dyn branchsync_server::http::StatusSource> = Arc::new(crate::report::HttpStatus(status.clone()));
             let shutdown = shutdown_rx.clone();
+            let access = branchsync_server::http::HttpAccess { token: s.http_token.clone() };
             tasks.spawn(async move {
-                branchsync_server::http::serve(listener, src, shutdown).await;
+                branchsync_server::http::serve(listener, src, access, shutdown).await;
                 ("http", Ok(()))
             });
         }

@@ -14,6 +14,7 @@ mod disk_full;
 mod ddl;
 mod forged_marks;
 mod handshake;
+mod http;
 mod lost_state;
 mod offline;
 mod pg_restart;
