@@ -442,6 +442,7 @@ pub fn hello_for(node: &str, index: u32, system_id: u64, log_epoch: u64) -> bran
         now_us: branchsync_engine::clock::now_us(),
         table_rules: Vec::new(),
         ddl_from: "main".into(),
+        tombstone_days: 30,
         max_frame: branchsync_proto::DEFAULT_MAX_FRAME as u64,
         window: 1 << 24,
     }

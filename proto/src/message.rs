@@ -161,6 +161,9 @@ pub struct Hello {
     /// main's, or a branch's schema change would be kept at one end and
     /// replayed at the other.
     pub ddl_from: String,
+    /// The branch's `[conflicts] tombstone_days`: must equal the main's
+    /// (deletes are decided against tombstones kept that long).
+    pub tombstone_days: u32,
     /// Largest frame the branch accepts.
     pub max_frame: u64,
     /// Bytes of entries the branch buffers for its apply (flow control).
@@ -289,6 +292,7 @@ pub(crate) mod tests {
             now_us: 1,
             table_rules: vec!["{}".into()],
             ddl_from: "main".into(),
+            tombstone_days: 30,
             max_frame: 16 << 20,
             window: 16 << 20,
         }

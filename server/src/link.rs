@@ -191,6 +191,11 @@ fn tls_aware(e: LinkError, at_main: bool) -> LinkError {
     e
 }
 
+/// This node's `[conflicts] tombstone_days`, as the handshake compares it.
+fn tombstone_days(settings: &LinkSettings) -> u32 {
+    u32::try_from(settings.retention.as_secs() / 86_400).unwrap_or(u32::MAX)
+}
+
 /// This node's `[ddl] from`, as the handshake compares it.
 fn ddl_from(settings: &LinkSettings) -> &'static str {
     if settings.apply.ddl.from_any {
@@ -868,6 +873,7 @@ async fn branch_session(
         now_us: t0,
         table_rules: settings.table_rules.clone(),
         ddl_from: ddl_from(&settings).into(),
+        tombstone_days: tombstone_days(settings),
         max_frame: settings.max_frame as u64,
         window: settings.window as u64,
     };
@@ -1160,6 +1166,16 @@ async fn main_connection(
             format!("configuration of node \"{}\" differs from the main's", hello.node),
             format!("Branch [[tables]] rules: {:?}. Main: {:?}.", hello.table_rules, settings.table_rules),
             "Every node must use the same [[tables]] entries, in the same order: conflicts are decided by them.",
+        ))
+        .await
+        .map_err(fail);
+    }
+    if hello.tombstone_days != tombstone_days(&settings) {
+        return refuse(&mut writer, refusal(
+            RefusalReason::ConfigMismatch,
+            format!("configuration of node \"{}\" differs from the main's", hello.node),
+            format!("Branch: [conflicts] tombstone_days = {}. Main: [conflicts] tombstone_days = {}.", hello.tombstone_days, tombstone_days(&settings)),
+            "Set the same [conflicts] tombstone_days at every node: deletes are decided against tombstones kept that long.",
         ))
         .await
         .map_err(fail);

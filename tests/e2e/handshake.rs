@@ -368,7 +368,7 @@ async fn a_branch_does_not_capture_what_branchsync_applied_there() {
 /// replayed, or the reverse): refused as ConfigMismatch naming both values;
 /// nothing applied; accepted once they match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ddl_policy_that_differs_from_the_mains_is_refused_as_a_config_mismatch() {
+async fn a_ddl_policy_or_tombstone_days_that_differ_from_the_mains_are_refused_as_a_config_mismatch() {
     let mut topo = Topology::prepare(1, ORDERS).await;
     topo.main.start();
     main_listening(topo.main_port).await;
@@ -377,6 +377,10 @@ async fn a_ddl_policy_that_differs_from_the_mains_is_refused_as_a_config_mismatc
     h.ddl_from = "any".into();
     let r = expect_refusal(dial(topo.main_port, &topo.branches[0].tls_dir(), h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
     assert!(r.detail.contains("Branch: [ddl] from = \"any\". Main: [ddl] from = \"main\"."), "{r}");
+    let mut h = hello_for("branch1", 1, sid, 1);
+    h.tombstone_days = 7;
+    let r = expect_refusal(dial(topo.main_port, &topo.branches[0].tls_dir(), h).await.0, RefusalReason::ConfigMismatch, "differs from the main's");
+    assert!(r.detail.contains("Branch: [conflicts] tombstone_days = 7. Main: [conflicts] tombstone_days = 30."), "{r}");
 
     // A real branch set to "any" against a main left at "main".
     let branch = &mut topo.branches[0];

@@ -379,3 +379,66 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_the_real_branch_sy
     wait_converged(&topo.sites(), &["ledger_zq81"], Duration::from_secs(60)).await;
     assert_eq!(count_at(&topo.main, "branch1").await, 55);
 }
+
+/// A peer holding the main's credentials acknowledges far beyond what the
+/// branch sent it (the session's window lets only the first of two large
+/// sales go): the branch believes the Ack only up to what it sent, and
+/// keeps the rest for the real main.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_believes_no_ack_beyond_what_it_sent() {
+    use futures::{SinkExt, StreamExt};
+    let mut topo = Topology::prepare_with(1, SCHEMA, "\n[log]\nkeep_acked_days = 0\n").await;
+    topo.start_all();
+    wait_status(&topo.main, "branch1 connected", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == true).await;
+    topo.branches[0].stop();
+    topo.main.stop();
+    // Two large sales (each larger than the session's window) and a small one.
+    let c = topo.branches[0].db().await;
+    for note in [&"a".repeat(300_000), &"b".repeat(300_000), &"c".to_string()] {
+        c.execute("INSERT INTO ledger_zq81 (shop, note) VALUES ('branch1', $1)", &[note]).await.unwrap();
+    }
+    // A main impostor with the main's own credentials.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&topo.main.tls_dir(), &[]).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    edit_config(&topo.branches[0], &format!("main = \"127.0.0.1:{}\"", topo.proxies[0].port), &format!("main = \"127.0.0.1:{port}\""));
+    topo.branches[0].start();
+    let (sock, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
+    let tls_stream = acceptor.accept(sock).await.unwrap();
+    let mut f = tokio_util::codec::Framed::new(tls_stream, branchsync_proto::FrameCodec::default());
+    let hello = match f.next().await.unwrap().unwrap() {
+        branchsync_proto::Message::Hello(h) => h,
+        other => panic!("expected Hello, got {other:?}"),
+    };
+    // Everything captured before the answer (the branch waits 10 s for it).
+    let st = wait_status(&topo.branches[0], "branch1 captured the three sales", Duration::from_secs(8), |s| s["log_newest"].as_u64() >= Some(hello.log_floor + 3)).await;
+    let newest = st["log_newest"].as_u64().unwrap();
+    let floor = st["log_floor"].as_u64().unwrap();
+    let now = branchsync_engine::clock::now_us();
+    f.send(branchsync_proto::Message::Welcome(branchsync_proto::Welcome {
+        protocol_version: branchsync_proto::PROTOCOL_VERSION,
+        main_node: "main".into(),
+        resume_after: floor,
+        resume_lsn: 0,
+        stream_epoch: hello.log_epoch,
+        relay_epoch: hello.relay_epoch,
+        now_us: now,
+        hello_received_us: now,
+        max_frame: branchsync_proto::MIN_MAX_FRAME as u64,
+        window: branchsync_proto::MIN_MAX_FRAME as u64,
+    }))
+    .await
+    .unwrap();
+    f.send(branchsync_proto::Message::Ack { pos: newest + 1_000 }).await.unwrap();
+    // Read what comes (no Credit is ever sent: only the first large sale
+    // fits the window) while the branch handles the Ack.
+    let reading = tokio::spawn(async move {
+        while let Some(Ok(_)) = f.next().await {}
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = wait_status(&topo.branches[0], "branch1 status", Duration::from_secs(5), |_| true).await;
+    let after = st["log_floor"].as_u64().unwrap();
+    eprintln!("branch1 log: floor {floor} → {after} after an Ack of {}, newest {newest}", newest + 1_000);
+    assert!(after < newest, "the branch reclaimed entries it never sent (floor {after}, newest {newest})");
+    reading.abort();
+}
