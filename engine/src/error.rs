@@ -51,6 +51,11 @@ pub enum EngineError {
     /// invalidated slot); the rest of the node keeps running.
     #[error("{message}\nDETAIL: {detail}\nHINT: {hint}")]
     Stopped { message: String, detail: String, hint: String },
+    /// A peer sent an entry in another node's name (author, index or
+    /// cluster differ from what its session authenticated): a security
+    /// event; the session ends and nothing of it is applied.
+    #[error("stream {stream} sent an entry in another node's name at position {pos}: {detail}")]
+    Impersonation { stream: String, pos: u64, detail: String },
     /// A stream skipped positions: the sender broke the protocol (R26).
     #[error("stream {stream} skipped from position {expected} to {got}")]
     Gap { stream: String, expected: u64, got: u64 },
@@ -79,7 +84,7 @@ impl EngineError {
         match self {
             EngineError::Postgres { source, .. } => pg_error_is_transient(source),
             EngineError::Log { .. } => self.is_disk_full(),
-            EngineError::Corrupt(_) | EngineError::TooLarge { .. } | EngineError::Gap { .. } => false,
+            EngineError::Corrupt(_) | EngineError::TooLarge { .. } | EngineError::Gap { .. } | EngineError::Impersonation { .. } => false,
             EngineError::Misconfigured { .. } | EngineError::Diverged { .. } | EngineError::Stopped { .. } => false,
             EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } | EngineError::LogFull { .. } => true,
         }

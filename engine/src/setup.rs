@@ -106,6 +106,27 @@ pub struct InitReport {
     pub slot_created: bool,
     /// Name of the node whose copied state was found and cleared.
     pub seeded_from: Option<String>,
+    /// Application code that runs inside apply: triggers enabled `ALWAYS`
+    /// or `REPLICA` and rules on replicated tables (they execute with the
+    /// daemon's rights when a replicated row fires them; SECURITY.md).
+    pub apply_time_code: Vec<String>,
+}
+
+/// Triggers enabled `ALWAYS` or `REPLICA` and rules on the tables `oids`.
+async fn apply_time_code(client: &tokio_postgres::Client, oids: &[u32]) -> Result<Vec<String>, EngineError> {
+    let rows = client
+        .query(
+            "SELECT format('trigger %I on %s (ENABLE %s TRIGGER)', t.tgname, t.tgrelid::regclass, CASE t.tgenabled WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END)
+               FROM pg_trigger t WHERE NOT t.tgisinternal AND t.tgenabled IN ('A', 'R') AND t.tgrelid::oid = ANY($1::oid[])
+             UNION ALL
+             SELECT format('rule %I on %s', r.rulename, r.ev_class::regclass)
+               FROM pg_rewrite r WHERE r.rulename <> '_RETURN' AND r.ev_class::oid = ANY($1::oid[])
+             ORDER BY 1",
+            &[&oids],
+        )
+        .await
+        .map_err(EngineError::pg("listing triggers and rules on replicated tables"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The server facts [`preflight`] judges.
@@ -271,7 +292,10 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     // After the commit: a logical slot cannot be created in a transaction
     // that has written, and it must see the publication.
     let slot_created = ensure_slot(client).await?;
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let apply_time_code = apply_time_code(client, &oids).await?;
     let report = InitReport {
+        apply_time_code,
         system_id,
         tables: tables.into_iter().map(|t| t.display).collect(),
         identity_full,
@@ -917,6 +941,30 @@ mod pg_tests {
         assert_eq!(
             (row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, String>(2), row.get::<_, i32>(3)),
             ("main".into(), 0, "main".into(), 100)
+        );
+    }
+
+    #[tokio::test]
+    async fn init_reports_the_application_code_that_runs_inside_apply() {
+        let pg = PgCluster::start();
+        let mut c = pg.connect().await;
+        c.batch_execute(SCHEMA).await.unwrap();
+        c.batch_execute(
+            "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+             CREATE TRIGGER plain BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION noop();
+             CREATE TRIGGER always_on BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION noop();
+             ALTER TABLE orders ENABLE ALWAYS TRIGGER always_on;
+             CREATE TRIGGER replica_on BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION noop();
+             ALTER TABLE orders ENABLE REPLICA TRIGGER replica_on;
+             CREATE RULE no_delete AS ON DELETE TO orders DO INSTEAD NOTHING;",
+        )
+        .await
+        .unwrap();
+        let r = init(&mut c, &params("main", 0, Role::Main)).await.unwrap();
+        assert_eq!(
+            r.apply_time_code,
+            vec!["rule no_delete on orders", "trigger always_on on orders (ENABLE ALWAYS TRIGGER)", "trigger replica_on on orders (ENABLE REPLICA TRIGGER)"],
+            "a trigger enabled the default way does not fire under apply"
         );
     }
 

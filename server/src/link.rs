@@ -412,6 +412,21 @@ impl Session {
                 let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer_task).await;
             }
         }
+        // A peer that spoke in another node's name: a security event, told
+        // to the peer, counted in status and /metrics.
+        if let Err(LinkError::Engine(EngineError::Impersonation { stream, pos, detail })) = &result {
+            tracing::error!(peer = %self.peer, pos, detail = %detail, "security event: a peer sent an entry in another node's name; session ended");
+            self.status.peer(&self.peer, |p| p.security_events += 1);
+            control.refuse.send_replace(Some(refusal(
+                RefusalReason::ProtocolViolation,
+                format!("stream {stream} sent an entry in another node's name at position {pos}"),
+                format!("{detail}. Nothing of it was applied."),
+                "A branch's credentials speak only for that branch: check the shop's PC and software, and revoke its certificate if it was compromised.",
+            )));
+            if !writer_task.is_finished() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer_task).await;
+            }
+        }
         // Drain: stop intake, let apply commit what is whole, so the
         // replication origin is free before any next session starts.
         reader_task.abort();
@@ -625,6 +640,12 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
     let mut ack = ctx.control.ack.subscribe();
     let mut consumed = ctx.control.consumed.subscribe();
     let mut refuse = ctx.control.refuse.subscribe();
+    // A refusal decided before this task first ran (the peer's very first
+    // frame broke the stream) must still be sent: subscribing marks the
+    // current value as seen.
+    if refuse.borrow().is_some() {
+        refuse.mark_changed();
+    }
     let mut visible = ctx.log.subscribe();
     let mut heartbeat = tokio::time::interval(ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -428,6 +428,12 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
     let changed = report.sequences.iter().filter(|s| s.changed).count();
     println!("  sequences striped: {} changed, {} already on stripe {} mod {}", changed, report.sequences.len() - changed, cfg.node.index, cfg.keys.stride);
     println!("  replication slot: {}", if report.slot_created { "created" } else { "exists" });
+    if !report.apply_time_code.is_empty() {
+        println!("  WARNING: application code runs inside apply on replicated tables, with branchsync's database rights (SECURITY.md):");
+        for c in &report.apply_time_code {
+            println!("    {c}");
+        }
+    }
     init_tls(cfg)
 }
 

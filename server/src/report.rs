@@ -53,6 +53,8 @@ impl StatusSource for HttpStatus {
             m.push(gauge("branchsync_peer_clock_offset_ms", "Peer clock minus local clock.", l(), p.clock_offset_ms.unwrap_or(0) as f64));
             m.push(counter("branchsync_peer_session_failures_total", "Link sessions that ended for a reason other than the network, since start.", l(), p.session_failures as f64));
             m.push(counter("branchsync_peer_quarantined_total", "Changes of the peer quarantined since start.", l(), p.quarantined as f64));
+            m.push(counter("branchsync_peer_security_events_total", "Sessions ended because the peer spoke in another node's name, since start.", l(), p.security_events as f64));
+            m.push(counter("branchsync_peer_auth_failures_total", "Connections claiming the peer that failed authentication, since start.", l(), p.auth_failures as f64));
         }
         m
     }
@@ -136,6 +138,9 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         }
         if p.must_reseed {
             out.push_str("  MUST BE RE-SEEDED: away longer than the retention; it no longer holds the log back\n");
+        }
+        if p.security_events > 0 || p.auth_failures > 0 {
+            out.push_str(&format!("  SECURITY: {} session(s) ended for speaking in another node's name, {} failed authentication(s) this run\n", p.security_events, p.auth_failures));
         }
         if p.quarantined > 0 || p.session_failures > 0 {
             out.push_str(&format!("  quarantined this run: {}; sessions failed this run: {}\n", p.quarantined, p.session_failures));

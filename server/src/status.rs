@@ -45,6 +45,10 @@ pub struct PeerStatus {
     pub session_failures: u64,
     /// Why the last session ended or was refused.
     pub last_error: Option<String>,
+    /// Sessions ended because the peer sent an entry in another node's
+    /// name, this run.
+    #[serde(default)]
+    pub security_events: u64,
     /// Connections that claimed this node and failed authentication
     /// (token or certificate), this run.
     #[serde(default)]

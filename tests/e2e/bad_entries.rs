@@ -135,34 +135,43 @@ async fn impossible_chunks_end_the_session_and_change_nothing() {
     assert_eq!(progress(&topo.main.db().await).await, 0);
 }
 
-/// Issue 13: a shop's credential cannot speak as the main or as another
-/// shop. Entries whose header names another author, another index or
-/// another cluster than the handshake authenticated are quarantined, never
-/// applied as that node's; the honest entry after them applies.
+/// Issue 13, done-when 4: a shop's credential cannot speak as the main or
+/// as another shop. An entry whose header names another author, another
+/// index or another cluster than the handshake authenticated ends the
+/// session as a security event (told to the peer, counted in `status` and
+/// `/metrics`); nothing of it is applied, and an honest session afterwards
+/// applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_cannot_send_entries_in_another_nodes_name() {
-    let (_topo, sid, main, mut fake) = crafted_branch().await;
+    let (topo, sid, main, fake) = crafted_branch().await;
+    drop(fake);
+    let (port, tls) = (topo.main_port, topo.branches[0].tls_dir());
 
     let mut as_main = entry(1, sid, vec![order("1")]);
     as_main.header.author = "main".into();
     as_main.header.author_index = 0;
-    let mut index_zero = entry(2, sid, vec![order("2")]);
+    let mut index_zero = entry(1, sid, vec![order("2")]);
     index_zero.header.author_index = 0;
-    let other_cluster = entry(3, sid + 1, vec![order("3")]);
-    let honest = entry(4, sid, vec![order("4")]);
-    fake.send(Message::Entries(vec![wire(&as_main), wire(&index_zero), wire(&other_cluster), wire(&honest)])).await;
-    eventually("the honest entry applies", Duration::from_secs(30), || async { (progress(&main).await == 4).then_some(()) }).await;
-    assert_eq!(ids(&main).await, vec![4], "nothing applied in another node's name");
-    let q: Vec<String> = main
-        .query("SELECT detail FROM branchsync.conflicts WHERE kind = 'quarantined' ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    println!("quarantined: {q:#?}");
-    assert_eq!(q.len(), 3, "{q:#?}");
-    assert!(q.iter().all(|d| d.contains("speaks only for itself")), "{q:#?}");
+    let other_cluster = entry(1, sid + 1, vec![order("3")]);
+    for (n, forged) in [as_main, index_zero, other_cluster].iter().enumerate() {
+        let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, crafted_hello(sid)).await.ok() }).await;
+        fake.send(Message::Entries(vec![wire(forged)])).await;
+        let Some(r) = fake.refusal(Duration::from_secs(15)).await else { panic!("the main must say why it ends the session:\n{}", topo.main.daemon_log()) };
+        assert_eq!(r.reason, RefusalReason::ProtocolViolation, "{r}");
+        assert!(r.to_string().contains("another node's name"), "{r}");
+        wait_status(&topo.main, "the security event is counted", Duration::from_secs(10), |s| s["peers"]["branch1"]["security_events"].as_u64() == Some(n as u64 + 1)).await;
+    }
+    assert!(ids(&main).await.is_empty(), "nothing applied in another node's name");
+    assert_eq!(progress(&main).await, 0);
+    topo.main.wait_log("security event", Duration::from_secs(5)).await;
+    let metrics = branchsync_server::http::get(&format!("127.0.0.1:{}", topo.main.http_port), "/metrics").await.unwrap();
+    assert!(metrics.contains("branchsync_peer_security_events_total{peer=\"branch1\"} 3"), "{metrics}");
+
+    // The honest stream goes on.
+    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, crafted_hello(sid)).await.ok() }).await;
+    fake.send(Message::Entries(vec![wire(&entry(1, sid, vec![order("4")]))])).await;
+    eventually("the honest entry applies", Duration::from_secs(30), || async { (progress(&main).await == 1).then_some(()) }).await;
+    assert_eq!(ids(&main).await, vec![4]);
 }
 
 /// Issue 13, done-when 7: a client with branch1's valid credentials sends

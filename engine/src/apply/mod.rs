@@ -520,8 +520,9 @@ impl Applier {
 
     /// At the main: every entry of this branch's stream must name the
     /// branch as its author, with the index and cluster the handshake
-    /// authenticated; one that names another node is quarantined, never
-    /// applied as that node's (a shop's credential must not speak as the
+    /// authenticated; one that names another node ends the session
+    /// ([`EngineError::Impersonation`], a security event), never applied as
+    /// that node's (a shop's credential must not speak as the
     /// main: its DDL, rules and stamps would count as the main's).
     ///
     /// A stamp more than `max_ahead` beyond the main's clock when the entry
@@ -564,15 +565,6 @@ impl Applier {
                 if (e.pos, e.part, e.last) != (w.pos, w.part, w.last) {
                     return Err(format!("the entry says position {} part {} (last: {}), the link said position {} part {} (last: {})", e.pos, e.part, e.last, w.pos, w.part, w.last));
                 }
-                if let Some((index, system_id)) = self.expected_author {
-                    let h = &e.header;
-                    if h.author != self.stream || h.author_index != index || h.system_id != system_id {
-                        return Err(format!(
-                            "the entry names author \"{}\" (index {}, cluster {}), but it came from \"{}\" (index {index}, cluster {system_id}): a node speaks only for itself",
-                            h.author, h.author_index, h.system_id, self.stream
-                        ));
-                    }
-                }
                 match e.check().into_iter().find(|i| i.change.is_none()) {
                     Some(i) => Err(i.reason),
                     None => Ok(e),
@@ -581,6 +573,19 @@ impl Applier {
             let e = match decoded {
                 Ok(mut e) => {
                     drop(w.body);
+                    if let Some((index, system_id)) = self.expected_author {
+                        let h = &e.header;
+                        if h.author != self.stream || h.author_index != index || h.system_id != system_id {
+                            return Err(EngineError::Impersonation {
+                                stream: self.stream.clone(),
+                                pos: e.pos,
+                                detail: format!(
+                                    "the entry names author \"{}\" (index {}, cluster {}), but the session authenticated \"{}\" (index {index}, cluster {system_id}): a node speaks only for itself",
+                                    h.author, h.author_index, h.system_id, self.stream
+                                ),
+                            });
+                        }
+                    }
                     let bad = e.check();
                     if !bad.is_empty() {
                         let mut keep = Vec::with_capacity(e.changes.len());
