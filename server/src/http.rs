@@ -89,7 +89,9 @@ struct AppState {
     loopback: bool,
 }
 
-fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
+/// Compares two secrets in time independent of where they differ.
+pub fn tokens_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -99,7 +101,7 @@ fn bearer_ok(headers: &HeaderMap, token: Option<&str>) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| tokens_equal(given.trim().as_bytes(), token.as_bytes()))
+        .is_some_and(|given| tokens_equal(given.trim(), token))
 }
 
 /// The host part of a `Host` header (`[::1]:7071` → `::1`).

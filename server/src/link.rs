@@ -71,6 +71,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::Instrument;
 
 use crate::status::NodeStatus;
+use branchsync_server::http::tokens_equal;
 use branchsync_server::tls::{self, ClientCredentials, ServerCredentials};
 
 /// What a link session runs on: TLS over TCP, or TCP alone with
@@ -87,12 +88,9 @@ pub enum LinkTls {
     Insecure,
     /// A branch: verifies the main, offers its certificate.
     Branch(Arc<ClientCredentials>),
-    /// The main: verifies every branch's certificate (revoked ones are
-    /// refused in the TLS handshake).
-    Main {
-        /// The main's credentials.
-        creds: Arc<ServerCredentials>,
-    },
+    /// The main: its credentials; verifies every branch's certificate
+    /// (revoked ones are refused in the TLS handshake).
+    Main(Arc<ServerCredentials>),
 }
 
 /// How long a handshake may take.
@@ -222,11 +220,6 @@ const CLOCK_OFFSET_TOLERANCE_US: i64 = 1_000_000;
 
 fn refusal(reason: RefusalReason, message: String, detail: String, hint: &str) -> Refusal {
     Refusal { reason, message, detail, hint: hint.into() }
-}
-
-fn tokens_equal(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn epoch_text(e: u64) -> String {
@@ -1051,7 +1044,7 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
                     sessions.fetch_add(1, Ordering::Relaxed);
                     let _ = sock.set_nodelay(true);
                     let (io, cert): (Box<dyn LinkIo>, _) = match &settings.tls {
-                        LinkTls::Main { creds, .. } => {
+                        LinkTls::Main(creds) => {
                             let cfg = match creds.get() {
                                 Ok(c) => c,
                                 Err(e) => {
@@ -1150,8 +1143,8 @@ async fn main_connection(
         None => Some(format!("unknown node \"{}\": no [[sync.peers]] entry at the main has this name", hello.node)),
         Some(p) if !tokens_equal(&p.token, &hello.token) => Some(format!("the token of node \"{}\" does not match the main's", hello.node)),
         Some(_) => match (&settings.tls, &cert) {
-            (LinkTls::Main { .. }, None) => Some("it presented no certificate".to_string()),
-            (LinkTls::Main { .. }, Some(c)) if !tls::valid_for_node(c, &hello.node) => {
+            (LinkTls::Main(_), None) => Some("it presented no certificate".to_string()),
+            (LinkTls::Main(_), Some(c)) if !tls::valid_for_node(c, &hello.node) => {
                 Some(format!("its certificate {} was issued to another node, not to \"{}\"", tls::fingerprint(c), hello.node))
             }
             _ => None,

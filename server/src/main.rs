@@ -554,7 +554,7 @@ fn link_tls(cfg: &Config) -> anyhow::Result<LinkTls> {
             let revoked = cfg.tls.revoked.clone();
             let creds = tls::ServerCredentials::new(dir.clone(), move |d| tls::server_config(d, &revoked));
             creds.get().with_context(|| format!("the main's TLS credentials in {} are not usable. Hint: branchsync init creates them when the directory holds none.", dir.display()))?;
-            LinkTls::Main { creds: std::sync::Arc::new(creds) }
+            LinkTls::Main(std::sync::Arc::new(creds))
         }
         branchsync_engine::Role::Branch => {
             let creds = tls::ClientCredentials::new(dir.clone(), tls::client_config);
