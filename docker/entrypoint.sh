@@ -71,7 +71,8 @@ write_config() {
     echo "index = $index"
     echo "data_dir = \"$DATA_DIR\""
     echo "[database]"
-    echo "url = \"host=$SOCKDIR port=$PGPORT user=branchsync dbname=$DB\""
+    echo "url = \"host=$SOCKDIR port=$PGPORT user=postgres dbname=$DB\""
+    echo "daemon_role = \"branchsync\""
     echo "schemas = $schemas"
     echo "exclude = $exclude"
     echo "[sync]"
@@ -227,13 +228,11 @@ for i in $(seq 1 120); do
   sleep 0.5
 done
 
-# branchsync's own superuser role, whose sessions log only FATAL and PANIC
-# (in log_min_messages, LOG ranks above ERROR, so "warning" is not enough):
-# the daemon polls the slot with pg_logical_slot_peek_binary_changes about 20
-# times a second when idle, and PostgreSQL logs two LOG messages (6 lines)
-# per call. The daemon reports its own SQL errors in its log.
-psql_db -d postgres -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'branchsync') THEN CREATE ROLE branchsync SUPERUSER LOGIN; END IF; END \$\$" \
-  -c "ALTER ROLE branchsync SET log_min_messages = fatal" || stop_all 1
+# The daemon connects as its own role, "branchsync", which `branchsync init`
+# (run as postgres) gives what it needs and no superuser rights. It exists
+# before a seed is restored (the main's dump grants it its rights); volumes
+# from before made it a superuser: that is taken away.
+psql_db -d postgres -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'branchsync') THEN CREATE ROLE branchsync LOGIN; ELSE ALTER ROLE branchsync NOSUPERUSER; END IF; END \$\$" || stop_all 1
 
 # ------------------------------------------------------------ site setup (once)
 if [ ! -f "$MARKER" ]; then
@@ -297,6 +296,13 @@ if ! branchsync init --config "$CONFIG"; then
   log "branchsync init failed"
   stop_all 1
 fi
+# The daemon's sessions log only FATAL and PANIC (in log_min_messages, LOG
+# ranks above ERROR, so "warning" is not enough): it polls the slot with
+# pg_logical_slot_peek_binary_changes about 20 times a second when idle,
+# and PostgreSQL logs two LOG messages (6 lines) per call. The daemon
+# reports its own SQL errors in its log.
+psql_db -d postgres -c "GRANT SET ON PARAMETER log_min_messages TO branchsync" \
+  -c "ALTER ROLE branchsync SET log_min_messages = fatal" || stop_all 1
 if [ -n "$CREDENTIALS" ] && [ "${BRANCHSYNC_ROLE:-}" = main ]; then
   IFS=, read -ra peers <<<"${BRANCHSYNC_PEERS:-}"
   for peer in "${peers[@]}"; do

@@ -293,8 +293,24 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
                 }
             }
         }
-        panic!("timed out after {timeout:?} waiting for: {what}\n{last}{rows}");
+        panic!("timed out after {timeout:?} waiting for: {what}\n{last}{rows}{}", diagnostics(sites));
     }
+}
+
+/// What a failed wait prints about each site: its `status` and the
+/// warnings and errors at the end of its daemon's log, so a failure in CI
+/// can be read without a replay.
+pub fn diagnostics(sites: &[&Site]) -> String {
+    let mut out = String::new();
+    for s in sites {
+        let st = s.cli(&["status", "--json"]);
+        out.push_str(&format!("--- {} status:\n{}{}\n", s.name, String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr)));
+        let log = s.daemon_log();
+        let tail: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        let from = tail.len().saturating_sub(30);
+        out.push_str(&format!("--- {} log (last warnings and errors):\n{}\n", s.name, tail[from..].join("\n")));
+    }
+    out
 }
 
 /// The POS-shaped schema used by the end-to-end tests.

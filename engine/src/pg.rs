@@ -23,18 +23,108 @@ pub struct PgConn {
 pub const PINNED_SETTINGS: &str =
     "SET DateStyle = 'ISO'; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'";
 
-/// Connects, spawns the connection future, and pins the session settings.
-pub async fn connect(url: &str, application_name: &str) -> Result<PgConn, EngineError> {
-    let mut cfg: tokio_postgres::Config = url.parse().map_err(EngineError::pg("parsing the database URL"))?;
-    cfg.application_name(application_name);
-    let (client, conn) = cfg.connect(NoTls).await.map_err(EngineError::pg("connecting to the database"))?;
-    let (tx, rx) = watch::channel(false);
+/// Splits libpq's `sslrootcert` out of a connection string (key=value or
+/// URL form), which tokio-postgres does not know: `(rest, sslrootcert)`.
+pub fn split_root_cert(url: &str) -> (String, Option<String>) {
+    let url = url.trim();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else { return (url.to_string(), None) };
+        let mut root = None;
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+                Some(v) => {
+                    root = Some(v.to_string());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+        (rest, root)
+    } else {
+        let mut root = None;
+        let kept: Vec<&str> = url
+            .split_whitespace()
+            .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+                Some(v) => {
+                    root = Some(v.trim_matches('\'').to_string());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        (kept.join(" "), root)
+    }
+}
+
+/// The TLS client for a database that asks for it: the server's
+/// certificate is always verified, against `sslrootcert` (PEM; libpq's
+/// `verify-full`). Without `sslrootcert` there is nothing to verify against,
+/// which is refused rather than connecting unverified.
+fn database_tls(root_cert: Option<&str>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, EngineError> {
+    use rustls::pki_types::pem::PemObject;
+    let misconfigured = |message: String, hint: &str| EngineError::Misconfigured { message, detail: String::new(), hint: hint.into() };
+    let Some(path) = root_cert else {
+        return Err(misconfigured(
+            "the database connection asks for TLS (sslmode) but names no sslrootcert".into(),
+            "branchsync verifies the database server's certificate: add sslrootcert=/path/to/ca.pem (the CA that signed the server's certificate) to database.url.",
+        ));
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| misconfigured(format!("cannot read sslrootcert {path}: {e}"), "Point sslrootcert at a PEM file of the database server's CA."))?;
+    for c in certs {
+        let c = c.map_err(|e| misconfigured(format!("cannot read sslrootcert {path}: {e}"), "Point sslrootcert at a PEM file of the database server's CA."))?;
+        roots.add(c).map_err(|e| misconfigured(format!("sslrootcert {path} holds an unusable certificate: {e}"), ""))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| misconfigured(format!("cannot set up TLS to the database: {e}"), ""))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Drives a connection's future; its end is reported on `closed`.
+fn watch_connection<F>(conn: F, closed: watch::Sender<bool>)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database connection ended");
         }
-        let _ = tx.send(true);
+        let _ = closed.send(true);
     });
+}
+
+/// Connects, spawns the connection future, and pins the session settings.
+/// `sslmode=require` (or `prefer` with `sslrootcert`) connects with TLS,
+/// the server verified against `sslrootcert` ([`split_root_cert`]).
+pub async fn connect(url: &str, application_name: &str) -> Result<PgConn, EngineError> {
+    let (url, root_cert) = split_root_cert(url);
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(EngineError::pg("parsing the database URL"))?;
+    cfg.application_name(application_name);
+    let (tx, rx) = watch::channel(false);
+    // prefer (tokio-postgres's default) without sslrootcert stays plaintext:
+    // nothing to verify the server against.
+    let plain = match cfg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => true,
+        tokio_postgres::config::SslMode::Prefer => root_cert.is_none(),
+        _ => false,
+    };
+    let client = if plain {
+        let (client, conn) = cfg.connect(NoTls).await.map_err(EngineError::pg("connecting to the database"))?;
+        watch_connection(conn, tx);
+        client
+    } else {
+        let tls = database_tls(root_cert.as_deref())?;
+        let (client, conn) = cfg.connect(tls).await.map_err(EngineError::pg("connecting to the database over TLS"))?;
+        watch_connection(conn, tx);
+        client
+    };
     client.batch_execute(PINNED_SETTINGS).await.map_err(EngineError::pg("pinning session settings"))?;
     Ok(PgConn { client, closed: rx })
 }

@@ -437,6 +437,185 @@ async fn restrict_emit_message(tx: &Transaction<'_>) -> Result<(), EngineError> 
     Ok(())
 }
 
+/// The role the daemon connects as at run time (issue 13): not a superuser,
+/// with exactly what replication needs.
+#[derive(Debug, Clone)]
+pub struct DaemonRole {
+    /// Its name (`[database] daemon_role`).
+    pub name: String,
+    /// The password to give it (written to the data directory by the
+    /// caller); `None` leaves the password as it is.
+    pub password: Option<String>,
+    /// `[ddl] run_as`: the daemon must be able to `SET ROLE` to it.
+    pub ddl_run_as: Option<String>,
+}
+
+/// What [`grant_daemon_role`] did.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonRoleReport {
+    /// `true` when this run created the role.
+    pub created: bool,
+    /// Replicated tables it was given DML on.
+    pub tables: usize,
+    /// Roles it became a member of, so it replays DDL as them (owners of
+    /// replicated tables, roles that may create tables in a replicated
+    /// schema, and `[ddl] run_as`).
+    pub member_of: Vec<String>,
+    /// Replicated tables whose row-level security would apply to it:
+    /// apply refuses their rows (as PostgreSQL's own apply worker does).
+    pub row_security: Vec<String>,
+}
+
+/// Creates (or brings up to date) the dedicated role the daemon connects
+/// as, run by `init` as a superuser, after [`init`]. The role is a login
+/// role with `REPLICATION` (its slot), not a superuser, and is given:
+/// `SET` on `session_replication_role` (PostgreSQL 15's per-parameter
+/// grant); `EXECUTE` on the replication-origin functions and on
+/// `pg_logical_emit_message`; everything on branchsync's own schema; DML on
+/// every replicated table (tables created later get it from the event
+/// trigger); membership in the (non-superuser) roles that own replicated
+/// tables and in `[ddl] run_as`, so replayed DDL runs as the table's owner
+/// and never as branchsync itself. Application code that runs inside apply
+/// (triggers enabled `ALWAYS`/`REPLICA`, constraints, defaults) then runs
+/// with these rights, which include no way to become a superuser.
+pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &Scope) -> Result<DaemonRoleReport, EngineError> {
+    let q = quote_ident(&role.name);
+    let tx = client.transaction().await.map_err(EngineError::pg("starting to set up the daemon's role"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK_KEY])
+        .await
+        .map_err(EngineError::pg("waiting for another branchsync init"))?;
+    tx.batch_execute(&format!("SET LOCAL {} = on", crate::ddl::triggers::INTERNAL_GUC))
+        .await
+        .map_err(EngineError::pg("setting up the daemon's role"))?;
+    let existing = tx
+        .query_opt("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1", &[&role.name])
+        .await
+        .map_err(EngineError::pg("looking up the daemon's role"))?
+        .map(|r| r.get::<_, bool>(0));
+    let created = existing.is_none();
+    if existing == Some(true) {
+        return Err(misconfigured(
+            format!("role \"{}\" is a superuser", role.name),
+            "The daemon connects as [database] daemon_role, which must not be a superuser: application code that runs inside apply would run with its rights.".into(),
+            "Name another role in [database] daemon_role (branchsync init creates it), or ALTER ROLE it NOSUPERUSER.".into(),
+        ));
+    }
+    if created {
+        tx.batch_execute(&format!("CREATE ROLE {q} LOGIN REPLICATION"))
+            .await
+            .map_err(EngineError::pg(format!("creating role \"{}\"", role.name)))?;
+    }
+    tx.batch_execute(&format!("ALTER ROLE {q} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE"))
+        .await
+        .map_err(EngineError::pg(format!("setting the attributes of role \"{}\"", role.name)))?;
+    if let Some(pw) = &role.password {
+        if !pw.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(EngineError::Misconfigured { message: "the daemon role's password must be alphanumeric".into(), detail: String::new(), hint: String::new() });
+        }
+        tx.batch_execute(&format!("ALTER ROLE {q} PASSWORD '{pw}'"))
+            .await
+            .map_err(EngineError::pg(format!("setting the password of role \"{}\"", role.name)))?;
+    }
+    let db: String = tx.query_one("SELECT current_database()::text", &[]).await.map_err(EngineError::pg("reading the database name"))?.get(0);
+    let mut grants = format!(
+        "GRANT CONNECT ON DATABASE {db} TO {q};
+         GRANT USAGE ON SCHEMA branchsync TO {q};
+         GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA branchsync TO {q};
+         GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA branchsync TO {q};
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA branchsync TO {q};
+         GRANT SET ON PARAMETER session_replication_role TO {q};
+         DELETE FROM branchsync.daemon_role;
+         INSERT INTO branchsync.daemon_role (rolname) VALUES ({lit});
+         GRANT SELECT ON branchsync.daemon_role TO PUBLIC;",
+        db = quote_ident(&db),
+        lit = quote_literal(&role.name),
+    );
+    let funcs = tx
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p \
+             WHERE p.pronamespace = 'pg_catalog'::regnamespace \
+               AND (p.proname LIKE 'pg\\_replication\\_origin\\_%' OR p.proname = 'pg_logical_emit_message')",
+            &[],
+        )
+        .await
+        .map_err(EngineError::pg("listing the replication-origin functions"))?;
+    for f in funcs {
+        let f: String = f.get(0);
+        grants.push_str(&format!("GRANT EXECUTE ON FUNCTION {f} TO {q};\n"));
+    }
+    for s in scope.schemas() {
+        // Sequences are read by the stripe audit (re-striped by the
+        // SECURITY DEFINER helper, never by this role).
+        grants.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {q};\nGRANT SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {q};\n", s = quote_ident(s)));
+    }
+    tx.batch_execute(&grants).await.map_err(EngineError::pg(format!("granting role \"{}\" what replication needs", role.name)))?;
+    let (tables, _) = replica_identity(&tx, scope).await?;
+    let mut owners = std::collections::BTreeSet::new();
+    let mut row_security = Vec::new();
+    for t in &tables {
+        tx.batch_execute(&format!("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {} TO {q}", t.quoted))
+            .await
+            .map_err(EngineError::pg(format!("granting role \"{}\" DML on {}", role.name, t.display)))?;
+        let r = tx
+            .query_one(
+                "SELECT o.rolname::text, o.rolsuper, c.relrowsecurity FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE c.oid = $1",
+                &[&t.oid],
+            )
+            .await
+            .map_err(EngineError::pg("reading a table's owner"))?;
+        let (owner, owner_super, rls): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+        if !owner_super && owner != role.name {
+            owners.insert(owner);
+        }
+        if rls {
+            row_security.push(t.display.clone());
+        }
+    }
+    if let Some(r) = &role.ddl_run_as {
+        owners.insert(r.clone());
+    }
+    // Roles granted CREATE on a replicated schema (and its owner): the roles
+    // that can make new tables there, whose DDL this node replays.
+    let creators = tx
+        .query(
+            "SELECT DISTINCT r.rolname::text FROM pg_catalog.pg_namespace n \
+             CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a \
+             JOIN pg_catalog.pg_roles r ON r.oid = a.grantee \
+             WHERE n.nspname = ANY($1) AND a.privilege_type = 'CREATE' AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\\_%'",
+            &[&scope.schemas().to_vec()],
+        )
+        .await
+        .map_err(EngineError::pg("listing the roles that create tables in the replicated schemas"))?;
+    for r in creators {
+        let r: String = r.get(0);
+        if r != role.name {
+            owners.insert(r);
+        }
+    }
+    let mut member_of = Vec::new();
+    for o in owners {
+        let sup: Option<bool> = tx
+            .query_opt("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1", &[&o])
+            .await
+            .map_err(EngineError::pg("looking up a table owner"))?
+            .map(|r| r.get(0));
+        if sup != Some(false) {
+            continue;
+        }
+        tx.batch_execute(&format!("GRANT {} TO {q}", quote_ident(&o)))
+            .await
+            .map_err(EngineError::pg(format!("making role \"{}\" a member of \"{o}\"", role.name)))?;
+        member_of.push(o);
+    }
+    tx.commit().await.map_err(EngineError::pg("committing the daemon's role"))?;
+    tracing::info!(role = %role.name, created, tables = tables.len(), member_of = ?member_of, "daemon role ready");
+    Ok(DaemonRoleReport { created, tables: tables.len(), member_of, row_security })
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// What `init --restored` found and did.
 #[derive(Debug, Clone)]
 pub struct RestoreReport {

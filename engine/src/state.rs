@@ -40,6 +40,9 @@
 //!   (`init --restored`): the branch ChangeSets its relay log already holds,
 //!   which the branches re-send and the main applies again but does not
 //!   relay a second time.
+//! * `daemon_role` — the non-superuser role the daemon connects as
+//!   ([`crate::setup::grant_daemon_role`]); the event triggers trust
+//!   `branchsync.*` settings only in its sessions (and superusers').
 //! * `capture_skips` — transactions whose rows too large to carry the
 //!   operator allowed capture to skip (R24).
 
@@ -183,6 +186,24 @@ CREATE TABLE IF NOT EXISTS branchsync.relay_suppress (
     commit_lsn bigint NOT NULL,
     PRIMARY KEY (author, commit_lsn)
 );
+CREATE TABLE IF NOT EXISTS branchsync.daemon_role (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    rolname text NOT NULL
+);
+-- Apply's check before it writes a table: row-level security that applies
+-- to the applying role would hide rows from it (PostgreSQL's own apply
+-- worker refuses such tables too). Runs as the caller.
+CREATE OR REPLACE FUNCTION branchsync.check_row_security(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF row_security_active(rel) THEN
+        RAISE EXCEPTION 'row-level security applies to role "%" on table %', current_user, rel
+            USING ERRCODE = '42501',
+                  DETAIL = 'Its policies would hide rows from branchsync, so changes to it are not applied here.',
+                  HINT = format('Disable row-level security on %s, or exempt branchsync''s role: ALTER ROLE %I BYPASSRLS. Then retry the quarantined entries.', rel, current_user);
+    END IF;
+END
+$fn$;
 CREATE TABLE IF NOT EXISTS branchsync.capture_skips (
     commit_lsn text PRIMARY KEY,
     at timestamptz NOT NULL DEFAULT now(),

@@ -93,6 +93,15 @@ pub struct DatabaseSection {
     /// Tables that stay local.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// The role the daemon connects as (`init`, run with `url` as a
+    /// superuser, creates it without superuser rights). Every command but
+    /// `init` connects with `url` and this role instead of `url`'s user.
+    #[serde(default = "default_daemon_role")]
+    pub daemon_role: String,
+}
+
+fn default_daemon_role() -> String {
+    "branchsync".into()
 }
 
 fn default_schemas() -> Vec<String> {
@@ -430,6 +439,33 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where `init` keeps the daemon role's password (mode 0600).
+    pub fn daemon_password_path(&self) -> PathBuf {
+        self.node.data_dir.join("database.password")
+    }
+
+    /// The connection string every command but `init` uses: `database.url`
+    /// with the user replaced by `database.daemon_role` and, when `init`
+    /// wrote one, that role's password. Later keys win in both forms
+    /// libpq accepts.
+    pub fn daemon_url(&self) -> String {
+        let pw = std::fs::read_to_string(self.daemon_password_path()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let url = self.database.url.trim();
+        let role = &self.database.daemon_role;
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            match pw {
+                Some(pw) => format!("{url}{sep}user={role}&password={pw}"),
+                None => format!("{url}{sep}user={role}"),
+            }
+        } else {
+            match pw {
+                Some(pw) => format!("{url} user={role} password={pw}"),
+                None => format!("{url} user={role}"),
+            }
+        }
+    }
+
     /// Reads, overrides from the environment, resolves token files, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::load_with_env(path, &|k| std::env::var(k).ok())
@@ -497,6 +533,13 @@ impl Config {
         }
         if self.database.url.trim().is_empty() {
             return Err(self.invalid("database.url", "must not be empty".into()));
+        }
+        let r = &self.database.daemon_role;
+        let plain = r.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && r.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && r.len() < 64;
+        if !plain {
+            return Err(self.invalid("database.daemon_role", format!("\"{r}\" is not a plain role name (lowercase letters, digits and _, at most 63)")));
         }
         if self.sync.reconnect_max_ms < 100 {
             return Err(self.invalid("sync.reconnect_max_ms", format!("{} is below 100", self.sync.reconnect_max_ms)));

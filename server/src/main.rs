@@ -258,7 +258,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("branchsync capture skip: \"{lsn}\" is not an LSN (like 0/1A2B3C4)");
                 return Ok(ExitCode::FAILURE);
             };
-            let conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync capture skip").await.context("cannot connect to the database (database.url)")?;
+            let conn = connect_as_daemon(&cfg, "branchsync capture skip").await?;
             let new = setup::record_capture_skip(&conn.client, at, "recorded with branchsync capture skip").await?;
             println!(
                 "{} capture may skip the rows too large to carry of the transaction at LSN {}; a running daemon picks this up within 10 s, and records each skipped row in branchsync.conflicts",
@@ -308,7 +308,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn conflicts(cfg: &Config, action: ConflictsAction) -> anyhow::Result<ExitCode> {
     use branchsync_engine::conflict_log::{self, Keep, Resolved};
-    let mut conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync conflicts").await.context("cannot connect to the database (database.url)")?;
+    let mut conn = connect_as_daemon(&cfg, "branchsync conflicts").await?;
     match action {
         ConflictsAction::List { all, limit, json } => {
             let list = conflict_log::list(&conn.client, all, limit).await?;
@@ -367,6 +367,39 @@ async fn conflicts(cfg: &Config, action: ConflictsAction) -> anyhow::Result<Exit
     }
 }
 
+/// Connects as `[database] daemon_role`, as the daemon does.
+async fn connect_as_daemon(cfg: &Config, app: &str) -> anyhow::Result<branchsync_engine::pg::PgConn> {
+    branchsync_engine::pg::connect(&cfg.daemon_url(), app).await.with_context(|| {
+        format!(
+            "cannot connect to the database as role \"{}\" (database.url with database.daemon_role). Run branchsync init (as a superuser, with database.url) to create the role",
+            cfg.database.daemon_role
+        )
+    })
+}
+
+/// The daemon role's password: the one `init` wrote before, else a new
+/// random one, written (mode 0600) before it is set on the role.
+fn daemon_password(cfg: &Config) -> anyhow::Result<String> {
+    let path = cfg.daemon_password_path();
+    if let Ok(pw) = std::fs::read_to_string(&path) {
+        let pw = pw.trim().to_string();
+        if !pw.is_empty() && pw.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(pw);
+        }
+    }
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    let pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, pw.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(pw)
+}
+
 async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Result<ExitCode> {
     let mut conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync init").await.context("cannot connect to the database (database.url)")?;
     let params = setup::InitParams {
@@ -384,6 +417,14 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
         }
     };
     std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("cannot create data directory {}", cfg.node.data_dir.display()))?;
+    let daemon_role = setup::DaemonRole { name: cfg.database.daemon_role.clone(), password: Some(daemon_password(cfg)?), ddl_run_as: cfg.ddl.run_as.clone() };
+    let role_report = match setup::grant_daemon_role(&mut conn.client, &daemon_role, &cfg.scope()?).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("branchsync init: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     if accept_new_log {
         match setup::accept_new_log(&conn.client).await {
             Ok(old) => println!(
@@ -428,6 +469,17 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
     let changed = report.sequences.iter().filter(|s| s.changed).count();
     println!("  sequences striped: {} changed, {} already on stripe {} mod {}", changed, report.sequences.len() - changed, cfg.node.index, cfg.keys.stride);
     println!("  replication slot: {}", if report.slot_created { "created" } else { "exists" });
+    println!(
+        "  daemon role \"{}\" ({}, not a superuser): DML on {} replicated table(s){}; password in {}",
+        cfg.database.daemon_role,
+        if role_report.created { "created" } else { "exists" },
+        role_report.tables,
+        if role_report.member_of.is_empty() { String::new() } else { format!(", replays DDL as {}", role_report.member_of.join(", ")) },
+        cfg.daemon_password_path().display()
+    );
+    for t in &role_report.row_security {
+        println!("  WARNING: row-level security is enabled on {t}: its policies would hide rows from branchsync's role, so apply refuses its changes. Disable it, or exempt the role (ALTER ROLE {} BYPASSRLS).", cfg.database.daemon_role);
+    }
     if !report.apply_time_code.is_empty() {
         println!("  WARNING: application code runs inside apply on replicated tables, with branchsync's database rights (SECURITY.md):");
         for c in &report.apply_time_code {
@@ -510,7 +562,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         index: cfg.node.index,
         stride: cfg.keys.stride,
         data_dir: cfg.node.data_dir.clone(),
-        db_url: cfg.database.url.clone(),
+        db_url: cfg.daemon_url(),
         scope: cfg.scope()?,
         main_addr: cfg.sync.main.clone(),
         listen: cfg.sync.listen.clone(),
@@ -645,7 +697,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     // The daemon is not answering: show what the database knows.
-    let conn = branchsync_engine::pg::connect(&cfg.database.url, "branchsync status").await.context("cannot connect to the database (database.url)")?;
+    let conn = connect_as_daemon(&cfg, "branchsync status").await?;
     let conflicts: i64 = conn
         .client
         .query_one("SELECT count(*) FROM branchsync.conflicts", &[])

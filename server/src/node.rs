@@ -577,16 +577,20 @@ impl Node {
                                 }
                                 status.update(|st| st.emit_message_warning = w);
                             }
-                            // Cheap audit first; the full re-stripe (which scans
-                            // key columns) only when a sequence is off its stripe.
-                            let off = keys::audit(&c.client, &s2.scope, s2.index, s2.stride).await.map(|v| !v.is_empty()).unwrap_or(true);
-                            if !off {
-                                continue;
-                            }
-                            match keys::stripe_all(&c.client, &s2.scope, s2.index, s2.stride).await {
-                                Ok(fixed) => {
-                                    for f in fixed.iter().filter(|f| f.changed) {
-                                        tracing::warn!(sequence = %format!("{}.{}", f.schema, f.name), next = f.next_value, "sequence was off its stripe (setval or RESTART?); re-striped");
+                            // Cheap audit first; a sequence off its stripe is
+                            // re-striped by branchsync's helper (which owns the
+                            // right to ALTER it; this role does not).
+                            match keys::audit(&c.client, &s2.scope, s2.index, s2.stride).await {
+                                Ok(off) => {
+                                    for f in off {
+                                        let seq = format!("{}.{}", f.schema, f.name);
+                                        match c.client.execute(
+                                            "SELECT branchsync.stripe_sequence(pg_catalog.format('%I.%I', $1::text, $2::text)::regclass)",
+                                            &[&f.schema, &f.name],
+                                        ).await {
+                                            Ok(_) => tracing::warn!(sequence = %seq, was_next = f.next_value, "sequence was off its stripe (setval or RESTART?); re-striped"),
+                                            Err(e) => tracing::warn!(sequence = %seq, error = %branchsync_engine::error::pg_summary(&e), "re-striping a sequence failed"),
+                                        }
                                     }
                                 }
                                 Err(e) => tracing::warn!(error = %e, "stripe audit failed"),

@@ -325,8 +325,10 @@ async fn r21_truncate_replicates_only_where_a_table_opts_in() {
     ids_on_stripes(&main, "price_import", "'main'").await;
 }
 
-/// R22: replayed DDL runs as a non-superuser role. DDL the main ran as a
-/// superuser is refused until `[ddl] run_as` names the role to use; a
+/// R22: replayed DDL runs as a non-superuser role chosen by the receiving
+/// node (`[ddl] run_as`, else the owner of the table it changes), never as
+/// the role named on the wire: the main's superuser DDL replays as the
+/// tables' owner, and DDL on a table a superuser owns is refused. A
 /// branch's destructive DDL is refused even under `from = "any"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r22_replayed_ddl_never_runs_as_a_superuser_and_branches_may_only_add() {
@@ -335,12 +337,24 @@ async fn r22_replayed_ddl_never_runs_as_a_superuser_and_branches_may_only_add() 
     let main_admin = topo.main.db().await;
     main_admin.batch_execute("CREATE TABLE admin_made (id serial PRIMARY KEY)").await.unwrap();
     let b1 = topo.branches[0].db().await;
-    eventually("branch1 refuses the superuser's DDL", Duration::from_secs(30), || {
+    eventually("branch1 replays the superuser's CREATE TABLE as the tables' owner", Duration::from_secs(30), || {
+        let b1 = &b1;
+        async move {
+            let owner: Option<String> =
+                b1.query_opt("SELECT tableowner::text FROM pg_tables WHERE tablename = 'admin_made'", &[]).await.ok()?.map(|r| r.get(0));
+            owner.filter(|o| o == "erp")
+        }
+    })
+    .await;
+    // At branch1 a superuser owns it (changed by hand, not replicated).
+    b1.batch_execute("SET branchsync.internal = on; ALTER TABLE admin_made OWNER TO postgres; RESET branchsync.internal").await.unwrap();
+    main_admin.batch_execute("ALTER TABLE admin_made ADD COLUMN note text").await.unwrap();
+    eventually("branch1 refuses DDL on a table a superuser owns", Duration::from_secs(30), || {
         let b1 = &b1;
         async move { conflicts_of_kind(b1, "ddl_failed").await.into_iter().find(|c| c.contains("superuser")) }
     })
     .await;
-    assert_eq!(count(&b1, "SELECT count(*) FROM pg_tables WHERE tablename = 'admin_made'").await, 0);
+    assert_eq!(count(&b1, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'admin_made' AND column_name = 'note'").await, 0);
 
     // A branch (from = "any") may add, not drop.
     let b1_erp = erp(&topo.branches[0]).await;

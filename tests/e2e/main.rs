@@ -1,6 +1,7 @@
 //! End-to-end tests: real PostgreSQL clusters, real `branchsync` daemons.
 //! Run them with `bash tests/run.sh` (builds the binary with failpoints).
 
+mod apply_rights;
 mod backlog;
 mod bad_entries;
 mod bad_input;

@@ -847,8 +847,11 @@ impl Applier {
         failpoints::hit(failpoints::APPLY_BEFORE_COMMIT);
         // Application code ran inside this transaction (triggers, defaults,
         // casts): whatever it set, the commit is flushed before it is
-        // acknowledged, and apply's own search_path is back.
-        c.batch_execute("SET LOCAL synchronous_commit = on; SET LOCAL search_path TO DEFAULT; COMMIT").await.map_err(EngineError::pg("committing an apply transaction"))?;
+        // acknowledged, and apply's own search_path is back. Deferred
+        // triggers fire now, not inside COMMIT after these settings.
+        c.batch_execute("SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL synchronous_commit = on; SET LOCAL search_path TO DEFAULT; COMMIT")
+            .await
+            .map_err(EngineError::pg("committing an apply transaction"))?;
         // Progress moves only now, after the commit is durable
         // (synchronous_commit = on): the link may acknowledge it.
         failpoints::hit(failpoints::APPLY_AFTER_COMMIT);
@@ -878,6 +881,16 @@ impl Applier {
         let key = (desc.schema.clone(), desc.name.clone());
         if !self.tables.contains_key(&key) {
             let t = LocalTable::load(&self.conn.client, &desc.schema, &desc.name).await?;
+            if let Some(t) = &t {
+                // Policies would hide rows from branchsync's role: refused
+                // (an error of this entry, quarantined with the reason), as
+                // PostgreSQL's own apply worker refuses it.
+                self.conn
+                    .client
+                    .execute("SELECT branchsync.check_row_security($1::text::regclass)", &[&t.qualified])
+                    .await
+                    .map_err(EngineError::pg(format!("checking row-level security of {}", t.name)))?;
+            }
             self.tables.insert(key.clone(), t);
         }
         Ok(self.tables[&key].clone().map(|t| Mapping::new(desc, t)))
@@ -926,21 +939,19 @@ impl Applier {
             }
             return Ok(());
         }
-        let role = match self.ddl_role(d).await? {
-            Ok(r) => r,
-            Err(why) => {
-                for stmt in &d.statements {
-                    self.ddl_failed(e, d, stmt, "replayed DDL needs a non-superuser role".into(), why.clone()).await?;
-                }
-                return Ok(());
-            }
-        };
         for stmt in &d.statements {
             let checked = match parse::check(stmt, from_main) {
                 Ok(s) => s,
                 Err(r) => {
                     let detail = if r.detail.is_empty() { r.message.clone() } else { format!("{}: {}", r.message, r.detail) };
                     self.ddl_failed(e, d, stmt, detail, r.hint).await?;
+                    continue;
+                }
+            };
+            let role = match self.ddl_role(d, &checked).await? {
+                Ok(r) => r,
+                Err(why) => {
+                    self.ddl_failed(e, d, stmt, "replayed DDL needs a non-superuser role".into(), why).await?;
                     continue;
                 }
             };
@@ -985,21 +996,79 @@ impl Applier {
         Ok(())
     }
 
-    /// The role replayed DDL runs as: `[ddl] run_as`, else the author's
-    /// role; it must exist here and must not be a superuser (R22).
-    /// `Ok(Err(why))` when no such role is usable.
-    async fn ddl_role(&mut self, d: &DdlChange) -> Result<Result<String, String>, EngineError> {
-        let role = self.cfg.ddl.run_as.clone().unwrap_or_else(|| d.role.clone());
-        let row = self
-            .conn
-            .client
-            .query_opt("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+    /// The role replayed DDL runs as, from this node's policy (R22): `[ddl]
+    /// run_as`; else the owner here of the first relation the statement
+    /// names that exists (resolved with the author's `search_path`); else,
+    /// for a new object, the author's role only if this node lets branchsync
+    /// act as it (a member of it: `init` grants the owners of replicated
+    /// tables and the roles with CREATE on a replicated schema); else the
+    /// role owning most replicated tables. It must
+    /// not be a superuser, and branchsync's role must be a member of it
+    /// (`init` makes it one of every owner). `Ok(Err(why))` when no role is
+    /// usable.
+    async fn ddl_role(&mut self, d: &DdlChange, checked: &parse::Checked) -> Result<Result<String, String>, EngineError> {
+        let c = &self.conn.client;
+        let role = match &self.cfg.ddl.run_as {
+            Some(r) => Some(r.clone()),
+            None => {
+                c.execute("SELECT set_config('search_path', $1, true)", &[&d.search_path])
+                    .await
+                    .map_err(EngineError::pg("setting the author's search_path"))?;
+                let mut owner = None;
+                for t in &checked.targets {
+                    let name = match &t.schema {
+                        Some(s) => format!("{}.{}", branchsync_proto::changeset::quote_ident(s), branchsync_proto::changeset::quote_ident(&t.name)),
+                        None => branchsync_proto::changeset::quote_ident(&t.name),
+                    };
+                    owner = c
+                        .query_opt("SELECT o.rolname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE c.oid = pg_catalog.to_regclass($1)", &[&name])
+                        .await
+                        .map_err(EngineError::pg("looking up the owner of a table the DDL names"))?
+                        .map(|r| r.get::<_, String>(0));
+                    if owner.is_some() {
+                        break;
+                    }
+                }
+                // A new object: the role that made it at the author, if this
+                // node lets branchsync act as it (init made branchsync a
+                // member of the roles that own replicated tables or may
+                // create tables in a replicated schema).
+                if owner.is_none() {
+                    owner = c
+                        .query_opt(
+                            "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolname = $1 AND NOT rolsuper AND pg_has_role(current_user, oid, 'MEMBER')",
+                            &[&d.role],
+                        )
+                        .await
+                        .map_err(EngineError::pg("looking up the author's role"))?
+                        .map(|r| r.get::<_, String>(0));
+                }
+                match owner {
+                    Some(o) => Some(o),
+                    None => c
+                        .query_opt(
+                            "SELECT o.rolname::text FROM branchsync.known_tables k JOIN pg_catalog.pg_class c ON c.oid = k.relid \
+                             JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE NOT o.rolsuper GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+                            &[],
+                        )
+                        .await
+                        .map_err(EngineError::pg("looking up the owner of the replicated tables"))?
+                        .map(|r| r.get::<_, String>(0)),
+                }
+            }
+        };
+        let Some(role) = role else {
+            return Ok(Err("no replicated table here is owned by a role other than a superuser, and [ddl] run_as is not set. Set [ddl] run_as to the ERP's role.".into()));
+        };
+        let row = c
+            .query_opt("SELECT rolsuper, pg_has_role(current_user, oid, 'MEMBER') FROM pg_catalog.pg_roles WHERE rolname = $1", &[&role])
             .await
             .map_err(EngineError::pg("looking up the DDL role"))?;
-        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+        Ok(match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
             None => Err(format!("role \"{role}\" does not exist here. Create the ERP's role at every site, or set [ddl] run_as.")),
-            Some(true) => Err(format!("role \"{role}\" is a superuser here. Run the ERP as a non-superuser role, or set [ddl] run_as to one.")),
-            Some(false) => Ok(role),
+            Some((true, _)) => Err(format!("role \"{role}\" owns the table here and is a superuser. Run the ERP as a non-superuser role, or set [ddl] run_as to one.")),
+            Some((false, false)) => Err(format!("branchsync's role is not a member of role \"{role}\" here. Run branchsync init again (it grants the owners of replicated tables), or GRANT {role} TO branchsync's role.")),
+            Some((false, true)) => Ok(role),
         })
     }
 

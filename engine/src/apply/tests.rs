@@ -171,6 +171,36 @@ async fn r5_an_apply_commit_is_flushed_before_progress_moves_even_when_the_datab
     assert_eq!(site.progress().await, 1);
 }
 
+/// Issue 13: application code that runs inside apply turns
+/// `synchronous_commit` off: an `ALWAYS` trigger for its session, a
+/// deferred constraint trigger at the commit itself (after apply's own
+/// `SET LOCAL`). The apply commit is flushed all the same.
+#[tokio::test]
+async fn an_apply_commit_is_flushed_even_when_a_trigger_or_a_deferred_trigger_turns_synchronous_commit_off() {
+    let site = Site::new(
+        "CREATE TABLE items (id int PRIMARY KEY, name text);
+         CREATE FUNCTION async_now() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM set_config('synchronous_commit', 'off', TG_ARGV[0]::boolean); RETURN NEW; END $$;
+         CREATE TRIGGER items_async BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION async_now('false');
+         ALTER TABLE items ENABLE ALWAYS TRIGGER items_async;
+         CREATE CONSTRAINT TRIGGER items_async_at_commit AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION async_now('true');
+         ALTER TABLE items ENABLE ALWAYS TRIGGER items_async_at_commit;",
+        &["wal_writer_delay = 10000ms", "wal_writer_flush_after = 0", "autovacuum = off"],
+    )
+    .await;
+    let mut a = site.applier().await;
+    let d = desc("items", &["id", "name"], &["id"]);
+    for n in 1..=3 {
+        a.apply_entries(&[cs(n, "branch1", T0 + n, d.clone(), vec![ins(&[&n.to_string(), "a"])])]).await.unwrap();
+        a.commit().await.unwrap();
+        assert_eq!(a.committed(), n);
+        let r = site.c.query_one("SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()", &[]).await.unwrap();
+        assert!(r.get::<_, bool>(0), "apply commit {n} was flushed before it counted as applied");
+    }
+    assert_eq!(site.rows("SELECT id, name FROM items ORDER BY id").await, ["(1,a)", "(2,a)", "(3,a)"]);
+}
+
 /// R6: one author's consecutive ChangeSets share a transaction (and its
 /// progress row); a change of author always starts a new one.
 #[tokio::test]

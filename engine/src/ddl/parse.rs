@@ -376,6 +376,9 @@ pub struct Checked {
     pub sql: String,
     /// Its parse node name.
     pub node: &'static str,
+    /// The relations it creates or changes (the receiver replays it as the
+    /// owner of the first that exists there, R22).
+    pub targets: Vec<RelationName>,
 }
 
 /// Statement types replayed from any node allowed to send DDL (additive only).
@@ -537,7 +540,7 @@ pub fn check(stmt: &str, from_main: bool) -> Result<Checked, DdlRejection> {
         ));
     }
     let sql = without_data(&node)?.unwrap_or(text);
-    Ok(Checked { sql, node: kind })
+    Ok(Checked { sql, node: kind, targets: targets(&node).0 })
 }
 
 /// A readable label for a statement, from its first keywords.

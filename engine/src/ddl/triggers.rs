@@ -32,11 +32,21 @@
 //!   set it too. `ALTER SEQUENCE` is sequence state (restart, increment):
 //!   re-striped, never sent.
 //! * **Privileges.** The trigger functions run as the role that ran the DDL
-//!   (its name is what replay runs as, R22) and call `SECURITY DEFINER`
-//!   helpers with a fixed `search_path` for what needs branchsync's rights
-//!   (the publication, its own tables, the message). The helpers refuse to
-//!   run outside an event trigger (`pg_event_trigger_ddl_commands()` raises
-//!   there), so a role cannot call them to forge a schema change.
+//!   and call `SECURITY DEFINER` helpers with a fixed `search_path` for what
+//!   needs branchsync's rights (the publication, its own tables, grants to
+//!   branchsync's role, the message). The helpers refuse to run outside an
+//!   event trigger (`pg_event_trigger_ddl_commands()` raises there), so a
+//!   role cannot call them to forge a schema change, and they write no row
+//!   of an application table: the rows of `CREATE TABLE AS` and the
+//!   author's values of new columns are written by the invoker's function,
+//!   as the role that ran the DDL, so that table's triggers never run with
+//!   branchsync's rights.
+//! * **Settings are believed only from branchsync.** Any session can set
+//!   `branchsync.internal` or `branchsync.replaying` itself. They count only
+//!   in sessions of branchsync's role or a superuser, or inside the helpers
+//!   (`branchsync.trusted`); the per-string statement count
+//!   (`branchsync.ddl_key`) is sealed with the mark key, so a count a
+//!   session wrote itself starts again at 1.
 //!
 //! # Rows of `CREATE TABLE AS` and new columns
 //!
@@ -58,6 +68,18 @@ use crate::EngineError;
 /// triggers created when missing and set `ENABLE ALWAYS`).
 pub const TRIGGER_SQL: &str = r#"
 GRANT USAGE ON SCHEMA branchsync TO PUBLIC;
+DROP FUNCTION IF EXISTS branchsync.fix_table(oid, boolean, boolean, boolean);
+DROP FUNCTION IF EXISTS branchsync.on_ddl_end(text, text, text, integer, text, boolean, text);
+
+-- Whether the branchsync.* settings of this session may be believed: only
+-- in sessions of branchsync's own role or of a superuser, and inside
+-- branchsync's own helpers (cu, the current user, is then their owner). Any
+-- other session can set them itself.
+CREATE OR REPLACE FUNCTION branchsync.trusted(cu text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname IN (cu, session_user) AND rolsuper)
+        OR EXISTS (SELECT 1 FROM branchsync.daemon_role WHERE rolname = session_user)
+$fn$;
 
 CREATE OR REPLACE FUNCTION branchsync.in_scope(nsp text, rel text) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -113,6 +135,10 @@ BEGIN
                   AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0 AND NOT branchsync.in_scope(tn.nspname, t.relname)) THEN
         RETURN;
     END IF;
+    -- branchsync's role audits the stripe: it reads the sequence.
+    FOR c IN SELECT rolname FROM branchsync.daemon_role LOOP
+        EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %I', s.qname, c.rolname);
+    END LOOP;
     EXECUTE format('SELECT last_value, is_called FROM %s', s.qname) INTO lv, called;
     nxt := CASE WHEN called THEN lv::numeric + s.seqincrement ELSE lv END;
     IF s.seqincrement = nd.stride AND NOT s.seqcycle AND nxt >= 1 AND mod(nxt, nd.stride) = nd.node_index
@@ -160,30 +186,30 @@ $fn$;
 -- A table touched by DDL: publication, replica identity, renames, snapshot,
 -- rows of CREATE TABLE AS, values of new non-constant columns. Returns
 -- whether the table is replicated.
-CREATE OR REPLACE FUNCTION branchsync.fix_table(rel oid, ctas boolean, rewritten boolean, replaying boolean) RETURNS boolean
+-- Returns the statement the caller runs as the role that ran the DDL (never
+-- here, with branchsync's rights: a table's triggers would run with them)
+-- when the author's values of new columns must travel, else NULL.
+CREATE OR REPLACE FUNCTION branchsync.fix_table(rel oid, rewritten boolean, replaying boolean) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    t record; q text; has_pk boolean; col text; fresh boolean := false; seq record;
+    t record; q text; has_pk boolean; col text; fresh boolean := false; seq record; dr record; fixup text;
 BEGIN
-    SELECT c.relname, n.nspname, c.relkind, c.relpersistence, c.relreplident INTO t
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    SELECT c.relname, n.nspname, c.relkind, c.relpersistence, c.relreplident, o.rolname AS owner, o.rolsuper AS owner_super INTO t
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles o ON o.oid = c.relowner WHERE c.oid = rel;
     IF NOT FOUND OR t.relkind NOT IN ('r', 'p') OR t.relpersistence <> 'p' OR NOT branchsync.in_scope(t.nspname, t.relname) THEN
-        RETURN false;
+        RETURN NULL;
     END IF;
     q := format('%I.%I', t.nspname, t.relname);
-    IF ctas AND NOT replaying THEN
-        -- Its rows were written before it joined the publication: out and
-        -- back in, after it joined, so they are decoded.
-        EXECUTE format('CREATE TEMP TABLE branchsync_ctas_rows ON COMMIT DROP AS SELECT * FROM %s', q);
-        EXECUTE format('TRUNCATE %s', q);
-    END IF;
+    -- branchsync's role applies its rows, and replays its DDL as its owner.
+    FOR dr IN SELECT rolname FROM branchsync.daemon_role WHERE rolname <> t.owner LOOP
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %s TO %I', q, dr.rolname);
+        IF NOT t.owner_super AND NOT pg_has_role(dr.rolname, t.owner, 'MEMBER') THEN
+            EXECUTE format('GRANT %I TO %I', t.owner, dr.rolname);
+        END IF;
+    END LOOP;
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                     WHERE p.pubname = 'branchsync' AND pr.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION branchsync ADD TABLE %s', q);
-    END IF;
-    IF ctas AND NOT replaying THEN
-        EXECUTE format('INSERT INTO %s SELECT * FROM branchsync_ctas_rows', q);
-        DROP TABLE branchsync_ctas_rows;
     END IF;
     has_pk := EXISTS (SELECT 1 FROM pg_index WHERE indrelid = rel AND indisprimary);
     -- Every change carries the row as its author saw it (R11, R12, R16).
@@ -215,7 +241,7 @@ BEGIN
         SELECT quote_ident(attname) INTO col FROM pg_attribute
          WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attidentity <> 'a' ORDER BY attnum LIMIT 1;
         IF col IS NOT NULL THEN
-            EXECUTE format('UPDATE %s SET %s = %s', q, col, col);
+            fixup := format('UPDATE %s SET %s = %s', q, col, col);
         END IF;
     END IF;
     -- Sequences it owns (serial, identity), new or not.
@@ -223,21 +249,35 @@ BEGIN
                 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = rel AND d.deptype IN ('a', 'i') LOOP
         PERFORM branchsync.stripe_sequence(seq.objid);
     END LOOP;
-    RETURN true;
+    RETURN fixup;
 END
 $fn$;
 
 -- ddl_command_end, with branchsync's rights. Does the per-command work and,
 -- when the statement touched the scope, logs and emits it.
-CREATE OR REPLACE FUNCTION branchsync.on_ddl_end(role text, tag text, path text, ordinal integer, stmt_key text, dropped boolean, rewritten text)
-RETURNS void
+CREATE OR REPLACE FUNCTION branchsync.on_ddl_end(role text, tag text, path text, dropped boolean, rewritten text)
+RETURNS text[]
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    r record; hit boolean := dropped; kind "char"; tbl oid; body text; k record; seal bytea;
-    replaying boolean := coalesce(current_setting('branchsync.replaying', true), '') = 'on';
+    r record; hit boolean := dropped; kind "char"; tbl oid; body text; k record; seal bytea; fixups text[] := '{}'; fixup text;
+    replaying boolean := branchsync.trusted(session_user::text) AND coalesce(current_setting('branchsync.replaying', true), '') = 'on';
     rew oid[] := coalesce(string_to_array(nullif(rewritten, ''), ',')::oid[], '{}');
+    stmt_key text; prev text; ordinal integer := 1; key_seal text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM branchsync.node) THEN RETURN; END IF;
+    IF NOT EXISTS (SELECT 1 FROM branchsync.node) THEN RETURN fixups; END IF;
+    -- Firings are numbered per query string (statement_timestamp() is the
+    -- same for every statement of one string), across its transactions. The
+    -- count is kept in a session setting sealed with the mark key: a count
+    -- the session set itself is not believed.
+    SELECT k_ipad, k_opad INTO k FROM branchsync.mark_key;
+    stmt_key := statement_timestamp()::text || '/' || md5(current_query());
+    prev := coalesce(current_setting('branchsync.ddl_key', true), '');
+    IF split_part(prev, '#', 1) = stmt_key AND split_part(prev, '#', 2) ~ '^[0-9]{1,9}$'
+       AND (k IS NULL OR split_part(prev, '#', 3) = encode(sha256(k.k_opad || sha256(k.k_ipad || convert_to(split_part(prev, '#', 1) || '#' || split_part(prev, '#', 2), 'UTF8'))), 'hex')) THEN
+        ordinal := split_part(prev, '#', 2)::integer + 1;
+    END IF;
+    key_seal := CASE WHEN k IS NULL THEN '' ELSE encode(sha256(k.k_opad || sha256(k.k_ipad || convert_to(stmt_key || '#' || ordinal, 'UTF8'))), 'hex') END;
+    PERFORM set_config('branchsync.ddl_key', stmt_key || '#' || ordinal || '#' || key_seal, false);
     -- Until the end of this function: the DDL it runs itself fires no trigger
     -- work (R19). Set back explicitly, so later statements of the same
     -- transaction are seen.
@@ -279,18 +319,21 @@ BEGIN
         IF r.classid = 'pg_class'::regclass THEN
             SELECT relkind INTO kind FROM pg_class WHERE oid = r.objid;
             IF kind IN ('r', 'p') THEN
-                PERFORM branchsync.fix_table(r.objid, tag IN ('CREATE TABLE AS', 'SELECT INTO'), r.objid = ANY (rew), replaying);
+                fixup := branchsync.fix_table(r.objid, r.objid = ANY (rew), replaying);
+                IF fixup IS NOT NULL THEN fixups := fixups || fixup; END IF;
             ELSIF kind = 'S' THEN
                 PERFORM branchsync.stripe_sequence(r.objid);
             END IF;
         ELSIF r.classid = 'pg_constraint'::regclass THEN
             SELECT nullif(conrelid, 0) INTO tbl FROM pg_constraint WHERE oid = r.objid;
             IF tbl IS NOT NULL THEN
-                PERFORM branchsync.fix_table(tbl, false, false, replaying);
+                fixup := branchsync.fix_table(tbl, false, replaying);
+                IF fixup IS NOT NULL THEN fixups := fixups || fixup; END IF;
             END IF;
         END IF;
     END LOOP;
     PERFORM set_config('branchsync.internal', 'off', true);
+    RETURN fixups;
 END
 $fn$;
 
@@ -320,22 +363,37 @@ BEGIN
 END
 $fn$;
 
--- The trigger functions run as the role that ran the DDL.
+-- The trigger functions run as the role that ran the DDL, and so does
+-- every row they write to an application table (the rows of CREATE TABLE
+-- AS, the author's values of new columns): branchsync's helpers write none.
 CREATE OR REPLACE FUNCTION branchsync.ddl_command_end() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 DECLARE
-    k text; prev text; n integer := 1;
+    r record; js jsonb; i integer; stmt text; fixups text[];
+    ctas_q text[] := '{}'; ctas_rows jsonb[] := '{}';
+    trusted boolean := branchsync.trusted(current_user::text);
 BEGIN
-    IF coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
-    -- Firings are numbered per query string (statement_timestamp() is the
-    -- same for every statement of one string), across its transactions.
-    k := statement_timestamp()::text || '/' || md5(current_query());
-    prev := coalesce(current_setting('branchsync.ddl_key', true), '');
-    IF split_part(prev, '#', 1) = k THEN
-        n := split_part(prev, '#', 2)::integer + 1;
+    IF trusted AND coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
+    -- Rows CREATE TABLE AS wrote before its table joins the publication are
+    -- not decoded: out now, back in once it has joined.
+    IF tg_tag IN ('CREATE TABLE AS', 'SELECT INTO') AND NOT (trusted AND coalesce(current_setting('branchsync.replaying', true), '') = 'on') THEN
+        FOR r IN SELECT format('%I.%I', n.nspname, c.relname) AS q
+                   FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE d.classid = 'pg_class'::regclass AND NOT d.in_extension AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+                    AND branchsync.in_scope(n.nspname, c.relname) LOOP
+            EXECUTE format('SELECT coalesce(jsonb_agg(t), ''[]'') FROM %s t', r.q) INTO js;
+            EXECUTE format('TRUNCATE %s', r.q);
+            ctas_q := ctas_q || r.q;
+            ctas_rows := ctas_rows || js;
+        END LOOP;
     END IF;
-    PERFORM set_config('branchsync.ddl_key', k || '#' || n, false);
-    PERFORM branchsync.on_ddl_end(current_user::text, tg_tag, current_setting('search_path'), n, k,
+    fixups := branchsync.on_ddl_end(current_user::text, tg_tag, current_setting('search_path'),
         coalesce(current_setting('branchsync.dropped', true), '') = 'on', coalesce(current_setting('branchsync.rewritten', true), ''));
+    FOR i IN 1 .. coalesce(array_length(ctas_q, 1), 0) LOOP
+        EXECUTE format('INSERT INTO %s SELECT * FROM jsonb_populate_recordset(NULL::%s, $1)', ctas_q[i], ctas_q[i]) USING ctas_rows[i];
+    END LOOP;
+    FOREACH stmt IN ARRAY coalesce(fixups, '{}') LOOP
+        EXECUTE stmt;
+    END LOOP;
     PERFORM set_config('branchsync.dropped', '', true);
     PERFORM set_config('branchsync.rewritten', '', true);
 END
@@ -343,7 +401,7 @@ $fn$;
 
 CREATE OR REPLACE FUNCTION branchsync.sql_drop() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-    IF coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
+    IF branchsync.trusted(current_user::text) AND coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
     IF branchsync.on_drop() THEN
         PERFORM set_config('branchsync.dropped', 'on', true);
     END IF;
@@ -352,7 +410,7 @@ $fn$;
 
 CREATE OR REPLACE FUNCTION branchsync.table_rewrite() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-    IF coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
+    IF branchsync.trusted(current_user::text) AND coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
     -- 2 = AT_REWRITE_DEFAULT_VAL: a column added with a volatile default.
     IF (pg_event_trigger_table_rewrite_reason() & 2) <> 0 THEN
         PERFORM set_config('branchsync.rewritten',
@@ -362,7 +420,7 @@ END
 $fn$;
 
 REVOKE ALL ON FUNCTION branchsync.stripe_sequence(oid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION branchsync.fix_table(oid, boolean, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION branchsync.fix_table(oid, boolean, boolean) FROM PUBLIC;
 
 DO $do$
 BEGIN
@@ -704,7 +762,7 @@ mod pg_tests {
     async fn r22_the_helpers_refuse_to_forge_a_schema_change_outside_a_trigger() {
         let (_pg, admin, erp) = node().await;
         let e = erp
-            .batch_execute("SELECT branchsync.on_ddl_end('postgres', 'DROP TABLE', 'public', 1, 'k', true, '')")
+            .batch_execute("SELECT branchsync.on_ddl_end('postgres', 'DROP TABLE', 'public', true, '')")
             .await
             .unwrap_err();
         assert!(e.as_db_error().is_some_and(|d| d.message().contains("event trigger")), "{e:?}");
