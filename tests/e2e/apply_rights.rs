@@ -304,3 +304,42 @@ async fn the_daemon_reaches_its_database_over_verified_tls_when_the_url_asks_for
 fn engine_cluster_runs_as_postgres() -> bool {
     branchsync_engine::cluster::running_as_root()
 }
+
+/// Issue 13: a replicated table whose row-level security would hide rows
+/// from branchsync's role is refused, with a message, as PostgreSQL's own
+/// apply worker refuses it; `init` warns; the rest of the stream flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_whose_row_level_security_applies_to_branchsync_is_refused_and_the_stream_flows() {
+    let schema = format!(
+        "{POS_SCHEMA}
+         CREATE TABLE vouchers (id int PRIMARY KEY, shop text NOT NULL);
+         ALTER TABLE vouchers ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_shop ON vouchers USING (shop = current_user);"
+    );
+    let mut topo = Topology::prepare(1, &schema).await;
+    let out = topo.main.cli(&["init"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("row-level security is enabled on public.vouchers"), "init warns: {said}");
+    topo.start_all();
+    let b1 = topo.branches[0].db().await;
+    b1.batch_execute("INSERT INTO vouchers VALUES (1, 'branch1')").await.unwrap();
+    sell(&b1, "branch1", 2).await;
+    // The sale arrives; the voucher does not, and the main says why.
+    let main = topo.main.db().await;
+    let detail = eventually("the main refuses the voucher", Duration::from_secs(30), || {
+        let main = &main;
+        async move {
+            let r = main
+                .query_opt("SELECT coalesce(detail, '') FROM branchsync.conflicts WHERE kind = 'quarantined' AND detail LIKE '%row-level security applies to role%'", &[])
+                .await
+                .ok()??;
+            Some(r.get::<_, String>(0))
+        }
+    })
+    .await;
+    assert!(detail.contains("vouchers"), "{detail}");
+    let vouchers: i64 = main.query_one("SELECT count(*) FROM vouchers", &[]).await.unwrap().get(0);
+    assert_eq!(vouchers, 0);
+    sell(&b1, "branch1", 1).await;
+    wait_converged(&topo.sites(), POS_TABLES, Duration::from_secs(30)).await;
+}
