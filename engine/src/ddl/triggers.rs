@@ -46,7 +46,9 @@
 //!   in sessions of branchsync's role or a superuser, or inside the helpers
 //!   (`branchsync.trusted`); the per-string statement count
 //!   (`branchsync.ddl_key`) is sealed with the mark key, so a count a
-//!   session wrote itself starts again at 1.
+//!   session wrote itself starts again at 1; what `sql_drop` and
+//!   `table_rewrite` note for `ddl_command_end` (`branchsync.dropped`,
+//!   `branchsync.rewritten`) is wiped at `ddl_command_start`.
 //!
 //! # Rows of `CREATE TABLE AS` and new columns
 //!
@@ -408,6 +410,16 @@ BEGIN
 END
 $fn$;
 
+-- What sql_drop and table_rewrite note for ddl_command_end holds for one
+-- command: wiped when it starts, so a value a session set beforehand never
+-- counts.
+CREATE OR REPLACE FUNCTION branchsync.ddl_command_start() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM set_config('branchsync.dropped', '', true);
+    PERFORM set_config('branchsync.rewritten', '', true);
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION branchsync.table_rewrite() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     IF branchsync.trusted(current_user::text) AND coalesce(current_setting('branchsync.internal', true), '') = 'on' THEN RETURN; END IF;
@@ -430,6 +442,9 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'branchsync_sql_drop') THEN
         CREATE EVENT TRIGGER branchsync_sql_drop ON sql_drop EXECUTE FUNCTION branchsync.sql_drop();
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'branchsync_ddl_start') THEN
+        CREATE EVENT TRIGGER branchsync_ddl_start ON ddl_command_start EXECUTE FUNCTION branchsync.ddl_command_start();
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'branchsync_table_rewrite') THEN
         CREATE EVENT TRIGGER branchsync_table_rewrite ON table_rewrite EXECUTE FUNCTION branchsync.table_rewrite();
     END IF;
@@ -438,6 +453,7 @@ $do$;
 ALTER EVENT TRIGGER branchsync_ddl_end ENABLE ALWAYS;
 ALTER EVENT TRIGGER branchsync_sql_drop ENABLE ALWAYS;
 ALTER EVENT TRIGGER branchsync_table_rewrite ENABLE ALWAYS;
+ALTER EVENT TRIGGER branchsync_ddl_start ENABLE ALWAYS;
 "#;
 
 /// Session setting that makes every branchsync trigger return at once: set by
