@@ -118,13 +118,18 @@ async fn code_inside_apply_runs_as_branchsyncs_role_and_cannot_become_superuser(
     for (site, c) in [("main", &main), ("branch1", &b1)] {
         let r = c.query_one("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = 'branchsync'", &[]).await.unwrap();
         assert!(!r.get::<_, bool>(0) && r.get::<_, bool>(1), "{site}: branchsync's role is a replication role and not a superuser");
-        let users: Vec<String> = c
-            .query("SELECT DISTINCT usename::text FROM pg_stat_activity WHERE application_name LIKE 'branchsync%'", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        // Once the daemon has connected (it may still be starting).
+        let users: Vec<String> = eventually(&format!("{site}'s daemon connects"), Duration::from_secs(30), || async move {
+            let users: Vec<String> = c
+                .query("SELECT DISTINCT usename::text FROM pg_stat_activity WHERE application_name LIKE 'branchsync%'", &[])
+                .await
+                .ok()?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            (!users.is_empty()).then_some(users)
+        })
+        .await;
         assert_eq!(users, ["branchsync"], "{site}: every daemon connection is branchsync's role");
     }
 
