@@ -254,6 +254,18 @@ fn validate(p: &InitParams) -> Result<(), EngineError> {
     keys::check_stripe(p.index, p.stride)
 }
 
+/// A transaction of `init`'s: serialised with other runs (advisory lock),
+/// and its own DDL (state schema, replica identity, stripes, grants) is
+/// node-local, so the event triggers of an earlier run ignore it.
+async fn begin_init_transaction<'a>(client: &'a mut Client, what: &'static str) -> Result<Transaction<'a>, EngineError> {
+    let tx = client.transaction().await.map_err(EngineError::pg(what))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK_KEY])
+        .await
+        .map_err(EngineError::pg("waiting for another branchsync init"))?;
+    tx.batch_execute(&format!("SET LOCAL {} = on", crate::ddl::triggers::INTERNAL_GUC)).await.map_err(EngineError::pg(what))?;
+    Ok(tx)
+}
+
 /// Prepares the database for branchsync (see the module documentation):
 /// preflight, state schema, node row (clearing state copied from another
 /// node), replica identity of keyless tables, publication, sequence stripes,
@@ -267,15 +279,7 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     preflight(client).await?;
     let system_id = pg::system_identifier(client).await?;
 
-    let tx = client.transaction().await.map_err(EngineError::pg("starting init"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK_KEY])
-        .await
-        .map_err(EngineError::pg("waiting for another branchsync init"))?;
-    // init's own DDL (state schema, replica identity, stripes) is node-local:
-    // the event triggers of an earlier run must ignore it.
-    tx.batch_execute(&format!("SET LOCAL {} = on", crate::ddl::triggers::INTERNAL_GUC))
-        .await
-        .map_err(EngineError::pg("starting init"))?;
+    let tx = begin_init_transaction(client, "starting init").await?;
     tx.batch_execute(STATE_DDL).await.map_err(EngineError::pg("creating the branchsync schema"))?;
     let seeded_from = adopt_node(&tx, p, system_id).await?;
     if seeded_from.is_some() {
@@ -480,13 +484,7 @@ pub struct DaemonRoleReport {
 /// with these rights, which include no way to become a superuser.
 pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &Scope) -> Result<DaemonRoleReport, EngineError> {
     let q = quote_ident(&role.name);
-    let tx = client.transaction().await.map_err(EngineError::pg("starting to set up the daemon's role"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK_KEY])
-        .await
-        .map_err(EngineError::pg("waiting for another branchsync init"))?;
-    tx.batch_execute(&format!("SET LOCAL {} = on", crate::ddl::triggers::INTERNAL_GUC))
-        .await
-        .map_err(EngineError::pg("setting up the daemon's role"))?;
+    let tx = begin_init_transaction(client, "setting up the daemon's role").await?;
     let existing = tx
         .query_opt("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1", &[&role.name])
         .await
