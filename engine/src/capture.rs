@@ -196,7 +196,8 @@ struct Segment {
     changes: Vec<RowChange>,
     /// Rough encoded size of `changes`.
     bytes: usize,
-    /// The main's commit time of the transaction (relay only; 0 at branches).
+    /// The newest commit time of the main's log up to this transaction
+    /// (relay only; 0 at branches).
     relay_ts_us: i64,
 }
 
@@ -304,8 +305,9 @@ pub struct Capturer {
     relations: HashMap<u32, Relation>,
     captured_lsn: u64,
     last_stamp: u64,
-    /// Branch: the main's commit time of the last relay entry applied here,
-    /// in commit order (the causal context of the next local change, R15).
+    /// Branch: the relay time of the last relay entry applied here, in
+    /// commit order (the causal context of the next local change, R15).
+    /// Main: the relay time of the newest entry written (see `Begin`).
     seen_main_ts: i64,
     /// This node's clock offsets (R14): `(from local time µs, offset µs)`,
     /// ascending.
@@ -396,7 +398,20 @@ impl Capturer {
                 let duplicate = b.final_lsn <= self.captured_lsn;
                 let header = self.local_header(b.final_lsn, ts);
                 let suppressing = self.suppress.contains(&(header.author.clone(), header.commit_lsn));
-                let relay_ts = if self.cfg.role == Role::Main { ts } else { 0 };
+                // The relay time is the running maximum of commit times in
+                // log order, not the commit time itself: commit times are
+                // not monotonic in commit order (a backend takes its time
+                // before it inserts its commit record), and the main caps
+                // what a branch claims to have seen of the relay at the
+                // relay time of the newest entry sent to it, which must
+                // bound every entry before it. At the main, `seen_main_ts`
+                // holds this maximum (persisted with each completion).
+                let relay_ts = if self.cfg.role == Role::Main {
+                    self.seen_main_ts = self.seen_main_ts.max(ts);
+                    self.seen_main_ts
+                } else {
+                    0
+                };
                 self.txn = Some(Txn {
                     commit_lsn: b.final_lsn,
                     commit_ts_us: ts,
@@ -1200,5 +1215,67 @@ async fn capture_loop(
                 _ = tokio::time::sleep(poll) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Begin, Column, Commit, Insert};
+
+    fn main_capturer(log: Arc<ChangeLog>) -> Capturer {
+        let cfg = CaptureConfig {
+            node: "main".into(),
+            node_index: 0,
+            role: Role::Main,
+            system_id: 7,
+            scope: Scope::new(&["public".to_string()], &[]).unwrap(),
+            slot: "branchsync".into(),
+            publication: "branchsync".into(),
+            fragment_rows: 5_000,
+            fragment_bytes: 1 << 20,
+            max_row_bytes: 1 << 20,
+            mark_key: vec![1; 32],
+            poll_interval: Duration::from_millis(10),
+            batch_changes: 1_000,
+            ddl_local_only: false,
+        };
+        let mut c = Capturer::new(cfg, log).unwrap();
+        let column = Column { flags: 1, name: "id".into(), type_oid: 23, type_modifier: -1 };
+        let rel = Relation { oid: 16_384, namespace: "public".into(), name: "orders".into(), replica_identity: ReplicaIdentity::Full, columns: vec![column] };
+        c.handle(PgOutputMessage::Relation(rel)).unwrap();
+        c
+    }
+
+    /// One local transaction of one inserted row, committed at `lsn` with
+    /// commit time `ts` (PostgreSQL epoch).
+    fn commit_one(c: &mut Capturer, lsn: u64, ts: i64) {
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: lsn, commit_ts: ts, xid: lsn as u32 })).unwrap();
+        c.handle(PgOutputMessage::Insert(Insert { rel: 16_384, new: vec![Value::Text(lsn.to_string())] })).unwrap();
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: lsn, end_lsn: lsn + 1, commit_ts: ts })).unwrap();
+    }
+
+    /// Commit times are not monotonic in commit order; the relay time of an
+    /// entry must bound every entry before it (the main caps a branch's
+    /// `seen_main_ts` with it), across a restart too.
+    #[tokio::test]
+    async fn relay_times_never_decrease_along_the_log_even_when_commit_times_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer(log.clone());
+        commit_one(&mut c, 100, 5_000);
+        commit_one(&mut c, 200, 4_000);
+        log.flush().await.unwrap();
+        drop(c);
+        drop(log);
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer(log.clone());
+        commit_one(&mut c, 300, 4_500);
+        commit_one(&mut c, 400, 6_000);
+        log.flush().await.unwrap();
+        let times: Vec<i64> = log.read_after(0, usize::MAX).unwrap().iter().map(|e| e.relay_ts_us - PG_EPOCH_OFFSET_US).collect();
+        assert_eq!(times, vec![5_000, 5_000, 5_000, 6_000]);
+        let commit_times: Vec<i64> = log.read_after(0, usize::MAX).unwrap().iter().map(|e| e.header.commit_ts_us - PG_EPOCH_OFFSET_US).collect();
+        assert_eq!(commit_times, vec![5_000, 4_000, 4_500, 6_000], "the commit times themselves are kept");
     }
 }

@@ -104,8 +104,10 @@ pub struct Completion {
     pub captured_lsn: u64,
     /// Last hybrid-clock stamp handed out.
     pub stamp: u64,
-    /// At a branch: the main's commit time of the last relay entry applied
-    /// before this transaction (the causal context of the next one, R15).
+    /// At a branch: the relay time of the last relay entry applied before
+    /// this transaction (the causal context of the next one, R15). At the
+    /// main: the relay time of the newest entry written (relay times are a
+    /// running maximum in log order; this carries it across restarts).
     pub seen_main_ts: i64,
 }
 

@@ -198,9 +198,11 @@ pub struct LogEntry {
     pub tables: Vec<TableDesc>,
     /// The row changes, in the author's order.
     pub changes: Vec<RowChange>,
-    /// In the main's relay: the main's commit time (µs, the main's clock) of
-    /// the transaction this fragment came from. A branch that applied it has
-    /// seen everything the main committed until then (R15). 0 elsewhere.
+    /// In the main's relay: the newest commit time (µs, the main's clock) of
+    /// the main's log up to the transaction this fragment came from (a
+    /// running maximum, so it never decreases along the relay). A branch
+    /// that applied it has seen everything the main committed until then
+    /// (R15). 0 elsewhere.
     #[serde(default)]
     pub relay_ts_us: i64,
 }

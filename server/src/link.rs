@@ -282,6 +282,14 @@ impl Session {
         let (peer_ack_tx, mut peer_ack_rx) = watch::channel(0u64);
         let (peer_consumed_tx, peer_consumed_rx) = watch::channel(0u64);
         let consumed_rx = control.consumed.subscribe();
+        // The newest position of our log the peer has been sent (or held
+        // before this session).
+        let sent = Arc::new(AtomicU64::new(self.send_after));
+        let mut applier = applier;
+        if applier.expects_author() {
+            // At the main: a branch saw at most what was relayed to it.
+            applier.cap_seen_main(self.log.clone(), sent.clone());
+        }
         let mut apply_task = tokio::spawn(applier.run(apply_rx, apply_stop_rx, control.consumed.clone()).in_current_span());
         let mut reader_task = tokio::spawn(
             read_loop(
@@ -300,9 +308,6 @@ impl Session {
             )
             .in_current_span(),
         );
-        // The newest position of our log the peer has been sent (or held
-        // before this session).
-        let sent = Arc::new(AtomicU64::new(self.send_after));
         let mut writer_task = tokio::spawn(
             write_loop(
                 writer,

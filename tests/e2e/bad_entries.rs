@@ -222,3 +222,36 @@ async fn a_stamp_a_year_ahead_is_clamped_on_arrival_and_loses_to_a_later_change(
         .get(0);
     assert_eq!(ahead, 0, "a row version at the main kept a far-future stamp");
 }
+
+/// Issue 13: a change's `seen_main_ts` counts only up to what the main has
+/// relayed to its author. A crafted branch (never reading, so the relay to
+/// it stalls at its window) claims to have seen the main's later edit of a
+/// row: the main records the conflict instead of taking the change as
+/// informed of that edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_claiming_more_of_the_relay_than_was_sent_is_not_taken_as_informed() {
+    let mut topo = Topology::prepare(1, SCHEMA).await;
+    topo.main.start();
+    let sid = system_id(&topo.branches[0]).await;
+    let (port, tls) = (topo.main_port, topo.branches[0].tls_dir());
+    let hello = branchsync_proto::Hello { window: 1 << 20, ..crafted_hello(sid) };
+    let mut fake = eventually("welcomed", Duration::from_secs(30), || async { FakeBranch::connect(port, &tls, hello.clone()).await.ok() }).await;
+    fake.send(Message::Entries(vec![wire(&entry(1, sid, vec![order("1")]))])).await;
+    let main = topo.main.db().await;
+    eventually("order 1 reaches the main", Duration::from_secs(30), || async { ids(&main).await.contains(&1).then_some(()) }).await;
+    // More than the window: the relay to the crafted branch stalls before
+    // the main's edit of order 1.
+    main.batch_execute("INSERT INTO orders SELECT g, repeat(md5(g::text), 300) FROM generate_series(1000, 1400) g").await.unwrap();
+    main.batch_execute("UPDATE orders SET shop = 'main-edit' WHERE id = 1").await.unwrap();
+    let row = |shop: &str| vec![Value::Text("1".into()), Value::Text(shop.into())];
+    let update = RowChange::Update { table: 0, old: Some(branchsync_proto::OldRow { full: true, values: row("branch1") }), new: row("forged") };
+    let mut claim = entry(2, sid, vec![update]);
+    claim.header.seen_main_ts = branchsync_engine::clock::now_us() + 60_000_000;
+    fake.send(Message::Entries(vec![wire(&claim)])).await;
+    eventually("the main records the uninformed update as a conflict", Duration::from_secs(30), || async {
+        let n: i64 = main.query_one("SELECT count(*) FROM branchsync.conflicts WHERE kind = 'update_update'", &[]).await.ok()?.get(0);
+        (n >= 1).then_some(())
+    })
+    .await;
+    assert!(topo.main.daemon_log().contains("claims to have seen more of the main's relay than was sent"), "the cap is logged");
+}

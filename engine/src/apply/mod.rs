@@ -59,6 +59,41 @@ mod park;
 mod pipeline;
 mod sql;
 mod table;
+/// What a branch can have seen of the main's relay ([`Applier::cap_seen_main`]).
+struct SeenMainCap {
+    relay: Arc<crate::log::ChangeLog>,
+    sent: Arc<AtomicU64>,
+    /// `(position, its relay time)` last read.
+    known: (u64, i64),
+}
+
+impl SeenMainCap {
+    /// The main's commit time of the newest relay entry sent. Read from the
+    /// relay log only when `claim` exceeds what is known (an honest claim
+    /// never does once known); unknown (entry unreadable) does not cap.
+    fn limit(&mut self, claim: i64) -> i64 {
+        let pos = self.sent.load(Ordering::SeqCst);
+        if pos == self.known.0 || claim <= self.known.1 {
+            return if pos == self.known.0 { self.known.1 } else { claim };
+        }
+        if pos == 0 {
+            self.known = (0, 0);
+            return 0;
+        }
+        match self.relay.read_after(pos - 1, 1) {
+            // The entry at `pos`, or (reclaimed) the next one: at least as late.
+            Ok(v) => match v.first() {
+                Some(e) => {
+                    self.known = (pos, e.relay_ts_us);
+                    e.relay_ts_us
+                }
+                None => i64::MAX,
+            },
+            Err(_) => i64::MAX,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -242,6 +277,8 @@ pub struct Applier {
     max_stamp_ahead_us: Option<i64>,
     /// Stamps clamped on receipt, by position: (the stamp sent, the one kept).
     clamped: HashMap<u64, (u64, u64)>,
+    /// Main: what of the relay this branch can have seen.
+    seen_main_cap: Option<SeenMainCap>,
     /// Changes removed from entries because they do not fit their table:
     /// recorded as quarantined when their position applies.
     invalid: HashMap<u64, Vec<(RowChange, String)>>,
@@ -314,6 +351,7 @@ impl Applier {
                 undecodable: HashMap::new(),
                 max_stamp_ahead_us: None,
                 clamped: HashMap::new(),
+                seen_main_cap: None,
                 invalid: HashMap::new(),
                 committed,
                 seen: committed,
@@ -535,6 +573,22 @@ impl Applier {
         self.max_stamp_ahead_us = Some(i64::try_from(max_ahead.as_micros()).unwrap_or(i64::MAX));
     }
 
+    /// Whether this applier takes a branch's stream at the main
+    /// ([`Applier::expect_author`] was called).
+    pub fn expects_author(&self) -> bool {
+        self.expected_author.is_some()
+    }
+
+    /// At the main: a branch's `seen_main_ts` (how much of the main's relay
+    /// it had applied when it wrote a change, which decides whether its
+    /// change was informed of the main's) cannot exceed the main's commit
+    /// time of the newest relay entry sent to it: `sent` is the relay
+    /// position the session has sent (or the branch held before it), read
+    /// in `relay`. A claim beyond it is capped, with a warning.
+    pub fn cap_seen_main(&mut self, relay: Arc<crate::log::ChangeLog>, sent: Arc<AtomicU64>) {
+        self.seen_main_cap = Some(SeenMainCap { relay, sent, known: (u64::MAX, 0) });
+    }
+
     /// Takes entries off the wire: each must follow the last without a gap
     /// (R26; a resend of what was received is skipped), is decoded and
     /// checked (R24). A body that does not decode, or an entry that does
@@ -611,6 +665,13 @@ impl Applier {
                             tracing::warn!(stream = %self.stream, pos = e.pos, ahead_s = (e.header.stamp - now) / 1_000_000, "a stamp far ahead of this node's clock is clamped to the time it arrived");
                             self.clamped.insert(e.pos, (e.header.stamp, kept));
                             e.header.stamp = kept;
+                        }
+                    }
+                    if let Some(cap) = self.seen_main_cap.as_mut() {
+                        let limit = cap.limit(e.header.seen_main_ts);
+                        if e.header.seen_main_ts > limit {
+                            tracing::warn!(stream = %self.stream, pos = e.pos, "a change claims to have seen more of the main's relay than was sent to its author; capped");
+                            e.header.seen_main_ts = limit;
                         }
                     }
                     self.last_header = Some(e.header.clone());
