@@ -1,0 +1,317 @@
+//! branchsync beside PostgreSQL's own logical replication (issue 14): the
+//! same backlog, on the same pair of clusters, applied once by a native
+//! subscription and once by branchsync. Prints both figures and their ratio
+//! for each round, then the median of the rounds. Not a timed test: it
+//! asserts only that every row arrived.
+//!
+//! ```text
+//! cargo build --release -p branchsync-server
+//! cargo bench -p branchsync-tests --bench versus_native
+//! ```
+//!
+//! Backlogs (`BENCH_BACKLOG`, default both):
+//! - `lines`: 1,000,000 order lines in transactions of 500 (`BENCH_LINES`);
+//! - `sales`: 100,000 one-sale transactions, an order and 4 lines each
+//!   (`BENCH_SALES`).
+//!
+//! Each round starts a main and a branch cluster (`fsync = off` on both, the
+//! harness setting) with the point-of-sale tables twice: in `public`,
+//! replicated by branchsync, and in `native`, published by the branch and
+//! subscribed by the main (default subscription options, `copy_data =
+//! false`; `REPLICA IDENTITY FULL` like branchsync's tables). The native
+//! subscription is disabled while the branch writes its backlog, then
+//! enabled; branchsync's link is cut while the branch writes the same
+//! backlog (its daemon captures it), then healed. Each figure runs until the
+//! backlog's last transaction (a marker order) is visible at the main: for
+//! branchsync from the heal (TLS handshake included), for the native
+//! subscription from the moment its walsender connected (the launcher starts
+//! the worker up to 5 s after the enable; that wait is left out). branchsync runs as in production: TLS on the
+//! link, every check of the wire on, the daemon's non-superuser role, the
+//! main relaying and echoing what it applies. No daemon runs during the
+//! native figure. `BENCH_ROUNDS` (default 3) sets the number of paired
+//! rounds.
+
+use std::time::{Duration, Instant};
+
+use branchsync_tests::*;
+
+const NATIVE_SCHEMA: &str = "
+CREATE SCHEMA native;
+CREATE TABLE native.products (id serial PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, stock integer NOT NULL DEFAULT 0, CHECK (id >= 0));
+CREATE TABLE native.orders (id serial PRIMARY KEY, shop text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), total numeric(12,2) NOT NULL DEFAULT 0, note text);
+CREATE TABLE native.order_lines (id bigserial PRIMARY KEY, order_id integer NOT NULL REFERENCES native.orders(id), product_id integer NOT NULL REFERENCES native.products(id), qty integer NOT NULL, price numeric(10,2) NOT NULL);
+ALTER TABLE native.products REPLICA IDENTITY FULL;
+ALTER TABLE native.orders REPLICA IDENTITY FULL;
+ALTER TABLE native.order_lines REPLICA IDENTITY FULL;
+CREATE PUBLICATION native FOR TABLE native.products, native.orders, native.order_lines;
+";
+
+/// The marker order that ends every backlog.
+const MARKER: &str = "end-of-backlog";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backlog {
+    /// Order lines in transactions of 500.
+    Lines(i64),
+    /// One-sale transactions (an order and 4 lines).
+    Sales(i64),
+}
+
+impl Backlog {
+    fn name(self) -> String {
+        match self {
+            Backlog::Lines(n) => format!("{n} order lines in transactions of 500"),
+            Backlog::Sales(n) => format!("{n} one-sale transactions (an order + 4 lines)"),
+        }
+    }
+
+    /// (rows, transactions), the marker excluded.
+    fn size(self) -> (i64, i64) {
+        match self {
+            Backlog::Lines(n) => (n / 500 * 500, n / 500),
+            Backlog::Sales(n) => (n * 5, n),
+        }
+    }
+
+    /// The statement that writes the backlog into `schema`'s tables, then
+    /// the marker, each in its own transaction.
+    fn sql(self, schema: &str) -> String {
+        let body = match self {
+            Backlog::Lines(n) => format!(
+                "FOR t IN 1..{txns} LOOP
+                   INSERT INTO {schema}.order_lines (order_id, product_id, qty, price)
+                     SELECT o[1 + g % array_length(o, 1)], p[1 + g % array_length(p, 1)], 1, 2.5 FROM generate_series(1, 500) g;
+                   COMMIT;
+                 END LOOP;",
+                txns = n / 500
+            ),
+            Backlog::Sales(n) => format!(
+                "FOR t IN 1..{n} LOOP
+                   INSERT INTO {schema}.orders (shop, total) VALUES ('branch1', 10) RETURNING id INTO oid;
+                   INSERT INTO {schema}.order_lines (order_id, product_id, qty, price)
+                     SELECT oid, p[1 + g % array_length(p, 1)], 1, 2.5 FROM generate_series(1, 4) g;
+                   COMMIT;
+                 END LOOP;"
+            ),
+        };
+        format!(
+            "DO $$ DECLARE o int[]; p int[]; oid int; BEGIN
+               o := ARRAY(SELECT id FROM {schema}.orders ORDER BY id);
+               p := ARRAY(SELECT id FROM {schema}.products ORDER BY id);
+               {body}
+               INSERT INTO {schema}.orders (shop) VALUES ('{MARKER}');
+             END $$"
+        )
+    }
+}
+
+/// Parents every backlog refers to: 10 products and 1,000 orders.
+fn parents(schema: &str) -> String {
+    format!(
+        "INSERT INTO {schema}.products (name, price) SELECT 'p' || g, g FROM generate_series(1, 10) g;
+         INSERT INTO {schema}.orders (shop) SELECT 'branch1' FROM generate_series(1, 1000);"
+    )
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(run());
+}
+
+fn env_i64(name: &str, default: i64) -> i64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+async fn run() {
+    let rounds = env_i64("BENCH_ROUNDS", 3).max(1) as usize;
+    let which = std::env::var("BENCH_BACKLOG").unwrap_or_default();
+    let mut backlogs = Vec::new();
+    if which.is_empty() || which == "lines" {
+        backlogs.push(Backlog::Lines(env_i64("BENCH_LINES", 1_000_000)));
+    }
+    if which.is_empty() || which == "sales" {
+        backlogs.push(Backlog::Sales(env_i64("BENCH_SALES", 100_000)));
+    }
+    let mut summary = Vec::new();
+    for b in backlogs {
+        let (rows, txns) = b.size();
+        println!("== {}: {rows} rows, {txns} transactions; {rounds} paired rounds", b.name());
+        let mut ratios = Vec::new();
+        let mut figures = Vec::new();
+        for round in 1..=rounds {
+            let (native, ours) = paired_round(b).await;
+            let ratio = native / ours;
+            println!(
+                "round {round}: native {native:.2} s = {:.0} rows/s, {:.0} transactions/s | branchsync {ours:.2} s = {:.0} rows/s, {:.0} transactions/s | branchsync/native = {ratio:.2}x",
+                rows as f64 / native,
+                txns as f64 / native,
+                rows as f64 / ours,
+                txns as f64 / ours
+            );
+            ratios.push(ratio);
+            figures.push((native, ours));
+        }
+        let mid = |mut v: Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let native = mid(figures.iter().map(|f| f.0).collect());
+        let ours = mid(figures.iter().map(|f| f.1).collect());
+        let line = format!(
+            "{}: native {:.0} rows/s ({:.0} transactions/s), branchsync {:.0} rows/s ({:.0} transactions/s), median ratio {:.2}x",
+            b.name(),
+            rows as f64 / native,
+            txns as f64 / native,
+            rows as f64 / ours,
+            txns as f64 / ours,
+            mid(ratios)
+        );
+        println!("median of {rounds}: {line}");
+        summary.push(line);
+    }
+    println!("== summary");
+    for l in summary {
+        println!("{l}");
+    }
+}
+
+/// One paired round on fresh clusters: (native seconds, branchsync seconds).
+async fn paired_round(b: Backlog) -> (f64, f64) {
+    let schema = format!("{POS_SCHEMA}{NATIVE_SCHEMA}");
+    let mut topo = Topology::prepare(1, &schema).await;
+    let main = topo.main.db().await;
+    let branch = topo.branches[0].db().await;
+    let (rows, txns) = b.size();
+
+    // Native: subscribe, wait for the walsender, stop it, write, resume.
+    branch.batch_execute(&parents("native")).await.expect("native parents");
+    main.batch_execute(&parents("native")).await.expect("native parents at the main");
+    let conninfo = topo.branches[0].pg.url();
+    main.batch_execute(&format!("CREATE SUBSCRIPTION native CONNECTION '{conninfo}' PUBLICATION native WITH (copy_data = false)")).await.expect("create subscription");
+    eventually("the native subscription streams", Duration::from_secs(60), || async {
+        let n: i64 = branch.query_one("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'native' AND state = 'streaming'", &[]).await.ok()?.get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    main.batch_execute("ALTER SUBSCRIPTION native DISABLE").await.expect("disable subscription");
+    eventually("the native slot is released", Duration::from_secs(60), || async {
+        let active: bool = branch.query_one("SELECT active FROM pg_replication_slots WHERE slot_name = 'native'", &[]).await.ok()?.get(0);
+        (!active).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    branch.batch_execute(&b.sql("native")).await.expect("native backlog");
+    println!("  native backlog written in {:.1} s", t.elapsed().as_secs_f64());
+    let pgs = [postmaster_pid(&topo.main), postmaster_pid(&topo.branches[0])];
+    let cpu0: Vec<f64> = pgs.iter().map(|p| p.map_or(0.0, cpu_seconds)).collect();
+    main.batch_execute("ALTER SUBSCRIPTION native ENABLE").await.expect("enable subscription");
+    // The launcher starts the apply worker up to `wal_retrieve_retry_interval`
+    // (5 s) later: the clock starts when its walsender is there.
+    let mut polls = 0u64;
+    loop {
+        let n: i64 = branch.query_one("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'native'", &[]).await.expect("poll the walsender").get(0);
+        if n == 1 {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 6_000, "the native apply worker did not connect within a minute");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    wait_marker(&main, "native").await;
+    let native = t.elapsed().as_secs_f64();
+    let spent: Vec<f64> = pgs.iter().zip(&cpu0).map(|(p, c0)| p.map_or(0.0, cpu_seconds) - c0).collect();
+    println!("  CPU during the native catch-up ({native:.1} s on 2 cores): main's PostgreSQL {:.1} s, branch's PostgreSQL {:.1} s", spent[0], spent[1]);
+    main.batch_execute("DROP SUBSCRIPTION native").await.expect("drop subscription");
+    check_rows(&main, "native", rows).await;
+
+    // branchsync: link up, parents synced, link cut, write, heal.
+    topo.start_all();
+    branch.batch_execute(&parents("public")).await.expect("parents");
+    eventually("the parents reach the main", Duration::from_secs(120), || async {
+        let n: i64 = main.query_one("SELECT count(*) FROM orders", &[]).await.ok()?.get(0);
+        (n == 1000).then_some(())
+    })
+    .await;
+    let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(30), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
+    topo.proxies[0].cut();
+    let t = Instant::now();
+    branch.batch_execute(&b.sql("public")).await.expect("backlog");
+    wait_status(&topo.branches[0], "the branch captured the backlog", Duration::from_secs(1800), |s| {
+        s["captured_transactions"].as_i64().unwrap_or(0) >= before + txns + 1
+    })
+    .await;
+    println!("  branchsync backlog written and captured in {:.1} s", t.elapsed().as_secs_f64());
+    let groups = [
+        ("main's PostgreSQL", postmaster_pid(&topo.main)),
+        ("main's daemon", topo.main.pid()),
+        ("branch's PostgreSQL", postmaster_pid(&topo.branches[0])),
+        ("branch's daemon", topo.branches[0].pid()),
+    ];
+    let cpu0: Vec<f64> = groups.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
+    let t = Instant::now();
+    topo.proxies[0].heal();
+    wait_marker(&main, "public").await;
+    let ours = t.elapsed().as_secs_f64();
+    let spent: Vec<String> = groups.iter().zip(&cpu0).map(|((name, p), c0)| format!("{name} {:.1} s", p.map_or(0.0, cpu_seconds) - c0)).collect();
+    println!("  CPU during branchsync's catch-up ({ours:.1} s on 2 cores): {}", spent.join(", "));
+    check_rows(&main, "public", rows).await;
+    (native, ours)
+}
+
+/// The postmaster of a site's cluster.
+fn postmaster_pid(site: &Site) -> Option<u32> {
+    let text = std::fs::read_to_string(site.pg.data_dir().join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// CPU seconds of a process, its children that ended (reaped), and its
+/// running children: a PostgreSQL cluster's whole use, given its postmaster.
+fn cpu_seconds(pid: u32) -> f64 {
+    // Fields after the command's closing parenthesis: 2 = ppid, 12..15 =
+    // utime, stime, cutime, cstime (clock ticks).
+    let fields = |pid: &str| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+    };
+    let mut ticks = 0;
+    if let Some(f) = fields(&pid.to_string()) {
+        ticks += f.get(11..15).map_or(0, |t| t.iter().sum());
+    }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Some(f) = fields(&name) {
+            if f.get(1) == Some(&u64::from(pid)) {
+                ticks += f.get(11..13).map_or(0, |t| t.iter().sum());
+            }
+        }
+    }
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// Waits until the backlog's marker order is visible at the main: every
+/// transaction before it is then applied too (both apply in commit order).
+async fn wait_marker(main: &tokio_postgres::Client, schema: &str) {
+    let q = format!("SELECT count(*) FROM {schema}.orders WHERE shop = '{MARKER}'");
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let n: i64 = main.query_one(&q, &[]).await.expect("poll the marker").get(0);
+        if n == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backlog did not reach the main's {schema} tables within an hour");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every row of the backlog arrived: the backlog's rows plus the parents.
+async fn check_rows(main: &tokio_postgres::Client, schema: &str, rows: i64) {
+    let q = format!("SELECT (SELECT count(*) FROM {schema}.orders) + (SELECT count(*) FROM {schema}.order_lines)");
+    let n: i64 = main.query_one(&q, &[]).await.expect("count").get(0);
+    assert_eq!(n, rows + 1000 + 1, "rows of the backlog at the main's {schema} tables");
+}
