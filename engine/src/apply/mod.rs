@@ -68,9 +68,18 @@ struct SeenMainCap {
 }
 
 impl SeenMainCap {
-    /// The main's commit time of the newest relay entry sent. Read from the
-    /// relay log only when `claim` exceeds what is known (an honest claim
-    /// never does once known); unknown (entry unreadable) does not cap.
+    /// The relay time of the newest entry in the relay log; no bound when
+    /// unknown (a log that has written nothing since it was upgraded).
+    fn newest(&self) -> i64 {
+        self.relay.seen_main_ts().ok().filter(|t| *t > 0).unwrap_or(i64::MAX)
+    }
+
+    /// The relay time of the newest relay entry sent (relay times never
+    /// decrease along the log, so it bounds every entry sent before). Read
+    /// from the relay log only when `claim` exceeds what is known: at most
+    /// one entry decoded per advance of the sent position. When that entry
+    /// cannot be read, the relay time of the newest entry in the log bounds
+    /// it instead (looser, still above every honest claim).
     fn limit(&mut self, claim: i64) -> i64 {
         let pos = self.sent.load(Ordering::SeqCst);
         if pos == self.known.0 || claim <= self.known.1 {
@@ -87,9 +96,9 @@ impl SeenMainCap {
                     self.known = (pos, e.relay_ts_us);
                     e.relay_ts_us
                 }
-                None => i64::MAX,
+                None => self.newest(),
             },
-            Err(_) => i64::MAX,
+            Err(_) => self.newest(),
         }
     }
 }
