@@ -1273,9 +1273,10 @@ mod tests {
         commit_one(&mut c, 300, 4_500);
         commit_one(&mut c, 400, 6_000);
         log.flush().await.unwrap();
-        let times: Vec<i64> = log.read_after(0, usize::MAX).unwrap().iter().map(|e| e.relay_ts_us - PG_EPOCH_OFFSET_US).collect();
+        let entries = log.read_after(0, usize::MAX).unwrap();
+        let times: Vec<i64> = entries.iter().map(|e| e.relay_ts_us - PG_EPOCH_OFFSET_US).collect();
         assert_eq!(times, vec![5_000, 5_000, 5_000, 6_000]);
-        let commit_times: Vec<i64> = log.read_after(0, usize::MAX).unwrap().iter().map(|e| e.header.commit_ts_us - PG_EPOCH_OFFSET_US).collect();
+        let commit_times: Vec<i64> = entries.iter().map(|e| e.header.commit_ts_us - PG_EPOCH_OFFSET_US).collect();
         assert_eq!(commit_times, vec![5_000, 4_000, 4_500, 6_000], "the commit times themselves are kept");
     }
 }

@@ -590,8 +590,8 @@ impl Applier {
 
     /// At the main: a branch's `seen_main_ts` (how much of the main's relay
     /// it had applied when it wrote a change, which decides whether its
-    /// change was informed of the main's) cannot exceed the main's commit
-    /// time of the newest relay entry sent to it: `sent` is the relay
+    /// change was informed of the main's) cannot exceed the relay time of
+    /// the newest relay entry sent to it: `sent` is the relay
     /// position the session has sent (or the branch held before it), read
     /// in `relay`. A claim beyond it is capped, with a warning.
     pub fn cap_seen_main(&mut self, relay: Arc<crate::log::ChangeLog>, sent: Arc<AtomicU64>) {
