@@ -30,6 +30,13 @@
 //! main relaying and echoing what it applies. No daemon runs during the
 //! native figure. `BENCH_ROUNDS` (default 3) sets the number of paired
 //! rounds.
+//!
+//! `BENCH_PROFILE=1` also says where branchsync's time goes: both clusters
+//! load `pg_stat_statements`, and after each branchsync catch-up the
+//! benchmark prints the CPU seconds of each PostgreSQL process (named by
+//! its backend type and application name) and the statements that took
+//! the most execution time at each site. Profiled rounds are slower; do not
+//! quote their figures.
 
 use std::time::{Duration, Instant};
 
@@ -179,6 +186,14 @@ async fn run() {
 async fn paired_round(b: Backlog) -> (f64, f64) {
     let schema = format!("{POS_SCHEMA}{NATIVE_SCHEMA}");
     let mut topo = Topology::prepare(1, &schema).await;
+    let profile = std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1");
+    if profile {
+        for s in [&topo.main, &topo.branches[0]] {
+            s.db().await.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'").await.expect("load pg_stat_statements");
+            s.pg.restart_with_env(Vec::new());
+            s.db().await.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.expect("create pg_stat_statements");
+        }
+    }
     let main = topo.main.db().await;
     let branch = topo.branches[0].db().await;
     let (rows, txns) = b.size();
@@ -249,14 +264,66 @@ async fn paired_round(b: Backlog) -> (f64, f64) {
         ("branch's daemon", topo.branches[0].pid()),
     ];
     let cpu0: Vec<f64> = groups.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
+    let backends0 = if profile { Some((backend_cpu(&main).await, backend_cpu(&branch).await)) } else { None };
+    if profile {
+        for c in [&main, &branch] {
+            c.batch_execute("SELECT pg_stat_statements_reset()").await.expect("reset pg_stat_statements");
+        }
+    }
     let t = Instant::now();
     topo.proxies[0].heal();
     wait_marker(&main, "public").await;
     let ours = t.elapsed().as_secs_f64();
     let spent: Vec<String> = groups.iter().zip(&cpu0).map(|((name, p), c0)| format!("{name} {:.1} s", p.map_or(0.0, cpu_seconds) - c0)).collect();
     println!("  CPU during branchsync's catch-up ({ours:.1} s on 2 cores): {}", spent.join(", "));
+    if let Some((m0, b0)) = backends0 {
+        for (site, c, before) in [("main", &main, m0), ("branch", &branch, b0)] {
+            println!("  {site}'s PostgreSQL processes (CPU seconds during the catch-up):");
+            for (pid, (what, cpu)) in backend_cpu(c).await {
+                let spent = cpu - before.get(&pid).map_or(0.0, |b| b.1);
+                if spent >= 0.05 {
+                    println!("    {spent:6.1} s  {what}");
+                }
+            }
+            println!("  {site}'s statements by execution time (ms total, calls, rows):");
+            let top = c
+                .query(
+                    "SELECT round(total_exec_time)::int8, calls, rows, regexp_replace(left(query, 160), '\\s+', ' ', 'g') \
+                     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+                    &[],
+                )
+                .await
+                .expect("read pg_stat_statements");
+            for r in top {
+                println!("    {:>8} {:>8} {:>9}  {}", r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, String>(3));
+            }
+        }
+    }
     check_rows(&main, "public", rows).await;
     (native, ours)
+}
+
+/// CPU seconds so far of each PostgreSQL process a cluster runs now, by
+/// pid: its backend type and application name, and its CPU seconds.
+async fn backend_cpu(c: &tokio_postgres::Client) -> std::collections::BTreeMap<i32, (String, f64)> {
+    let rows = c
+        .query("SELECT pid, backend_type || coalesce(' ' || nullif(application_name, ''), '') FROM pg_stat_activity", &[])
+        .await
+        .expect("read pg_stat_activity");
+    rows.iter()
+        .map(|r| {
+            let pid: i32 = r.get(0);
+            (pid, (r.get::<_, String>(1), own_cpu_seconds(pid as u32)))
+        })
+        .collect()
+}
+
+/// CPU seconds of one process (0 when it is gone).
+fn own_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(close) = stat.rfind(')') else { return 0.0 };
+    let f: Vec<u64> = stat[close + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    f.get(11..13).map_or(0, |t| t.iter().sum()) as f64 / 100.0
 }
 
 /// The postmaster of a site's cluster.
