@@ -37,11 +37,14 @@
 //!
 //! # Who wrote what (R3)
 //!
-//! Every apply transaction starts each ChangeSet with a transactional
-//! logical message `branchsync.apply` holding the author's header. At a
+//! Every apply transaction starts each ChangeSet, or each group of
+//! ChangeSets whose rows it writes with one statement per table, with a
+//! transactional logical message `branchsync.apply` holding the authors'
+//! headers (and, for a group, how many rows of each table are whose). At a
 //! branch such transactions are skipped (they came from the main). At the
-//! main they are kept and split at those messages, each segment keeping its
-//! original author's header, so the main's log is the relay. In both cases
+//! main they are kept and split at those messages and by those counts, each
+//! segment keeping its original author's header, so the main's log is the
+//! relay. In both cases
 //! the author's stamp is merged into this node's hybrid clock, so a local
 //! change made after seeing a remote one always carries a larger stamp.
 //!
@@ -70,7 +73,7 @@ use crate::marks;
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
-use crate::state::{origin_name, ApplyMark, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
+use crate::state::{origin_name, ApplyGroup, GroupedRows, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::{failpoints, EngineError, Role};
 
 /// How capture runs.
@@ -238,6 +241,31 @@ impl Segment {
         i
     }
 
+    /// Takes the pending changes as fragments of at most `rows` rows and
+    /// about `bytes` bytes, the last one marked last. Every fragment carries
+    /// every table description (the changes' indexes are already given).
+    fn fragments(&mut self, log: &ChangeLog, rows: usize, bytes: usize) -> Vec<LogEntry> {
+        let changes = std::mem::take(&mut self.changes);
+        let mut out = Vec::new();
+        let mut piece = Vec::new();
+        let mut size = 0usize;
+        for ch in changes {
+            let b = ch.approx_bytes();
+            if !piece.is_empty() && (piece.len() >= rows || size + b > bytes) {
+                self.changes = std::mem::take(&mut piece);
+                let tables = self.tables.clone();
+                out.push(self.fragment(log, false));
+                self.tables = tables;
+                size = 0;
+            }
+            size += b;
+            piece.push(ch);
+        }
+        self.changes = piece;
+        out.push(self.fragment(log, true));
+        out
+    }
+
     /// Takes the pending changes as a fragment.
     fn fragment(&mut self, log: &ChangeLog, last: bool) -> LogEntry {
         let e = LogEntry {
@@ -253,6 +281,27 @@ impl Segment {
         self.bytes = 0;
         self.part += 1;
         e
+    }
+}
+
+/// A ChangeSet of an apply group waiting for its rows ([`ApplyGroup`]):
+/// every ChangeSet of the group but the last.
+struct Held {
+    segment: Segment,
+    /// Rows of each table still to come for it.
+    rows_left: Vec<GroupedRows>,
+    /// The relay log holds it already (see [`Txn::suppressing`]).
+    suppressing: bool,
+}
+
+/// Takes one row of `schema.table` from the first count that expects one.
+fn take_row(left: &mut [GroupedRows], schema: &str, table: &str) -> bool {
+    match left.iter_mut().find(|(s, t, n)| *n > 0 && s == schema && t == table) {
+        Some(c) => {
+            c.2 -= 1;
+            true
+        }
+        None => false,
     }
 }
 
@@ -290,6 +339,13 @@ struct Txn {
     /// (a restored main applied it again): not logged a second time.
     suppressing: bool,
     segment: Segment,
+    /// Earlier ChangeSets of the current apply group, in order, still
+    /// expecting rows: while any is here, `segment` is not cut into
+    /// fragments (its fragments must follow theirs in the log).
+    held: std::collections::VecDeque<Held>,
+    /// Rows of each table still to come for `segment` in its group (`None`:
+    /// every row up to the next mark).
+    rows_left: Option<Vec<GroupedRows>>,
     /// Query strings (message keys) whose DDL went to the log whole at their
     /// first firing (positions not exact, R19).
     ddl_seen: std::collections::HashSet<String>,
@@ -421,6 +477,8 @@ impl Capturer {
                     applied_here: false,
                     suppressing,
                     segment: Segment::new(header, relay_ts),
+                    held: Default::default(),
+                    rows_left: None,
                     ddl_seen: Default::default(),
                     done: Vec::new(),
                     rows: 0,
@@ -472,36 +530,48 @@ impl Capturer {
                     self.decision_message(prefix, &body, m.lsn)?;
                     return Ok(None);
                 }
-                let Ok(mark) = ApplyMark::decode(&body) else {
+                let Ok(marks) = ApplyGroup::decode(&body) else {
                     self.forged(prefix, m.lsn, "its content does not decode");
                     return Ok(None);
                 };
-                let header = mark.header;
-                if txn.origin.as_deref() != Some(origin_name(&header.author).as_str()) {
+                if marks.iter().any(|(mark, _)| txn.origin.as_deref() != Some(origin_name(&mark.header.author).as_str())) {
                     self.forged(prefix, m.lsn, "it names another author than its transaction's origin");
                     return Ok(None);
                 }
                 let Some(txn) = self.txn.as_mut() else { return Ok(None) };
-                // Hybrid clock: never stamp below what this node has seen.
-                self.last_stamp = self.last_stamp.max(header.stamp);
+                for (mark, _) in &marks {
+                    // Hybrid clock: never stamp below what this node has seen.
+                    self.last_stamp = self.last_stamp.max(mark.header.stamp);
+                }
                 match self.cfg.role {
                     Role::Branch => {
                         txn.applied_here = true;
                         // Local transactions committed after this one have
-                        // seen the main up to this relay entry (R15).
-                        self.seen_main_ts = self.seen_main_ts.max(mark.relay_ts_us);
+                        // seen the main up to these relay entries (R15).
+                        for (mark, _) in &marks {
+                            self.seen_main_ts = self.seen_main_ts.max(mark.relay_ts_us);
+                        }
                     }
                     Role::Main => {
                         txn.ddl_seen.clear();
-                        txn.suppressing = self.suppress.contains(&(header.author.clone(), header.commit_lsn));
-                        if txn.suppressing {
-                            self.status.relay_suppressed += 1;
-                        }
+                        // The previous group is whole: its rows came before
+                        // this mark.
+                        close_group(txn, &self.log, self.cfg.fragment_rows, self.cfg.fragment_bytes);
                         let relay_ts = txn.segment.relay_ts_us;
-                        let prev = std::mem::replace(&mut txn.segment, Segment::new(header, relay_ts));
-                        let mut prev = prev;
-                        if !prev.changes.is_empty() || prev.part > 0 {
-                            txn.done.push(prev.fragment(&self.log, true));
+                        let n = marks.len();
+                        for (i, (mark, rows)) in marks.into_iter().enumerate() {
+                            let suppressing = self.suppress.contains(&(mark.header.author.clone(), mark.header.commit_lsn));
+                            if suppressing {
+                                self.status.relay_suppressed += 1;
+                            }
+                            let segment = Segment::new(mark.header, relay_ts);
+                            if i + 1 < n {
+                                txn.held.push_back(Held { segment, rows_left: rows.unwrap_or_default(), suppressing });
+                            } else {
+                                txn.segment = segment;
+                                txn.rows_left = rows;
+                                txn.suppressing = suppressing;
+                            }
                         }
                     }
                 }
@@ -513,8 +583,8 @@ impl Capturer {
                 }
                 if txn.applied_here {
                     self.status.skipped_applied += 1;
-                } else if !txn.segment.changes.is_empty() || txn.segment.part > 0 {
-                    txn.done.push(txn.segment.fragment(&self.log, true));
+                } else {
+                    close_group(&mut txn, &self.log, self.cfg.fragment_rows, self.cfg.fragment_bytes);
                 }
                 let completion = Completion { captured_lsn: c.commit_lsn, stamp: self.last_stamp, seen_main_ts: self.seen_main_ts };
                 self.log.append(&txn.done, Some(completion))?;
@@ -537,7 +607,23 @@ impl Capturer {
                     self.relations.get(&oid).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
                 };
                 let in_scope = |r: &Relation| self.cfg.scope.includes(&r.namespace, &r.name);
-                let seg = &mut txn.segment;
+                // In an apply group, an insert belongs to the first
+                // ChangeSet still expecting a row of its table; anything
+                // else, and a row beyond every count, to the last one.
+                let mut target = None;
+                if let PgOutputMessage::Insert(i) = &change {
+                    let r = rel_of(i.rel)?;
+                    target = txn.held.iter_mut().position(|h| take_row(&mut h.rows_left, &r.namespace, &r.name));
+                    if target.is_none() {
+                        if let Some(left) = txn.rows_left.as_mut() {
+                            take_row(left, &r.namespace, &r.name);
+                        }
+                    }
+                }
+                let seg = match target {
+                    Some(i) => &mut txn.held[i].segment,
+                    None => &mut txn.segment,
+                };
                 let pushed = match change {
                     PgOutputMessage::Insert(i) => {
                         let r = rel_of(i.rel)?;
@@ -600,7 +686,18 @@ impl Capturer {
                             }
                         }
                     }
-                    self.push_change(ch)?;
+                    self.push_change_to(target, ch)?;
+                    // Held ChangeSets whose rows are all here go to the log
+                    // (as it fills, in order).
+                    if let Some(txn) = self.txn.as_mut() {
+                        while txn.held.front().is_some_and(|h| h.rows_left.iter().all(|c| c.2 == 0)) {
+                            if let Some(mut h) = txn.held.pop_front() {
+                                if !h.segment.changes.is_empty() {
+                                    txn.done.extend(h.segment.fragments(&self.log, self.cfg.fragment_rows, self.cfg.fragment_bytes));
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -629,8 +726,19 @@ impl Capturer {
     /// written. A row larger than `max_row_bytes` stops capture, unless the
     /// operator recorded that this transaction's large rows may be skipped.
     fn push_change(&mut self, ch: RowChange) -> Result<(), EngineError> {
+        self.push_change_to(None, ch)
+    }
+
+    /// [`Capturer::push_change`] to the held ChangeSet `target` of the
+    /// current apply group (`None`: the open segment). A held ChangeSet is
+    /// cut into fragments when it goes to the log.
+    fn push_change_to(&mut self, target: Option<usize>, ch: RowChange) -> Result<(), EngineError> {
         let Some(txn) = self.txn.as_mut() else { return Ok(()) };
-        if txn.suppressing {
+        let suppressing = match target {
+            Some(i) => txn.held.get(i).is_none_or(|h| h.suppressing),
+            None => txn.suppressing,
+        };
+        if suppressing {
             return Ok(());
         }
         let size = ch.approx_bytes();
@@ -655,11 +763,17 @@ impl Capturer {
                 ),
             });
         }
+        if let Some(h) = target.and_then(|i| txn.held.get_mut(i)) {
+            h.segment.changes.push(ch);
+            h.segment.bytes += size;
+            txn.rows += 1;
+            return Ok(());
+        }
         let seg = &mut txn.segment;
         seg.changes.push(ch);
         seg.bytes += size;
         txn.rows += 1;
-        if seg.changes.len() >= self.cfg.fragment_rows || seg.bytes >= self.cfg.fragment_bytes {
+        if txn.held.is_empty() && (seg.changes.len() >= self.cfg.fragment_rows || seg.bytes >= self.cfg.fragment_bytes) {
             let f = seg.fragment(&self.log, false);
             txn.done.push(f);
             self.log.append(&txn.done, None)?;
@@ -1080,6 +1194,28 @@ impl Capturer {
     }
 }
 
+/// Ends the current apply group of `txn`: its held ChangeSets, then the open
+/// segment, go to `txn.done` in order (a ChangeSet without a change is
+/// logged only as the rest of an earlier fragment). Counts still open mean
+/// the rows did not match the mark (an `ENABLE ALWAYS` trigger writing
+/// replicated rows during apply): the rows are relayed all the same,
+/// possibly under a neighbouring ChangeSet of the same author.
+fn close_group(txn: &mut Txn, log: &ChangeLog, rows: usize, bytes: usize) {
+    let unmatched = txn.held.iter().flat_map(|h| h.rows_left.iter()).chain(txn.rows_left.iter().flatten()).any(|c| c.2 > 0);
+    if unmatched {
+        tracing::debug!(lsn = %fmt_lsn(txn.commit_lsn), "an apply group's rows did not match its counts");
+    }
+    while let Some(mut h) = txn.held.pop_front() {
+        if !h.segment.changes.is_empty() {
+            txn.done.extend(h.segment.fragments(log, rows, bytes));
+        }
+    }
+    if !txn.segment.changes.is_empty() || txn.segment.part > 0 {
+        txn.done.push(txn.segment.fragment(log, true));
+    }
+    txn.rows_left = None;
+}
+
 /// `schema.table` and the key (or, without a key, nothing) of a row change,
 /// for messages about it (key values only, never other values).
 fn describe_row(tables: &[TableDesc], ch: &RowChange) -> (String, String) {
@@ -1221,9 +1357,14 @@ async fn capture_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::{Begin, Column, Commit, Insert};
+    use crate::pgoutput::{Begin, Column, Commit, Insert, LogicalMessage, Origin};
+    use crate::state::ApplyMark;
 
     fn main_capturer(log: Arc<ChangeLog>) -> Capturer {
+        main_capturer_cut_at(log, 5_000)
+    }
+
+    fn main_capturer_cut_at(log: Arc<ChangeLog>, fragment_rows: usize) -> Capturer {
         let cfg = CaptureConfig {
             node: "main".into(),
             node_index: 0,
@@ -1232,7 +1373,7 @@ mod tests {
             scope: Scope::new(&["public".to_string()], &[]).unwrap(),
             slot: "branchsync".into(),
             publication: "branchsync".into(),
-            fragment_rows: 5_000,
+            fragment_rows,
             fragment_bytes: 1 << 20,
             max_row_bytes: 1 << 20,
             mark_key: vec![1; 32],
@@ -1244,7 +1385,126 @@ mod tests {
         let column = Column { flags: 1, name: "id".into(), type_oid: 23, type_modifier: -1 };
         let rel = Relation { oid: 16_384, namespace: "public".into(), name: "orders".into(), replica_identity: ReplicaIdentity::Full, columns: vec![column] };
         c.handle(PgOutputMessage::Relation(rel)).unwrap();
+        let columns = vec![Column { flags: 1, name: "id".into(), type_oid: 25, type_modifier: -1 }];
+        let lines = Relation { oid: 16_385, namespace: "public".into(), name: "order_lines".into(), replica_identity: ReplicaIdentity::Full, columns };
+        c.handle(PgOutputMessage::Relation(lines)).unwrap();
         c
+    }
+
+    /// Branch1's ChangeSet `n`, as apply marks it.
+    fn mark(n: u64) -> ApplyMark {
+        let header = ChangeSetHeader { author: "branch1".into(), author_index: 1, system_id: 9, commit_lsn: n * 1_000, commit_ts_us: n as i64, stamp: n, seen_main_ts: 0 };
+        ApplyMark { header, relay_ts_us: 0 }
+    }
+
+    fn rows(orders: u32, lines: u32) -> Vec<GroupedRows> {
+        vec![("public".into(), "orders".into(), orders), ("public".into(), "order_lines".into(), lines)]
+    }
+
+    /// The sealed apply message of a group, as apply writes it.
+    fn group_message(c: &Capturer, xid: u32, marks: Vec<(ApplyMark, Vec<GroupedRows>)>) -> PgOutputMessage {
+        let body = rmp_serde::to_vec(&ApplyGroup { tag: ApplyGroup::TAG.into(), marks }).unwrap();
+        let content = marks::seal(&c.cfg.mark_key, APPLY_MESSAGE_PREFIX, xid, &body);
+        PgOutputMessage::Message(LogicalMessage { flags: 1, lsn: 0, prefix: APPLY_MESSAGE_PREFIX.into(), content })
+    }
+
+    fn insert(rel: u32, v: &str) -> PgOutputMessage {
+        PgOutputMessage::Insert(Insert { rel, new: vec![Value::Text(v.into())] })
+    }
+
+    /// The log as (author's commit LSN, part, last, row values).
+    fn relayed(log: &ChangeLog) -> Vec<(u64, u32, bool, Vec<String>)> {
+        log.read_after(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let vals = e
+                    .changes
+                    .iter()
+                    .map(|ch| match ch {
+                        RowChange::Insert { table, new } => format!("{}:{}", e.tables[*table as usize].name, new[0].as_text().unwrap_or("")),
+                        other => format!("{other:?}"),
+                    })
+                    .collect();
+                (e.header.commit_lsn, e.part, e.last, vals)
+            })
+            .collect()
+    }
+
+    /// One apply transaction holding three ChangeSets of one author, their
+    /// rows written by one statement per table (all orders, then all
+    /// lines), then a large row sent on its own: the relay splits it back
+    /// into the three ChangeSets, each with exactly its rows, in order, and
+    /// cut into fragments of two rows (those of ChangeSets still waiting
+    /// for rows when they are cut too).
+    #[tokio::test]
+    async fn an_apply_group_is_relayed_as_the_changesets_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer_cut_at(log.clone(), 2);
+        let xid = 77;
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 5_000, commit_ts: 10, xid })).unwrap();
+        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        let group = group_message(&c, xid, vec![(mark(1), rows(1, 3)), (mark(2), rows(1, 2)), (mark(3), rows(1, 1))]);
+        c.handle(group).unwrap();
+        for v in ["a", "b", "c"] {
+            c.handle(insert(16_384, v)).unwrap();
+        }
+        for v in ["a1", "a2", "a3", "b1", "b2", "c1", "c2-large"] {
+            c.handle(insert(16_385, v)).unwrap();
+        }
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 5_000, end_lsn: 5_001, commit_ts: 10 })).unwrap();
+        log.flush().await.unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            relayed(&log),
+            vec![
+                (1_000, 0, false, s(&["orders:a", "order_lines:a1"])),
+                (1_000, 1, true, s(&["order_lines:a2", "order_lines:a3"])),
+                (2_000, 0, false, s(&["orders:b", "order_lines:b1"])),
+                (2_000, 1, true, s(&["order_lines:b2"])),
+                (3_000, 0, false, s(&["orders:c", "order_lines:c1"])),
+                (3_000, 1, true, s(&["order_lines:c2-large"])),
+            ]
+        );
+    }
+
+    /// Groups follow each other in one transaction (the queue was sent
+    /// twice), and an apply mark of one ChangeSet (parked rows, an earlier
+    /// release) takes every row up to the next mark.
+    #[tokio::test]
+    async fn groups_and_single_marks_follow_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer(log.clone());
+        let xid = 78;
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
+        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        c.handle(group_message(&c, xid, vec![(mark(1), rows(1, 0)), (mark(2), rows(1, 0))])).unwrap();
+        c.handle(insert(16_384, "a")).unwrap();
+        c.handle(insert(16_384, "b")).unwrap();
+        // The rest of ChangeSet 2, queued after the first group was sent.
+        c.handle(insert(16_385, "b1")).unwrap();
+        let single = rmp_serde::to_vec(&mark(3)).unwrap();
+        let content = marks::seal(&c.cfg.mark_key, APPLY_MESSAGE_PREFIX, xid, &single);
+        c.handle(PgOutputMessage::Message(LogicalMessage { flags: 1, lsn: 0, prefix: APPLY_MESSAGE_PREFIX.into(), content })).unwrap();
+        c.handle(insert(16_385, "c1")).unwrap();
+        c.handle(insert(16_384, "c")).unwrap();
+        c.handle(group_message(&c, xid, vec![(mark(4), rows(0, 1))])).unwrap();
+        c.handle(insert(16_385, "d1")).unwrap();
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 9_000, end_lsn: 9_001, commit_ts: 10 })).unwrap();
+        log.flush().await.unwrap();
+        let got: Vec<(u64, Vec<String>)> = relayed(&log).into_iter().map(|(lsn, _, _, v)| (lsn, v)).collect();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            vec![
+                (1_000, s(&["orders:a"])),
+                (2_000, s(&["orders:b", "order_lines:b1"])),
+                (3_000, s(&["order_lines:c1", "orders:c"])),
+                (4_000, s(&["order_lines:d1"])),
+            ]
+        );
     }
 
     /// One local transaction of one inserted row, committed at `lsn` with

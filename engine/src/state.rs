@@ -238,6 +238,44 @@ impl ApplyMark {
     }
 }
 
+/// Rows of one table a grouped ChangeSet's statements insert: `(schema,
+/// table, rows)`.
+pub type GroupedRows = (String, String, u32);
+
+/// Content of the [`APPLY_MESSAGE_PREFIX`] message that precedes the rows of
+/// several insert-only ChangeSets written by one statement per table (the
+/// apply pipeline): each ChangeSet's mark, in order, with how many rows of
+/// each table the statements that follow insert for it. The statements
+/// insert each table's rows in ChangeSet order, so the first rows of a
+/// table belong to the first ChangeSet counting rows of it, and so on; rows
+/// beyond every count (a very large row sent on its own, the rest of a
+/// ChangeSet whose rows did not all fit in one group, changes made after
+/// the inserts) belong to the last ChangeSet of the group. Capture at the
+/// main splits the transaction back into ChangeSets this way (R3).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ApplyGroup {
+    /// Always [`ApplyGroup::TAG`]: a group never decodes as a single mark,
+    /// nor a single mark as a group.
+    pub tag: String,
+    /// The ChangeSets, in order, each with its rows per table.
+    pub marks: Vec<(ApplyMark, Vec<GroupedRows>)>,
+}
+
+impl ApplyGroup {
+    /// The value of [`ApplyGroup::tag`].
+    pub const TAG: &'static str = "group";
+
+    /// Decodes the content of an apply message: a group, or a single mark
+    /// (written by [`crate::apply`] for parked rows, or by an earlier
+    /// release), whose rows are everything up to the next mark (`None`).
+    pub fn decode(bytes: &[u8]) -> Result<Vec<(ApplyMark, Option<Vec<GroupedRows>>)>, rmp_serde::decode::Error> {
+        match rmp_serde::from_slice::<ApplyGroup>(bytes) {
+            Ok(g) if g.tag == Self::TAG && !g.marks.is_empty() => Ok(g.marks.into_iter().map(|(m, r)| (m, Some(r))).collect()),
+            _ => ApplyMark::decode(bytes).map(|m| vec![(m, None)]),
+        }
+    }
+}
+
 /// Prefix of the transactional message the main writes for each
 /// [`branchsync_proto::Verdict`] (MessagePack `(TableDesc, Verdict)`).
 pub const VERDICT_MESSAGE_PREFIX: &str = "branchsync.verdict";

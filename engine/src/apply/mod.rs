@@ -3,7 +3,8 @@
 //! ```text
 //!  link --mpsc<Vec<LogEntry>>--> [apply task: owns one connection]
 //!      BEGIN
-//!        per ChangeSet: pg_logical_emit_message('branchsync.apply', header)   (R3)
+//!        per group of ChangeSets: pg_logical_emit_message('branchsync.apply',
+//!                       their headers and rows per table)                   (R3)
 //!                       batched INSERT/UPDATE/DELETE … FROM unnest(text[]…)
 //!                       row versions into branchsync.row_version              (R13)
 //!        branchsync.progress(stream) = last complete ChangeSet's position     (R4)
@@ -30,10 +31,11 @@
 //! transaction, the inserts of a ChangeSet are bucketed per table (in order
 //! of first appearance) and sent as one `INSERT … SELECT FROM unnest` per
 //! table; these statements are pipelined without waiting for each answer.
-//! Insert-only ChangeSets (the bulk of a sales backlog) are not even waited
-//! for one by one: [`pipeline`] queues their statements across ChangeSets
-//! and sends them together, with one row-version upsert and one parent check
-//! (R9, see [`park`]) per table and batch.
+//! Insert-only ChangeSets (the bulk of a sales backlog) are not even sent
+//! one by one: [`pipeline`] queues their rows across ChangeSets and sends
+//! one statement per table for all of them, behind one apply message that
+//! says which rows are whose, with one row-version upsert and one parent
+//! check (R9, see [`park`]) per table and batch.
 //! Updates and deletes are decided at the main ([`decide`]: a batched
 //! compare-and-set when the row is still as its author saw it, otherwise a
 //! column-level merge under the row's lock, R7) and applied as the main sent
@@ -785,9 +787,7 @@ impl Applier {
                     self.begin(&e.header.author, careful).await?;
                 }
                 let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us };
-                let msg = rmp_serde::to_vec(&mark).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?;
-                let sealed = self.seal(crate::state::APPLY_MESSAGE_PREFIX, &msg);
-                self.queue_apply_message(sealed).await?;
+                self.queue_apply_message(mark).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;
                 }

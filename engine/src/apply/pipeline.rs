@@ -1,15 +1,19 @@
-//! The apply pipeline: statements of consecutive insert-only ChangeSets are
-//! queued and sent together, without waiting for each answer.
+//! The apply pipeline: the rows of consecutive insert-only ChangeSets are
+//! queued and sent together, one statement per table, without waiting for
+//! each answer.
 //!
 //! A catch-up backlog is mostly sales: many small transactions that only
-//! insert. Waiting for the server after each ChangeSet would cost a network
-//! round trip per transaction. Instead the apply message and the per-table
-//! `INSERT … FROM unnest` of each such ChangeSet are queued in order; the
-//! row versions (R13) and the parent checks (R9) of everything queued are
-//! accumulated per table. [`Applier::drain`] sends the queue in one pipeline
-//! (tokio-postgres writes the statements back to back, in queue order, so
-//! each apply message still precedes its rows in the WAL, R3), then one
-//! version upsert per table and one parent check per table.
+//! insert. A statement per table and ChangeSet would cost the server a
+//! statement's overhead for every few rows, and waiting for each a network
+//! round trip. Instead the rows of each queued ChangeSet join the newest
+//! batch of their table (one `INSERT … FROM unnest` per table and column
+//! list, up to [`super::MAX_BATCH_ROWS`] rows), and the row versions (R13)
+//! and parent checks (R9) of everything queued are accumulated per table.
+//! [`Applier::drain`] sends one `branchsync.apply` message listing every
+//! queued ChangeSet's mark with how many rows of each table the batches
+//! insert for it ([`ApplyGroup`], R3), then the batches in order, then one
+//! version upsert per table and one parent check per table, all in one
+//! pipeline.
 //!
 //! # Correctness
 //!
@@ -21,6 +25,15 @@
 //! Inserts only ever queue behind inserts; among inserts with distinct keys
 //! the order of tables does not change the result, and a key or constraint
 //! clash makes the batch fail as a whole and replays it carefully.
+//!
+//! The main's capture splits the group back into ChangeSets by the counts:
+//! a batch inserts its rows in queue order (`unnest` keeps array order, and
+//! the main's inserts have no `ON CONFLICT`, so every row is written), and a
+//! table's batches are sent in order, so its rows reach the WAL in
+//! ChangeSet order. Rows written after the group's statements (a very large
+//! row sent on its own, the rest of a ChangeSet queued after a drain) are
+//! beyond every count and belong to the last ChangeSet, which they do: a new
+//! mark is never queued while such rows wait ([`Queue::unmarked`]).
 
 use std::collections::BTreeMap;
 
@@ -30,7 +43,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use super::{key_text, sql, Applier, LocalTable, Mapping, Pending};
-use crate::state::APPLY_MESSAGE_PREFIX;
+use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX};
 use crate::EngineError;
 
 /// Queued rows after which the queue is sent even mid-group.
@@ -86,12 +99,37 @@ fn chunk_bytes<R: AsRef<[Value]>>(rows: &[R], cols: &[usize]) -> usize {
     rows.iter().map(|r| cols.iter().map(|c| r.as_ref().get(*c).and_then(Value::as_text).map_or(0, str::len)).sum::<usize>()).sum()
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
+/// Rows of one table queued for one statement: one text array per column.
+struct Batch {
+    /// `(schema, table)` as the ChangeSet names it (and capture sees it).
+    table: (String, String),
+    text: String,
+    st: Statement,
+    arrays: Vec<Vec<Option<String>>>,
+    /// The echo guard's commit time: such a batch holds the rows of one
+    /// ChangeSet only.
+    echo_ts: Option<i64>,
+    /// Echoes of several ChangeSets (a branch): `st` writes over the rows
+    /// that are here, this statement inserts the others, and `ts` holds the
+    /// commit time of each row's change ([`sql::echo_update`]).
+    echo_insert: Option<Statement>,
+    ts: Vec<i64>,
+    rows: usize,
+    bytes: usize,
+}
 
 /// Statements and accumulated bookkeeping not sent yet.
 #[derive(Default)]
 pub(super) struct Queue {
-    statements: Vec<(Statement, Vec<Param>)>,
+    /// The marks of the ChangeSets whose rows are queued, in order, with the
+    /// rows of each table queued for each (R3, see [`ApplyGroup`]).
+    marks: Vec<(ApplyMark, Vec<GroupedRows>)>,
+    /// Rows are queued that belong to a ChangeSet whose mark was sent with
+    /// an earlier group: no new mark may be sent before them.
+    unmarked: bool,
+    /// One statement per table (and column list) for the rows of all queued
+    /// ChangeSets, in order of first appearance.
+    batches: Vec<Batch>,
     rows: usize,
     bytes: usize,
     /// Row versions per (table, author): keys, stamps, author commit times.
@@ -104,7 +142,7 @@ pub(super) struct Queue {
 
 impl Queue {
     pub(super) fn is_empty(&self) -> bool {
-        self.statements.is_empty() && self.versions.is_empty() && self.parents.is_empty()
+        self.marks.is_empty() && self.batches.is_empty() && self.versions.is_empty() && self.parents.is_empty()
     }
 }
 
@@ -114,10 +152,14 @@ pub(super) fn insert_only(e: &LogEntry) -> bool {
 }
 
 impl Applier {
-    /// Queues the apply message of a ChangeSet (R3).
-    pub(super) async fn queue_apply_message(&mut self, header_msgpack: Vec<u8>) -> Result<(), EngineError> {
-        let st = self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?;
-        self.queue.statements.push((st, vec![Box::new(APPLY_MESSAGE_PREFIX), Box::new(header_msgpack)]));
+    /// Queues the apply mark of a ChangeSet (R3): it is sent, with the marks
+    /// of the other queued ChangeSets, before their rows.
+    pub(super) async fn queue_apply_message(&mut self, mark: ApplyMark) -> Result<(), EngineError> {
+        if self.queue.unmarked {
+            // The rest of the previous ChangeSet goes first.
+            self.drain().await?;
+        }
+        self.queue.marks.push((mark, Vec::new()));
         Ok(())
     }
 
@@ -134,14 +176,28 @@ impl Applier {
             }
         }
         self.queue_buckets(e, maps, buckets).await?;
-        if self.queue.rows >= DRAIN_ROWS || self.queue.statements.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES {
+        if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES {
             self.drain().await?;
         }
         Ok(())
     }
 
+    /// Counts `n` rows of `table` for the ChangeSet being queued.
+    fn count_queued(&mut self, table: &(String, String), n: usize) {
+        let Some((_, counts)) = self.queue.marks.last_mut() else {
+            self.queue.unmarked = true;
+            return;
+        };
+        match counts.iter_mut().find(|(s, t, _)| *s == table.0 && *t == table.1) {
+            Some(c) => c.2 += n as u32,
+            None => counts.push((table.0.clone(), table.1.clone(), n as u32)),
+        }
+    }
+
     /// Queues one insert per table bucket and batch, with row versions and
-    /// parent checks to follow at [`Applier::drain`].
+    /// parent checks to follow at [`Applier::drain`]. The rows join the
+    /// newest batch of their table when its statement is the same and has
+    /// room, so consecutive ChangeSets share one statement per table.
     pub(super) async fn queue_buckets(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
         let stamp = e.header.stamp as i64;
         for (t, rows) in buckets {
@@ -150,6 +206,7 @@ impl Applier {
             if cols.is_empty() {
                 continue;
             }
+            let table = e.tables.get(t as usize).map(|d| (d.schema.clone(), d.name.clone())).unwrap_or_default();
             let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
             // A branch takes the main's rows as they come; the main decides
             // (a clash fails the batch and is replayed carefully).
@@ -161,6 +218,21 @@ impl Applier {
                 types.push(Type::INT8);
             }
             let st = self.stmt(&text, &types).await?;
+            let mut echo_ts = echo.then_some(e.header.commit_ts_us);
+            // Echoes of many ChangeSets share two statements per table, each
+            // row guarded by its own change's commit time.
+            let mut queued = (text.clone(), st.clone(), None);
+            if echo {
+                if let (Some(upd), Some(ins)) = (sql::echo_update(&m.table, &names), sql::echo_insert(&m.table, &names)) {
+                    let mut types = vec![Type::TEXT_ARRAY; cols.len()];
+                    types.push(Type::INT8_ARRAY);
+                    let u = self.stmt(&upd, &types).await?;
+                    let i = self.stmt(&ins, &types).await?;
+                    queued = (upd, u, Some(i));
+                    echo_ts = None;
+                }
+            }
+            let (text, batch_st, echo_insert) = queued;
             for chunk in byte_chunks(&rows, &cols) {
                 if chunk.len() == 1 && chunk_bytes(chunk, &cols) > STAGE_ABOVE_BYTES {
                     // A very large row is streamed into a staging table in
@@ -183,16 +255,41 @@ impl Applier {
                     self.conn.client.execute(&st, &p).await.map_err(EngineError::pg(format!("applying a large row to {}", m.table.name)))?;
                     continue;
                 }
-                self.queue.bytes += chunk_bytes(chunk, &cols);
-                let mut params: Vec<Param> = cols
-                    .iter()
-                    .map(|c| Box::new(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)).collect::<Vec<Option<String>>>()) as Param)
-                    .collect();
-                if echo {
-                    params.push(Box::new(e.header.commit_ts_us));
-                }
-                self.queue.statements.push((st.clone(), params));
+                let bytes = chunk_bytes(chunk, &cols);
+                self.queue.bytes += bytes;
                 self.queue.rows += chunk.len();
+                self.count_queued(&table, chunk.len());
+                let joins = self.queue.batches.iter().rposition(|b| b.table == table).filter(|i| {
+                    let b = &self.queue.batches[*i];
+                    b.text == text && b.echo_ts == echo_ts && b.rows + chunk.len() <= super::MAX_BATCH_ROWS && b.bytes + bytes <= super::MAX_BATCH_BYTES
+                });
+                let each = echo_insert.is_some();
+                let batch = match joins {
+                    Some(i) => &mut self.queue.batches[i],
+                    None => {
+                        self.queue.batches.push(Batch {
+                            table: table.clone(),
+                            text: text.clone(),
+                            st: batch_st.clone(),
+                            arrays: vec![Vec::new(); cols.len()],
+                            echo_ts,
+                            echo_insert: echo_insert.clone(),
+                            ts: Vec::new(),
+                            rows: 0,
+                            bytes: 0,
+                        });
+                        let last = self.queue.batches.len() - 1;
+                        &mut self.queue.batches[last]
+                    }
+                };
+                for (a, c) in batch.arrays.iter_mut().zip(&cols) {
+                    a.extend(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)));
+                }
+                if each {
+                    batch.ts.extend(std::iter::repeat_n(e.header.commit_ts_us, chunk.len()));
+                }
+                batch.rows += chunk.len();
+                batch.bytes += bytes;
             }
             if let Some(ks) = m.key_src.as_ref() {
                 let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
@@ -255,7 +352,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Sends everything queued, in order, then the accumulated row versions
+    /// Sends everything queued: the marks of the queued ChangeSets as one
+    /// apply message, then each batch, then the accumulated row versions
     /// and parent checks. Errors leave the transaction aborted; the caller
     /// rolls back.
     pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
@@ -263,6 +361,13 @@ impl Applier {
             return Ok(());
         }
         let q = std::mem::take(&mut self.queue);
+        let group = if q.marks.is_empty() {
+            None
+        } else {
+            let body = rmp_serde::to_vec(&ApplyGroup { tag: ApplyGroup::TAG.into(), marks: q.marks })
+                .map_err(|err| EngineError::Corrupt(format!("cannot encode the apply mark: {err}")))?;
+            Some((self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?, self.seal(APPLY_MESSAGE_PREFIX, &body)))
+        };
         let vst = self.stmt(&sql::upsert_versions_many(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT, Type::INT8_ARRAY]).await?;
         let mut park = Vec::new();
         for (tbl, (t, _)) in &q.parents {
@@ -271,10 +376,24 @@ impl Applier {
             park.push((tbl.clone(), self.stmt(&sql::park_orphans(t), &types).await?));
         }
         let client = &self.conn.client;
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.statements.len() + q.versions.len());
-        for (st, params) in &q.statements {
-            let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
-            pending.push(async move { client.execute(st, &p).await }.boxed());
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.batches.len() + q.versions.len() + 1);
+        if let Some((st, body)) = &group {
+            pending.push(async move { client.execute(st, &[&APPLY_MESSAGE_PREFIX, body]).await }.boxed());
+        }
+        for b in &q.batches {
+            let params = move || {
+                let mut p: Vec<&(dyn ToSql + Sync)> = b.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                match (&b.echo_ts, &b.echo_insert) {
+                    (Some(ts), _) => p.push(ts),
+                    (None, Some(_)) => p.push(&b.ts),
+                    (None, None) => {}
+                }
+                p
+            };
+            pending.push(async move { client.execute(&b.st, &params()).await }.boxed());
+            if let Some(ins) = &b.echo_insert {
+                pending.push(async move { client.execute(ins, &params()).await }.boxed());
+            }
         }
         for ((tbl, author), (keys, stamps, ts)) in &q.versions {
             let vst = &vst;

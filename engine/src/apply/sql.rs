@@ -294,6 +294,9 @@ pub enum Guard {
     /// over a newer local change of the row; the parameter with this number
     /// holds the change's commit time (µs, this node's clock).
     Echo(usize),
+    /// [`Guard::Echo`] for rows of several ChangeSets: the commit time of
+    /// each row's change is column `ts` of the `unnest` alias `u`.
+    EchoEach,
     /// No condition.
     None,
 }
@@ -308,6 +311,9 @@ impl Guard {
             ),
             Guard::Echo(p) => format!(
                 "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) > ${p}::int8)"
+            ),
+            Guard::EchoEach => format!(
+                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) > u.ts)"
             ),
             Guard::None => "true".into(),
         }
@@ -339,6 +345,71 @@ fn upsert_with(t: &LocalTable, cols: &[&str], guard: Guard, insert: String) -> S
         sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {} WHERE {}", pk.join(", "), sets.join(", "), guard.sql("t")));
     }
     sql
+}
+
+/// The echoes of inserted rows of several ChangeSets at once (a branch),
+/// first statement: the rows that are here are written over within
+/// [`Guard::EchoEach`]. Parameters: one `text[]` per column of `cols` (which
+/// hold the key), then the commit time of each row's change (`int8[]`).
+/// `None` when `cols` lacks a key column.
+pub fn echo_update(t: &LocalTable, cols: &[&str]) -> Option<String> {
+    let (arrays, aliases) = echo_unnest(cols);
+    let conds = echo_key(t, cols, "t")?;
+    let sets: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !t.pk.iter().any(|k| k == *c) && !t.columns[**c].identity_always)
+        .map(|(j, c)| format!("{} = u.c{j}::{}", quote_ident(c), t.columns[*c].type_name))
+        .collect();
+    if sets.is_empty() {
+        return Some("SELECT 0 WHERE false".into());
+    }
+    Some(format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {} AND {}",
+        t.qualified,
+        sets.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND "),
+        Guard::EchoEach.sql("t")
+    ))
+}
+
+/// Second statement of [`echo_update`]: the rows that are not here are
+/// inserted (as an upsert inserts them). Same parameters.
+pub fn echo_insert(t: &LocalTable, cols: &[&str]) -> Option<String> {
+    let (arrays, aliases) = echo_unnest(cols);
+    let conds = echo_key(t, cols, "p")?;
+    let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let casts: Vec<String> = cols.iter().enumerate().map(|(j, c)| format!("u.c{j}::{}", t.columns[*c].type_name)).collect();
+    let overriding = if cols.iter().any(|c| t.columns[*c].identity_always) { " OVERRIDING SYSTEM VALUE" } else { "" };
+    let pk: Vec<String> = t.pk.iter().map(|c| quote_ident(c)).collect();
+    Some(format!(
+        "INSERT INTO {qt} AS t ({names}){overriding} SELECT {casts} FROM unnest({arrays}) AS u({aliases}) \
+         WHERE NOT EXISTS (SELECT 1 FROM {qt} p WHERE {conds}) ON CONFLICT ({pk}) DO NOTHING",
+        qt = t.qualified,
+        names = names.join(", "),
+        casts = casts.join(", "),
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        conds = conds.join(" AND "),
+        pk = pk.join(", "),
+    ))
+}
+
+/// `alias.key = u.cJ::type` for each key column (`None` when `cols` lacks one).
+fn echo_key(t: &LocalTable, cols: &[&str], alias: &str) -> Option<Vec<String>> {
+    t.pk.iter()
+        .map(|k| cols.iter().position(|c| c == k).map(|j| format!("{alias}.{} = u.c{j}::{}", quote_ident(k), t.columns[k].type_name)))
+        .collect()
+}
+
+fn echo_unnest(cols: &[&str]) -> (Vec<String>, Vec<String>) {
+    let mut arrays: Vec<String> = (1..=cols.len()).map(|j| format!("${j}::text[]")).collect();
+    arrays.push(format!("${}::int8[]", cols.len() + 1));
+    let mut aliases: Vec<String> = (0..cols.len()).map(|j| format!("c{j}")).collect();
+    aliases.push("ts".into());
+    (arrays, aliases)
 }
 
 /// [`update`] that leaves rows `guard` protects alone.
