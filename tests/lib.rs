@@ -103,8 +103,11 @@ impl Site {
     }
 
     fn write_config(&self, sync: &str, role: &str, extra: &str) {
+        // BRANCHSYNC_TEST_CAPTURE=peek|stream runs every test with that
+        // capture mode (default: the product's default).
+        let capture = std::env::var("BRANCHSYNC_TEST_CAPTURE").map(|m| format!("capture = \"{m}\"\n")).unwrap_or_default();
         let text = format!(
-            "[node]\nname = \"{}\"\nrole = \"{role}\"\nindex = {}\ndata_dir = \"{}\"\n\n[database]\nurl = \"{}\"\nschemas = [\"public\"]\nexclude = [\"local_*\"]\n\n{sync}\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[keys]\nstride = 100\n{extra}",
+            "[node]\nname = \"{}\"\nrole = \"{role}\"\nindex = {}\ndata_dir = \"{}\"\n\n[database]\nurl = \"{}\"\nschemas = [\"public\"]\nexclude = [\"local_*\"]\n{capture}\n{sync}\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[keys]\nstride = 100\n{extra}",
             self.name,
             self.index,
             self.dir.path().join("data").display(),

@@ -51,6 +51,10 @@ features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"
 # Two test threads: every end-to-end test runs its own clusters and daemons.
 cargo test --workspace --features "$features" -- --test-threads="${TEST_THREADS:-2}"
+# Capture streams the slot by default; the other capture mode
+# ([database] capture = "peek") runs the tests of capture's own faults too.
+BRANCHSYNC_TEST_CAPTURE=peek cargo test -p branchsync-tests --features "$features" --test e2e -- \
+  --test-threads="${TEST_THREADS:-2}" pg_restart:: big_values:: crash:: convergence::main_and forged_marks::
 
 # The compose target: the images (no registry needed) and the scenarios
 # pos-offline and flapping-link against the docker-compose stack, with real

@@ -216,6 +216,13 @@ CREATE TABLE IF NOT EXISTS branchsync.capture_skips (
 /// [`ApplyMark`].
 pub const APPLY_MESSAGE_PREFIX: &str = "branchsync.apply";
 
+/// Prefix of the non-transactional logical message apply writes when it
+/// must wait until capture has logged everything committed before it
+/// (see `capture::stream`): capture takes the message's position as caught
+/// up once what came before it is durable. Its content is empty and means
+/// nothing; a probe written by anyone else is just as true.
+pub const PROBE_PREFIX: &str = "branchsync.probe";
+
 /// Content of the [`APPLY_MESSAGE_PREFIX`] message (MessagePack): the
 /// author's header and, at a branch applying the main's relay, the main's
 /// commit time of the entry (the branch's causal context, R15).

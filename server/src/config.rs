@@ -98,6 +98,23 @@ pub struct DatabaseSection {
     /// `init` connects with `url` and this role instead of `url`'s user.
     #[serde(default = "default_daemon_role")]
     pub daemon_role: String,
+    /// How capture reads the slot: `"stream"` (a walsender decodes the WAL
+    /// once and streams it) or `"peek"` (polls `pg_logical_slot_peek_binary_changes`).
+    #[serde(default)]
+    pub capture: CaptureMode,
+}
+
+/// `[database] capture`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// The streaming replication protocol: the walsender decodes each WAL
+    /// record once.
+    #[default]
+    Stream,
+    /// Polling peeks at the slot: each poll decodes again from the slot's
+    /// restart point.
+    Peek,
 }
 
 fn default_daemon_role() -> String {

@@ -80,6 +80,8 @@ pub struct NodeSettings {
     pub fragment_rows: usize,
     pub fragment_bytes: usize,
     pub max_row_bytes: usize,
+    /// Capture streams the slot (else it peeks).
+    pub capture_stream: bool,
     /// `[ddl]`: whose schema changes replay here, and as which role.
     pub ddl: DdlPolicy,
     /// `[[tables]]`: per-table rules.
@@ -267,6 +269,7 @@ impl Node {
                 poll_interval: Duration::from_millis(50),
                 batch_changes: 20_000,
                 ddl_local_only: s.role == Role::Branch && !s.ddl.from_any,
+                stream: s.capture_stream,
             };
             let (url, log, mut shutdown, status) = (s.db_url.clone(), log.clone(), shutdown_rx.clone(), status.clone());
             tasks.spawn(

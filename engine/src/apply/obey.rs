@@ -240,12 +240,14 @@ impl Applier {
     /// committed here so far.
     pub(super) async fn wait_for_capture(&mut self) -> Result<(), EngineError> {
         let Some(mut rx) = self.cfg.capture_progress.clone() else { return Ok(()) };
+        // A probe: capture is caught up with everything committed before it
+        // once it has read it (and made what came before durable).
         let lsn: String = self
             .conn
             .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_logical_emit_message(false, $1, ''::bytea)::text", &[&crate::state::PROBE_PREFIX])
             .await
-            .map_err(EngineError::pg("reading the WAL position"))?
+            .map_err(EngineError::pg("writing a capture probe"))?
             .get(0);
         let want = parse_lsn(&lsn).unwrap_or(0);
         let deadline = Instant::now() + CAPTURE_WAIT;

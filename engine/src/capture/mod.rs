@@ -73,7 +73,9 @@ use crate::marks;
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
-use crate::state::{origin_name, ApplyGroup, GroupedRows, APPLY_MESSAGE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
+
+mod stream;
+use crate::state::{origin_name, ApplyGroup, GroupedRows, APPLY_MESSAGE_PREFIX, PROBE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::{failpoints, EngineError, Role};
 
 /// How capture runs.
@@ -109,6 +111,9 @@ pub struct CaptureConfig {
     /// A branch under `[ddl] from = "main"`: its own DDL stays local (it is
     /// counted, not logged), so the main never receives it.
     pub ddl_local_only: bool,
+    /// Read the slot over the streaming replication protocol ([`stream`])
+    /// instead of peeking at it.
+    pub stream: bool,
 }
 
 /// Counters for status.
@@ -390,6 +395,8 @@ pub struct Capturer {
     pk_cache: HashMap<(String, String), Option<crate::apply::LocalTable>>,
     /// Messages the last peek returned (fewer than the limit: drained).
     peeked: i64,
+    /// Position of the newest probe read ([`PROBE_PREFIX`]).
+    probe_lsn: u64,
     txn: Option<Txn>,
     /// Status counters.
     pub status: CaptureStatus,
@@ -420,6 +427,7 @@ impl Capturer {
             fragmented: false,
             pk_cache: HashMap::new(),
             peeked: 0,
+            probe_lsn: 0,
             txn: None,
             status: CaptureStatus { captured_lsn, ..Default::default() },
         })
@@ -495,6 +503,10 @@ impl Capturer {
             }
             PgOutputMessage::Message(m) => {
                 if !m.prefix.starts_with("branchsync.") {
+                    return Ok(None);
+                }
+                if m.prefix == PROBE_PREFIX && !m.transactional() {
+                    self.probe_lsn = self.probe_lsn.max(m.lsn);
                     return Ok(None);
                 }
                 if !m.transactional() {
@@ -976,6 +988,8 @@ impl Capturer {
         if drained {
             self.status.caught_up_lsn = self.status.caught_up_lsn.max(flushed);
         }
+        // Everything before a probe read is in the log now.
+        self.status.caught_up_lsn = self.status.caught_up_lsn.max(self.probe_lsn);
         Ok(seen)
     }
 
@@ -1290,17 +1304,24 @@ async fn slot_lost(client: &Client, slot: &str, captured_lsn: u64) -> Option<Eng
 /// an error) first cuts the log back to its last whole transaction.
 pub async fn run_capture(cfg: CaptureConfig, url: String, log: Arc<ChangeLog>, shutdown: watch::Receiver<bool>, status: watch::Sender<CaptureStatus>) -> Result<(), EngineError> {
     log.cut_back()?;
-    let conn = capture_conn(&url, "branchsync capture").await?;
     let writer = capture_conn(&url, "branchsync capture write-back").await?;
     let poll = cfg.poll_interval;
     let slot = cfg.slot.clone();
+    let streaming = cfg.stream;
     let mut cap = Capturer::new(cfg, log)?;
     cap.status = status.borrow().clone();
     cap.status.captured_lsn = cap.captured_lsn;
     cap.load_keys_and_skips(&writer.client).await?;
     cap.status.running = true;
     status.send_replace(cap.status.clone());
-    let r = capture_loop(&mut cap, &url, conn, writer, poll, &slot, shutdown, &status).await;
+    let r = if streaming {
+        stream::stream_loop(&mut cap, &url, writer, shutdown, &status).await
+    } else {
+        match capture_conn(&url, "branchsync capture").await {
+            Ok(conn) => capture_loop(&mut cap, &url, conn, writer, poll, &slot, shutdown, &status).await,
+            Err(e) => Err(e),
+        }
+    };
     status.send_modify(|s| s.running = false);
     r
 }
@@ -1380,6 +1401,7 @@ mod tests {
             poll_interval: Duration::from_millis(10),
             batch_changes: 1_000,
             ddl_local_only: false,
+            stream: false,
         };
         let mut c = Capturer::new(cfg, log).unwrap();
         let column = Column { flags: 1, name: "id".into(), type_oid: 23, type_modifier: -1 };

@@ -1,0 +1,225 @@
+//! Capture over the streaming replication protocol (`[database] capture =
+//! "stream"`): one walsender decodes the WAL once and streams it, as it
+//! does for PostgreSQL's own subscriptions and `pg_recvlogical`.
+//!
+//! The peek of [`super::capture_loop`] decodes again from the slot's
+//! restart point on every poll. That point moves only at PostgreSQL's
+//! running-transactions records (every 15 s of activity) and never past a
+//! transaction that is still open, so while apply or a till keeps
+//! transactions open, each poll decodes seconds of WAL that earlier polls
+//! decoded already, and `pg_replication_slot_advance` decodes it once more.
+//! A stream decodes each record once.
+//!
+//! # Crash safety and progress
+//!
+//! Events go through [`Capturer::handle`] exactly as peeked ones do. The
+//! slot is confirmed (the flush position of a standby status update) only
+//! with the end LSN of transactions whose log write is durable (R1): after
+//! a crash the walsender starts again at the slot's confirmed position, and
+//! transactions the log holds already are recognised by their commit LSN
+//! and dropped. A stream that ends mid-transaction leaves invisible
+//! fragments, cut back by [`super::run_capture`] before the next start.
+//!
+//! Confirmation is batched: after each commit, when no further event is
+//! waiting, or after [`CONFIRM_EVERY`] at the latest under a steady stream.
+//!
+//! # Caught up
+//!
+//! A walsender says nothing while it skips WAL that holds no change to
+//! send, so "everything committed before LSN x is in the log" is learned
+//! from positions the stream itself carries: a keepalive's WAL end, and a
+//! probe — a non-transactional message [`crate::state::PROBE_PREFIX`] that
+//! apply writes when it must wait for capture ([`super::Capturer::probe_lsn`]).
+//! Both are true by construction: the stream delivers in WAL order, so a
+//! message at x comes after every commit before x. A probe written by
+//! anyone else is just as true, and harmless.
+
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use tokio::sync::watch;
+
+use super::{slot_lost, CaptureStatus, Capturer};
+use crate::pg::{self, fmt_lsn};
+use crate::pgoutput::{self, Begin, Commit, LogicalMessage, PgOutputMessage};
+use crate::{failpoints, EngineError};
+
+/// Longest a durable log write and the slot's confirmation wait under a
+/// steady stream.
+const CONFIRM_EVERY: Duration = Duration::from_millis(100);
+/// Events buffered between the connection's reader and capture: few, since
+/// one event may be a row of hundreds of MB.
+const BUFFER_EVENTS: usize = 512;
+/// Largest message accepted from the walsender: a row up to PostgreSQL's own
+/// limit (a too-large row stops capture with its own error, R24).
+const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// The replication connection's settings, from the database URL (the
+/// daemon's role, password and TLS settings; the same session settings as
+/// every branchsync connection, R10).
+fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig, EngineError> {
+    let misconfigured = |message: String, hint: &str| EngineError::Misconfigured { message, detail: String::new(), hint: hint.into() };
+    let (rest, root_cert) = pg::split_root_cert(url);
+    let cfg: tokio_postgres::Config = rest.parse().map_err(EngineError::pg("parsing the database URL"))?;
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let database = cfg.get_dbname().unwrap_or(&user).to_string();
+    let plain = match cfg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => true,
+        tokio_postgres::config::SslMode::Prefer => root_cert.is_none(),
+        _ => false,
+    };
+    let tls = if plain || host.starts_with('/') {
+        TlsConfig::disabled()
+    } else {
+        let Some(root) = root_cert else {
+            return Err(misconfigured(
+                "the database connection asks for TLS (sslmode) but names no sslrootcert".into(),
+                "branchsync verifies the database server's certificate: add sslrootcert=/path/to/ca.pem (the CA that signed the server's certificate) to database.url.",
+            ));
+        };
+        // The certificate must name the host, an IP address too (as for
+        // every other branchsync connection).
+        TlsConfig::verify_full(Some(root.into())).with_sni_hostname(host.clone())
+    };
+    let options = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres -c bytea_output=hex -c statement_timeout=0";
+    Ok(ReplicationConfig::new(host, user, password, database, slot, publication)
+        .with_port(port)
+        .with_tls(tls)
+        .with_start_lsn(Lsn(0))
+        .with_status_interval(Duration::from_millis(50))
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(BUFFER_EVENTS)
+        .with_max_message_size(MAX_MESSAGE_BYTES)
+        .with_options(options)
+        .with_application_name("branchsync capture"))
+}
+
+fn stream_error(e: pgwire_replication::PgWireError) -> EngineError {
+    EngineError::ConnectionLost { context: format!("streaming the replication slot: {e}") }
+}
+
+/// Streams the slot into the log until `shutdown`; errors return to
+/// [`super::run_capture`]'s caller, which retries.
+pub(super) async fn stream_loop(
+    cap: &mut Capturer,
+    url: &str,
+    writer: pg::PgConn,
+    mut shutdown: watch::Receiver<bool>,
+    status: &watch::Sender<CaptureStatus>,
+) -> Result<(), EngineError> {
+    let slot = cap.cfg.slot.clone();
+    let rc = replication_config(url, &slot, &cap.cfg.publication)?;
+    let mut client = ReplicationClient::connect(rc).await.map_err(stream_error)?;
+    let mut writer_closed = writer.closed.clone();
+    tracing::info!(lsn = %fmt_lsn(cap.captured_lsn), "capture started (streaming)");
+    cap.load_offsets(&writer.client).await?;
+    // End LSN of the last commit handled and not yet confirmed, and since when.
+    let mut pending: Option<(u64, Instant)> = None;
+    // The newest WAL end the stream reported: every commit before it came.
+    let mut server_end = 0u64;
+    let mut offsets_loaded = Instant::now();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            _ = writer_closed.changed() => return Err(EngineError::ConnectionLost { context: "writing tombstones".into() }),
+            ev = client.recv() => Some(ev),
+            // Nothing waiting: make what was read durable now.
+            _ = std::future::ready(()), if pending.is_some() => None,
+        };
+        let ev = match next {
+            None => {
+                confirm(cap, &client, &writer.client, &mut pending, server_end).await?;
+                status.send_replace(cap.status.clone());
+                continue;
+            }
+            Some(Ok(Some(ev))) => ev,
+            Some(Ok(None)) => return Err(EngineError::ConnectionLost { context: "the replication stream ended".into() }),
+            Some(Err(e)) => {
+                let lost = slot_lost(&writer.client, &slot, cap.captured_lsn).await;
+                status.send_replace(cap.status.clone());
+                return Err(lost.unwrap_or_else(|| stream_error(e)));
+            }
+        };
+        let skipping = cap.txn.as_ref().is_some_and(|t| t.duplicate || t.applied_here || t.suppressing);
+        let msg = match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                Some(PgOutputMessage::Begin(Begin { final_lsn: final_lsn.into(), commit_ts: commit_time_micros, xid }))
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                Some(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: lsn.into(), end_lsn: end_lsn.into(), commit_ts: commit_time_micros }))
+            }
+            ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+                Some(PgOutputMessage::Message(LogicalMessage { flags: u8::from(transactional), lsn: lsn.into(), prefix, content: content.to_vec() }))
+            }
+            ReplicationEvent::XLogData { wal_end, data, .. } => {
+                server_end = server_end.max(wal_end.into());
+                // Row changes of a transaction that is not captured are not
+                // even decoded (a branch's own apply transactions: echoes).
+                if skipping && matches!(data.first(), Some(b'I' | b'U' | b'D' | b'T')) {
+                    None
+                } else {
+                    cap.largest_message = cap.largest_message.max(data.len());
+                    Some(pgoutput::decode(&data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?)
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                server_end = server_end.max(wal_end.into());
+                if pending.is_none() && cap.txn.is_none() {
+                    cap.status.caught_up_lsn = cap.status.caught_up_lsn.max(server_end);
+                    status.send_replace(cap.status.clone());
+                }
+                None
+            }
+            ReplicationEvent::StoppedAt { .. } => None,
+        };
+        if let Some(msg) = msg {
+            if let Some(end) = cap.handle(msg)? {
+                pending = Some((end, pending.map_or_else(Instant::now, |p| p.1)));
+            }
+        }
+        // Tombstones of a huge delete are written as they come, so they
+        // never all sit in memory.
+        if cap.tombstones.len() >= super::TOMBSTONE_BATCH_ROWS || cap.tombstone_bytes >= super::TOMBSTONE_BATCH_BYTES {
+            cap.write_back_tombstones(&writer.client).await?;
+        }
+        if pending.is_some_and(|p| p.1.elapsed() >= CONFIRM_EVERY) {
+            confirm(cap, &client, &writer.client, &mut pending, server_end).await?;
+            status.send_replace(cap.status.clone());
+        }
+        if offsets_loaded.elapsed() >= Duration::from_secs(1) && cap.txn.is_none() {
+            cap.load_offsets(&writer.client).await?;
+            offsets_loaded = Instant::now();
+        }
+    }
+}
+
+/// Makes the log durable, then confirms the slot up to the last handled
+/// commit (R1), then writes back its tombstones and skipped rows.
+async fn confirm(cap: &mut Capturer, client: &ReplicationClient, writer: &tokio_postgres::Client, pending: &mut Option<(u64, Instant)>, server_end: u64) -> Result<(), EngineError> {
+    let Some((end_lsn, _)) = pending.take() else { return Ok(()) };
+    cap.log.flush().await?;
+    failpoints::hit(failpoints::CAPTURE_AFTER_LOG_WRITE);
+    if cap.fragmented {
+        failpoints::hit(failpoints::CAPTURE_AFTER_FRAGMENTED_FLUSH);
+        cap.fragmented = false;
+    }
+    // Only now, with the log durable, may the slot forget these
+    // transactions.
+    client.update_applied_lsn(Lsn(end_lsn));
+    cap.write_back_tombstones(writer).await?;
+    cap.record_skipped(writer).await?;
+    cap.pk_cache.clear();
+    // Every commit before the last one handled, before the newest probe
+    // handled, is in the log now.
+    cap.status.caught_up_lsn = cap.status.caught_up_lsn.max(cap.probe_lsn).max(server_end.min(end_lsn));
+    Ok(())
+}
