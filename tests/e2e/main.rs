@@ -16,6 +16,7 @@ mod ddl;
 mod forged_marks;
 mod handshake;
 mod http;
+mod long_transaction;
 mod lost_state;
 mod offline;
 mod pg_restart;
