@@ -54,7 +54,7 @@ cargo test --workspace --features "$features" -- --test-threads="${TEST_THREADS:
 # Capture streams the slot by default; the other capture mode
 # ([database] capture = "peek") runs the tests of capture's own faults too.
 BRANCHSYNC_TEST_CAPTURE=peek cargo test -p branchsync-tests --features "$features" --test e2e -- \
-  --test-threads="${TEST_THREADS:-2}" pg_restart:: big_values:: crash:: convergence::main_and forged_marks::
+  --test-threads="${TEST_THREADS:-2}" pg_restart:: convergence::main_and forged_marks::
 
 # The compose target: the images (no registry needed) and the scenarios
 # pos-offline and flapping-link against the docker-compose stack, with real

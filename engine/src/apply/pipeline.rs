@@ -136,6 +136,10 @@ pub(super) struct Queue {
     versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>, Vec<i64>)>,
     /// Keys to check for missing parents, per table with foreign keys.
     parents: BTreeMap<String, (LocalTable, Vec<Vec<String>>)>,
+    /// The values the queued rows hold in each foreign key's columns, per
+    /// table (one array per column, per foreign key in [`LocalTable::parents`]
+    /// order); `None` once a row came without one of those columns.
+    fk_values: BTreeMap<String, Option<Vec<Vec<Vec<Option<String>>>>>>,
     /// Header of the last queued ChangeSet (recorded with parked rows).
     header: Option<Vec<u8>>,
 }
@@ -305,6 +309,30 @@ impl Applier {
                 if !m.table.parents.is_empty() {
                     self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), Vec::new())).1.extend(keys);
                 }
+                if !m.table.parents.is_empty() && self.cfg.role == crate::Role::Main {
+                    // The foreign-key values as sent: the main's inserts
+                    // write every row as sent (a branch's upsert may leave
+                    // a row as it was), so the parents can be checked on
+                    // their distinct values first (few, where a batch has
+                    // many lines of few orders).
+                    let srcs: Option<Vec<Vec<usize>>> = m
+                        .table
+                        .parents
+                        .iter()
+                        .map(|f| f.column_names.iter().map(|c| m.targets.iter().position(|t| t.as_deref() == Some(c.as_str()))).collect())
+                        .collect();
+                    let entry = self.queue.fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![Vec::new(); f.columns.len()]).collect()));
+                    match (srcs, entry.as_mut()) {
+                        (Some(srcs), Some(values)) if values.len() == srcs.len() => {
+                            for (fk, cols) in values.iter_mut().zip(&srcs) {
+                                for (arr, c) in fk.iter_mut().zip(cols) {
+                                    arr.extend(rows.iter().map(|r| r.get(*c).and_then(Value::as_text).map(str::to_string)));
+                                }
+                            }
+                        }
+                        _ => *entry = None,
+                    }
+                }
             }
         }
         self.queue.header = Some(rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode header: {err}")))?);
@@ -375,6 +403,16 @@ impl Applier {
             types.extend([Type::TEXT, Type::TEXT, Type::BYTEA]);
             park.push((tbl.clone(), self.stmt(&sql::park_orphans(t), &types).await?));
         }
+        // Parents first checked on the distinct foreign-key values sent: a
+        // table whose values all have their parents needs no check per row.
+        let mut prechecks = Vec::new();
+        for (tbl, (t, _)) in &q.parents {
+            let Some(Some(values)) = q.fk_values.get(tbl) else { continue };
+            for (f, cols) in t.parents.iter().zip(values) {
+                let types = vec![Type::TEXT_ARRAY; cols.len()];
+                prechecks.push((tbl.clone(), self.stmt(&sql::missing_parents(t, f), &types).await?, cols));
+            }
+        }
         let client = &self.conn.client;
         let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.batches.len() + q.versions.len() + 1);
         if let Some((st, body)) = &group {
@@ -400,9 +438,20 @@ impl Applier {
             pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
         }
         futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
+        let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();
+        for (tbl, st, cols) in &prechecks {
+            let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            let missing: bool = client.query_one(st, &params).await.map_err(EngineError::pg(format!("checking the parents of rows in {tbl}")))?.get(0);
+            if missing {
+                all_there.remove(tbl);
+            }
+        }
         // Parent checks after every row of the batch is in (R9).
         let header = q.header.unwrap_or_default();
         for (tbl, st) in park {
+            if all_there.contains(&tbl) {
+                continue;
+            }
             let Some((t, keys)) = q.parents.get(&tbl) else { continue };
             let arrays: Vec<Vec<&str>> = (0..t.pk.len()).map(|j| keys.iter().map(|k| k[j].as_str()).collect()).collect();
             let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();

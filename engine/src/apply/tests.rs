@@ -649,3 +649,38 @@ async fn columns_are_matched_by_name_and_a_column_missing_here_is_skipped() {
         ["(columns_skipped,public.products,t)"]
     );
 }
+
+/// R9 at the main, with the parents checked on the distinct foreign-key
+/// values of a grouped batch first: in a group of sales, the one line whose
+/// order is missing is parked, every other line applies, and the line comes
+/// out of the parked table once its order arrives.
+#[tokio::test]
+async fn a_line_without_its_order_in_a_group_of_sales_is_parked_and_the_rest_apply() {
+    let site = Site::new(
+        "CREATE TABLE orders (id int PRIMARY KEY, shop text);
+         CREATE TABLE lines (id int PRIMARY KEY, order_id int REFERENCES orders(id), qty int);",
+        &[],
+    )
+    .await;
+    let orders = desc("orders", &["id", "shop"], &["id"]);
+    let lines = desc("lines", &["id", "order_id", "qty"], &["id"]);
+    let sale = |pos: u64, order: &str, line: &str| {
+        let changes = vec![RowChange::Insert { table: 0, new: vals(&[order, "b1"]) }, RowChange::Insert { table: 1, new: vals(&[line, order, "1"]) }];
+        cs_tables(pos, "branch1", pos, vec![orders.clone(), lines.clone()], changes)
+    };
+    let mut entries: Vec<LogEntry> = (1..=20).map(|i| sale(i, &i.to_string(), &(100 + i).to_string())).collect();
+    // A line of order 999, which this stream never sends.
+    entries.push(cs(21, "branch1", 21, lines.clone(), vec![ins(&["121", "999", "1"])]));
+    entries.extend((22..=30).map(|i| sale(i, &i.to_string(), &(100 + i).to_string())));
+    let stats = site.run(&entries).await.unwrap();
+    assert_eq!(stats.parked, 1, "{stats:?}");
+    assert_eq!(site.rows("SELECT count(*) FROM lines").await, ["(29)"], "every other line applied");
+    assert_eq!(site.rows("SELECT key, reason FROM branchsync.parked").await, ["(\"[\"\"121\"\"]\",orphan)"]);
+    // A group in which every order is there parks nothing (the check on
+    // distinct values finds no missing parent).
+    let more: Vec<LogEntry> = (31..=40).map(|i| sale(i, &i.to_string(), &(100 + i).to_string())).collect();
+    let all: Vec<LogEntry> = entries.iter().cloned().chain(more).collect();
+    let stats = site.run(&all).await.unwrap();
+    assert_eq!(stats.parked, 1, "still only the one line: {stats:?}");
+    assert_eq!(site.rows("SELECT count(*) FROM lines").await, ["(39)"]);
+}
