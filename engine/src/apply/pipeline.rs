@@ -50,6 +50,10 @@ use crate::EngineError;
 const DRAIN_ROWS: usize = 20_000;
 /// Queued statements after which the queue is sent even mid-group.
 const DRAIN_STATEMENTS: usize = 512;
+/// Queued ChangeSets after which the queue is sent even mid-group (their
+/// marks travel in one apply message; ChangeSets whose rows all went
+/// elsewhere, parked or out of scope, add marks without rows).
+const DRAIN_MARKS: usize = 10_000;
 /// Queued bytes of values after which the queue is sent even mid-group.
 const DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
@@ -180,7 +184,7 @@ impl Applier {
             }
         }
         self.queue_buckets(e, maps, buckets).await?;
-        if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES {
+        if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES || self.queue.marks.len() >= DRAIN_MARKS {
             self.drain().await?;
         }
         Ok(())
