@@ -186,6 +186,12 @@ pub(super) async fn stream_loop(
                 pending = Some((end, pending.map_or_else(Instant::now, |p| p.1)));
             }
         }
+        // A probe read with nothing waiting to be made durable: everything
+        // before it is in the log already.
+        if pending.is_none() && cap.status.caught_up_lsn < cap.probe_lsn {
+            cap.status.caught_up_lsn = cap.probe_lsn;
+            status.send_replace(cap.status.clone());
+        }
         // Tombstones of a huge delete are written as they come, so they
         // never all sit in memory.
         if cap.tombstones.len() >= super::TOMBSTONE_BATCH_ROWS || cap.tombstone_bytes >= super::TOMBSTONE_BATCH_BYTES {
