@@ -8,8 +8,8 @@
 //!   can cut (existing connections dropped, new ones refused) and heal, so a
 //!   branch's daemon keeps running while its link is down (the scenario
 //!   runner's, from the server library).
-//! * [`table_checksum`]: per-table count and md5 over the rows' text, to
-//!   prove that sites hold the same rows.
+//! * [`table_checksum`]: per-table count and a multiset hash of the rows'
+//!   text, to prove that sites hold the same rows.
 //!
 //! The `branchsync` binary is taken from `BRANCHSYNC_BIN` or from the cargo
 //! target directory next to the test executable; `bash tests/run.sh` builds
@@ -229,7 +229,9 @@ impl Drop for Site {
 }
 
 
-/// `(row count, md5 of the rows' text in order)` of a table.
+/// `(row count, sum of the 64-bit hashes of the rows' text)` of a table: a
+/// multiset hash, so equal for the same rows in any order, and needing no
+/// sort (half the cost of an md5 over the sorted rows on a 3M-row table).
 pub async fn table_checksum(c: &tokio_postgres::Client, table: &str) -> (i64, String) {
     try_table_checksum(c, table).await.unwrap_or_else(|e| panic!("checksum of {table}: {e}"))
 }
@@ -237,7 +239,7 @@ pub async fn table_checksum(c: &tokio_postgres::Client, table: &str) -> (i64, St
 /// [`table_checksum`], or the error (a table that does not exist yet).
 pub async fn try_table_checksum(c: &tokio_postgres::Client, table: &str) -> Result<(i64, String), String> {
     let row = c
-        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"), &[])
+        .query_one(&format!("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text FROM {table} t"), &[])
         .await
         .map_err(|e| e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))?;
     Ok((row.get(0), row.get(1)))
