@@ -31,6 +31,15 @@
 //! supervisor still sees what arrives and ends the session when nothing has
 //! arrived for `peer_timeout`.
 //!
+//! A stream that stops anyway is caught, not waited on: when the peer's
+//! heartbeats say its log goes further than what arrived, apply has taken
+//! every byte that arrived (so the peer's window is open), and no entry
+//! bytes came for twice `peer_timeout`, the reader ends the session as
+//! *stalled* (WARN, counted in `status` and `/metrics`); the next session
+//! resumes from durable progress. Twice the timeout, because a peer that
+//! cannot hear us (nor our credit) ends the session at its own timeout
+//! first.
+//!
 //! # Progress tracking
 //!
 //! Where a stream resumes is decided by the *receiver's* durable progress,
@@ -120,6 +129,12 @@ pub enum LinkError {
     /// The peer went quiet.
     #[error("peer silent for {0:?}")]
     Timeout(Duration),
+    /// The peer's stream stopped: its log is ahead of what arrived, nothing
+    /// arrived for twice the peer timeout, and nothing was owed to it (every byte
+    /// received was taken by apply, so its window was open). Heartbeats
+    /// still came, so the peer timeout would never end such a session.
+    #[error("stream stalled: {0}")]
+    Stalled(String),
     /// Local database or log failure.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -243,6 +258,8 @@ struct Session {
     ack_peers: Vec<String>,
     /// Send our log after this position.
     send_after: u64,
+    /// The peer sends its log after this position (our durable progress).
+    receive_after: u64,
     last_heard: Arc<Mutex<Instant>>,
     /// Limits agreed at the handshake.
     max_frame: usize,
@@ -276,6 +293,12 @@ impl Session {
         mut shutdown: watch::Receiver<bool>,
         mut evict: watch::Receiver<bool>,
     ) -> Result<SessionEnd, LinkError> {
+        self.status.peer(&self.peer, |p| {
+            p.sent_to_peer = self.send_after;
+            p.in_flight_to_peer = 0;
+            p.received_from_peer = self.receive_after;
+            p.unapplied_bytes = 0;
+        });
         let control = Arc::new(Control::default());
         let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Vec<WireEntry>>();
         let (apply_stop_tx, apply_stop_rx) = watch::channel(false);
@@ -304,6 +327,8 @@ impl Session {
                     our_consumed: consumed_rx,
                     window: self.window,
                     max_frame: self.max_frame,
+                    peer_timeout: self.settings.peer_timeout,
+                    receive_after: self.receive_after,
                 },
             )
             .in_current_span(),
@@ -320,6 +345,8 @@ impl Session {
                     heartbeat: self.settings.heartbeat,
                     window: self.window,
                     chunk: self.max_frame.saturating_sub(FRAME_OVERHEAD).max(1024),
+                    peer: self.peer.clone(),
+                    status: self.status.clone(),
                 },
             )
             .in_current_span(),
@@ -487,6 +514,9 @@ struct ReadCtx {
     our_consumed: watch::Receiver<u64>,
     window: u64,
     max_frame: usize,
+    peer_timeout: Duration,
+    /// The peer sends entries after this position.
+    receive_after: u64,
 }
 
 /// An entry being put back together from its chunks.
@@ -505,6 +535,9 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
     let mut received: u64 = 0;
     let mut assembling: Option<Assembly> = None;
     let mut last_pos: u64 = 0;
+    // When entry bytes last arrived (a chunk counts): for telling a stalled
+    // stream from an idle one.
+    let mut last_data = Instant::now();
     // A sender may start one entry of any size when nothing is in flight,
     // and then fill the window; more than that breaks the protocol.
     let slack = ctx.max_frame as u64;
@@ -528,6 +561,7 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
         };
         match msg {
             Message::Entries(entries) => {
+                last_data = Instant::now();
                 if assembling.is_some() {
                     return Err(LinkError::Violation("entries arrived in the middle of a chunked entry".into()));
                 }
@@ -547,8 +581,10 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
                 }
             }
             Message::Chunk(c) => {
+                last_data = Instant::now();
                 let done = assemble(&mut assembling, c, last_pos)?;
                 if let Some(a) = done {
+                    tracing::debug!(pos = a.pos, bytes = a.total, "large entry received");
                     last_pos = a.pos;
                     check_window(a.total, true)?;
                     ctx.status.peer(&ctx.peer, |p| p.peer_log_newest = p.peer_log_newest.max(a.pos));
@@ -558,6 +594,7 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
                 }
             }
             Message::Credit { consumed } => {
+                tracing::trace!(consumed, "credit");
                 ctx.peer_consumed.send_if_modified(|c| {
                     let moved = consumed > *c;
                     *c = (*c).max(consumed);
@@ -570,10 +607,31 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
             Message::Heartbeat { now_us: _, log_newest } => {
                 // The clock offset is the databases' one, measured at the
                 // handshake (R14); heartbeats do not move it.
+                let unapplied = received.saturating_sub(*ctx.our_consumed.borrow());
+                let have = last_pos.max(ctx.receive_after);
                 ctx.status.peer(&ctx.peer, |p| {
                     p.peer_log_newest = log_newest;
                     p.pending_from_peer = log_newest.saturating_sub(p.applied_from_peer);
+                    p.received_from_peer = have;
+                    p.unapplied_bytes = unapplied;
                 });
+                // The peer says its log goes further, yet nothing has come
+                // for the peer timeout although apply took everything that
+                // came (the peer's window is open): the stream is stuck at
+                // the sender. Ending the session makes both sides start
+                // again from durable progress.
+                // Twice the peer timeout: a peer that does not hear us (so
+                // not our credit either) ends the session at its own peer
+                // timeout first; only a peer that hears us and still sends
+                // nothing is stalled.
+                let quiet = last_data.elapsed();
+                if log_newest > have && assembling.is_none() && unapplied == 0 && quiet >= 2 * ctx.peer_timeout {
+                    tracing::warn!(peer = %ctx.peer, received = have, peer_log_newest = log_newest, quiet_ms = quiet.as_millis() as u64, "the peer's stream stalled");
+                    return Err(LinkError::Stalled(format!(
+                        "the peer's log reaches position {log_newest}, the last entry received is {have}, and nothing arrived for {} s although every byte received was taken by apply",
+                        quiet.as_secs()
+                    )));
+                }
             }
             Message::Refuse(r) => return Err(LinkError::Refused(r)),
             other => return Err(LinkError::Violation(format!("unexpected {} during a session", other.kind()))),
@@ -622,6 +680,8 @@ struct WriteCtx {
     window: u64,
     /// Largest entry bytes in one frame.
     chunk: usize,
+    peer: String,
+    status: Arc<NodeStatus>,
 }
 
 /// A large entry being sent in chunks.
@@ -687,8 +747,12 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
                     writer.send(Message::Credit { consumed: c }).await?;
                 }
             }
-            // 2. Heartbeats.
+            // 2. Heartbeats (and the flow state, for status).
             _ = heartbeat.tick() => {
+                ctx.status.peer(&ctx.peer, |p| {
+                    p.sent_to_peer = after;
+                    p.in_flight_to_peer = in_flight;
+                });
                 writer.send(Message::Heartbeat { now_us: now_us(), log_newest: ctx.log.visible() }).await?;
             }
             // 3. One frame of entries.
@@ -712,6 +776,7 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
                 let Some(first) = batch.first() else { continue };
                 if first.len as usize > ctx.chunk {
                     // Larger than a frame: alone, in chunks.
+                    tracing::debug!(pos = first.pos, bytes = first.len, in_flight, "sending a large entry in chunks");
                     sent_bytes += first.len;
                     sending = Some(Sending { raw: first.clone(), offset: 0 });
                     continue;
@@ -801,13 +866,15 @@ fn report_end(status: &NodeStatus, peer: &str, e: &LinkError, retry_ms: Option<u
         LinkError::Refused(r) => tracing::error!(peer, reason = ?r.reason, error = %msg, "link refused"),
         LinkError::Tls(_) => tracing::error!(peer, error = %msg, retry_ms, "link refused"),
         LinkError::Engine(err) if !err.is_transient() => tracing::error!(peer, error = %msg, "link stopped"),
-        LinkError::Engine(_) | LinkError::Violation(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
+        LinkError::Engine(_) | LinkError::Violation(_) | LinkError::Stalled(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
         LinkError::Proto(ProtoError::Io(_)) | LinkError::Closed | LinkError::Timeout(_) => tracing::info!(peer, error = %msg, retry_ms, "link down"),
         LinkError::Proto(_) => tracing::warn!(peer, error = %msg, retry_ms, "link session failed; retrying"),
     }
+    let stalled = matches!(e, LinkError::Stalled(_));
     status.peer(peer, |p| {
         p.connected = false;
         p.last_error = Some(msg);
+        p.stalls += u64::from(stalled);
     });
 }
 
@@ -990,6 +1057,7 @@ async fn branch_session(
         p.sessions += 1;
         p.last_error = None;
         p.acked_by_peer = r;
+        p.pending_to_peer = log.count_after(r);
     });
     log.set_peer_ack("main", r)?;
     log.touch_peer("main");
@@ -1001,6 +1069,7 @@ async fn branch_session(
         status: status.clone(),
         ack_peers: vec!["main".into()],
         send_after: r,
+        receive_after: applier.committed(),
         last_heard: Arc::new(Mutex::new(Instant::now())),
         max_frame,
         window,
@@ -1412,6 +1481,11 @@ async fn main_session(
         p.clock_offset_ms = Some(offset_ms);
         p.peer_log_newest = hello.log_newest;
         p.applied_from_peer = applied;
+        p.pending_from_peer = hello.log_newest.saturating_sub(applied);
+        // What the branch holds of the relay, until its first Ack of this
+        // session (a restarted main would show nothing pending till then).
+        p.acked_by_peer = hello.relay_applied;
+        p.pending_to_peer = log.count_after(hello.relay_applied);
     });
     let mut ack_peers: Vec<String> = states.keys().cloned().collect();
     ack_peers.sort();
@@ -1422,6 +1496,7 @@ async fn main_session(
         status: status.clone(),
         ack_peers,
         send_after: hello.relay_applied,
+        receive_after: applied,
         last_heard,
         max_frame,
         window,
@@ -1473,6 +1548,75 @@ mod tests {
             let budget = n * (len + ENTRY_OVERHEAD) + FRAME_OVERHEAD;
             assert!(buf.len() <= budget, "{n} entries of {len} bytes took {} bytes, budget {budget}", buf.len());
         }
+    }
+
+    /// A reader fed by a test peer: its frames go in at the returned
+    /// writer; `consumed` plays our apply's count of bytes taken.
+    fn reader_under_test(receive_after: u64, peer_timeout: Duration) -> (tokio::task::JoinHandle<Result<(), LinkError>>, FramedWrite<tokio::io::DuplexStream, FrameCodec>, watch::Sender<u64>, mpsc::UnboundedReceiver<Vec<WireEntry>>) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (r, _w) = tokio::io::split(Box::new(ours) as Box<dyn LinkIo>);
+        let (apply, apply_rx) = mpsc::unbounded_channel();
+        let (consumed_tx, consumed_rx) = watch::channel(0u64);
+        let ctx = ReadCtx {
+            peer: "branch1".into(),
+            status: Arc::new(NodeStatus::new("main", "main", &["branch1".into()])),
+            last_heard: Arc::new(Mutex::new(Instant::now())),
+            apply,
+            peer_ack: watch::channel(0).0,
+            peer_consumed: watch::channel(0).0,
+            our_consumed: consumed_rx,
+            window: 1 << 20,
+            max_frame: 1 << 20,
+            peer_timeout,
+            receive_after,
+        };
+        let task = tokio::spawn(async move {
+            let _keep_writer_half = _w;
+            read_loop(FramedRead::new(r, FrameCodec::new(1 << 20)), ctx).await
+        });
+        (task, FramedWrite::new(theirs, FrameCodec::new(1 << 20)), consumed_tx, apply_rx)
+    }
+
+    /// Heartbeats saying the peer's log reaches `newest`, every 20 ms, for
+    /// `how_long` or until the reader ends.
+    async fn heartbeats(peer: &mut FramedWrite<tokio::io::DuplexStream, FrameCodec>, newest: u64, how_long: Duration) {
+        let until = Instant::now() + how_long;
+        while Instant::now() < until {
+            if peer.send(Message::Heartbeat { now_us: 0, log_newest: newest }).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_whose_log_is_ahead_but_sends_nothing_while_owed_nothing_is_a_stalled_stream() {
+        let (task, mut peer, _consumed, _rx) = reader_under_test(5, Duration::from_millis(100));
+        heartbeats(&mut peer, 9, Duration::from_secs(5)).await;
+        let r = tokio::time::timeout(Duration::from_secs(1), task).await.expect("the reader ended").expect("no panic");
+        let err = r.expect_err("a stalled stream ends the session");
+        assert!(matches!(err, LinkError::Stalled(_)), "{err}");
+        assert!(err.to_string().contains("reaches position 9, the last entry received is 5"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_caught_up_stream_or_one_whose_apply_still_owes_credit_is_not_stalled() {
+        // Caught up: the peer's log ends where we resume.
+        let (task, mut peer, _consumed, _rx) = reader_under_test(5, Duration::from_millis(100));
+        heartbeats(&mut peer, 5, Duration::from_millis(700)).await;
+        assert!(!task.is_finished(), "an idle, caught-up stream is not stalled: {:?}", task.await);
+
+        // Apply has not taken what arrived: the sender rightly waits.
+        let (task, mut peer, consumed, mut rx) = reader_under_test(5, Duration::from_millis(100));
+        peer.send(Message::Entries(vec![WireEntry { pos: 6, part: 0, last: true, body: vec![1; 100] }])).await.unwrap();
+        assert_eq!(rx.recv().await.expect("entry handed to apply")[0].pos, 6);
+        heartbeats(&mut peer, 9, Duration::from_millis(700)).await;
+        assert!(!task.is_finished(), "a sender waiting for our credit is not stalled: {:?}", task.await);
+        // Once apply took it, the sender owes us the rest.
+        consumed.send_replace(100);
+        heartbeats(&mut peer, 9, Duration::from_secs(5)).await;
+        let err = tokio::time::timeout(Duration::from_secs(1), task).await.expect("the reader ended").expect("no panic").expect_err("stalled");
+        assert!(err.to_string().contains("the last entry received is 6"), "{err}");
     }
 
     #[test]

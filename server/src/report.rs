@@ -54,6 +54,9 @@ impl StatusSource for HttpStatus {
             m.push(counter("branchsync_peer_session_failures_total", "Link sessions that ended for a reason other than the network, since start.", l(), p.session_failures as f64));
             m.push(counter("branchsync_peer_quarantined_total", "Changes of the peer quarantined since start.", l(), p.quarantined as f64));
             m.push(counter("branchsync_peer_security_events_total", "Sessions ended because the peer spoke in another node's name, since start.", l(), p.security_events as f64));
+            m.push(counter("branchsync_peer_stalls_total", "Sessions ended because the peer's stream stopped while nothing was owed to it, since start.", l(), p.stalls as f64));
+            m.push(gauge("branchsync_peer_in_flight_bytes", "Bytes sent to the peer that it has not yet credited.", l(), p.in_flight_to_peer as f64));
+            m.push(gauge("branchsync_peer_unapplied_bytes", "Bytes received from the peer that apply has not taken yet.", l(), p.unapplied_bytes as f64));
             m.push(counter("branchsync_peer_auth_failures_total", "Connections claiming the peer that failed authentication, since start.", l(), p.auth_failures as f64));
         }
         m
@@ -133,8 +136,17 @@ pub fn render_text(s: &StatusSnapshot) -> String {
             p.rows_applied,
             p.conflicts
         ));
+        if p.connected {
+            out.push_str(&format!(
+                "  this session: sent through position {} ({} bytes awaiting credit); received through position {} ({} bytes not yet taken by apply)\n",
+                p.sent_to_peer, p.in_flight_to_peer, p.received_from_peer, p.unapplied_bytes
+            ));
+        }
         if let Some(o) = p.clock_offset_ms {
             out.push_str(&format!("  clock offset: {o} ms\n"));
+        }
+        if p.stalls > 0 {
+            out.push_str(&format!("  STALLED STREAM: {} session(s) ended because the peer's stream stopped while nothing was owed to it (a bug: please report it with the daemon logs)\n", p.stalls));
         }
         if p.must_reseed {
             out.push_str("  MUST BE RE-SEEDED: away longer than the retention; it no longer holds the log back\n");

@@ -61,6 +61,25 @@ pub struct PeerStatus {
     /// longer pins the log and must be re-seeded.
     #[serde(default)]
     pub must_reseed: bool,
+    /// This session: the newest position of our log sent to the peer.
+    #[serde(default)]
+    pub sent_to_peer: u64,
+    /// This session: bytes sent that the peer has not yet reported as
+    /// taken by its apply (flow-control credit outstanding).
+    #[serde(default)]
+    pub in_flight_to_peer: u64,
+    /// This session: the newest position of the peer's log received.
+    #[serde(default)]
+    pub received_from_peer: u64,
+    /// This session: bytes received that our apply has not taken yet.
+    #[serde(default)]
+    pub unapplied_bytes: u64,
+    /// Sessions ended because the peer's stream stalled (its log was ahead
+    /// of what arrived, nothing arrived, and nothing was owed to it), this
+    /// run. Each one is a bug worth reporting; the session that follows
+    /// resumes from durable progress.
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// Schema changes (DDL) at this node.

@@ -459,6 +459,7 @@ impl Applier {
                     Some(wire) => {
                         let bytes: u64 = wire.iter().map(|w| w.body.len() as u64).sum();
                         consumed.send_modify(|c| *c += bytes);
+                        tracing::trace!(stream = %self.stream, first = wire.first().map(|w| w.pos), last = wire.last().map(|w| w.pos), bytes, consumed = *consumed.borrow(), "entries taken");
                         let mut entries = self.receive(wire).await?;
                         let mut again: Vec<LogEntry> = Vec::new();
                         let mut tries = 0u32;
