@@ -59,6 +59,11 @@ pub enum EngineError {
     /// A stream skipped positions: the sender broke the protocol (R26).
     #[error("stream {stream} skipped from position {expected} to {got}")]
     Gap { stream: String, expected: u64, got: u64 },
+    /// Apply was about to skip positions it had received (an entry to apply
+    /// again after a rollback was not kept): the session starts over from
+    /// durable progress instead. A bug, never a lost change.
+    #[error("apply of stream {stream} would have skipped from position {expected} to {got}; starting over from the last committed position")]
+    ApplySkip { stream: String, expected: u64, got: u64 },
     /// Something is larger than the log or the link can carry.
     #[error("{what} is {bytes} bytes, more than the largest branchsync carries ({max} bytes)")]
     TooLarge { what: String, bytes: u64, max: u64 },
@@ -86,7 +91,7 @@ impl EngineError {
             EngineError::Log { .. } => self.is_disk_full(),
             EngineError::Corrupt(_) | EngineError::TooLarge { .. } | EngineError::Gap { .. } | EngineError::Impersonation { .. } => false,
             EngineError::Misconfigured { .. } | EngineError::Diverged { .. } | EngineError::Stopped { .. } => false,
-            EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } | EngineError::LogFull { .. } => true,
+            EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } | EngineError::LogFull { .. } | EngineError::ApplySkip { .. } => true,
         }
     }
 

@@ -270,6 +270,10 @@ pub struct Applier {
     /// Rows and bytes of the entries applied since the last commit.
     uncommitted_rows: usize,
     uncommitted_bytes: usize,
+    /// The newest position applied without a copy in `uncommitted` (the
+    /// buffer was full then): until a commit covers it, the buffer does
+    /// not hold every uncommitted entry, even after it emptied.
+    unbuffered: u64,
     /// Last position received from the link (positions must follow each
     /// other without a gap, R26).
     received: u64,
@@ -356,6 +360,7 @@ impl Applier {
                 uncommitted: Vec::new(),
                 uncommitted_rows: 0,
                 uncommitted_bytes: 0,
+                unbuffered: 0,
                 received: committed,
                 last_header: None,
                 expected_author: None,
@@ -491,9 +496,7 @@ impl Applier {
                                     // What was applied since the last commit, then
                                     // the rest of this batch (positions already
                                     // applied again are skipped).
-                                    again = std::mem::take(&mut self.uncommitted);
-                                    self.uncommitted_rows = 0;
-                                    self.uncommitted_bytes = 0;
+                                    again = self.entries_to_retry(std::mem::take(&mut again));
                                 }
                                 // A data error: the range is replayed carefully,
                                 // here when every entry of it is at hand (else by
@@ -502,9 +505,7 @@ impl Applier {
                                     careful_retry = true;
                                     let _ = self.fail(e);
                                     self.rollback_for_retry().await?;
-                                    again = std::mem::take(&mut self.uncommitted);
-                                    self.uncommitted_rows = 0;
-                                    self.uncommitted_bytes = 0;
+                                    again = self.entries_to_retry(std::mem::take(&mut again));
                                 }
                                 Err(e) => return Err(self.fail(e)),
                             }
@@ -519,6 +520,21 @@ impl Applier {
                 },
             }
         }
+    }
+
+    /// What to apply again after a rollback: every entry since the last
+    /// commit that this attempt reached (kept in `uncommitted`), then the
+    /// entries of the previous attempt's list that this attempt did not
+    /// reach. (An attempt that fails while it applies that list again has
+    /// kept only what it reached: dropping the rest skipped sales of earlier
+    /// messages while progress moved past them.)
+    fn entries_to_retry(&mut self, previous: Vec<LogEntry>) -> Vec<LogEntry> {
+        let mut again = std::mem::take(&mut self.uncommitted);
+        self.uncommitted_rows = 0;
+        self.uncommitted_bytes = 0;
+        let reached = again.last().map_or(self.committed, |e| e.pos);
+        again.extend(previous.into_iter().filter(|e| e.pos > reached));
+        again
     }
 
     /// Rolls back the open transaction so that the entries since the last
@@ -565,7 +581,7 @@ impl Applier {
     /// `true` while every entry since the last commit is kept for an
     /// in-place retry (not after a large transaction).
     fn retry_buffer_holds_all(&self) -> bool {
-        self.uncommitted_rows <= RETRY_BUFFER_ROWS && self.uncommitted_bytes <= RETRY_BUFFER_BYTES
+        self.uncommitted_rows <= RETRY_BUFFER_ROWS && self.uncommitted_bytes <= RETRY_BUFFER_BYTES && self.unbuffered <= self.committed
     }
 
     /// At the main: every entry of this branch's stream must name the
@@ -749,6 +765,13 @@ impl Applier {
             if e.pos <= self.seen {
                 continue;
             }
+            // Positions arrive without a gap (checked on receipt), so one
+            // here means this applier lost entries it meant to apply again
+            // (after a rollback): never skip them, start over from durable
+            // progress instead.
+            if e.pos != self.seen + 1 {
+                return Err(EngineError::ApplySkip { stream: self.stream.clone(), expected: self.seen + 1, got: e.pos });
+            }
             // Queued inserts build statements without a round trip: yield
             // between entries so other tasks (the link's reader) keep running.
             tokio::task::yield_now().await;
@@ -761,6 +784,8 @@ impl Applier {
             }
             if self.retry_buffer_holds_all() {
                 self.uncommitted.push(e.clone());
+            } else {
+                self.unbuffered = self.unbuffered.max(e.pos);
             }
             self.attempting = e.pos;
             if e.part == 0 {
