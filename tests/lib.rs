@@ -280,6 +280,15 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
     })
     .await;
     if r.is_err() {
+        // The timeout may have cut a check short: say where every table
+        // stands now.
+        last.clear();
+        for t in tables {
+            for (n, c) in &clients {
+                let s = try_table_checksum(c, t).await.unwrap_or_else(|e| (-1, e));
+                last.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
+            }
+        }
         // Small tables that differ: show their rows, to say how they differ.
         let mut rows = String::new();
         for t in tables {
