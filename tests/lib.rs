@@ -245,6 +245,25 @@ pub async fn try_table_checksum(c: &tokio_postgres::Client, table: &str) -> Resu
     Ok((row.get(0), row.get(1)))
 }
 
+/// Every table's checksum at every site, one line each, and whether every
+/// table is the same at every site (a table that does not exist yet, DDL
+/// still on its way, differs).
+async fn checksums_at(clients: &[(String, tokio_postgres::Client)], tables: &[&str]) -> (String, bool) {
+    let (mut report, mut all_same) = (String::new(), true);
+    for t in tables {
+        let mut sums = Vec::new();
+        for (n, c) in clients {
+            let s = try_table_checksum(c, t).await.unwrap_or_else(|e| (-1, e));
+            report.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
+            sums.push(s);
+        }
+        if sums.windows(2).any(|w| w[0] != w[1]) {
+            all_same = false;
+        }
+    }
+    (report, all_same)
+}
+
 /// Waits until every site holds the same rows in every table.
 pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration) {
     let mut clients = Vec::new();
@@ -256,20 +275,8 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
     let r = tokio::time::timeout(timeout, async {
         loop {
             let check_started = std::time::Instant::now();
-            let mut all_same = true;
-            last.clear();
-            for t in tables {
-                let mut sums = Vec::new();
-                for (n, c) in &clients {
-                    // A table that does not exist yet (DDL still on its way) differs.
-                    let s = try_table_checksum(c, t).await.unwrap_or_else(|e| (-1, e));
-                    last.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
-                    sums.push(s);
-                }
-                if sums.windows(2).any(|w| w[0] != w[1]) {
-                    all_same = false;
-                }
-            }
+            let all_same;
+            (last, all_same) = checksums_at(&clients, tables).await;
             if all_same {
                 return;
             }
@@ -282,13 +289,7 @@ pub async fn wait_converged(sites: &[&Site], tables: &[&str], timeout: Duration)
     if r.is_err() {
         // The timeout may have cut a check short: say where every table
         // stands now.
-        last.clear();
-        for t in tables {
-            for (n, c) in &clients {
-                let s = try_table_checksum(c, t).await.unwrap_or_else(|e| (-1, e));
-                last.push_str(&format!("{n}.{t}: {} rows {}\n", s.0, s.1));
-            }
-        }
+        last = checksums_at(&clients, tables).await.0;
         // Small tables that differ: show their rows, to say how they differ.
         let mut rows = String::new();
         for t in tables {
