@@ -28,15 +28,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Whether a sample only grows (since the daemon started) or goes up and down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only grows; its name ends in `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
 /// One Prometheus sample.
 #[derive(Debug, Clone)]
 pub struct Metric {
-    /// Metric name.
+    /// Metric name (a counter's ends in `_total`).
     pub name: String,
     /// HELP text.
     pub help: String,
-    /// "counter" or "gauge".
-    pub kind: String,
+    /// Counter or gauge.
+    pub kind: MetricKind,
     /// Label pairs.
     pub labels: Vec<(String, String)>,
     /// Value.
@@ -53,24 +62,54 @@ pub trait StatusSource: Send + Sync {
     fn healthy(&self) -> bool;
 }
 
-/// Renders samples in the Prometheus text format (HELP/TYPE once per name).
+/// One scrape's samples, handed to `prometheus-client`'s encoder: families
+/// in the order their first sample came, each with its HELP and TYPE once.
+#[derive(Debug)]
+struct Scrape(Vec<Metric>);
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let mut families: Vec<(&str, Vec<&Metric>)> = Vec::new();
+        for m in &self.0 {
+            match families.iter_mut().find(|(n, _)| *n == m.name) {
+                Some((_, v)) => v.push(m),
+                None => families.push((&m.name, vec![m])),
+            }
+        }
+        for (name, samples) in families {
+            let first = samples[0];
+            let (name, kind) = match first.kind {
+                // The encoder appends `_total` to a counter's name.
+                MetricKind::Counter => (name.strip_suffix("_total").unwrap_or(name), MetricType::Counter),
+                MetricKind::Gauge => (name, MetricType::Gauge),
+            };
+            let mut family = encoder.encode_descriptor(name, &first.help, None, kind)?;
+            for m in samples {
+                let mut sample = family.encode_family(&m.labels)?;
+                // Whole numbers (most of ours: counts, bytes) print without
+                // a fraction, as they always have.
+                let whole = m.value.fract() == 0.0 && m.value.abs() < 9.0e15;
+                match m.kind {
+                    MetricKind::Counter if whole && m.value >= 0.0 => sample.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(&(m.value as u64), None)?,
+                    MetricKind::Counter => sample.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(&m.value, None)?,
+                    MetricKind::Gauge if whole => sample.encode_gauge(&(m.value as i64))?,
+                    MetricKind::Gauge => sample.encode_gauge(&m.value)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders samples in the Prometheus text format (version 0.0.4), with the
+/// `prometheus-client` crate's encoder (names, escaping of label values).
 pub fn render_metrics(ms: &[Metric]) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Scrape(ms.to_vec())));
     let mut out = String::new();
-    let mut seen = std::collections::HashSet::new();
-    for m in ms {
-        if seen.insert(m.name.clone()) {
-            out.push_str(&format!("# HELP {} {}\n# TYPE {} {}\n", m.name, m.help, m.name, m.kind));
-        }
-        if m.labels.is_empty() {
-            out.push_str(&format!("{} {}\n", m.name, m.value));
-        } else {
-            let l: Vec<String> = m
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
-                .collect();
-            out.push_str(&format!("{}{{{}}} {}\n", m.name, l.join(","), m.value));
-        }
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::error!(error = %e, "cannot render the metrics");
     }
     out
 }
@@ -144,7 +183,7 @@ async fn status(State(st): State<AppState>) -> Response {
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&st.source.metrics())).into_response()
+    ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], render_metrics(&st.source.metrics())).into_response()
 }
 
 /// Serves until `shutdown` turns true; in-flight requests finish first.
@@ -176,8 +215,9 @@ mod tests {
         }
         fn metrics(&self) -> Vec<Metric> {
             vec![
-                Metric { name: "x_total".into(), help: "X.".into(), kind: "counter".into(), labels: vec![("peer".into(), "b\"1".into())], value: 3.0 },
-                Metric { name: "x_total".into(), help: "X.".into(), kind: "counter".into(), labels: vec![("peer".into(), "b2".into())], value: 4.0 },
+                Metric { name: "x_total".into(), help: "X.".into(), kind: MetricKind::Counter, labels: vec![("peer".into(), "b\"1".into())], value: 3.0 },
+                Metric { name: "y".into(), help: "Y.".into(), kind: MetricKind::Gauge, labels: vec![], value: 0.5 },
+                Metric { name: "x_total".into(), help: "X.".into(), kind: MetricKind::Counter, labels: vec![("peer".into(), "b2".into())], value: 4.0 },
             ]
         }
         fn healthy(&self) -> bool {
@@ -215,6 +255,8 @@ mod tests {
         let m = get(port, "/metrics").await;
         assert_eq!(m.matches("# TYPE x_total counter").count(), 1, "{m}");
         assert!(m.contains("x_total{peer=\"b\\\"1\"} 3"), "{m}");
+        assert!(m.contains("x_total{peer=\"b2\"} 4\n"), "{m}");
+        assert!(m.contains("# TYPE y gauge\ny 0.5\n"), "{m}");
         assert!(get(port, "/nope").await.starts_with("HTTP/1.1 404"));
         tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();

@@ -66,8 +66,19 @@ enum TlsAction {
 #[derive(Parser)]
 #[command(name = "branchsync", version)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line for log shippers
+    /// (fields `timestamp`, `level`, `target`, `fields`, `spans`); or set
+    /// BRANCHSYNC_LOG_FORMAT.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "BRANCHSYNC_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -213,18 +224,20 @@ enum KeepArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| {
-            // The scenario runner narrates in its own words; its clients'
-            // notices (a cluster shutting down at teardown) are noise there.
-            let quiet = matches!(cli.command, Command::Demo { .. } | Command::Scenario { .. });
-            tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
-        }))
-        .with_writer(std::io::stderr)
-        // No colour codes in files and journals (R24: logs are read by people
-        // and by log shippers).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| {
+        // The scenario runner narrates in its own words; its clients'
+        // notices (a cluster shutting down at teardown) are noise there.
+        let quiet = matches!(cli.command, Command::Demo { .. } | Command::Scenario { .. });
+        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+    });
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        // One object per line, spans included (R24: logs are read by log
+        // shippers as well as by people).
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+        // No colour codes in files and journals.
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -235,10 +248,25 @@ fn main() -> ExitCode {
     match rt.block_on(try_main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("branchsync: {e:#}");
+            eprintln!("branchsync: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once (an error whose message already
+/// quotes its cause, like "could not read … : No such file", is not followed
+/// by the cause again).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -727,4 +755,19 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{describe, Config};
+
+    #[test]
+    fn an_error_that_quotes_its_cause_says_it_once() {
+        let missing = std::path::Path::new("/nonexistent/branchsync.toml");
+        let e = anyhow::Error::from(Config::load(missing).expect_err("no such file"));
+        let text = describe(&e);
+        assert_eq!(text.matches("No such file or directory").count(), 1, "{text}");
+        let wrapped = anyhow::Error::from(std::io::Error::other("disk on fire")).context("cannot append");
+        assert_eq!(describe(&wrapped), "cannot append: disk on fire");
+    }
 }

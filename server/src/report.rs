@@ -3,18 +3,18 @@
 
 use std::sync::Arc;
 
-use branchsync_server::http::{Metric, StatusSource};
+use branchsync_server::http::{Metric, MetricKind, StatusSource};
 use crate::status::{NodeStatus, StatusSnapshot};
 
 /// Adapts [`NodeStatus`] to the HTTP server.
 pub struct HttpStatus(pub Arc<NodeStatus>);
 
 fn gauge(name: &str, help: &str, labels: Vec<(String, String)>, value: f64) -> Metric {
-    Metric { name: name.into(), help: help.into(), kind: "gauge".into(), labels, value }
+    Metric { name: name.into(), help: help.into(), kind: MetricKind::Gauge, labels, value }
 }
 
 fn counter(name: &str, help: &str, labels: Vec<(String, String)>, value: f64) -> Metric {
-    Metric { name: name.into(), help: help.into(), kind: "counter".into(), labels, value }
+    Metric { name: name.into(), help: help.into(), kind: MetricKind::Counter, labels, value }
 }
 
 impl StatusSource for HttpStatus {

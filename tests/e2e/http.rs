@@ -62,3 +62,62 @@ async fn status_off_loopback_and_state_changes_need_the_token() {
     let line = ask(bport, &format!("GET /status HTTP/1.1\r\nHost: evil.example:{bport}")).await;
     assert!(line.starts_with("HTTP/1.1 403"), "DNS rebinding: {line}");
 }
+
+/// Issue 15 (progress and logs): a log shipper reads the daemon's lines as
+/// JSON objects, one per line, with the structured fields (`node`, `peer`)
+/// apart from the message; Prometheus reads `/metrics` as its text format,
+/// each family described once, every sample a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_shippers_read_json_lines_and_prometheus_reads_the_metrics() {
+    let mut topo = Topology::prepare(1, "CREATE TABLE orders (id serial PRIMARY KEY, shop text, total numeric);").await;
+    for s in std::iter::once(&mut topo.main).chain(topo.branches.iter_mut()) {
+        s.env.push(("BRANCHSYNC_LOG_FORMAT".into(), "json".into()));
+    }
+    topo.start_all();
+    let shop = topo.branches[0].db().await;
+    for i in 0..20 {
+        shop.execute("INSERT INTO orders (shop, total) VALUES ('branch1', $1::int)", &[&i]).await.unwrap();
+    }
+    wait_converged(&topo.sites(), &["orders"], Duration::from_secs(60)).await;
+
+    for site in topo.sites() {
+        let log = site.daemon_log();
+        let mut fields_seen = std::collections::BTreeSet::new();
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: a log line that is not JSON ({e}): {line}", site.name));
+            for key in ["timestamp", "level", "target", "fields"] {
+                assert!(v.get(key).is_some(), "{}: no \"{key}\" in {line}", site.name);
+            }
+            assert!(v["fields"]["message"].is_string(), "{}: no message in {line}", site.name);
+            if let Some(f) = v["fields"].as_object() {
+                fields_seen.extend(f.keys().cloned());
+            }
+            for span in v["spans"].as_array().into_iter().flatten() {
+                if let Some(f) = span.as_object() {
+                    fields_seen.extend(f.keys().cloned());
+                }
+            }
+        }
+        assert!(fields_seen.contains("node") && fields_seen.contains("peer"), "{}: structured fields seen: {fields_seen:?}\n{log}", site.name);
+    }
+
+    let metrics = branchsync_server::http::get(&format!("127.0.0.1:{}", topo.main.http_port), "/metrics").await.unwrap();
+    let mut described = std::collections::BTreeMap::<String, usize>::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            *described.entry(rest.split(' ').next().unwrap_or("").to_string()).or_default() += 1;
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (_, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("a sample without a value: {line}"));
+            assert!(value.parse::<f64>().is_ok(), "a sample whose value is not a number: {line}");
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            assert!(described.contains_key(name), "a sample before its family's TYPE: {line}");
+        }
+    }
+    assert!(described.values().all(|n| *n == 1), "families described more than once: {described:?}");
+    let applied = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("branchsync_peer_rows_applied_total{peer=\"branch1\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no whole count of rows applied from branch1:\n{metrics}"));
+    assert!(applied >= 20, "rows applied from branch1: {applied}\n{metrics}");
+}
