@@ -591,6 +591,13 @@ impl Site {
         branchsync_engine::log::ChangeLog::open(&self.dir.path().join("data").join("log")).expect("open the site's log").epoch()
     }
 
+    /// SIGHUP to the daemon: it reads its configuration again.
+    pub fn reload(&self) {
+        let pid = self.pid().unwrap_or_else(|| panic!("the daemon of {} is not running", self.name));
+        let st = Command::new("kill").arg("-HUP").arg(pid.to_string()).status().expect("run kill");
+        assert!(st.success(), "kill -HUP {pid}");
+    }
+
     /// PID of the running daemon.
     pub fn pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|c| c.id())

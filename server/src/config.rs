@@ -456,6 +456,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The file this configuration was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Where `init` keeps the daemon role's password (mode 0600).
     pub fn daemon_password_path(&self) -> PathBuf {
         self.node.data_dir.join("database.password")
@@ -686,6 +691,35 @@ mod tests {
     }
 
     const BRANCH: &str = "[node]\nname = \"branch1\"\nrole = \"branch\"\nindex = 1\ndata_dir = \"/tmp/x\"\n[database]\nurl = \"host=x\"\nexclude = [\"ir_cache\"]\n[sync]\nmain = \"10.0.0.1:7070\"\ntoken = \"s3cret\"\n[keys]\nstride = 100\n";
+
+    /// The example configurations under packaging/ (README's setup section
+    /// installs them) load as they are, with their token files in place, and
+    /// agree on what must be equal at every node.
+    #[test]
+    fn the_packaged_example_configurations_load_and_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+        let mut loaded = Vec::new();
+        for name in ["main.toml", "branch.toml"] {
+            let text = std::fs::read_to_string(packaging.join(name)).unwrap();
+            let mut text = text.clone();
+            for token in ["/etc/branchsync/branch1.token", "/etc/branchsync/token"] {
+                let local = dir.path().join(token.rsplit('/').next().unwrap());
+                std::fs::write(&local, "a-shared-secret-of-32-characters!\n").unwrap();
+                text = text.replace(token, &local.display().to_string());
+            }
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            loaded.push(Config::load_with_env(&p, &|_| None).unwrap_or_else(|e| panic!("packaging/{name}: {e}")));
+        }
+        let (main, branch) = (&loaded[0], &loaded[1]);
+        assert_eq!((main.node.role, branch.node.role), (Role::Main, Role::Branch));
+        assert_eq!(main.database.exclude, branch.database.exclude);
+        assert_eq!(main.keys.stride, branch.keys.stride);
+        let peer = &main.sync.peers[0];
+        assert_eq!((peer.name.as_str(), peer.index), (branch.node.name.as_str(), branch.node.index));
+        assert_eq!(Some(peer.token()), branch.token(), "the shop's token is the main's peer entry's");
+    }
 
     #[test]
     fn table_rules_parse_and_a_bad_glob_names_its_key() {

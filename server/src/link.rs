@@ -219,7 +219,7 @@ fn ddl_from(settings: &LinkSettings) -> &'static str {
 }
 
 /// A branch the main accepts.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PeerAuth {
     /// Node name.
     pub name: String,
@@ -227,6 +227,30 @@ pub struct PeerAuth {
     pub index: u32,
     /// Shared secret.
     pub token: String,
+}
+
+/// Who may connect, as the configuration says now: replaced as a whole
+/// when the daemon reloads its configuration (SIGHUP). Sessions already up
+/// are left alone unless the change concerns them: a branch no longer
+/// listed, or whose token or index changed, or whose certificate is now
+/// revoked, is disconnected (and refused when it comes back).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Main: the branches it accepts (`[[sync.peers]]`).
+    pub peers: Vec<PeerAuth>,
+    /// Main: certificate fingerprints refused (`[tls] revoked`).
+    pub revoked: Vec<String>,
+    /// Branch: its own token (`[sync] token`), sent at the next connection.
+    pub token: String,
+}
+
+impl Admission {
+    /// The peers' names.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+        n.sort();
+        n
+    }
 }
 
 /// A new clock offset is recorded when it differs from the last by more
@@ -246,6 +270,28 @@ struct Live {
     last_heard: Arc<Mutex<Instant>>,
     evict: watch::Sender<bool>,
     done: watch::Receiver<bool>,
+    /// What it was admitted with: a reload that changes it ends the session.
+    admitted: PeerAuth,
+    /// The fingerprint of the certificate it presented (mutual TLS).
+    certificate: Option<String>,
+}
+
+/// Whose acknowledgements bound the reclaim of our log.
+#[derive(Clone)]
+enum AckPeers {
+    /// A branch: the main.
+    Main,
+    /// The main: the branches listed now.
+    Listed(watch::Receiver<Arc<Admission>>),
+}
+
+impl AckPeers {
+    fn names(&self) -> Vec<String> {
+        match self {
+            AckPeers::Main => vec!["main".into()],
+            AckPeers::Listed(a) => a.borrow().names(),
+        }
+    }
 }
 
 /// Everything one session needs.
@@ -255,7 +301,7 @@ struct Session {
     log: Arc<ChangeLog>,
     status: Arc<NodeStatus>,
     /// Peers whose acknowledgements bound reclaim of our log.
-    ack_peers: Vec<String>,
+    ack_peers: AckPeers,
     /// Send our log after this position.
     send_after: u64,
     /// The peer sends its log after this position (our durable progress).
@@ -470,7 +516,7 @@ impl Session {
         // Only the main forgets peers (a branch's log holds its own sales,
         // which stay until the main has them).
         let retention = (self.settings.apply.role == branchsync_engine::Role::Main).then_some(self.settings.retention);
-        let floor = reclaim_floor(&self.log, &self.ack_peers, retention);
+        let floor = reclaim_floor(&self.log, &self.ack_peers.names(), retention);
         if let Some(floor) = floor {
             let n = self.log.reclaim_through(floor)?;
             if n > 0 {
@@ -882,7 +928,7 @@ fn report_end(status: &NodeStatus, peer: &str, e: &LinkError, retry_ms: Option<u
 
 /// The branch's link: dials the main forever with capped backoff, while
 /// capture goes on independently.
-pub async fn run_branch(settings: LinkSettings, main_addr: String, token: String, log: Arc<ChangeLog>, status: Arc<NodeStatus>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_branch(settings: LinkSettings, main_addr: String, admission: watch::Receiver<Arc<Admission>>, log: Arc<ChangeLog>, status: Arc<NodeStatus>, mut shutdown: watch::Receiver<bool>) {
     let state = Arc::new(StreamState::default());
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -890,6 +936,8 @@ pub async fn run_branch(settings: LinkSettings, main_addr: String, token: String
             return;
         }
         let span = tracing::info_span!("link", peer = "main", addr = %main_addr);
+        // The token as the configuration says now (reloaded on SIGHUP).
+        let token = admission.borrow().token.clone();
         let r = branch_session(&settings, &main_addr, &token, &log, &status, &state, shutdown.clone()).instrument(span).await;
         status.peer("main", |p| p.connected = false);
         match r {
@@ -1067,7 +1115,7 @@ async fn branch_session(
         settings: settings.clone(),
         log: log.clone(),
         status: status.clone(),
-        ack_peers: vec!["main".into()],
+        ack_peers: AckPeers::Main,
         send_after: r,
         receive_after: applier.committed(),
         last_heard: Arc::new(Mutex::new(Instant::now())),
@@ -1080,10 +1128,9 @@ async fn branch_session(
 // ------------------------------------------------------------------ main side
 
 /// The main's listener: one task per branch connection.
-pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<PeerAuth>, log: Arc<ChangeLog>, status: Arc<NodeStatus>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_main(settings: LinkSettings, listener: TcpListener, mut admission: watch::Receiver<Arc<Admission>>, log: Arc<ChangeLog>, status: Arc<NodeStatus>, mut shutdown: watch::Receiver<bool>) {
     let live: Arc<Mutex<HashMap<String, Live>>> = Arc::default();
-    let states: Arc<HashMap<String, Arc<StreamState>>> = Arc::new(peers.iter().map(|p| (p.name.clone(), Arc::new(StreamState::default()))).collect());
-    let peers = Arc::new(peers);
+    let states: States = Arc::default();
     let sessions = Arc::new(AtomicU64::new(0));
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let mut turned_away: u64 = 0;
@@ -1094,6 +1141,10 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
             biased;
             _ = shutdown.changed() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Ok(()) = admission.changed() => {
+                let now = admission.borrow_and_update().clone();
+                readmit(&now, &live, &status, &settings);
+            }
             acc = listener.accept() => {
                 let (sock, addr) = match acc {
                     Ok(x) => x,
@@ -1112,9 +1163,9 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
                     continue;
                 };
                 let span = tracing::info_span!("link", peer_addr = %addr);
-                let ctx = (settings.clone(), peers.clone(), log.clone(), status.clone(), live.clone(), states.clone(), shutdown.clone(), sessions.clone());
+                let ctx = (settings.clone(), admission.clone(), log.clone(), status.clone(), live.clone(), states.clone(), shutdown.clone(), sessions.clone());
                 tasks.spawn(async move {
-                    let (settings, peers, log, status, live, states, shutdown, sessions) = ctx;
+                    let (settings, admission, log, status, live, states, shutdown, sessions) = ctx;
                     sessions.fetch_add(1, Ordering::Relaxed);
                     let _ = sock.set_nodelay(true);
                     let (io, cert): (Box<dyn LinkIo>, _) = match &settings.tls {
@@ -1144,7 +1195,7 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
                         }
                         _ => (Box::new(sock) as Box<dyn LinkIo>, None),
                     };
-                    if let Err((peer, e)) = main_connection(io, cert, permit, settings, &peers, log, status.clone(), live, states, shutdown).await {
+                    if let Err((peer, e)) = main_connection(io, cert, permit, settings, admission, log, status.clone(), live, states, shutdown).await {
                         let e = tls_aware(e, true);
                         match peer {
                             Some(p) => {
@@ -1167,6 +1218,43 @@ pub async fn run_main(settings: LinkSettings, listener: TcpListener, peers: Vec<
     while tasks.join_next().await.is_some() {}
 }
 
+/// Each branch's apply state, kept across its sessions.
+type States = Arc<Mutex<HashMap<String, Arc<StreamState>>>>;
+
+/// The configuration was reloaded: sessions it no longer admits as they
+/// were admitted end (their branches are refused or re-authenticated when
+/// they come back); the others go on untouched.
+fn readmit(now: &Admission, live: &Mutex<HashMap<String, Live>>, status: &NodeStatus, settings: &LinkSettings) {
+    let names = now.names();
+    let mut ended = Vec::new();
+    {
+        let g = live.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, l) in g.iter() {
+            if *l.done.borrow() {
+                continue;
+            }
+            let why = match now.peers.iter().find(|p| p.name == *name) {
+                None => Some("it is no longer listed in [[sync.peers]]"),
+                Some(p) if *p != l.admitted => Some("its [[sync.peers]] entry changed (token or index)"),
+                Some(_) if l.certificate.as_ref().is_some_and(|fp| now.revoked.contains(fp)) => Some("its certificate is now listed in [tls] revoked"),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                tracing::warn!(peer = %name, reason = why, "configuration reloaded: ending the branch's session");
+                let _ = l.evict.send(true);
+                ended.push(name.clone());
+            }
+        }
+    }
+    if let LinkTls::Main(creds) = &settings.tls {
+        // The revoked list is part of the TLS configuration: rebuilt at the
+        // next handshake.
+        creds.invalidate();
+    }
+    status.set_peers(&names);
+    tracing::info!(peers = ?names, revoked = now.revoked.len(), ended = ?ended, "configuration reloaded: branches admitted");
+}
+
 /// One connection at the main; on error, the branch it was (once known).
 #[allow(clippy::too_many_arguments)]
 async fn main_connection(
@@ -1174,13 +1262,16 @@ async fn main_connection(
     cert: Option<rustls::pki_types::CertificateDer<'static>>,
     permit: tokio::sync::OwnedSemaphorePermit,
     settings: LinkSettings,
-    peers: &[PeerAuth],
+    admission: watch::Receiver<Arc<Admission>>,
     log: Arc<ChangeLog>,
     status: Arc<NodeStatus>,
     live: Arc<Mutex<HashMap<String, Live>>>,
-    states: Arc<HashMap<String, Arc<StreamState>>>,
+    states: States,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), (Option<String>, LinkError)> {
+    // Who is admitted when this connection's Hello is judged.
+    let admitted_now = admission.borrow().clone();
+    let peers = &admitted_now.peers;
     let (mut reader, mut writer) = split(sock);
     let hello = match next_message(&mut reader).await {
         Ok(Message::Hello(h)) => h,
@@ -1243,10 +1334,11 @@ async fn main_connection(
         .map_err(|e| (None, e));
     };
     let name = hello.node.clone();
-    if let Some(c) = &cert {
-        let fp = tls::fingerprint(c);
-        status.peer(&name, |p| p.certificate = Some(fp));
+    let certificate = cert.as_ref().map(|c| tls::fingerprint(c));
+    if let Some(fp) = &certificate {
+        status.peer(&name, |p| p.certificate = Some(fp.clone()));
     }
+    let admitted = peer.clone();
     let fail = |e: LinkError| (Some(name.clone()), e);
     if hello.table_rules != settings.table_rules {
         return refuse(&mut writer, refusal(
@@ -1310,7 +1402,7 @@ async fn main_connection(
             _ => Some(None),
         }
         .map(|prev| {
-            g.insert(hello.node.clone(), Live { last_heard: last_heard.clone(), evict: evict_tx, done: done_rx });
+            g.insert(hello.node.clone(), Live { last_heard: last_heard.clone(), evict: evict_tx, done: done_rx, admitted, certificate });
             prev
         })
     };
@@ -1330,7 +1422,7 @@ async fn main_connection(
     }
     // Authenticated: no longer counts against the handshake limit.
     drop(permit);
-    let r = main_session(&settings, hello, received_us, reader, writer, log, status.clone(), states, last_heard, shutdown, evict_rx).await;
+    let r = main_session(&settings, hello, received_us, reader, writer, log, status.clone(), states, AckPeers::Listed(admission), last_heard, shutdown, evict_rx).await;
     let _ = done_tx.send(true);
     status.peer(&name, |p| p.connected = false);
     r.map_err(fail)
@@ -1345,13 +1437,14 @@ async fn main_session(
     mut writer: Writer,
     log: Arc<ChangeLog>,
     status: Arc<NodeStatus>,
-    states: Arc<HashMap<String, Arc<StreamState>>>,
+    states: States,
+    ack_peers: AckPeers,
     last_heard: Arc<Mutex<Instant>>,
     shutdown: watch::Receiver<bool>,
     evict: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let name = hello.node.clone();
-    let state = states.get(&name).cloned().unwrap_or_default();
+    let state = states.lock().unwrap_or_else(|p| p.into_inner()).entry(name.clone()).or_default().clone();
     let (mut applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), &name, state.clone()).await?;
     let applied = applier.committed();
     let known = applier.stream_system_id().await?;
@@ -1487,8 +1580,6 @@ async fn main_session(
         p.acked_by_peer = hello.relay_applied;
         p.pending_to_peer = log.count_after(hello.relay_applied);
     });
-    let mut ack_peers: Vec<String> = states.keys().cloned().collect();
-    ack_peers.sort();
     let session = Session {
         peer: name.clone(),
         settings: settings.clone(),

@@ -14,15 +14,17 @@ mod status;
 use branchsync_server::{http, scenario, tls};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use branchsync_engine::{setup, EngineError};
 use clap::{Parser, Subcommand};
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::link::{LinkTls, PeerAuth};
+use crate::link::{Admission, LinkTls, PeerAuth};
 use crate::node::{Node, NodeSettings};
 
 /// `branchsync tls` actions.
@@ -105,7 +107,8 @@ enum Command {
         #[command(subcommand)]
         action: TlsAction,
     },
-    /// Run the daemon until SIGTERM or SIGINT.
+    /// Run the daemon until SIGTERM or SIGINT (exit status 0); exit status 3
+    /// when it stops on something the operator must fix (its log says what).
     Run {
         /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
         #[arg(long, env = "BRANCHSYNC_CONFIG")]
@@ -245,14 +248,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let daemon = matches!(cli.command, Command::Run { .. });
     match rt.block_on(try_main(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("branchsync: {}", describe(&e));
-            ExitCode::FAILURE
+            // `run` fails here only on its configuration or credentials.
+            if daemon {
+                ExitCode::from(EXIT_OPERATOR_MUST_ACT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// The exit status of `branchsync run` when it stops on something the
+/// operator must fix (configuration, credentials, a lost or restored
+/// database, a definite error): starting it again as it is cannot help, so
+/// a service manager should not (the packaged systemd unit sets
+/// `RestartPreventExitStatus=3`). Any other failure (a crash) may be
+/// restarted.
+const EXIT_OPERATOR_MUST_ACT: u8 = 3;
 
 /// The error and its causes, each said once (an error whose message already
 /// quotes its cause, like "could not read … : No such file", is not followed
@@ -583,7 +600,17 @@ fn tls_command(cfg: &Config, action: TlsAction) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
+/// What a configuration admits: the branches the main accepts, the revoked
+/// certificates, a branch's own token (reloaded on SIGHUP).
+fn admission(cfg: &Config) -> Admission {
+    Admission {
+        peers: cfg.sync.peers.iter().map(|p| PeerAuth { name: p.name.clone(), index: p.index, token: p.token().to_string() }).collect(),
+        revoked: cfg.tls.revoked.clone(),
+        token: cfg.token().unwrap_or_default().to_string(),
+    }
+}
+
+fn settings(cfg: &Config, admission: &watch::Receiver<Arc<Admission>>) -> anyhow::Result<NodeSettings> {
     Ok(NodeSettings {
         node: cfg.node.name.clone(),
         role: cfg.node.role,
@@ -594,8 +621,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         scope: cfg.scope()?,
         main_addr: cfg.sync.main.clone(),
         listen: cfg.sync.listen.clone(),
-        token: cfg.token().map(str::to_string),
-        peers: cfg.sync.peers.iter().map(|p| PeerAuth { name: p.name.clone(), index: p.index, token: p.token().to_string() }).collect(),
+        admission: admission.clone(),
         http_listen: cfg.http.listen.clone(),
         heartbeat: Duration::from_millis(cfg.sync.heartbeat_ms),
         peer_timeout: Duration::from_millis(cfg.sync.peer_timeout_ms),
@@ -616,7 +642,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,
         retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
-        tls: link_tls(cfg)?,
+        tls: link_tls(cfg, admission)?,
         max_stamp_ahead: Duration::from_secs(cfg.sync.max_stamp_ahead_s),
         http_token: cfg.http.token().map(str::to_string),
     })
@@ -624,7 +650,7 @@ fn settings(cfg: &Config) -> anyhow::Result<NodeSettings> {
 
 /// The link's TLS from the config; the credentials are read once here, so
 /// that a missing or unreadable file stops the start with its name.
-fn link_tls(cfg: &Config) -> anyhow::Result<LinkTls> {
+fn link_tls(cfg: &Config, admission: &watch::Receiver<Arc<Admission>>) -> anyhow::Result<LinkTls> {
     if cfg.sync.insecure {
         tracing::warn!("sync.insecure = true: the link is NOT encrypted and peers are NOT authenticated by certificate; tokens and every row cross the network in clear");
         return Ok(LinkTls::Insecure);
@@ -632,8 +658,9 @@ fn link_tls(cfg: &Config) -> anyhow::Result<LinkTls> {
     let dir = cfg.tls_dir();
     Ok(match cfg.node.role {
         branchsync_engine::Role::Main => {
-            let revoked = cfg.tls.revoked.clone();
-            let creds = tls::ServerCredentials::new(dir.clone(), move |d| tls::server_config(d, &revoked));
+            // The revoked list as the configuration says now.
+            let admission = admission.clone();
+            let creds = tls::ServerCredentials::new(dir.clone(), move |d| tls::server_config(d, &admission.borrow().revoked));
             creds.get().with_context(|| format!("the main's TLS credentials in {} are not usable. Hint: branchsync init creates them when the directory holds none.", dir.display()))?;
             LinkTls::Main(std::sync::Arc::new(creds))
         }
@@ -649,12 +676,14 @@ fn link_tls(cfg: &Config) -> anyhow::Result<LinkTls> {
 
 async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let (admission_tx, admission_rx) = watch::channel(Arc::new(admission(cfg)));
     // A database that is restarting (or not up yet after a reboot) is
     // waited for: the daemon must not depend on starting after PostgreSQL.
     // Anything else that stops the start is for the operator.
     let mut backoff = Duration::from_millis(200);
     let node = loop {
-        match Node::start(settings(cfg)?).await {
+        match Node::start(settings(cfg, &admission_rx)?).await {
             Ok(n) => break n,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot start yet; retrying");
@@ -667,7 +696,7 @@ async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 report_engine_error("cannot start", &e);
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(EXIT_OPERATOR_MUST_ACT));
             }
         }
     };
@@ -675,10 +704,15 @@ async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
         tracing::info!(addr = %a, "http status listening");
     }
     let shutdown = node_shutdown_handle(&node);
+    let loaded = cfg.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut loaded = loaded;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                Some(()) = hup.recv() => reload(&mut loaded, &admission_tx),
+            }
         }
         tracing::info!("stop requested; draining");
         shutdown();
@@ -690,9 +724,64 @@ async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             report_engine_error("stopped", &e);
-            Ok(ExitCode::FAILURE)
+            Ok(ExitCode::from(EXIT_OPERATOR_MUST_ACT))
         }
     }
+}
+
+/// SIGHUP: reads the configuration file again. Who may connect (the main's
+/// `[[sync.peers]]` and `[tls] revoked`) and a branch's own token take
+/// effect at once, without touching the other links; any other change is
+/// named and waits for a restart. A file that does not load changes
+/// nothing.
+fn reload(loaded: &mut Config, admission_tx: &watch::Sender<Arc<Admission>>) {
+    let path = loaded.path().to_path_buf();
+    let new = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded: the file does not load; the daemon goes on with the configuration it has");
+            return;
+        }
+    };
+    let waiting = changes_needing_restart(loaded, &new);
+    if !waiting.is_empty() {
+        tracing::warn!(keys = ?waiting, "configuration reloaded in part: these changes take effect at the next restart");
+    }
+    let now = admission(&new);
+    let changed = admission_tx.send_if_modified(|a| {
+        if **a == now {
+            return false;
+        }
+        *a = Arc::new(now);
+        true
+    });
+    if !changed {
+        tracing::info!("configuration reloaded: who may connect is unchanged");
+    }
+    *loaded = new;
+}
+
+/// The sections whose change a reload cannot apply (everything but who
+/// may connect), by name.
+fn changes_needing_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let a = old;
+    let mut b = new.clone();
+    // What a reload applies (tokens print as *** and compare equal here).
+    b.sync.peers = a.sync.peers.clone();
+    b.tls.revoked = a.tls.revoked.clone();
+    let sections: [(&'static str, String, String); 10] = [
+        ("[node]", format!("{:?}", a.node), format!("{:?}", b.node)),
+        ("[database]", format!("{:?}", a.database), format!("{:?}", b.database)),
+        ("[sync]", format!("{:?}", a.sync), format!("{:?}", b.sync)),
+        ("[http]", format!("{:?} {:?}", a.http, a.http.token()), format!("{:?} {:?}", b.http, b.http.token())),
+        ("[keys]", format!("{:?}", a.keys), format!("{:?}", b.keys)),
+        ("[ddl]", format!("{:?}", a.ddl), format!("{:?}", b.ddl)),
+        ("[[tables]]", format!("{:?}", a.tables), format!("{:?}", b.tables)),
+        ("[conflicts]", format!("{:?}", a.conflicts), format!("{:?}", b.conflicts)),
+        ("[log]", format!("{:?}", a.log), format!("{:?}", b.log)),
+        ("[tls]", format!("{:?}", a.tls), format!("{:?}", b.tls)),
+    ];
+    sections.into_iter().filter(|(_, x, y)| x != y).map(|(name, _, _)| name).collect()
 }
 
 fn node_shutdown_handle(node: &Node) -> impl FnOnce() + Send + 'static {
@@ -760,6 +849,26 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::{describe, Config};
+
+    #[test]
+    fn a_reload_names_what_waits_for_a_restart_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = |peers: &str, extra: &str| {
+            let p = dir.path().join(format!("m{}.toml", peers.len() + extra.len()));
+            std::fs::write(
+                &p,
+                format!("[node]\nname = \"main\"\nrole = \"main\"\nindex = 0\ndata_dir = \"/tmp/x\"\n[database]\nurl = \"host=x\"\n[sync]\nlisten = \"127.0.0.1:7070\"\n{peers}{extra}"),
+            )
+            .unwrap();
+            Config::load(&p).unwrap()
+        };
+        let one = "[[sync.peers]]\nname = \"branch1\"\nindex = 1\ntoken = \"a\"\n";
+        let two = "[[sync.peers]]\nname = \"branch1\"\nindex = 1\ntoken = \"b\"\n[[sync.peers]]\nname = \"branch2\"\nindex = 2\ntoken = \"c\"\n";
+        let before = main(one, "");
+        assert!(super::changes_needing_restart(&before, &main(two, "[tls]\nrevoked = [\"sha256:0000000000000000000000000000000000000000000000000000000000000000\"]\n")).is_empty());
+        assert_eq!(super::changes_needing_restart(&before, &main(one, "[log]\nmax_bytes = 1000000000\n[keys]\nstride = 50\n")), vec!["[keys]", "[log]"]);
+        assert!(super::admission(&before) != super::admission(&main(two, "")));
+    }
 
     #[test]
     fn an_error_that_quotes_its_cause_says_it_once() {

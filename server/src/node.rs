@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::link::{self, LinkSettings, PeerAuth};
+use crate::link::{self, Admission, LinkSettings};
 use crate::status::{DdlFailure, NodeStatus};
 
 /// Everything a node needs, resolved from the configuration.
@@ -56,10 +56,9 @@ pub struct NodeSettings {
     pub main_addr: Option<String>,
     /// Main: where to listen.
     pub listen: Option<String>,
-    /// Branch: own token.
-    pub token: Option<String>,
-    /// Main: the branches.
-    pub peers: Vec<PeerAuth>,
+    /// Who may connect (main) and the branch's own token, as the
+    /// configuration says now: a reload (SIGHUP) sends a new one.
+    pub admission: watch::Receiver<Arc<Admission>>,
     /// HTTP status address.
     pub http_listen: Option<String>,
     /// Heartbeat period.
@@ -243,7 +242,7 @@ impl Node {
         drop(conn);
 
         let peers: Vec<String> = match s.role {
-            Role::Main => s.peers.iter().map(|p| p.name.clone()).collect(),
+            Role::Main => s.admission.borrow().names(),
             Role::Branch => vec!["main".into()],
         };
         let status = Arc::new(NodeStatus::new(&s.node, &s.role.to_string(), &peers));
@@ -367,10 +366,10 @@ impl Node {
         match s.role {
             Role::Branch => {
                 let main_addr = s.main_addr.clone().unwrap_or_default();
-                let token = s.token.clone().unwrap_or_default();
+                let admission = s.admission.clone();
                 let (log, status, shutdown) = (log.clone(), status.clone(), shutdown_rx.clone());
                 tasks.spawn(async move {
-                    link::run_branch(settings, main_addr, token, log, status, shutdown).await;
+                    link::run_branch(settings, main_addr, admission, log, status, shutdown).await;
                     ("link", Ok(()))
                 });
             }
@@ -380,10 +379,10 @@ impl Node {
                     misconfigured(format!("cannot listen on {addr}"), e.to_string(), "Check sync.listen: the address must be free and local.")
                 })?;
                 tracing::info!(addr = ?listener.local_addr().ok(), "listening for branches");
-                let (log, status, shutdown, peers) = (log.clone(), status.clone(), shutdown_rx.clone(), s.peers.clone());
+                let (log, status, shutdown, admission) = (log.clone(), status.clone(), shutdown_rx.clone(), s.admission.clone());
                 tasks.spawn(
                     async move {
-                        link::run_main(settings, listener, peers, log, status, shutdown).await;
+                        link::run_main(settings, listener, admission, log, status, shutdown).await;
                         ("link", Ok(()))
                     }
                     .instrument(tracing::info_span!("listener", node = %s.node)),
@@ -394,8 +393,14 @@ impl Node {
         // Monitor: relay head (seeding), conflict counts, stripe audit (R18).
         {
             let (s2, log, status, mut shutdown, cap_rx) = (s.clone(), log.clone(), status.clone(), shutdown_rx.clone(), cap_rx);
-            // The peers whose acknowledgements hold the log back.
-            let ack_peers = peers.clone();
+            let s2_role = s2.role;
+            // The peers whose acknowledgements hold the log back (the
+            // branches listed now, at the main).
+            let admission = s.admission.clone();
+            let ack_peers = move || match s2_role {
+                Role::Main => admission.borrow().names(),
+                Role::Branch => vec!["main".to_string()],
+            };
             tasks.spawn(
                 async move {
                     let mut conn: Option<pg::PgConn> = None;
@@ -438,7 +443,7 @@ impl Node {
                         // so that capture can resume (R24).
                         if log.under_pressure() {
                             let retention = (s2.role == Role::Main).then_some(s2.retention);
-                            if let Some(floor) = link::reclaim_floor(&log, &ack_peers, retention) {
+                            if let Some(floor) = link::reclaim_floor(&log, &ack_peers(), retention) {
                                 match log.reclaim_through(floor) {
                                     Ok(n) if n > 0 => tracing::info!(through = floor, entries = n, "no room for the log: acknowledged entries reclaimed early"),
                                     Ok(_) => {}

@@ -216,7 +216,24 @@ impl NodeStatus {
 
     /// Changes one peer's status under the lock.
     pub fn peer(&self, name: &str, f: impl FnOnce(&mut PeerStatus)) {
-        self.update(|s| f(s.peers.entry(name.to_string()).or_default()));
+        // Only peers of the configuration (a session that ends after a
+        // reload took its branch off the list does not bring it back).
+        self.update(|s| {
+            if let Some(p) = s.peers.get_mut(name) {
+                f(p)
+            }
+        });
+    }
+
+    /// The peers are `names` now (after a configuration reload): new ones
+    /// start blank, the others keep their figures, unlisted ones go.
+    pub fn set_peers(&self, names: &[String]) {
+        self.update(|s| {
+            s.peers.retain(|n, _| names.contains(n));
+            for n in names {
+                s.peers.entry(n.clone()).or_default();
+            }
+        });
     }
 
     /// A copy of the current status.

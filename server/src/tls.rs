@@ -368,6 +368,12 @@ impl<T> CredentialSource<T> {
         &self.dir
     }
 
+    /// Builds the configuration again at the next [`CredentialSource::get`]
+    /// (what `build` reads besides the files changed: the revoked list).
+    pub fn invalidate(&self) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The current configuration.
     pub fn get(&self) -> Result<Arc<T>, TlsError> {
         let stamp: Vec<Option<SystemTime>> = [CA_CERT, CERT, KEY].iter().map(|f| std::fs::metadata(self.dir.join(f)).and_then(|m| m.modified()).ok()).collect();

@@ -61,7 +61,7 @@ async fn a_daemon_whose_scope_changed_since_init_refuses_to_start_and_says_to_ru
     std::fs::write(site.config_path(), cfg.replace("exclude = [\"local_*\"]", "exclude = [\"local_*\", \"ir_*\"]")).unwrap();
     site.start();
     let status = site.wait_exit(Duration::from_secs(30)).expect("the daemon exits");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "the operator must act: a service manager must not restart it");
     let log = site.daemon_log();
     assert!(log.contains("changed since branchsync init") && log.contains("Run branchsync init"), "{log}");
     site.init();

@@ -22,6 +22,7 @@ mod offline;
 mod pg_restart;
 mod pgbench;
 mod random_convergence;
+mod reload;
 mod restore;
 mod scenarios;
 mod soak;

@@ -86,7 +86,7 @@ async fn a_database_restored_under_a_newer_log_refuses_to_start() {
     branch.pg.start_server();
     branch.start();
     let st = branch.wait_exit(Duration::from_secs(30)).expect("daemon must refuse to start");
-    assert!(!st.success());
+    assert_eq!(st.code(), Some(3), "the operator must act: a service manager must not restart it");
     let log = branch.daemon_log();
     assert!(log.contains("database went back in time"), "daemon log:\n{log}");
     assert!(log.contains("HINT"), "the refusal says how to fix it:\n{log}");
