@@ -453,15 +453,19 @@ pub(crate) async fn stripe_all_in(
     index: u32,
     stride: u32,
     mode: TxnMode,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<Vec<StripedSequence>, EngineError> {
     check_stripe(index, stride)?;
     let seqs = list_sequences(client, scope).await?;
     let mut out = Vec::with_capacity(seqs.len());
+    progress.phase("striping sequences", seqs.len() as u64);
     for seq in &seqs {
         if let Some(s) = stripe_one(client, seq, index, stride, mode).await? {
             out.push(s);
         }
+        progress.advance(1);
     }
+    progress.finish();
     let changed = out.iter().filter(|s| s.changed).count();
     tracing::debug!(sequences = out.len(), changed, index, stride, "stripes checked");
     Ok(out)
@@ -477,7 +481,7 @@ pub(crate) async fn stripe_all_in(
 /// (with a `lock_timeout` of [`STRIPE_LOCK_TIMEOUT`]), so the lock that
 /// keeps `nextval` out while the maximum is read is held only briefly.
 pub async fn stripe_all(client: &Client, scope: &Scope, index: u32, stride: u32) -> Result<Vec<StripedSequence>, EngineError> {
-    stripe_all_in(client, scope, index, stride, TxnMode::PerSequence).await
+    stripe_all_in(client, scope, index, stride, TxnMode::PerSequence, &crate::progress::Silent).await
 }
 
 /// Lists the sequences of the scope that are off their stripe: wrong

@@ -38,6 +38,7 @@ pub mod log;
 pub mod marks;
 pub mod pg;
 pub mod pgoutput;
+pub mod progress;
 pub mod scope;
 pub mod setup;
 pub mod state;

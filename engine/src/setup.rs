@@ -275,6 +275,13 @@ async fn begin_init_transaction<'a>(client: &'a mut Client, what: &'static str) 
 /// tables and their sequences, and a slot created while the ERP writes
 /// starts after those writes.
 pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, EngineError> {
+    init_with_progress(client, p, &crate::progress::Silent).await
+}
+
+/// [`init`], telling `progress` how far it is through the replicated tables
+/// and the sequences (each can take long on a large database: a sequence's
+/// stripe reads the maximum of every column that uses it).
+pub async fn init_with_progress(client: &mut Client, p: &InitParams, progress: &dyn crate::progress::Progress) -> Result<InitReport, EngineError> {
     validate(p)?;
     preflight(client).await?;
     let system_id = pg::system_identifier(client).await?;
@@ -285,9 +292,9 @@ pub async fn init(client: &mut Client, p: &InitParams) -> Result<InitReport, Eng
     if seeded_from.is_some() {
         drop_copied_slot(&tx).await?;
     }
-    let (tables, identity_full) = replica_identity(&tx, &p.scope).await?;
+    let (tables, identity_full) = replica_identity(&tx, &p.scope, progress).await?;
     set_publication(&tx, &tables).await?;
-    let sequences = keys::stripe_all_in(tx.client(), &p.scope, p.index, p.stride, TxnMode::Caller).await?;
+    let sequences = keys::stripe_all_in(tx.client(), &p.scope, p.index, p.stride, TxnMode::Caller, progress).await?;
     crate::ddl::triggers::install(&tx, &p.scope).await?;
     ensure_mark_key(&tx, seeded_from.is_some()).await?;
     restrict_emit_message(&tx).await?;
@@ -547,7 +554,7 @@ pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &S
         grants.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {q};\nGRANT SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {q};\n", s = quote_ident(s)));
     }
     tx.batch_execute(&grants).await.map_err(EngineError::pg(format!("granting role \"{}\" what replication needs", role.name)))?;
-    let (tables, _) = replica_identity(&tx, scope).await?;
+    let (tables, _) = replica_identity(&tx, scope, &crate::progress::Silent).await?;
     let mut owners = std::collections::BTreeSet::new();
     let mut row_security = Vec::new();
     for t in &tables {
@@ -756,7 +763,7 @@ struct Table {
 
 /// Lists the replicated tables and gives them `REPLICA IDENTITY FULL`
 /// (R11, R12, R16); returns the tables and those it changed.
-async fn replica_identity(tx: &Transaction<'_>, scope: &Scope) -> Result<(Vec<Table>, Vec<String>), EngineError> {
+async fn replica_identity(tx: &Transaction<'_>, scope: &Scope, progress: &dyn crate::progress::Progress) -> Result<(Vec<Table>, Vec<String>), EngineError> {
     let rows = tx
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relpersistence::text, \
@@ -770,7 +777,9 @@ async fn replica_identity(tx: &Transaction<'_>, scope: &Scope) -> Result<(Vec<Ta
         .map_err(EngineError::pg("listing the replicated tables"))?;
     let mut tables = Vec::new();
     let mut identity_full = Vec::new();
+    progress.phase("checking tables", rows.len() as u64);
     for r in rows {
+        progress.advance(1);
         let (oid, schema, name, ident, persistence, has_pk): (u32, String, String, String, String, bool) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
         if !scope.includes(&schema, &name) {
@@ -800,6 +809,7 @@ async fn replica_identity(tx: &Transaction<'_>, scope: &Scope) -> Result<(Vec<Ta
         }
         tables.push(t);
     }
+    progress.finish();
     Ok((tables, identity_full))
 }
 

@@ -8,6 +8,7 @@
 mod config;
 mod link;
 mod node;
+mod progress;
 mod report;
 mod status;
 
@@ -454,7 +455,8 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
         stride: cfg.keys.stride,
         scope: cfg.scope()?,
     };
-    let report = match setup::init(&mut conn.client, &params).await {
+    let shown = progress::Shown::new("init");
+    let report = match setup::init_with_progress(&mut conn.client, &params, &shown).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("branchsync init: {e}");

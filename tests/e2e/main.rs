@@ -21,6 +21,7 @@ mod lost_state;
 mod offline;
 mod pg_restart;
 mod pgbench;
+mod progress;
 mod random_convergence;
 mod reload;
 mod restore;
