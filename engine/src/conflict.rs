@@ -186,7 +186,7 @@ pub fn incoming_wins(rule: ConflictRule, main: &str, cur: &Held, incoming_node: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use proptest::prelude::*;
 
     fn v(stamp: u64, node: &str) -> Version {
         Version { stamp, node: node.into() }
@@ -221,65 +221,57 @@ mod tests {
         assert!(!incoming_wins(ConflictRule::Lww, "main", &held("main", 2, "main"), "branch1", 2), "ties to the higher node name");
     }
 
-    /// The version left standing when `versions` arrive one after another
-    /// (`wins(held, incoming)` decides each arrival), in three orders: as
-    /// given, reversed, and reversed with the first and middle swapped.
-    fn winners_in_three_orders<T: Clone>(versions: &mut [T], wins: impl Fn(&T, &T) -> bool) -> [T; 3] {
-        let fold = |vs: &[T]| {
-            let mut cur = vs[0].clone();
-            for x in &vs[1..] {
-                if wins(&cur, x) {
-                    cur = x.clone();
-                }
-            }
-            cur
-        };
-        let a = fold(versions);
-        versions.reverse();
-        let b = fold(versions);
-        versions.swap(0, versions.len() / 2);
-        let c = fold(versions);
-        [a, b, c]
-    }
+    const NODES: [&str; 4] = ["main", "branch1", "branch2", "branch3"];
 
-    #[test]
-    fn every_rule_is_a_total_order_so_any_arrival_order_converges() {
-        let seed: u64 = std::env::var("CONFLICT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
-        println!("seed {seed} (set CONFLICT_SEED to replay)");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let nodes = ["main", "branch1", "branch2", "branch3"];
-        for rule in [ConflictRule::Lww, ConflictRule::MainWins, ConflictRule::BranchWins] {
-            for _ in 0..2_000 {
-                let owner = nodes[rng.gen_range(0..4)];
-                // At most one version per node: an author's versions are not concurrent.
-                let n = rng.gen_range(1..=nodes.len());
-                // Distinct (stamp, node) pairs: one version per author and stamp.
-                let mut versions: Vec<Held> = Vec::new();
-                while versions.len() < n {
-                    let v = held(nodes[rng.gen_range(0..4)], rng.gen_range(0..5), owner);
-                    if !versions.iter().any(|x| x.node == v.node) {
-                        versions.push(v);
-                    }
-                }
-                let winners = winners_in_three_orders(&mut versions, |cur, x| incoming_wins(rule, "main", cur, &x.node, x.stamp));
-                assert_eq!(winners[0], winners[1], "seed {seed} rule {rule:?}");
-                assert_eq!(winners[0], winners[2], "seed {seed} rule {rule:?}");
+    /// The version left standing when `versions` arrive one after another,
+    /// `wins(held, incoming)` deciding each arrival.
+    fn standing<T: Clone>(versions: &[T], wins: impl Fn(&T, &T) -> bool) -> T {
+        let mut cur = versions[0].clone();
+        for x in &versions[1..] {
+            if wins(&cur, x) {
+                cur = x.clone();
             }
         }
+        cur
     }
 
-    #[test]
-    fn every_delivery_order_ends_with_the_same_winner() {
-        let seed: u64 = std::env::var("CONFLICT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
-        println!("seed {seed} (set CONFLICT_SEED to replay)");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let nodes = ["main", "branch1", "branch2", "branch3"];
-        for _ in 0..2_000 {
-            let n = rng.gen_range(1..6);
-            let mut versions: Vec<Version> = (0..n).map(|_| v(rng.gen_range(0..5), nodes[rng.gen_range(0..4)])).collect();
-            let winners = winners_in_three_orders(&mut versions, |cur, x| lww(cur, x) == Decision::ApplyIncoming);
-            assert_eq!(winners[0], winners[1]);
-            assert_eq!(winners[0], winners[2]);
+    fn any_rule() -> impl Strategy<Value = ConflictRule> {
+        prop_oneof![Just(ConflictRule::Lww), Just(ConflictRule::MainWins), Just(ConflictRule::BranchWins)]
+    }
+
+    /// Concurrent versions of one row: at most one per author (an author's
+    /// own versions are not concurrent), each with a stamp from a small
+    /// range so that ties happen.
+    fn concurrent_versions(owner: &'static str) -> impl Strategy<Value = Vec<Held>> {
+        proptest::sample::subsequence(NODES.to_vec(), 1..=NODES.len()).prop_flat_map(move |authors| {
+            let n = authors.len();
+            proptest::collection::vec(0u64..5, n).prop_map(move |stamps| authors.iter().zip(stamps).map(|(a, s)| held(a, s, owner)).collect())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Every rule is a total order on concurrent versions, so every
+        /// node, whatever order they arrive in, keeps the same one.
+        #[test]
+        fn every_rule_is_a_total_order_so_any_arrival_order_converges(
+            rule in any_rule(),
+            (versions, arrival) in (0usize..4).prop_flat_map(|o| concurrent_versions(NODES[o])).prop_flat_map(|vs| (Just(vs.clone()), Just(vs).prop_shuffle())),
+        ) {
+            let decide = |cur: &Held, x: &Held| incoming_wins(rule, "main", cur, &x.node, x.stamp);
+            prop_assert_eq!(standing(&versions, decide), standing(&arrival, decide));
+        }
+
+        /// Last writer wins ends with the same version in every delivery
+        /// order, ties included (the higher node name).
+        #[test]
+        fn every_delivery_order_ends_with_the_same_winner(
+            (versions, arrival) in proptest::collection::vec((0u64..5, 0usize..4).prop_map(|(s, n)| v(s, NODES[n])), 1..6)
+                .prop_flat_map(|vs| (Just(vs.clone()), Just(vs).prop_shuffle())),
+        ) {
+            let decide = |cur: &Version, x: &Version| lww(cur, x) == Decision::ApplyIncoming;
+            prop_assert_eq!(standing(&versions, decide), standing(&arrival, decide));
         }
     }
 }
