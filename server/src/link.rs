@@ -670,11 +670,16 @@ async fn read_loop(mut reader: Reader, ctx: ReadCtx) -> Result<(), LinkError> {
                 // not our credit either) ends the session at its own peer
                 // timeout first; only a peer that hears us and still sends
                 // nothing is stalled.
+                // A large entry sent in chunks stalls the same way when its
+                // chunks stop (the sender never waits for credit between
+                // chunks of one entry).
                 let quiet = last_data.elapsed();
-                if log_newest > have && assembling.is_none() && unapplied == 0 && quiet >= 2 * ctx.peer_timeout {
-                    tracing::warn!(peer = %ctx.peer, received = have, peer_log_newest = log_newest, quiet_ms = quiet.as_millis() as u64, "the peer's stream stalled");
+                let owed = log_newest > have || assembling.is_some();
+                if owed && unapplied == 0 && quiet >= 2 * ctx.peer_timeout {
+                    let midway = assembling.as_ref().map(|a| format!(" (entry {} stopped after {} of its {} bytes)", a.pos, a.bytes.len(), a.total)).unwrap_or_default();
+                    tracing::warn!(peer = %ctx.peer, received = have, peer_log_newest = log_newest, quiet_ms = quiet.as_millis() as u64, chunked_entry = ?assembling.as_ref().map(|a| a.pos), "the peer's stream stalled");
                     return Err(LinkError::Stalled(format!(
-                        "the peer's log reaches position {log_newest}, the last entry received is {have}, and nothing arrived for {} s although every byte received was taken by apply",
+                        "the peer's log reaches position {log_newest}, the last entry received is {have}{midway}, and nothing arrived for {} s although every byte received was taken by apply",
                         quiet.as_secs()
                     )));
                 }
@@ -1708,6 +1713,18 @@ mod tests {
         heartbeats(&mut peer, 9, Duration::from_secs(5)).await;
         let err = tokio::time::timeout(Duration::from_secs(1), task).await.expect("the reader ended").expect("no panic").expect_err("stalled");
         assert!(err.to_string().contains("the last entry received is 6"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_large_entry_whose_chunks_stop_midway_is_a_stalled_stream() {
+        let (task, mut peer, _consumed, _rx) = reader_under_test(5, Duration::from_millis(100));
+        peer.send(Message::Chunk(chunk(6, 3000, 0, &[7; 1000]))).await.unwrap();
+        // The peer's log ends at this very entry: only its missing chunks
+        // are owed.
+        heartbeats(&mut peer, 6, Duration::from_secs(5)).await;
+        let err = tokio::time::timeout(Duration::from_secs(1), task).await.expect("the reader ended").expect("no panic").expect_err("stalled");
+        assert!(matches!(err, LinkError::Stalled(_)), "{err}");
+        assert!(err.to_string().contains("entry 6 stopped after 1000 of its 3000 bytes"), "{err}");
     }
 
     #[test]
