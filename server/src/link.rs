@@ -1260,6 +1260,17 @@ fn readmit(now: &Admission, live: &Mutex<HashMap<String, Live>>, status: &NodeSt
     tracing::info!(peers = ?names, revoked = now.revoked.len(), ended = ?ended, "configuration reloaded: branches admitted");
 }
 
+/// The one answer to a branch that fails authentication, whatever the
+/// reason (the main's log and status say which).
+fn auth_refused(node: &str) -> Refusal {
+    refusal(
+        RefusalReason::BadToken,
+        format!("authentication failed for node \"{node}\""),
+        "The main does not accept this node's name, token or certificate; the main's log says which.".into(),
+        "Check that the branch is listed in the main's [[sync.peers]], that its token matches, and that its TLS directory holds the credentials the main issued to it (branchsync tls issue NAME).",
+    )
+}
+
 /// One connection at the main; on error, the branch it was (once known).
 #[allow(clippy::too_many_arguments)]
 async fn main_connection(
@@ -1274,9 +1285,7 @@ async fn main_connection(
     states: States,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), (Option<String>, LinkError)> {
-    // Who is admitted when this connection's Hello is judged.
-    let admitted_now = admission.borrow().clone();
-    let peers = &admitted_now.peers;
+    let mut admission = admission;
     let (mut reader, mut writer) = split(sock);
     let hello = match next_message(&mut reader).await {
         Ok(Message::Hello(h)) => h,
@@ -1305,6 +1314,10 @@ async fn main_connection(
         .await
         .map_err(|e| (None, e));
     }
+    // Who is admitted when this Hello is judged (a reload after this is
+    // checked again once the session is registered, below).
+    let admitted_now = admission.borrow_and_update().clone();
+    let peers = &admitted_now.peers;
     // Who the peer is: a listed node, its token, and (mutual TLS) the
     // certificate issued to that node. Every failure gets the same reply on
     // the wire; the main's log and status give the reason.
@@ -1329,12 +1342,7 @@ async fn main_connection(
                 p.last_error = Some(format!("authentication failed: {why}"));
             });
         }
-        return refuse(&mut writer, refusal(
-            RefusalReason::BadToken,
-            format!("authentication failed for node \"{}\"", hello.node),
-            "The main does not accept this node's name, token or certificate; the main's log says which.".into(),
-            "Check that the branch is listed in the main's [[sync.peers]], that its token matches, and that its TLS directory holds the credentials the main issued to it (branchsync tls issue NAME).",
-        ))
+        return refuse(&mut writer, auth_refused(&hello.node))
         .await
         .map_err(|e| (None, e));
     };
@@ -1344,6 +1352,7 @@ async fn main_connection(
         status.peer(&name, |p| p.certificate = Some(fp.clone()));
     }
     let admitted = peer.clone();
+    let certificate_now = certificate.clone();
     let fail = |e: LinkError| (Some(name.clone()), e);
     if hello.table_rules != settings.table_rules {
         return refuse(&mut writer, refusal(
@@ -1424,6 +1433,19 @@ async fn main_connection(
     if let Some(mut done) = previous {
         tracing::info!(peer = %hello.node, "evicting an earlier connection that stopped answering");
         let _ = done.wait_for(|d| *d).await;
+    }
+    // A reload that came between the judgement and the registration above
+    // was not applied to this session by the listener: apply it here.
+    if admission.has_changed().unwrap_or(false) {
+        let now = admission.borrow_and_update().clone();
+        let still = now.peers.iter().any(|p| p == peer) && !certificate_now.as_ref().is_some_and(|fp| now.revoked.contains(fp));
+        if !still {
+            let _ = done_tx.send(true);
+            tracing::warn!(node = %hello.node, "authentication failed: the configuration reloaded during the handshake no longer admits it");
+            return refuse(&mut writer, auth_refused(&hello.node))
+            .await
+            .map_err(|e| (None, e));
+        }
     }
     // Authenticated: no longer counts against the handshake limit.
     drop(permit);
