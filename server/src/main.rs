@@ -706,14 +706,13 @@ async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
         tracing::info!(addr = %a, "http status listening");
     }
     let shutdown = node_shutdown_handle(&node);
-    let loaded = cfg.clone();
+    let running = cfg.clone();
     tokio::spawn(async move {
-        let mut loaded = loaded;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
-                Some(()) = hup.recv() => reload(&mut loaded, &admission_tx),
+                Some(()) = hup.recv() => reload(&running, &admission_tx),
             }
         }
         tracing::info!("stop requested; draining");
@@ -736,8 +735,11 @@ async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
 /// effect at once, without touching the other links; any other change is
 /// named and waits for a restart. A file that does not load changes
 /// nothing.
-fn reload(loaded: &mut Config, admission_tx: &watch::Sender<Arc<Admission>>) {
-    let path = loaded.path().to_path_buf();
+///
+/// `running` stays the configuration the daemon started with, so that a
+/// change still waiting for a restart is named at every reload.
+fn reload(running: &Config, admission_tx: &watch::Sender<Arc<Admission>>) {
+    let path = running.path().to_path_buf();
     let new = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -745,7 +747,7 @@ fn reload(loaded: &mut Config, admission_tx: &watch::Sender<Arc<Admission>>) {
             return;
         }
     };
-    let waiting = changes_needing_restart(loaded, &new);
+    let waiting = changes_needing_restart(running, &new);
     if !waiting.is_empty() {
         tracing::warn!(keys = ?waiting, "configuration reloaded in part: these changes take effect at the next restart");
     }
@@ -760,7 +762,6 @@ fn reload(loaded: &mut Config, admission_tx: &watch::Sender<Arc<Admission>>) {
     if !changed {
         tracing::info!("configuration reloaded: who may connect is unchanged");
     }
-    *loaded = new;
 }
 
 /// The sections whose change a reload cannot apply (everything but who
