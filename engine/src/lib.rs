@@ -20,6 +20,9 @@
 //!   triggers) and decides which of a peer's statements may replay here.
 //! * [`setup`] is `branchsync init`: preflight checks, state schema,
 //!   publication, slot, stripes.
+//! * [`verify`] compares this node's copy of the replicated tables with
+//!   another's by bucket summaries, and settles what is in flight before it
+//!   calls a row different.
 //!
 //! The engine never opens a socket to another node: the `server` crate owns
 //! the link and hands entries to [`apply`] over a channel.
@@ -42,6 +45,7 @@ pub mod progress;
 pub mod scope;
 pub mod setup;
 pub mod state;
+pub mod verify;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -2,8 +2,9 @@
 //!
 //! This crate owns what crosses the link between a branch and the main: the
 //! [`changeset`] types (a committed transaction, cut into log entries), the
-//! [`message`]s of the link protocol with its versioned handshake, and the
-//! [`frame`] codec that turns bytes into messages.
+//! [`message`]s of the link protocol with its versioned handshake, the
+//! questions of an [`inspect`]ion session (`verify`), and the [`frame`]
+//! codec that turns bytes into messages.
 //!
 //! It must never touch a database or a socket: it is types and pure
 //! functions, so it can be tested and fuzzed without PostgreSQL.
@@ -16,6 +17,7 @@
 
 pub mod changeset;
 pub mod frame;
+pub mod inspect;
 pub mod message;
 
 pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, EntryError, Invalid, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict, ENTRY_FORMAT_VERSION, MAX_ENTRY_BYTES};

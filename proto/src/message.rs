@@ -65,6 +65,13 @@ pub enum Message {
     /// Liveness and clock: the sender's wall clock in microseconds and the
     /// newest position of its log (so the peer can show what is pending).
     Heartbeat { now_us: i64, log_newest: u64 },
+    /// First message of an inspection session (`branchsync verify`), in
+    /// place of `Hello`; see [`crate::inspect`].
+    Inspect(crate::inspect::Inspect),
+    /// A question of an inspection session.
+    Ask(crate::inspect::Ask),
+    /// The main's answer to [`Message::Inspect`] or [`Message::Ask`].
+    Answer(crate::inspect::Answer),
 }
 
 /// A log entry on the wire: where it sits in the stream and in its
@@ -266,6 +273,9 @@ impl Message {
             Message::Credit { .. } => "Credit",
             Message::Ack { .. } => "Ack",
             Message::Heartbeat { .. } => "Heartbeat",
+            Message::Inspect(_) => "Inspect",
+            Message::Ask(_) => "Ask",
+            Message::Answer(_) => "Answer",
         }
     }
 }
