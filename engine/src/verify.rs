@@ -85,8 +85,8 @@ pub trait Site {
     async fn shape(&mut self, table: &TableName) -> Result<Option<Shape>, VerifyError>;
     /// Every non-empty bucket's summary.
     async fn buckets(&mut self, scan: &Scan) -> Result<Vec<BucketSum>, VerifyError>;
-    /// The keys of the buckets `pick` (only `keys`, when given), with their
-    /// row text when `values`.
+    /// The keys of the buckets `pick` (only `keys`, when given), with each
+    /// column's MD5 when `values`.
     async fn rows(&mut self, scan: &Scan, pick: &[u32], keys: Option<&[String]>, values: bool) -> Result<Vec<KeyRows>, VerifyError>;
 }
 
@@ -319,8 +319,8 @@ pub fn differing_buckets(a: &[BucketSum], b: &[BucketSum]) -> Vec<u32> {
     all.into_iter().filter(|k| am.get(k) != bm.get(k)).collect()
 }
 
-/// The columns whose values differ between two rows' canonical texts
-/// (every column of either when one does not parse).
+/// The columns whose values differ between two rows (JSON objects of each
+/// column's MD5; every column of either when one does not parse).
 pub fn differing_columns(a: Option<&str>, b: Option<&str>) -> Vec<String> {
     let parse = |s: Option<&str>| s.and_then(|s| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s).ok()).unwrap_or_default();
     let (a, b) = (parse(a), parse(b));
@@ -445,7 +445,7 @@ impl<'a> TableReader<'a> {
     }
 
     /// The keys of the buckets `pick` (only `keys` when given), with their
-    /// row hash, count and (when `values`) row text.
+    /// row hash, count and (when `values`) each column's MD5.
     pub async fn rows(&self, scan: &Scan, pick: &[u32], keys: Option<&[String]>, values: bool) -> Result<Vec<KeyRows>, EngineError> {
         let Some(sql) = self.scan_sql(scan).await? else { return Ok(Vec::new()) };
         let pick: Vec<i32> = pick.iter().map(|b| *b as i32).collect();
@@ -453,7 +453,12 @@ impl<'a> TableReader<'a> {
         let rows = self
             .client
             .query(
-                &format!("SELECT k, min(h), count(*)::int8, CASE WHEN $3 THEN min(r) END FROM ({sql}) x WHERE b = ANY($1) AND ($2::text[] IS NULL OR k = ANY($2)) GROUP BY k"),
+                // With values: each column's MD5, never the values (a
+                // row may hold hundreds of MB; a difference names columns).
+                &format!(
+                    "SELECT k, h, n, CASE WHEN $3 THEN (SELECT jsonb_object_agg(e.key, md5(e.value::text)) FROM jsonb_each(r::jsonb) e)::text END \
+                     FROM (SELECT k, min(h) AS h, count(*)::int8 AS n, min(r) AS r FROM ({sql}) x WHERE b = ANY($1) AND ($2::text[] IS NULL OR k = ANY($2)) GROUP BY k) g"
+                ),
                 &[&pick, &keys, &values],
             )
             .await

@@ -116,7 +116,8 @@ pub struct KeyRows {
     pub hash: i64,
     /// Rows with this key (1 in a keyed table).
     pub count: i64,
-    /// The row as canonical JSON text, when asked for.
+    /// When asked for: a JSON object of each column's MD5 (of its canonical
+    /// text), never the values.
     pub row: Option<String>,
 }
 
@@ -136,7 +137,7 @@ pub enum Ask {
     /// Every non-empty bucket's summary.
     Buckets { scan: Scan },
     /// The rows of the buckets `pick`; only those with one of `keys` when
-    /// given; with their values when `values`.
+    /// given; with each column's MD5 when `values`.
     Rows { scan: Scan, pick: Vec<u32>, keys: Option<Vec<String>>, values: bool },
     /// Everything committed at the main so far: once its capture has logged
     /// it, the newest position of the main's log.

@@ -87,8 +87,8 @@ use branchsync_server::tls::{self, ClientCredentials, ServerCredentials};
 /// `sync.insecure`.
 pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for T {}
-type Reader = FramedRead<tokio::io::ReadHalf<Box<dyn LinkIo>>, FrameCodec>;
-type Writer = FramedWrite<tokio::io::WriteHalf<Box<dyn LinkIo>>, FrameCodec>;
+pub(crate) type Reader = FramedRead<tokio::io::ReadHalf<Box<dyn LinkIo>>, FrameCodec>;
+pub(crate) type Writer = FramedWrite<tokio::io::WriteHalf<Box<dyn LinkIo>>, FrameCodec>;
 
 /// How this node secures its link.
 #[derive(Clone)]
@@ -103,7 +103,7 @@ pub enum LinkTls {
 }
 
 /// How long a handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections the main lets into their handshake at once; more are closed
 /// at once (a flood of connections that never authenticate costs a socket
 /// each for a moment, not a task and buffers for ten seconds).
@@ -195,7 +195,7 @@ pub struct LinkSettings {
 }
 
 /// A socket or framing error that is really a TLS failure, explained.
-fn tls_aware(e: LinkError, at_main: bool) -> LinkError {
+pub(crate) fn tls_aware(e: LinkError, at_main: bool) -> LinkError {
     if let LinkError::Proto(ProtoError::Io(io)) = &e {
         if let Some(m) = tls::explain(io, at_main) {
             return LinkError::Tls(m);
@@ -257,7 +257,7 @@ impl Admission {
 /// than this (µs): measurement noise is not a clock change.
 const CLOCK_OFFSET_TOLERANCE_US: i64 = 1_000_000;
 
-fn refusal(reason: RefusalReason, message: String, detail: String, hint: &str) -> Refusal {
+pub(crate) fn refusal(reason: RefusalReason, message: String, detail: String, hint: &str) -> Refusal {
     Refusal { reason, message, detail, hint: hint.into() }
 }
 
@@ -877,12 +877,12 @@ fn human(d: Duration) -> String {
 }
 
 /// Tells the peer why it is refused, then ends the connection with that reason.
-async fn refuse(writer: &mut Writer, r: Refusal) -> Result<(), LinkError> {
+pub(crate) async fn refuse(writer: &mut Writer, r: Refusal) -> Result<(), LinkError> {
     let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, writer.send(Message::Refuse(r.clone()))).await;
     Err(LinkError::Refused(r))
 }
 
-fn split(stream: Box<dyn LinkIo>) -> (Reader, Writer) {
+pub(crate) fn split(stream: Box<dyn LinkIo>) -> (Reader, Writer) {
     let (r, w) = tokio::io::split(stream);
     // Nothing large before the peer is known (R28): the limit is raised to
     // the agreed one once the handshake is done.
@@ -890,12 +890,12 @@ fn split(stream: Box<dyn LinkIo>) -> (Reader, Writer) {
 }
 
 /// Sets the frame limit of both halves after the handshake.
-fn set_frame_limit(reader: &mut Reader, writer: &mut Writer, max: usize) {
+pub(crate) fn set_frame_limit(reader: &mut Reader, writer: &mut Writer, max: usize) {
     reader.decoder_mut().set_max_frame(max);
     writer.encoder_mut().set_max_frame(max);
 }
 
-async fn next_message(reader: &mut Reader) -> Result<Message, LinkError> {
+pub(crate) async fn next_message(reader: &mut Reader) -> Result<Message, LinkError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
         Err(_) => Err(LinkError::Timeout(HANDSHAKE_TIMEOUT)),
         Ok(None) => Err(LinkError::Closed),
@@ -964,6 +964,30 @@ pub async fn run_branch(settings: LinkSettings, main_addr: String, admission: wa
     }
 }
 
+/// A connection to the main: TCP, then (unless `sync.insecure`) TLS with
+/// this shop's certificate, the main verified against the chain's CA.
+/// Returns the main's certificate fingerprint.
+pub(crate) async fn dial_main(node: &str, tls: &LinkTls, main_addr: &str) -> Result<(Box<dyn LinkIo>, Option<String>), LinkError> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(main_addr))
+        .await
+        .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+        .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
+    let _ = stream.set_nodelay(true);
+    let io = match tls {
+        LinkTls::Branch(creds) => {
+            let cfg = creds.get().map_err(|e| LinkError::Tls(format!("{e}. Hint: issue this shop's credentials at the main (branchsync tls issue {node} --out DIR) and copy DIR to {}.", creds.dir().display())))?;
+            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(tls::main_server_name(), stream))
+                .await
+                .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+                .map_err(|e| tls_aware(LinkError::Proto(ProtoError::Io(e)), false))?;
+            let fp = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| tls::fingerprint(c));
+            (Box::new(s) as Box<dyn LinkIo>, fp)
+        }
+        _ => (Box::new(stream) as Box<dyn LinkIo>, None),
+    };
+    Ok(io)
+}
+
 async fn branch_session(
     settings: &LinkSettings,
     main_addr: &str,
@@ -973,24 +997,10 @@ async fn branch_session(
     state: &Arc<StreamState>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SessionEnd, LinkError> {
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(main_addr))
-        .await
-        .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
-        .map_err(|e| LinkError::Proto(ProtoError::Io(e)))?;
-    let _ = stream.set_nodelay(true);
-    let io: Box<dyn LinkIo> = match &settings.tls {
-        LinkTls::Branch(creds) => {
-            let cfg = creds.get().map_err(|e| LinkError::Tls(format!("{e}. Hint: issue this shop's credentials at the main (branchsync tls issue {} --out DIR) and copy DIR to {}.", settings.node, creds.dir().display())))?;
-            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(tls::main_server_name(), stream))
-                .await
-                .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
-                .map_err(|e| tls_aware(LinkError::Proto(ProtoError::Io(e)), false))?;
-            let fp = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| tls::fingerprint(c));
-            status.peer("main", |p| p.certificate = fp);
-            Box::new(s)
-        }
-        _ => Box::new(stream),
-    };
+    let (io, fp) = dial_main(&settings.node, &settings.tls, main_addr).await?;
+    if fp.is_some() {
+        status.peer("main", |p| p.certificate = fp);
+    }
     let (mut reader, mut writer) = split(io);
     let (applier, progress) = Applier::connect(&settings.db_url, settings.apply.clone(), branchsync_engine::state::RELAY_STREAM, state.clone()).await?;
     let t0 = applier.db_clock_us().await?;
@@ -1262,13 +1272,32 @@ fn readmit(now: &Admission, live: &Mutex<HashMap<String, Live>>, status: &NodeSt
 
 /// The one answer to a branch that fails authentication, whatever the
 /// reason (the main's log and status say which).
-fn auth_refused(node: &str) -> Refusal {
+pub(crate) fn auth_refused(node: &str) -> Refusal {
     refusal(
         RefusalReason::BadToken,
         format!("authentication failed for node \"{node}\""),
         "The main does not accept this node's name, token or certificate; the main's log says which.".into(),
         "Check that the branch is listed in the main's [[sync.peers]], that its token matches, and that its TLS directory holds the credentials the main issued to it (branchsync tls issue NAME).",
     )
+}
+
+/// Who the peer is: a listed node, its token, and (mutual TLS) the
+/// certificate issued to that node; the reason when it is not admitted.
+pub(crate) fn authenticate<'a>(peers: &'a [PeerAuth], node: &str, token: &str, settings: &LinkSettings, cert: Option<&rustls::pki_types::CertificateDer<'static>>) -> Result<&'a PeerAuth, String> {
+    let peer = peers.iter().find(|p| p.name == node);
+    let why = match peer {
+        None => Some(format!("unknown node \"{node}\": no [[sync.peers]] entry at the main has this name")),
+        Some(p) if !tokens_equal(&p.token, token) => Some(format!("the token of node \"{node}\" does not match the main's")),
+        Some(_) => match (&settings.tls, cert) {
+            (LinkTls::Main(_), None) => Some("it presented no certificate".to_string()),
+            (LinkTls::Main(_), Some(c)) if !tls::valid_for_node(c, node) => Some(format!("its certificate {} was issued to another node, not to \"{node}\"", tls::fingerprint(c))),
+            _ => None,
+        },
+    };
+    match (peer, why) {
+        (Some(p), None) => Ok(p),
+        (_, why) => Err(why.unwrap_or_default()),
+    }
 }
 
 /// One connection at the main; on error, the branch it was (once known).
@@ -1289,6 +1318,12 @@ async fn main_connection(
     let (mut reader, mut writer) = split(sock);
     let hello = match next_message(&mut reader).await {
         Ok(Message::Hello(h)) => h,
+        Ok(Message::Inspect(i)) => {
+            // `branchsync verify` at a branch: its own session, apart from
+            // the branch's stream.
+            let admitted = admission.borrow().clone();
+            return crate::inspect::serve(i, cert.as_ref(), permit, reader, writer, &settings, &admitted, status, shutdown).await.map_err(|e| (None, e));
+        }
         Ok(other) => {
             return refuse(&mut writer, refusal(RefusalReason::Other, format!("expected Hello, got {}", other.kind()), String::new(), "Connect with a branchsync branch."))
                 .await
@@ -1321,17 +1356,9 @@ async fn main_connection(
     // Who the peer is: a listed node, its token, and (mutual TLS) the
     // certificate issued to that node. Every failure gets the same reply on
     // the wire; the main's log and status give the reason.
-    let peer = peers.iter().find(|p| p.name == hello.node);
-    let why = match peer {
-        None => Some(format!("unknown node \"{}\": no [[sync.peers]] entry at the main has this name", hello.node)),
-        Some(p) if !tokens_equal(&p.token, &hello.token) => Some(format!("the token of node \"{}\" does not match the main's", hello.node)),
-        Some(_) => match (&settings.tls, &cert) {
-            (LinkTls::Main(_), None) => Some("it presented no certificate".to_string()),
-            (LinkTls::Main(_), Some(c)) if !tls::valid_for_node(c, &hello.node) => {
-                Some(format!("its certificate {} was issued to another node, not to \"{}\"", tls::fingerprint(c), hello.node))
-            }
-            _ => None,
-        },
+    let (peer, why) = match authenticate(peers, &hello.node, &hello.token, &settings, cert.as_ref()) {
+        Ok(p) => (Some(p), None),
+        Err(why) => (None, Some(why)),
     };
     let Some(peer) = peer.filter(|_| why.is_none()) else {
         let why = why.unwrap_or_default();

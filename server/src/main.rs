@@ -6,6 +6,7 @@
 //! with a PostgreSQL-style report. `anyhow` is used only here, at the edge.
 
 mod config;
+mod inspect;
 mod link;
 mod node;
 mod progress;
@@ -141,6 +142,25 @@ enum Command {
     Capture {
         #[command(subcommand)]
         action: CaptureAction,
+    },
+    /// At a branch: compare its replicated tables with the main's while
+    /// both keep selling, and list the rows that differ (exit status 0:
+    /// every table agrees, 1: rows differ, 2: could not compare). The
+    /// branch's daemon must be running.
+    Verify {
+        /// Node configuration (TOML) of the branch; or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// Only these tables (schema.table or table; repeat the option).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Print one JSON document (every difference) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Longest wait, per settling, for both streams to pass the
+        /// positions seen at a reading (seconds).
+        #[arg(long, default_value_t = 300)]
+        settle_timeout: u64,
     },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
@@ -343,6 +363,10 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let opts = scenario::RunOptions { target, json, seed, compose_file };
             Ok(ExitCode::from(scenario::run_scenario(sc, opts).await.exit_code()))
+        }
+        Command::Verify { config, tables, json, settle_timeout } => {
+            let cfg = Config::load(&config)?;
+            verify(&cfg, &tables, json, Duration::from_secs(settle_timeout)).await
         }
         Command::Conflicts { config, action } => {
             let config = config.context("the configuration file is required: --config FILE or BRANCHSYNC_CONFIG")?;
@@ -803,6 +827,44 @@ fn report_engine_error(what: &str, e: &EngineError) {
     }
     eprintln!("{msg}");
     tracing::error!(error = %e, "{what}");
+}
+
+/// `branchsync verify`: exit status 0 when every table agrees, 1 when rows
+/// differ, 2 when the comparison could not be made.
+async fn verify(cfg: &Config, tables: &[String], json: bool, settle_timeout: Duration) -> anyhow::Result<ExitCode> {
+    if cfg.node.role != branchsync_engine::Role::Branch {
+        eprintln!("branchsync verify: run it at a branch, with the branch's configuration: it compares that branch with the main");
+        return Ok(ExitCode::from(2));
+    }
+    let Some(http_addr) = cfg.http.listen.clone() else {
+        eprintln!("branchsync verify: http.listen is not set\nDETAIL: verify asks this shop's daemon how far its capture is, to tell changes in flight from differences.\nHINT: Set [http] listen in the configuration and restart the daemon.");
+        return Ok(ExitCode::from(2));
+    };
+    let (_tx, admission_rx) = watch::channel(Arc::new(admission(cfg)));
+    let dial = inspect::Dial {
+        node: cfg.node.name.clone(),
+        token: cfg.token().unwrap_or_default().to_string(),
+        main_addr: cfg.sync.main.clone().unwrap_or_default(),
+        tls: link_tls(cfg, &admission_rx)?,
+        max_frame: cfg.sync.max_frame_bytes,
+    };
+    let conn = connect_as_daemon(cfg, "branchsync verify").await?;
+    let shown = progress::Shown::new("verify");
+    let r = inspect::verify(&dial, &conn.client, (http_addr, cfg.http.token().map(str::to_string)), tables, settle_timeout, &shown).await;
+    match r {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).context("cannot print the report")?);
+            } else {
+                print!("{}", inspect::render(&report, 50));
+            }
+            Ok(ExitCode::from(if report.tables_differing == 0 { 0 } else { 1 }))
+        }
+        Err(e) => {
+            eprintln!("branchsync verify: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {

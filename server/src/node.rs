@@ -473,6 +473,9 @@ impl Node {
                             st.log_budget_bytes = budget;
                             st.log_warning = log_warning;
                             st.captured_lsn = fmt_lsn(cap.captured_lsn);
+                            // `cap` was read before `log.visible()` above:
+                            // what it caught up with is within log_newest.
+                            st.caught_up_lsn = fmt_lsn(cap.caught_up_lsn);
                             st.captured_transactions = cap.transactions;
                             st.captured_rows = cap.rows;
                             st.forged_marks = cap.forged_marks;

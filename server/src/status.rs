@@ -133,6 +133,10 @@ pub struct StatusSnapshot {
     pub log_bytes: u64,
     /// Commit LSN of the last captured transaction.
     pub captured_lsn: String,
+    /// Everything committed before this WAL position is in the log (up to
+    /// `log_newest` of the same snapshot).
+    #[serde(default)]
+    pub caught_up_lsn: String,
     /// Transactions captured in this run.
     pub captured_transactions: u64,
     /// Rows captured in this run.

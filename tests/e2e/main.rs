@@ -28,3 +28,4 @@ mod restore;
 mod scenarios;
 mod soak;
 mod tls;
+mod verify;
