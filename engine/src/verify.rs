@@ -467,6 +467,131 @@ impl<'a> TableReader<'a> {
     }
 }
 
+/// At the main: makes branch `to`'s rows of `table` with `keys` (canonical
+/// key JSON, as a scan lists them) equal to the main's. One transaction of
+/// the main's own sends, for each key, the main's whole row (or its
+/// absence) as a [`Verdict`](branchsync_proto::Verdict) addressed to `to`:
+/// a `branchsync.verdict` message under the main's replication origin,
+/// sealed with the daemon's `mark_key`, so the main's capture keeps it in
+/// the relay in commit order (R25). The table is locked in `SHARE` mode
+/// meanwhile (writers wait a moment; `lock_timeout` bounds it), so no
+/// change of the ERP falls between the read and the verdicts: whatever
+/// changes the row later comes after the verdict in the relay. The branch
+/// writes the row as the main holds it, counters included (absolutely,
+/// never as a difference), unless it changed the row itself since. Each
+/// row is recorded in the main's `branchsync.conflicts` (kind `repaired`,
+/// already resolved). Returns (rows sent, absences sent).
+pub async fn emit_repairs(client: &Client, mark_key: &[u8], main_node: &str, to: &str, table: &TableName, keys: &[String]) -> Result<(u64, u64), EngineError> {
+    let reader = TableReader::new(client, crate::state::PUBLICATION);
+    if !reader.replicated(table).await? {
+        return Err(EngineError::Misconfigured {
+            message: format!("table {table} is not replicated at the main"),
+            detail: "Only replicated tables can be repaired.".into(),
+            hint: "Run verify again: the table's schema changed.".into(),
+        });
+    }
+    let rel = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name));
+    let columns: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            &[&rel],
+        )
+        .await
+        .map_err(EngineError::pg("reading a table's columns"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let shape = reader.shape(table).await?.unwrap_or(Shape { columns: Vec::new(), key: Vec::new() });
+    if shape.key.is_empty() {
+        return Err(EngineError::Misconfigured {
+            message: format!("table {table} has no primary key"),
+            detail: "A repair names rows by their key; a table without one is compared as a multiset only.".into(),
+            hint: "Correct its rows by hand (with replication on), or re-seed the branch.".into(),
+        });
+    }
+    let key_flags: Vec<bool> = columns.iter().map(|c| shape.key.contains(c)).collect();
+    let desc = branchsync_proto::TableDesc { schema: table.schema.clone(), name: table.name.clone(), columns: columns.clone(), key: key_flags.clone(), identity_full: false };
+    let origin = crate::state::origin_name(main_node);
+    client
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
+        .await
+        .map_err(EngineError::pg("starting a repair"))?;
+    let r = async {
+        client
+            .execute("SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL", &[&origin])
+            .await
+            .map_err(EngineError::pg("creating the main's replication origin"))?;
+        client.execute("SELECT pg_replication_origin_session_setup($1)::text", &[&origin]).await.map_err(EngineError::pg("setting the replication origin"))?;
+        client.batch_execute(&format!("LOCK TABLE ONLY {rel} IN SHARE MODE")).await.map_err(EngineError::pg(format!("locking {table} for a repair")))?;
+        let xid: i64 = client.query_one(crate::apply::CURRENT_XID, &[]).await.map_err(EngineError::pg("reading the transaction id"))?.get(0);
+        let xid = u32::try_from(xid).map_err(|_| EngineError::Corrupt("the repair transaction has no transaction id".into()))?;
+        let now: i64 = client
+            .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
+            .await
+            .map_err(EngineError::pg("reading the clock"))?
+            .get(0);
+        let key_list = shape.key.iter().map(|k| format!("r.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ");
+        let row_list = columns.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ");
+        let matches = shape.key.iter().map(|k| format!("t.{0} = r.{0}", quote_ident(k))).collect::<Vec<_>>().join(" AND ");
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT k.key, ARRAY[{key_list}], (SELECT ARRAY[{row_list}] FROM ONLY {rel} t WHERE {matches}) \
+                     FROM unnest($1::text[]) k(key), LATERAL jsonb_populate_record(NULL::{rel}, k.key::jsonb) r"
+                ),
+                &[&keys],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading rows of {table} to repair")))?;
+        let (mut present, mut absent) = (0, 0);
+        for row in &rows {
+            let key_text: String = row.get(0);
+            let key_vals: Vec<Option<String>> = row.get(1);
+            let values: Option<Vec<Option<String>>> = row.get(2);
+            let mut key = vec![branchsync_proto::Value::Null; columns.len()];
+            for (k, v) in shape.key.iter().zip(&key_vals) {
+                if let (Some(i), Some(v)) = (columns.iter().position(|c| c == k), v) {
+                    key[i] = branchsync_proto::Value::Text(v.clone());
+                }
+            }
+            let text = |v: &Option<String>| v.as_ref().map_or(branchsync_proto::Value::Null, |s| branchsync_proto::Value::Text(s.clone()));
+            let found = values.is_some();
+            let v = branchsync_proto::Verdict { table: 0, key, row: values.map(|vals| vals.iter().map(text).collect()), for_commit_ts: now, to: Some(to.to_string()) };
+            let body = rmp_serde::to_vec(&(&desc, &v)).map_err(|e| EngineError::Corrupt(format!("cannot encode a repair: {e}")))?;
+            let sealed = crate::marks::seal(mark_key, crate::state::VERDICT_MESSAGE_PREFIX, xid, &body);
+            client
+                .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)::text", &[&crate::state::VERDICT_MESSAGE_PREFIX, &sealed])
+                .await
+                .map_err(EngineError::pg("writing a repair"))?;
+            let detail = if found { format!("verify --repair: the main's row sent to {to}") } else { format!("verify --repair: not at the main; deleted at {to}") };
+            client
+                .execute(
+                    "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, winner_node, loser_node, detail, origin_node, resolved_at, resolution) \
+                     VALUES ($1, $2, 'repaired', 'verify --repair', $3, $4, $5, $3, now(), 'repaired')",
+                    &[&table.to_string(), &key_text, &main_node, &to, &detail],
+                )
+                .await
+                .map_err(EngineError::pg("recording a repair"))?;
+            if found {
+                present += 1;
+            } else {
+                absent += 1;
+            }
+        }
+        client.batch_execute("COMMIT").await.map_err(EngineError::pg("committing a repair"))?;
+        Ok::<_, EngineError>((present, absent))
+    }
+    .await;
+    if r.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    let _ = client.batch_execute("SELECT pg_replication_origin_session_reset()").await;
+    if let Ok((present, absent)) = &r {
+        tracing::info!(table = %table, peer = %to, rows = present, absent = absent, "repair sent");
+    }
+    r
+}
+
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

@@ -140,6 +140,11 @@ pub struct Verdict {
     /// a newer local change of the same row at the author is left alone (it
     /// is decided later).
     pub for_commit_ts: i64,
+    /// The one node this verdict is for; `None`: the author of the
+    /// ChangeSet it belongs to. A repair (`verify --repair`) names the
+    /// branch it repairs: the verdict travels in a ChangeSet of the main's.
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// A conflict record as the main wrote it in `branchsync.conflicts`.
@@ -440,7 +445,7 @@ mod tests {
                     table: 0,
                     key: vec![Value::Text("101".into()), Value::Null, Value::Null],
                     row: Some(vec![Value::Text("101".into()), Value::Text("5".into()), Value::Null]),
-                    for_commit_ts: 1_700_000_000_000_000,
+                    for_commit_ts: 1_700_000_000_000_000, to: None,
                 }),
                 RowChange::Conflict(ConflictRecord {
                     id: 7,

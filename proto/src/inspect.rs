@@ -53,6 +53,7 @@ impl std::fmt::Debug for Ask {
             }
             Ask::Probe => f.write_str("Probe"),
             Ask::Applied { pos, wait_ms } => f.debug_struct("Applied").field("pos", pos).field("wait_ms", wait_ms).finish(),
+            Ask::Repair { table, keys } => f.debug_struct("Repair").field("table", table).field("keys", &keys.len()).finish(),
         }
     }
 }
@@ -145,6 +146,11 @@ pub enum Ask {
     /// Wait up to `wait_ms` until the main has applied this branch's stream
     /// up to `pos`; answers the main's progress in it.
     Applied { pos: u64, wait_ms: u64 },
+    /// Make this branch's rows of `table` with these keys (canonical JSON,
+    /// as a scan lists them) equal to the main's: the main sends its rows
+    /// (or their absence) as verdicts addressed to this branch, in its own
+    /// stream, recorded in its `branchsync.conflicts` (kind `repaired`).
+    Repair { table: TableName, keys: Vec<String> },
 }
 
 /// The main's answer.
@@ -165,6 +171,8 @@ pub enum Answer {
     Probed { log_newest: u64 },
     /// [`Ask::Applied`]: the main's durable progress in the branch's stream.
     Applied { pos: u64 },
+    /// [`Ask::Repair`]: verdicts sent (rows the main has, and rows it has not).
+    Repaired { present: u64, absent: u64 },
     /// The main could not answer (PostgreSQL style: message, detail, hint).
     Failed { message: String, detail: String, hint: String },
 }

@@ -88,7 +88,7 @@ pub(crate) async fn serve(
             },
         };
         let Message::Ask(ask) = msg else { return Err(LinkError::Violation(format!("expected Ask, got {}", msg.kind()))) };
-        let answer = match answer(&conn.client, &node, &status, ask).await {
+        let answer = match answer(&conn.client, &node, settings, &status, ask).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(peer = %node, error = %e, "a verify question could not be answered");
@@ -109,7 +109,7 @@ pub(crate) async fn serve(
 }
 
 /// An answer to one question.
-async fn answer(client: &Client, node: &str, status: &NodeStatus, ask: Ask) -> Result<Answer, branchsync_engine::EngineError> {
+async fn answer(client: &Client, node: &str, settings: &LinkSettings, status: &NodeStatus, ask: Ask) -> Result<Answer, branchsync_engine::EngineError> {
     let reader = TableReader::new(client, PUBLICATION);
     Ok(match ask {
         Ask::Tables => Answer::Tables(reader.tables().await?.into_iter().map(|(t, _)| t).collect()),
@@ -133,6 +133,10 @@ async fn answer(client: &Client, node: &str, status: &NodeStatus, ask: Ask) -> R
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        Ask::Repair { table, keys } => {
+            let (present, absent) = verify::emit_repairs(client, &settings.apply.mark_key, &settings.node, node, &table, &keys).await?;
+            Answer::Repaired { present, absent }
         }
         Ask::Applied { pos, wait_ms } => {
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(IDLE.as_millis() as u64));
@@ -243,6 +247,14 @@ impl RemoteMain {
             Message::Answer(Answer::Failed { message, detail, hint }) => Err(VerifyError::Remote { message, detail, hint }),
             Message::Answer(a) => Ok(a),
             other => Err(VerifyError::Link(format!("expected Answer, got {}", other.kind()))),
+        }
+    }
+
+    /// Asks the main to send its rows of `table` with `keys` to this branch.
+    pub async fn repair(&mut self, table: &TableName, keys: Vec<String>) -> Result<(u64, u64), VerifyError> {
+        match self.ask(Ask::Repair { table: table.clone(), keys }).await? {
+            Answer::Repaired { present, absent } => Ok((present, absent)),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -363,6 +375,21 @@ pub struct VerifyReport {
     pub differences: usize,
     /// Tables that do not agree.
     pub tables_differing: usize,
+    /// `--repair`: what the main sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairReport>,
+}
+
+/// What `--repair` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Rows the main sent as it holds them.
+    pub rows_sent: u64,
+    /// Rows the main does not have: deleted here.
+    pub rows_deleted: u64,
+    /// Differences left alone: keyless tables, rows still changing,
+    /// tables not compared.
+    pub left_alone: usize,
 }
 
 /// Compares `only` (all replicated tables when empty) between this shop
@@ -374,6 +401,7 @@ pub(crate) async fn verify(
     http: (String, Option<String>),
     only: &[String],
     settle_timeout: Duration,
+    repair: bool,
     progress: &dyn branchsync_engine::progress::Progress,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
@@ -403,6 +431,7 @@ pub(crate) async fn verify(
     tables.sort();
     let mut streams = Streams { branch_db, main: settle_session, http: http.0, http_token: http.1, timeout: settle_timeout, rounds: 0 };
     let reports = verify::compare_tables(&mut branch, &mut main, &mut streams, &tables, progress).await?;
+    let repair = if repair { Some(send_repairs(&mut main, &reports).await?) } else { None };
     let rows_compared: i64 = reports.iter().map(|r| r.rows_branch.max(r.rows_main)).sum();
     let seconds = started.elapsed().as_secs_f64();
     Ok(VerifyReport {
@@ -415,7 +444,37 @@ pub(crate) async fn verify(
         differences: reports.iter().map(|r| r.differences.len()).sum(),
         tables_differing: reports.iter().filter(|r| !r.agrees()).count(),
         tables: reports,
+        repair,
     })
+}
+
+/// Keys the main sends per repair (one transaction each).
+const REPAIR_BATCH: usize = 500;
+
+/// Asks the main to send its version of every row that differs (keyed
+/// tables; rows that kept changing are left alone).
+async fn send_repairs(main: &mut RemoteMain, reports: &[TableReport]) -> Result<RepairReport, VerifyError> {
+    let mut out = RepairReport::default();
+    for t in reports {
+        let mut keys = Vec::new();
+        for d in &t.differences {
+            match d.difference {
+                verify::Difference::Missing | verify::Difference::Extra | verify::Difference::Different { .. } => keys.push(d.key.clone()),
+                verify::Difference::Count { .. } | verify::Difference::StillChanging => out.left_alone += 1,
+            }
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        let Some((schema, name)) = t.table.split_once('.') else { continue };
+        let table = TableName { schema: schema.to_string(), name: name.to_string() };
+        for part in keys.chunks(REPAIR_BATCH) {
+            let (sent, deleted) = main.repair(&table, part.to_vec()).await?;
+            out.rows_sent += sent;
+            out.rows_deleted += deleted;
+        }
+    }
+    Ok(out)
 }
 
 /// The report as text: one line per table that differs, its rows (at most
@@ -450,6 +509,16 @@ pub fn render(r: &VerifyReport, limit: usize) -> String {
         if t.differences.len() > limit {
             let _ = writeln!(out, "  ... and {} more (--json lists them all)", t.differences.len() - limit);
         }
+    }
+    if let Some(rep) = &r.repair {
+        let _ = writeln!(
+            out,
+            "repair: {} asked to send {} rows as it holds them and {} deletions of rows it does not have; they arrive with its stream (run verify again to see them settled){}",
+            r.main,
+            rep.rows_sent,
+            rep.rows_deleted,
+            if rep.left_alone > 0 { format!("; {} differences left alone (tables without a key, rows still changing)", rep.left_alone) } else { String::new() }
+        );
     }
     let _ = writeln!(
         out,

@@ -161,6 +161,11 @@ enum Command {
         /// positions seen at a reading (seconds).
         #[arg(long, default_value_t = 300)]
         settle_timeout: u64,
+        /// Make the rows that differ equal to the main's: the main sends
+        /// its version of each (or its absence) to this branch in its own
+        /// stream, recorded in its branchsync.conflicts (kind repaired).
+        #[arg(long)]
+        repair: bool,
     },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
@@ -364,9 +369,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = scenario::RunOptions { target, json, seed, compose_file };
             Ok(ExitCode::from(scenario::run_scenario(sc, opts).await.exit_code()))
         }
-        Command::Verify { config, tables, json, settle_timeout } => {
+        Command::Verify { config, tables, json, settle_timeout, repair } => {
             let cfg = Config::load(&config)?;
-            verify(&cfg, &tables, json, Duration::from_secs(settle_timeout)).await
+            verify(&cfg, &tables, json, Duration::from_secs(settle_timeout), repair).await
         }
         Command::Conflicts { config, action } => {
             let config = config.context("the configuration file is required: --config FILE or BRANCHSYNC_CONFIG")?;
@@ -831,7 +836,7 @@ fn report_engine_error(what: &str, e: &EngineError) {
 
 /// `branchsync verify`: exit status 0 when every table agrees, 1 when rows
 /// differ, 2 when the comparison could not be made.
-async fn verify(cfg: &Config, tables: &[String], json: bool, settle_timeout: Duration) -> anyhow::Result<ExitCode> {
+async fn verify(cfg: &Config, tables: &[String], json: bool, settle_timeout: Duration, repair: bool) -> anyhow::Result<ExitCode> {
     if cfg.node.role != branchsync_engine::Role::Branch {
         eprintln!("branchsync verify: run it at a branch, with the branch's configuration: it compares that branch with the main");
         return Ok(ExitCode::from(2));
@@ -850,7 +855,7 @@ async fn verify(cfg: &Config, tables: &[String], json: bool, settle_timeout: Dur
     };
     let conn = connect_as_daemon(cfg, "branchsync verify").await?;
     let shown = progress::Shown::new("verify");
-    let r = inspect::verify(&dial, &conn.client, (http_addr, cfg.http.token().map(str::to_string)), tables, settle_timeout, &shown).await;
+    let r = inspect::verify(&dial, &conn.client, (http_addr, cfg.http.token().map(str::to_string)), tables, settle_timeout, repair, &shown).await;
     match r {
         Ok(report) => {
             if json {

@@ -41,7 +41,7 @@ fn well_formed(prefix: &str, author: &str) -> Vec<u8> {
         }
         "branchsync.verdict" => {
             let desc = TableDesc { schema: "public".into(), name: "products".into(), columns: vec!["id".into(), "name".into()], key: vec![true, false], identity_full: true };
-            rmp_serde::to_vec(&(desc, Verdict { table: 0, key: vec![Value::Text("1".into()), Value::Null], row: None, for_commit_ts: 0 })).unwrap()
+            rmp_serde::to_vec(&(desc, Verdict { table: 0, key: vec![Value::Text("1".into()), Value::Null], row: None, for_commit_ts: 0, to: None })).unwrap()
         }
         _ => rmp_serde::to_vec(&ConflictRecord {
             id: 999_999,

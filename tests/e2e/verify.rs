@@ -147,6 +147,28 @@ async fn verify_names_exactly_the_rows_changed_behind_the_stream_while_both_site
     }
     assert!(text.contains("rows/s"), "{text}");
 
+    // 4. --repair: the main sends its version of each keyed row; once it
+    //    arrived, verify finds those tables equal. The keyless table's
+    //    extra copy is left alone (a row without a key cannot be named).
+    let out = verify(&topo.branches[0], &["--repair"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(text.contains("asked to send 3 rows as it holds them and 1 deletions"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("1 differences left alone"), "{text}");
+    let main_db = topo.main.db().await;
+    let repaired: i64 = main_db.query_one("SELECT count(*) FROM branchsync.conflicts WHERE kind = 'repaired' AND loser_node = 'branch1' AND resolved_at IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!(repaired, 4, "each repaired row is recorded at the main");
+    let out = verify(&topo.branches[0], &["--json"]).await;
+    let r = report(&out);
+    assert_eq!(
+        differences(&r),
+        vec![("public.tags".to_string(), r#"{"n": 4, "tag": "t4"}"#.to_string(), "count 11 here, 10 at the main".to_string(), String::new())],
+        "after the repair only the keyless row differs: {r:#}"
+    );
+    let b1 = topo.branches[0].db().await;
+    let city: Option<String> = b1.query_one("SELECT city FROM customers WHERE id = 17", &[]).await.unwrap().get(0);
+    assert_eq!(city.as_deref(), Some("city 3"), "the main's version is back");
+
     // A table nobody replicates is an error, not an empty report.
     let out = verify(&topo.branches[0], &["--table", "no_such_table"]).await;
     assert_eq!(out.status.code(), Some(2));

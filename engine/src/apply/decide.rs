@@ -901,7 +901,7 @@ impl Applier {
                 })
                 .collect::<Vec<_>>()
         });
-        let v = Verdict { table: 0, key, row, for_commit_ts: e.header.commit_ts_us };
+        let v = Verdict { table: 0, key, row, for_commit_ts: e.header.commit_ts_us, to: None };
         let msg = rmp_serde::to_vec(&(desc, &v)).map_err(|err| EngineError::Corrupt(format!("cannot encode a verdict: {err}")))?;
         let msg = self.seal(VERDICT_MESSAGE_PREFIX, &msg);
         self.conn

@@ -126,6 +126,7 @@ use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
 use crate::state::origin_name;
 use crate::{failpoints, EngineError};
+pub use sql::CURRENT_XID;
 pub use table::{LocalTable, Mapping};
 
 /// Default time budget of one grouped apply transaction.

@@ -149,16 +149,24 @@ impl Applier {
     /// the guard); a clash with a row of another key on a unique constraint
     /// waits, parked, for the main's decision about that row.
     pub(super) async fn obey_insert(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value]) -> Result<(), EngineError> {
+        self.obey_insert_since(e, m, desc, new, None).await
+    }
+
+    /// [`Applier::obey_insert`]; with `since`, not over a local change
+    /// committed after that time (µs) rather than as `e`'s guard says (a
+    /// repair: the main's row replaces what was changed here behind the
+    /// stream, not what changed here after the repair was sent).
+    async fn obey_insert_since(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value], since: Option<i64>) -> Result<(), EngineError> {
         let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some() && !matches!(new.get(*i), Some(Value::Unchanged))).collect();
         let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        let guard = self.guard_for(e, cols.len() + 1);
+        let guard = if since.is_some() { Guard::Echo(cols.len() + 1) } else { self.guard_for(e, cols.len() + 1) };
         let mut types = vec![Type::TEXT_ARRAY; cols.len()];
         if matches!(guard, Guard::Echo(_)) {
             types.push(Type::INT8);
         }
         let st = self.stmt(&sql::upsert(&m.table, &names, guard), &types).await?;
         let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(Value::as_text)]).collect();
-        let ts = e.header.commit_ts_us;
+        let ts = since.unwrap_or(e.header.commit_ts_us);
         let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         if matches!(guard, Guard::Echo(_)) {
             params.push(&ts);
@@ -186,6 +194,10 @@ impl Applier {
 
     /// The main's verdict about one of this branch's own changes.
     pub(super) async fn obey_verdict(&mut self, e: &LogEntry, maps: &[Option<Mapping>], v: &Verdict) -> Result<(), EngineError> {
+        // A repair addressed to another branch.
+        if v.to.as_deref().is_some_and(|to| to != self.cfg.node) {
+            return Ok(());
+        }
         let Some(m) = maps.get(v.table as usize).and_then(|m| m.clone()) else { return Ok(()) };
         let Some(ks) = m.key_src.clone() else { return Ok(()) };
         let key_vals: Vec<String> = ks.iter().map(|k| v.key.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
@@ -217,6 +229,7 @@ impl Applier {
         let desc = &e.tables[v.table as usize];
         match &v.row {
             // Written within the echo guard: not over a newer local change.
+            Some(row) if v.to.is_some() => self.obey_insert_since(e, &m, desc, row, Some(v.for_commit_ts)).await?,
             Some(row) => self.obey_insert(e, &m, desc, row).await?,
             None => {
                 let st = self.stmt(&sql::delete_guarded(t, Guard::Echo(ks.len() + 1)), &{
