@@ -1,6 +1,6 @@
 # scripts/prerequisites.sh — sourced by scripts/demo.sh and tests/run.sh.
 #
-# `prerequisites WHO [faketime]` installs, from the distribution's packages
+# `prerequisites WHO [faketime] [browser]` installs, from the distribution's packages
 # (Debian/Ubuntu, apt), what building and running branchsync needs and this
 # machine lacks, after one line that says what it installs and why:
 #   - the PostgreSQL server binaries (postgresql): the demo and the tests
@@ -10,7 +10,9 @@
 #   - a C compiler and linker (gcc, libc6-dev): Rust links with it, and
 #     pg_query and ring compile C;
 #   - CA certificates (ca-certificates): cargo fetches crates over HTTPS;
-#   - with `faketime`: libfaketime (the tests run a shop's clock ahead).
+#   - with `faketime`: libfaketime (the tests run a shop's clock ahead);
+#   - with `browser`: headless Chromium and chromedriver (chromium,
+#     chromium-driver): the operator page is tested in a real browser.
 # It never installs Rust: without cargo it says how to get it and fails.
 # Exports BRANCHSYNC_PG_BIN (the newest PostgreSQL >= 15 server binaries).
 
@@ -23,7 +25,13 @@ branchsync_pg_bin() {
 }
 
 prerequisites() {
-  local who=$1 want_faketime=${2:-} f
+  local who=$1 want_faketime="" want_browser="" f a
+  for a in "${@:2}"; do
+    case $a in
+      faketime) want_faketime=faketime ;;
+      browser) want_browser=browser ;;
+    esac
+  done
   local packages=() reasons=()
   if ! branchsync_pg_bin >/dev/null; then
     packages+=(postgresql); reasons+=("the PostgreSQL server binaries")
@@ -43,6 +51,9 @@ prerequisites() {
   fi
   if [ "$want_faketime" = faketime ] && ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
     packages+=(faketime); reasons+=("libfaketime (a shop's clock run ahead)")
+  fi
+  if [ "$want_browser" = browser ] && ! command -v chromedriver >/dev/null; then
+    packages+=(chromium chromium-driver); reasons+=("headless Chromium and chromedriver (the operator page's test)")
   fi
   if [ ${#packages[@]} -gt 0 ]; then
     local list

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The one test command: `bash tests/run.sh`.
 # On a fresh machine it installs what is missing (PostgreSQL server binaries,
-# libclang, faketime; a Rust toolchain check), builds the branchsync binary
+# libclang, faketime, headless Chromium; a Rust toolchain check), builds the branchsync binary
 # with failpoints, runs every test of the workspace against throwaway
 # PostgreSQL clusters, then builds the Docker images and runs two scenarios
 # on the docker-compose stack (see the end of this file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The PostgreSQL server binaries, libclang, a C compiler, CA certificates and
-# libfaketime (a shop's clock run ahead), installed when missing; exports
+# The PostgreSQL server binaries, libclang, a C compiler, CA certificates,
+# libfaketime (a shop's clock run ahead) and headless Chromium with
+# chromedriver (the operator page's test), installed when missing; exports
 # BRANCHSYNC_PG_BIN.
 # shellcheck source=scripts/prerequisites.sh
 . scripts/prerequisites.sh
-prerequisites "tests/run.sh" faketime
+prerequisites "tests/run.sh" faketime browser
 
 features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"

@@ -152,6 +152,9 @@ impl TableReport {
     }
 }
 
+/// A key's rows at one site as a reading saw them: (hash, count), or none.
+type Seen = Option<(i64, i64)>;
+
 /// Compares `table` between `branch` and `main`.
 pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle: &mut impl Settle, table: &TableName, rows_estimate: i64) -> Result<TableReport, VerifyError> {
     let started = Instant::now();
@@ -207,7 +210,7 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
         bk.extend(branch.rows(&scan, pick, None, false).await?.into_iter().map(|r| (r.key.clone(), r)));
         mk.extend(main.rows(&scan, pick, None, false).await?.into_iter().map(|r| (r.key.clone(), r)));
     }
-    let mut candidates: BTreeMap<String, (Option<(i64, i64)>, Option<(i64, i64)>)> = BTreeMap::new();
+    let mut candidates: BTreeMap<String, (Seen, Seen)> = BTreeMap::new();
     for k in bk.keys().chain(mk.keys()) {
         let (x, y) = (bk.get(k).map(|r| (r.hash, r.count)), mk.get(k).map(|r| (r.hash, r.count)));
         if x != y {
@@ -474,7 +477,9 @@ impl<'a> TableReader<'a> {
 /// a `branchsync.verdict` message under the main's replication origin,
 /// sealed with the daemon's `mark_key`, so the main's capture keeps it in
 /// the relay in commit order (R25). The table is locked in `SHARE` mode
-/// meanwhile (writers wait a moment; `lock_timeout` bounds it), so no
+/// meanwhile (writers wait a moment; a lock not granted within a second,
+/// because a transaction holds the table, fails the repair rather than
+/// queue the ERP's writers behind it), so no
 /// change of the ERP falls between the read and the verdicts: whatever
 /// changes the row later comes after the verdict in the relay. The branch
 /// writes the row as the main holds it, counters included (absolutely,
@@ -513,7 +518,7 @@ pub async fn emit_repairs(client: &Client, mark_key: &[u8], main_node: &str, to:
     let desc = branchsync_proto::TableDesc { schema: table.schema.clone(), name: table.name.clone(), columns: columns.clone(), key: key_flags.clone(), identity_full: false };
     let origin = crate::state::origin_name(main_node);
     client
-        .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '1s'")
         .await
         .map_err(EngineError::pg("starting a repair"))?;
     let r = async {

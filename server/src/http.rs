@@ -1,32 +1,37 @@
-//! The operator's HTTP surface: `/health`, `/status` (JSON) and `/metrics`
-//! (Prometheus text), on axum (hyper). It never touches the database: it
-//! renders what [`StatusSource`] holds.
+//! The operator's HTTP surface: `/health`, `/status` (JSON), `/metrics`
+//! (Prometheus text), and the operator page (`/`, with `/api/inbox` and
+//! `/api/conflicts/{id}/resolve`), on axum (hyper). It never touches the
+//! database: it renders what [`StatusSource`] holds, and hands the page's
+//! questions and actions to the task that owns the node's operator
+//! connection ([`OperatorRequest`], over a channel).
 //!
 //! # Who may ask
 //!
 //! On a loopback address anyone on the machine may `GET`; on any other
-//! address every request but `/health` needs `Authorization: Bearer
-//! <[http] token>` (the config refuses a non-loopback address without a
-//! token). A request that would change state (any method but `GET` and
-//! `HEAD`) needs the token on every address and must carry no `Origin`
-//! (browsers send one; scripts of other sites must not reach it). On
+//! address every request but `/health` and the page itself (`/`, which
+//! holds no data) needs `Authorization: Bearer <[http] token>` (the config
+//! refuses a non-loopback address without a token). A request that would
+//! change state (any method but `GET` and `HEAD`) needs the token on every
+//! address, a JSON body, and either no `Origin` (a script) or the server's
+//! own (the operator page): a page of another site cannot reach it. On
 //! loopback the `Host` must name the loopback (a DNS-rebinding page names
-//! its own host). Refusals are 401 (no or wrong token) and 403 (host or
-//! origin), never a hint of the token.
+//! its own host). The page may not be framed (`frame-ancestors 'none'`).
+//! Refusals are 401 (no or wrong token) and 403 (host or origin), never a
+//! hint of the token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get as route_get;
+use axum::routing::{get as route_get, post as route_post};
 use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Whether a sample only grows (since the daemon started) or goes up and down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,12 +126,29 @@ pub struct HttpAccess {
     pub token: Option<String>,
 }
 
+/// What the operator page asks of the node's database; the task that owns
+/// the operator connection answers (JSON, or an error message for people).
+#[derive(Debug)]
+pub enum OperatorRequest {
+    /// Unsettled conflict records (quarantined changes among them), newest
+    /// first, with both versions; and the parked rows.
+    Inbox { reply: oneshot::Sender<Result<serde_json::Value, String>> },
+    /// Settle record `id`, keeping the local version or writing the remote
+    /// one back (as `branchsync conflicts resolve`).
+    Resolve { id: i64, keep_remote: bool, reply: oneshot::Sender<Result<serde_json::Value, String>> },
+}
+
 #[derive(Clone)]
 struct AppState {
     source: Arc<dyn StatusSource>,
     access: HttpAccess,
     loopback: bool,
+    operator: Option<mpsc::Sender<OperatorRequest>>,
 }
+
+/// The operator page: one HTML file, its script inline, no external
+/// resource.
+const PAGE: &str = include_str!("operator.html");
 
 /// Compares two secrets in time independent of where they differ.
 pub fn tokens_equal(a: &str, b: &str) -> bool {
@@ -160,10 +182,18 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
         }
     }
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
-    if !reads && headers.contains_key(header::ORIGIN) {
-        return (StatusCode::FORBIDDEN, "forbidden: requests from web pages may not change state\n").into_response();
+    if !reads {
+        // Only a script (no Origin) or the operator page itself (this
+        // server's own origin) may change state.
+        let own = headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(|h| format!("http://{h}"));
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            if own.is_none_or(|own| origin.to_str().ok() != Some(own.as_str())) {
+                return (StatusCode::FORBIDDEN, "forbidden: requests from web pages of other origins may not change state\n").into_response();
+            }
+        }
     }
-    let needs_token = !reads || (!st.loopback && req.uri().path() != "/health");
+    let open = matches!(req.uri().path(), "/health" | "/");
+    let needs_token = !reads || (!st.loopback && !open);
     if needs_token && !bearer_ok(headers, st.access.token.as_deref()) {
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "unauthorized: send Authorization: Bearer <[http] token>\n").into_response();
     }
@@ -186,11 +216,59 @@ async fn metrics(State(st): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], render_metrics(&st.source.metrics())).into_response()
 }
 
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// Hands a request to the operator task and waits for its answer.
+async fn ask_operator(st: &AppState, make: impl FnOnce(oneshot::Sender<Result<serde_json::Value, String>>) -> OperatorRequest) -> Response {
+    let Some(tx) = &st.operator else { return (StatusCode::NOT_FOUND, "this node serves no operator actions\n").into_response() };
+    let (reply, rx) = oneshot::channel();
+    if tx.send(make(reply)).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping\n").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(v))) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
+        Ok(Ok(Err(e))) => (StatusCode::CONFLICT, [(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "error": e }).to_string()).into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "the database did not answer in time\n").into_response(),
+    }
+}
+
+async fn inbox(State(st): State<AppState>) -> Response {
+    ask_operator(&st, |reply| OperatorRequest::Inbox { reply }).await
+}
+
+async fn resolve(State(st): State<AppState>, Path(id): Path<i64>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    // A JSON body: a cross-site form cannot send one without asking first.
+    let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let keep = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.get("keep").and_then(|k| k.as_str()).map(str::to_string));
+    let keep_remote = match (json, keep.as_deref()) {
+        (true, Some("local")) => false,
+        (true, Some("remote")) => true,
+        _ => return (StatusCode::BAD_REQUEST, "send Content-Type: application/json and {\"keep\": \"local\"} or {\"keep\": \"remote\"}\n").into_response(),
+    };
+    ask_operator(&st, |reply| OperatorRequest::Resolve { id, keep_remote, reply }).await
+}
+
 /// Serves until `shutdown` turns true; in-flight requests finish first.
-pub async fn serve(listener: TcpListener, source: Arc<dyn StatusSource>, access: HttpAccess, mut shutdown: watch::Receiver<bool>) {
+/// `operator`: where the page's questions and actions go (none: the page
+/// shows the status only).
+pub async fn serve(listener: TcpListener, source: Arc<dyn StatusSource>, access: HttpAccess, operator: Option<mpsc::Sender<OperatorRequest>>, mut shutdown: watch::Receiver<bool>) {
     let loopback = listener.local_addr().is_ok_and(|a: SocketAddr| a.ip().is_loopback());
-    let st = AppState { source, access, loopback };
+    let st = AppState { source, access, loopback, operator };
     let app = Router::new()
+        .route("/", route_get(page))
+        .route("/api/inbox", route_get(inbox))
+        .route("/api/conflicts/{id}/resolve", route_post(resolve))
         .route("/health", route_get(health))
         .route("/status", route_get(status))
         .route("/metrics", route_get(metrics))
@@ -242,7 +320,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(l, Arc::new(Fixed), HttpAccess::default(), rx));
+        let task = tokio::spawn(serve(l, Arc::new(Fixed), HttpAccess::default(), None, rx));
         assert!(get(port, "/health").await.starts_with("HTTP/1.1 200"));
         let st = get(port, "/status").await;
         assert!(st.contains("application/json") && st.ends_with("{\"node\":\"main\"}"), "{st}");
@@ -252,6 +330,15 @@ mod tests {
         // A state change without the token, on loopback.
         let post = request(port, &format!("POST /status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
         assert!(post.starts_with("HTTP/1.1 401"), "{post}");
+        // The operator page's own origin is let through to the token check;
+        // any other origin is refused before it.
+        let own = request(port, &format!("POST /api/conflicts/1/resolve HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
+        assert!(own.starts_with("HTTP/1.1 401"), "{own}");
+        let other = request(port, &format!("POST /api/conflicts/1/resolve HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:9\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
+        assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+        // The page itself: HTML that may not be framed.
+        let page = get(port, "/").await;
+        assert!(page.starts_with("HTTP/1.1 200") && page.contains("frame-ancestors 'none'") && page.contains("<title>branchsync</title>"), "{page}");
         let m = get(port, "/metrics").await;
         assert_eq!(m.matches("# TYPE x_total counter").count(), 1, "{m}");
         assert!(m.contains("x_total{peer=\"b\\\"1\"} 3"), "{m}");

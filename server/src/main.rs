@@ -9,6 +9,7 @@ mod config;
 mod inspect;
 mod link;
 mod node;
+mod operator;
 mod progress;
 mod report;
 mod status;

@@ -623,8 +623,15 @@ impl Node {
             let src: Arc<dyn branchsync_server::http::StatusSource> = Arc::new(crate::report::HttpStatus(status.clone()));
             let shutdown = shutdown_rx.clone();
             let access = branchsync_server::http::HttpAccess { token: s.http_token.clone() };
+            // The page's database work: its own task and connection.
+            let (op_tx, op_rx) = tokio::sync::mpsc::channel(8);
+            let (db_url, scope, op_shutdown) = (s.db_url.clone(), s.scope.clone(), shutdown_rx.clone());
             tasks.spawn(async move {
-                branchsync_server::http::serve(listener, src, access, shutdown).await;
+                crate::operator::run(db_url, scope, op_rx, op_shutdown).await;
+                ("operator", Ok(()))
+            });
+            tasks.spawn(async move {
+                branchsync_server::http::serve(listener, src, access, Some(op_tx), shutdown).await;
                 ("http", Ok(()))
             });
         }

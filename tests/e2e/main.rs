@@ -29,3 +29,4 @@ mod scenarios;
 mod soak;
 mod tls;
 mod verify;
+mod web;
