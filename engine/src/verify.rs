@@ -26,7 +26,8 @@
 //!    hot row that never stops changing is reported as such, not as a
 //!    difference). A row that now agrees was in flight.
 //!
-//! The cost is two scans per table and site plus a read of the candidates;
+//! The cost is two scans per table and site (both sites read at once) plus
+//! a read of the candidates;
 //! what crosses the link is one summary per bucket and one line per key of
 //! a differing bucket.
 //!
@@ -170,7 +171,9 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
         differences: Vec::new(),
         seconds: 0.0,
     };
-    let (b, m) = (branch.shape(table).await?, main.shape(table).await?);
+    // Both sites read at once (two machines in a real chain).
+    let (b, m) = tokio::join!(branch.shape(table), main.shape(table));
+    let (b, m) = (b?, m?);
     let (b, m) = match (b, m) {
         (Some(b), Some(m)) => (b, m),
         (b, _) => {
@@ -192,7 +195,8 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
     report.buckets = scan.buckets;
 
     // 1. Buckets.
-    let (bs, ms) = (branch.buckets(&scan).await?, main.buckets(&scan).await?);
+    let (bs, ms) = tokio::join!(branch.buckets(&scan), main.buckets(&scan));
+    let (bs, ms) = (bs?, ms?);
     report.rows_branch = bs.iter().map(|s| s.rows).sum();
     report.rows_main = ms.iter().map(|s| s.rows).sum();
     let differing = differing_buckets(&bs, &ms);
@@ -207,8 +211,9 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
     let batch = usize::try_from((ROWS_PER_READ / per_bucket).max(1)).unwrap_or(1);
     let (mut bk, mut mk) = (HashMap::new(), HashMap::new());
     for pick in differing.chunks(batch) {
-        bk.extend(branch.rows(&scan, pick, None, false).await?.into_iter().map(|r| (r.key.clone(), r)));
-        mk.extend(main.rows(&scan, pick, None, false).await?.into_iter().map(|r| (r.key.clone(), r)));
+        let (b, m) = tokio::join!(branch.rows(&scan, pick, None, false), main.rows(&scan, pick, None, false));
+        bk.extend(b?.into_iter().map(|r| (r.key.clone(), r)));
+        mk.extend(m?.into_iter().map(|r| (r.key.clone(), r)));
     }
     let mut candidates: BTreeMap<String, (Seen, Seen)> = BTreeMap::new();
     for k in bk.keys().chain(mk.keys()) {
@@ -228,8 +233,9 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
         let (mut bnow, mut mnow) = (HashMap::new(), HashMap::new());
         for part in keys.chunks(KEYS_PER_READ) {
             let pick: Vec<u32> = part.iter().map(|k| bucket_of(k, scan.buckets)).collect::<BTreeSet<_>>().into_iter().collect();
-            bnow.extend(branch.rows(&scan, &pick, Some(part), true).await?.into_iter().map(|r| (r.key.clone(), r)));
-            mnow.extend(main.rows(&scan, &pick, Some(part), true).await?.into_iter().map(|r| (r.key.clone(), r)));
+            let (b, m) = tokio::join!(branch.rows(&scan, &pick, Some(part), true), main.rows(&scan, &pick, Some(part), true));
+            bnow.extend(b?.into_iter().map(|r| (r.key.clone(), r)));
+            mnow.extend(m?.into_iter().map(|r| (r.key.clone(), r)));
         }
         let mut next = BTreeMap::new();
         for (k, (b0, m0)) in candidates {
