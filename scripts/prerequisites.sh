@@ -53,7 +53,7 @@ prerequisites() {
     packages+=(faketime); reasons+=("libfaketime (a shop's clock run ahead)")
   fi
   if [ "$want_browser" = browser ] && ! command -v chromedriver >/dev/null; then
-    packages+=(chromium chromium-driver); reasons+=("headless Chromium and chromedriver (the operator page's test)")
+    packages+=(chromium chromium-driver fonts-liberation); reasons+=("headless Chromium and chromedriver (the operator page's test)")
   fi
   if [ ${#packages[@]} -gt 0 ]; then
     local list
