@@ -466,6 +466,21 @@ mod tests {
     }
 
     #[test]
+    fn a_verdict_written_before_repairs_had_an_addressee_still_decodes() {
+        // The entry format before `Verdict::to`: the same fields, one fewer.
+        #[derive(Serialize)]
+        struct Before {
+            table: u32,
+            key: Vec<Value>,
+            row: Option<Vec<Value>>,
+            for_commit_ts: i64,
+        }
+        let old = rmp_serde::to_vec(&Before { table: 2, key: vec![Value::Text("7".into())], row: None, for_commit_ts: 5 }).unwrap();
+        let v: Verdict = rmp_serde::from_slice(&old).unwrap();
+        assert_eq!(v, Verdict { table: 2, key: vec![Value::Text("7".into())], row: None, for_commit_ts: 5, to: None });
+    }
+
+    #[test]
     fn log_entry_round_trips_through_messagepack() {
         let e = sample_entry(42);
         let bytes = rmp_serde::to_vec(&e).unwrap();
