@@ -34,6 +34,39 @@ const PUBLICATION: &str = "branchsync";
 const IDLE: Duration = Duration::from_secs(600);
 /// How long the main waits for its own capture to catch up with a probe.
 const PROBE_WAIT: Duration = Duration::from_secs(120);
+/// Inspection sessions one branch may hold at once (one `verify` uses
+/// two; a run just ended may not have closed its own yet): each holds a
+/// connection to the main's database, so a stolen shop credential cannot
+/// use up the head office's connections.
+const SESSIONS_PER_NODE: usize = 4;
+
+/// Inspection sessions open at the main, per branch.
+static OPEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> = std::sync::LazyLock::new(Default::default);
+
+/// One of a branch's inspection sessions; gives its slot back on drop.
+struct Slot(String);
+
+impl Slot {
+    /// A slot for `node`, unless it holds [`SESSIONS_PER_NODE`] already.
+    fn take(node: &str) -> Option<Slot> {
+        let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(node.to_string()).or_default();
+        if *n >= SESSIONS_PER_NODE {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(node.to_string()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.0) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
 
 // ------------------------------------------------------------------ main side
 
@@ -69,6 +102,16 @@ pub(crate) async fn serve(
         }
         return link::refuse(&mut writer, link::auth_refused(&hello.node)).await;
     }
+    let Some(_slot) = Slot::take(&hello.node) else {
+        tracing::warn!(peer = %hello.node, limit = SESSIONS_PER_NODE, "too many verify sessions of one branch; refused");
+        let r = link::refusal(
+            RefusalReason::Other,
+            format!("branch \"{}\" has {SESSIONS_PER_NODE} verify sessions open already", hello.node),
+            "Each verify session holds a connection to the main's database.".into(),
+            "Wait for the running branchsync verify of this shop to end.",
+        );
+        return link::refuse(&mut writer, r).await;
+    };
     drop(permit);
     let node = hello.node;
     link::set_frame_limit(&mut reader, &mut writer, settings.max_frame);
@@ -531,4 +574,22 @@ pub fn render(r: &VerifyReport, limit: usize) -> String {
         if r.tables_differing == 0 { "every table agrees".to_string() } else { format!("{} rows differ in {} tables", r.differences, r.tables_differing) }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_branch_holds_a_bounded_number_of_verify_sessions_and_gets_them_back() {
+        let a = Slot::take("slots-test-1").expect("first");
+        let b: Vec<Slot> = (1..SESSIONS_PER_NODE).map(|_| Slot::take("slots-test-1").expect("within the limit")).collect();
+        assert!(Slot::take("slots-test-1").is_none(), "one more session of the same branch is refused");
+        let other = Slot::take("slots-test-2");
+        assert!(other.is_some(), "another branch has its own");
+        drop(a);
+        let c = Slot::take("slots-test-1");
+        assert!(c.is_some(), "a session that ended gives its slot back");
+        drop((b, c, other));
+    }
 }
