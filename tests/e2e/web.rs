@@ -8,6 +8,7 @@
 //! origin, or without the token, is refused. `BRANCHSYNC_SCREENSHOT=FILE`
 //! keeps a screenshot of the page (README's is one).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // chromedriver and the browsers it started share its process group:
+        // a failed test leaves no Chromium behind.
+        let _ = Command::new("kill").args(["-9", &format!("-{}", self.driver.id())]).status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -36,6 +40,7 @@ async fn browser() -> Browser {
     let port = free_port();
     let driver = Command::new("chromedriver")
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
