@@ -43,6 +43,10 @@
 //! * `daemon_role` — the non-superuser role the daemon connects as
 //!   ([`crate::setup::grant_daemon_role`]); the event triggers trust
 //!   `branchsync.*` settings only in its sessions (and superusers').
+//! * `echo_settled` — at a branch: every local change committed at or
+//!   before `through_ts` (µs) has been decided by the main and its result
+//!   is here; an echo equal to the row here is left unwritten and moves it
+//!   (see [`crate::apply`]'s obeyer).
 //! * `capture_skips` — transactions whose rows too large to carry the
 //!   operator allowed capture to skip (R24).
 
@@ -185,6 +189,10 @@ CREATE TABLE IF NOT EXISTS branchsync.relay_suppress (
     author text NOT NULL,
     commit_lsn bigint NOT NULL,
     PRIMARY KEY (author, commit_lsn)
+);
+CREATE TABLE IF NOT EXISTS branchsync.echo_settled (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    through_ts bigint NOT NULL
 );
 CREATE TABLE IF NOT EXISTS branchsync.daemon_role (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),

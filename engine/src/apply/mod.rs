@@ -261,6 +261,10 @@ pub struct Applier {
     /// When this node was initialised (µs): local rows committed before are
     /// the baseline every peer has seen.
     init_ts_us: i64,
+    /// `branchsync.echo_settled` is there to write (a branch's database
+    /// initialised by this release or later): echoes equal to the row here
+    /// are left unwritten.
+    settle: bool,
     /// Tables with rows folded into others (`on_unique_conflict = "merge"`).
     merged_tables: HashSet<String>,
     /// Statements of insert-only ChangeSets not sent yet.
@@ -356,6 +360,7 @@ impl Applier {
                 noted_skips: HashSet::new(),
                 schema_version: None,
                 init_ts_us: 0,
+                settle: false,
                 merged_tables: HashSet::new(),
                 queue: pipeline::Queue::default(),
                 uncommitted: Vec::new(),
@@ -384,13 +389,16 @@ impl Applier {
             .client
             .query_one(
                 "SELECT coalesce((SELECT (extract(epoch from initialized_at) * 1000000)::int8 FROM branchsync.node), 0), \
-                        ARRAY(SELECT DISTINCT tbl FROM branchsync.key_merges)",
+                        ARRAY(SELECT DISTINCT tbl FROM branchsync.key_merges), \
+                        coalesce((SELECT has_table_privilege(r, 'SELECT') AND has_table_privilege(r, 'INSERT') AND has_table_privilege(r, 'UPDATE') \
+                                  FROM to_regclass('branchsync.echo_settled') r), false)",
                 &[],
             )
             .await
             .map_err(EngineError::pg("reading the node"))?;
         applier.init_ts_us = row.get(0);
         applier.merged_tables = row.get::<_, Vec<String>>(1).into_iter().collect();
+        applier.settle = row.get(2);
         applier.progress_tx.send_replace(applier.stats.clone());
         Ok((applier, progress_rx))
     }

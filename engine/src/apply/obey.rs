@@ -17,7 +17,18 @@
 //! node), or as a verdict when the main did not write the row. So a row
 //! changed here is *pending* exactly while its newest version is a local
 //! commit made after `init` (rows committed before it are the copied
-//! baseline): applying the echo or verdict makes it an applied row again.
+//! baseline) whose echo has not come back: applying the echo or verdict
+//! makes it an applied row again. An echo equal to the row here is not
+//! written at all (a sales backlog's echoes are nearly all equal: writing
+//! them cost the shop's database an update per row and the WAL to decode
+//! it); instead the same statement moves `branchsync.echo_settled` up to
+//! the echoed change's commit time, and a local version committed at or
+//! before that time is decided too. Echoes come back in the order the
+//! changes were made here (the main applies this node's stream in order
+//! and relays in its commit order), so every local change at or before the
+//! mark has had its echo; the rare commit whose time is out of WAL order by
+//! a few microseconds is at worst written over by another node's change
+//! before its own echo brings the main's result, as any mistake below heals.
 //! While it is pending, other nodes' changes to it are not written here —
 //! the main decides them against our change and the echo brings the result.
 //! An echo or verdict is not written over a newer local change of the same
@@ -58,9 +69,15 @@ impl Applier {
     pub(super) fn guard_for(&self, e: &LogEntry, next_param: usize) -> Guard {
         match (self.cfg.role, self.is_echo(e)) {
             (crate::Role::Main, _) => Guard::None,
+            (crate::Role::Branch, true) if self.settle => Guard::EchoSettle(next_param),
             (crate::Role::Branch, true) => Guard::Echo(next_param),
-            (crate::Role::Branch, false) => Guard::Others(self.init_ts_us),
+            (crate::Role::Branch, false) => self.others_guard(),
         }
+    }
+
+    /// The guard for other nodes' changes.
+    pub(super) fn others_guard(&self) -> Guard {
+        Guard::Others { init_us: self.init_ts_us, settled: self.settle }
     }
 
     /// An echo without what was only ever ours: schema changes, TRUNCATE and
@@ -117,12 +134,12 @@ impl Applier {
         if matches!(run[0], RowChange::Delete { .. }) {
             let guard = self.guard_for(e, ks.len() + 1);
             let mut types = vec![Type::TEXT_ARRAY; ks.len()];
-            if matches!(guard, Guard::Echo(_)) {
+            if guard.takes_ts() {
                 types.push(Type::INT8);
             }
             let st = self.stmt(&sql::delete_guarded(&m.table, guard), &types).await?;
             let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            if matches!(guard, Guard::Echo(_)) {
+            if guard.takes_ts() {
                 params.push(&ts);
             }
             self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
@@ -136,7 +153,7 @@ impl Applier {
         if set_names.is_empty() {
             return Ok(());
         }
-        let st = self.stmt(&sql::update_guarded(&m.table, &set_names, Guard::Others(self.init_ts_us)), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
+        let st = self.stmt(&sql::update_guarded(&m.table, &set_names, self.others_guard()), &vec![Type::TEXT_ARRAY; ks.len() + set_names.len()]).await?;
         let news: Vec<&Vec<Value>> = run.iter().map(|ch| match ch { RowChange::Update { new, .. } => new, _ => super::unreachable_change() }).collect();
         let vals: Vec<Vec<Option<&str>>> = set_src.iter().map(|c| news.iter().map(|n| n.get(*c).and_then(Value::as_text)).collect()).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -161,14 +178,14 @@ impl Applier {
         let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
         let guard = if since.is_some() { Guard::Echo(cols.len() + 1) } else { self.guard_for(e, cols.len() + 1) };
         let mut types = vec![Type::TEXT_ARRAY; cols.len()];
-        if matches!(guard, Guard::Echo(_)) {
+        if guard.takes_ts() {
             types.push(Type::INT8);
         }
         let st = self.stmt(&sql::upsert(&m.table, &names, guard), &types).await?;
         let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![new.get(*c).and_then(Value::as_text)]).collect();
         let ts = since.unwrap_or(e.header.commit_ts_us);
         let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        if matches!(guard, Guard::Echo(_)) {
+        if guard.takes_ts() {
             params.push(&ts);
         }
         let c = &self.conn.client;

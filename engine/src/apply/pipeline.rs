@@ -219,7 +219,7 @@ impl Applier {
             // A branch takes the main's rows as they come; the main decides
             // (a clash fails the batch and is replayed carefully).
             let guard = self.guard_for(e, cols.len() + 1);
-            let echo = matches!(guard, sql::Guard::Echo(_));
+            let echo = guard.takes_ts();
             let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
             let mut types = vec![Type::TEXT_ARRAY; cols.len()];
             if echo {
@@ -231,7 +231,7 @@ impl Applier {
             // row guarded by its own change's commit time.
             let mut queued = (text.clone(), st.clone(), None);
             if echo {
-                if let (Some(upd), Some(ins)) = (sql::echo_update(&m.table, &names), sql::echo_insert(&m.table, &names)) {
+                if let (Some(upd), Some(ins)) = (sql::echo_update(&m.table, &names, self.settle), sql::echo_insert(&m.table, &names)) {
                     let mut types = vec![Type::TEXT_ARRAY; cols.len()];
                     types.push(Type::INT8_ARRAY);
                     let u = self.stmt(&upd, &types).await?;
@@ -313,12 +313,16 @@ impl Applier {
                 if !m.table.parents.is_empty() {
                     self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), Vec::new())).1.extend(keys);
                 }
-                if !m.table.parents.is_empty() && self.cfg.role == crate::Role::Main {
-                    // The foreign-key values as sent: the main's inserts
-                    // write every row as sent (a branch's upsert may leave
-                    // a row as it was), so the parents can be checked on
-                    // their distinct values first (few, where a batch has
-                    // many lines of few orders).
+                if !m.table.parents.is_empty() {
+                    // The foreign-key values as sent, so the parents can be
+                    // checked on their distinct values first (few, where a
+                    // batch has many lines of few orders). The main writes
+                    // every row as sent. A branch writes a row as sent or
+                    // leaves it as it is: equal to the one sent, or a local
+                    // change the main has not decided yet, whose parents
+                    // this database's foreign keys checked at its commit
+                    // and the main checks again (R9) before its result
+                    // comes back here.
                     let srcs: Option<Vec<Vec<usize>>> = m
                         .table
                         .parents
@@ -377,7 +381,7 @@ impl Applier {
         let source = sql::staging(n);
         let text = if self.cfg.role == crate::Role::Branch { sql::upsert_from(&m.table, names, guard, &source) } else { sql::insert_from(&m.table, names, false, &source) };
         let ts = e.header.commit_ts_us;
-        let params: Vec<&(dyn ToSql + Sync)> = if matches!(guard, sql::Guard::Echo(_)) { vec![&ts] } else { Vec::new() };
+        let params: Vec<&(dyn ToSql + Sync)> = if guard.takes_ts() { vec![&ts] } else { Vec::new() };
         let c = &self.conn.client;
         c.execute(text.as_str(), &params).await.map_err(EngineError::pg(format!("applying a large row to {}", m.table.name)))?;
         c.batch_execute(&format!("TRUNCATE {source}")).await.map_err(EngineError::pg("emptying the staging table"))?;

@@ -287,13 +287,20 @@ pub fn cas_delete(t: &LocalTable, cmp_cols: &[&str]) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
     /// Another node's change: not over a row changed here and not yet
-    /// decided by the main (its version is a local commit made after this
-    /// node's `init`, at this many µs; earlier ones are the copied baseline).
-    Others(i64),
+    /// decided by the main: its version is a local commit made after this
+    /// node's `init` (at `init_us`; earlier ones are the copied baseline)
+    /// and, when `settled` (the database has `branchsync.echo_settled`),
+    /// after every local change whose echo was left unwritten.
+    Others { init_us: i64, settled: bool },
     /// The main's result for a change made here (an echo or a verdict): not
     /// over a newer local change of the row; the parameter with this number
     /// holds the change's commit time (µs, this node's clock).
     Echo(usize),
+    /// [`Guard::Echo`] that also leaves a row already equal to the main's
+    /// unwritten, and moves `branchsync.echo_settled` up to the change's
+    /// commit time in the same statement (the row is decided without a
+    /// write: see [`super::obey`]).
+    EchoSettle(usize),
     /// [`Guard::Echo`] for rows of several ChangeSets: the commit time of
     /// each row's change is column `ts` of the `unnest` alias `u`.
     EchoEach,
@@ -301,20 +308,32 @@ pub enum Guard {
     None,
 }
 
+/// Moves the settled mark up to `ts_sql` (an `int8` expression): every
+/// local change committed at or before it has been decided by the main.
+fn settle_cte(ts_sql: &str) -> String {
+    format!(
+        "WITH settled AS (INSERT INTO branchsync.echo_settled AS s (singleton, through_ts) VALUES (true, coalesce({ts_sql}, 0)) \
+         ON CONFLICT (singleton) DO UPDATE SET through_ts = greatest(s.through_ts, excluded.through_ts)) "
+    )
+}
+
 impl Guard {
+    /// Whether the guard takes the change's commit time as a parameter.
+    pub fn takes_ts(self) -> bool {
+        matches!(self, Guard::Echo(_) | Guard::EchoSettle(_))
+    }
+
     /// SQL condition over alias `alias` that holds when the row may be written.
     pub fn sql(self, alias: &str) -> String {
         let origin = format!("coalesce((pg_xact_commit_timestamp_origin({alias}.xmin)).roident::int, -1)");
+        let ts = format!("coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0)");
         match self {
-            Guard::Others(init_us) => format!(
-                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) >= {init_us})"
-            ),
-            Guard::Echo(p) => format!(
-                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) > ${p}::int8)"
-            ),
-            Guard::EchoEach => format!(
-                "NOT ({origin} = 0 AND coalesce((extract(epoch from (pg_xact_commit_timestamp_origin({alias}.xmin)).\"timestamp\") * 1000000)::int8, 0) > u.ts)"
-            ),
+            Guard::Others { init_us, settled: false } => format!("NOT ({origin} = 0 AND {ts} >= {init_us})"),
+            Guard::Others { init_us, settled: true } => {
+                format!("NOT ({origin} = 0 AND {ts} >= {init_us} AND {ts} > coalesce((SELECT through_ts FROM branchsync.echo_settled), 0))")
+            }
+            Guard::Echo(p) | Guard::EchoSettle(p) => format!("NOT ({origin} = 0 AND {ts} > ${p}::int8)"),
+            Guard::EchoEach => format!("NOT ({origin} = 0 AND {ts} > u.ts)"),
             Guard::None => "true".into(),
         }
     }
@@ -338,40 +357,60 @@ fn upsert_with(t: &LocalTable, cols: &[&str], guard: Guard, insert: String) -> S
         return sql;
     }
     let pk: Vec<String> = t.pk.iter().map(|c| quote_ident(c)).collect();
-    let sets: Vec<String> = cols.iter().filter(|c| !t.pk.iter().any(|k| k == *c)).map(|c| format!("{0} = excluded.{0}", quote_ident(c))).collect();
+    let set_cols: Vec<&&str> = cols.iter().filter(|c| !t.pk.iter().any(|k| k == **c)).collect();
+    let sets: Vec<String> = set_cols.iter().map(|c| format!("{0} = excluded.{0}", quote_ident(c))).collect();
     if sets.is_empty() {
         sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", pk.join(", ")));
     } else {
         sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {} WHERE {}", pk.join(", "), sets.join(", "), guard.sql("t")));
+    }
+    if let Guard::EchoSettle(p) = guard {
+        if !sets.is_empty() {
+            // Compared as text: every type has a text form, not every type
+            // an equality operator; a difference of form only costs a write.
+            let here: Vec<String> = set_cols.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
+            let sent: Vec<String> = set_cols.iter().map(|c| format!("excluded.{}::text", quote_ident(c))).collect();
+            sql.push_str(&format!(" AND ROW({}) IS DISTINCT FROM ROW({})", here.join(", "), sent.join(", ")));
+        }
+        // A row left as it is (equal, or only its key sent) is decided too.
+        sql = format!("{}{sql}", settle_cte(&format!("${p}::int8")));
     }
     sql
 }
 
 /// The echoes of inserted rows of several ChangeSets at once (a branch),
 /// first statement: the rows that are here are written over within
-/// [`Guard::EchoEach`]. Parameters: one `text[]` per column of `cols` (which
-/// hold the key), then the commit time of each row's change (`int8[]`).
-/// `None` when `cols` lacks a key column.
-pub fn echo_update(t: &LocalTable, cols: &[&str]) -> Option<String> {
+/// [`Guard::EchoEach`]. With `settle`, a row already equal to the main's is
+/// left unwritten and `branchsync.echo_settled` moves up to the newest
+/// commit time of the batch ([`Guard::EchoSettle`]). Parameters: one
+/// `text[]` per column of `cols` (which hold the key), then the commit time
+/// of each row's change (`int8[]`). `None` when `cols` lacks a key column.
+pub fn echo_update(t: &LocalTable, cols: &[&str], settle: bool) -> Option<String> {
     let (arrays, aliases) = echo_unnest(cols);
     let conds = echo_key(t, cols, "t")?;
-    let sets: Vec<String> = cols
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| !t.pk.iter().any(|k| k == *c) && !t.columns[**c].identity_always)
-        .map(|(j, c)| format!("{} = u.c{j}::{}", quote_ident(c), t.columns[*c].type_name))
-        .collect();
+    let set_cols: Vec<(usize, &&str)> = cols.iter().enumerate().filter(|(_, c)| !t.pk.iter().any(|k| k == *c) && !t.columns[**c].identity_always).collect();
+    let sets: Vec<String> = set_cols.iter().map(|(j, c)| format!("{} = u.c{j}::{}", quote_ident(c), t.columns[**c].type_name)).collect();
+    let cte = if settle { settle_cte(&format!("(SELECT max(x) FROM unnest(${}::int8[]) x)", cols.len() + 1)) } else { String::new() };
     if sets.is_empty() {
-        return Some("SELECT 0 WHERE false".into());
+        // Only the key: nothing to write, but the rows are decided.
+        return Some(if settle { format!("{cte}SELECT 0") } else { "SELECT 0 WHERE false".into() });
+    }
+    let mut conds = conds;
+    conds.push(Guard::EchoEach.sql("t"));
+    if settle {
+        // As text on both sides, the sent value through its type first (see
+        // `upsert_with`).
+        let here: Vec<String> = set_cols.iter().map(|(_, c)| format!("t.{}::text", quote_ident(c))).collect();
+        let sent: Vec<String> = set_cols.iter().map(|(j, c)| format!("u.c{j}::{}::text", t.columns[**c].type_name)).collect();
+        conds.push(format!("ROW({}) IS DISTINCT FROM ROW({})", here.join(", "), sent.join(", ")));
     }
     Some(format!(
-        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {} AND {}",
+        "{cte}UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
         t.qualified,
         sets.join(", "),
         arrays.join(", "),
         aliases.join(", "),
         conds.join(" AND "),
-        Guard::EchoEach.sql("t")
     ))
 }
 

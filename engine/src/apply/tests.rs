@@ -764,3 +764,56 @@ async fn r8_retries_under_lock_contention_during_a_catch_up_lose_no_sale() {
     assert!(missing.is_empty(), "sales lost: {missing:?}");
     assert_eq!(site.progress().await, SALES);
 }
+
+/// At a branch, the main's echo of a change made here that equals the row
+/// here is not written again (no new row version, no WAL to decode), yet
+/// the row counts as decided: the next change another shop makes to it is
+/// written. An echo that differs is written; a row changed here again after
+/// the echoed change stays the shop's until its own echo comes back.
+#[tokio::test]
+async fn at_a_branch_an_echo_equal_to_the_row_is_left_unwritten_and_the_row_is_settled() {
+    let site = Site::new("CREATE TABLE customers (id int PRIMARY KEY, name text);", &[]).await;
+    // Three sales made here, then row 2 changed here again.
+    site.c.batch_execute("INSERT INTO customers VALUES (1, 'ann'), (2, 'bob'), (3, 'cy')").await.unwrap();
+    let commit_us = |id: i32| {
+        let c = &site.c;
+        async move {
+            c.query_one("SELECT (extract(epoch from pg_xact_commit_timestamp(xmin)) * 1000000)::int8, xmin::text FROM customers WHERE id = $1", &[&id])
+                .await
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+                .unwrap()
+        }
+    };
+    let (sold_us, sold_xmin) = commit_us(1).await;
+    site.c.batch_execute("UPDATE customers SET name = 'bobby' WHERE id = 2").await.unwrap();
+    let d = desc("customers", &["id", "name"], &["id"]);
+    let cfg = ApplyConfig {
+        node: "branch1".into(),
+        scope: Scope::new(&["public".to_string()], &[]).unwrap(),
+        group_budget: DEFAULT_GROUP_BUDGET,
+        lock_timeout_ms: 200,
+        ddl: Default::default(),
+        tables: Default::default(),
+        role: crate::Role::Branch,
+        capture_progress: None,
+        mark_key: vec![7; 32],
+    };
+    let mut a = Applier::connect(&site.pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap().0;
+    // The echo of the three sales: the main kept rows 1 and 2 as sold here
+    // and changed row 3 (its decision).
+    let mut echo = cs(1, "branch1", sold_us as u64, d.clone(), vec![ins(&["1", "ann"]), ins(&["2", "bob"]), ins(&["3", "CY"])]);
+    echo.header.author_index = 1;
+    a.apply_entries(&[echo]).await.unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(commit_us(1).await.1, sold_xmin, "the echo equal to row 1 was not written");
+    assert_eq!(site.rows("SELECT id, name FROM customers ORDER BY id").await, ["(1,ann)", "(2,bobby)", "(3,CY)"], "row 3 took the main's decision; row 2's newer change stays");
+    assert_eq!(site.rows("SELECT through_ts FROM branchsync.echo_settled").await, [format!("({sold_us})")]);
+    // Another shop's changes, relayed by the main after the echo.
+    a.apply_entries(&[cs(2, "branch2", now_us(), d.clone(), vec![upd(&["1", "anne"]), upd(&["2", "robert"])])]).await.unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT id, name FROM customers ORDER BY id").await,
+        ["(1,anne)", "(2,bobby)", "(3,CY)"],
+        "row 1 was decided (its echo came back) and takes the other shop's change; row 2's own change is still on its way to the main"
+    );
+}
