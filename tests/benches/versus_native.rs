@@ -9,10 +9,19 @@
 //! cargo bench -p branchsync-tests --bench versus_native
 //! ```
 //!
-//! Backlogs (`BENCH_BACKLOG`, default both):
+//! Backlogs (`BENCH_BACKLOG`, default all three):
 //! - `lines`: 1,000,000 order lines in transactions of 500 (`BENCH_LINES`);
 //! - `sales`: 100,000 one-sale transactions, an order and 4 lines each
-//!   (`BENCH_SALES`).
+//!   (`BENCH_SALES`);
+//! - `capture`: not a backlog but the cost of capture to a site's own
+//!   sales: pgbench's TPC-B-like transactions at a branch cut off from the
+//!   main (`BENCH_PGBENCH_SECONDS`, default 15, 4 clients), once with the
+//!   daemon capturing and once with `pg_recvlogical` draining an equivalent
+//!   slot (pgoutput, the same publication) instead, in alternating order.
+//!
+//! After each `lines` round the peak resident memory of both daemons is
+//! printed (the branch's log then held the 1M-change backlog the main
+//! applied).
 //!
 //! Each round starts a main and a branch cluster (`fsync = off` on both, the
 //! harness setting) with the point-of-sale tables twice: in `public`,
@@ -140,6 +149,9 @@ async fn run() {
         backlogs.push(Backlog::Sales(env_i64("BENCH_SALES", 100_000)));
     }
     let mut summary = Vec::new();
+    if which.is_empty() || which == "capture" {
+        summary.push(capture_rounds(rounds).await);
+    }
     for b in backlogs {
         let (rows, txns) = b.size();
         println!("== {}: {rows} rows, {txns} transactions; {rounds} paired rounds", b.name());
@@ -302,7 +314,122 @@ async fn paired_round(b: Backlog) -> (f64, f64) {
         }
     }
     check_rows(&main, "public", rows).await;
+    if matches!(b, Backlog::Lines(_)) {
+        let mib = |p: Option<u32>| p.and_then(peak_rss_kib).map_or("?".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0));
+        println!("  peak resident memory: main's daemon {}, branch's daemon {}", mib(topo.main.pid()), mib(topo.branches[0].pid()));
+    }
     (native, ours)
+}
+
+/// The `capture` figure: `rounds` paired runs of pgbench at a branch cut
+/// off from the main, with its daemon capturing and with `pg_recvlogical`
+/// draining a pgoutput slot of the same publication instead. Returns the
+/// summary line.
+async fn capture_rounds(rounds: usize) -> String {
+    let seconds = env_i64("BENCH_PGBENCH_SECONDS", 15).max(1);
+    println!("== capture: pgbench (TPC-B-like, 4 clients, {seconds} s) at a branch cut off from the main; {rounds} paired rounds");
+    let mut pairs = Vec::new();
+    for round in 1..=rounds {
+        let (theirs, ours) = capture_round(round % 2 == 0, seconds).await;
+        println!("round {round}: pg_recvlogical {theirs:.0} TPS | branchsync capturing {ours:.0} TPS | ratio {:.2}x", ours / theirs);
+        pairs.push((theirs, ours));
+    }
+    let mid = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let line = format!(
+        "capture (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x",
+        mid(pairs.iter().map(|p| p.0).collect()),
+        mid(pairs.iter().map(|p| p.1).collect()),
+        mid(pairs.iter().map(|p| p.1 / p.0).collect())
+    );
+    println!("median of {rounds}: {line}");
+    line
+}
+
+/// `X/Y` as a number.
+fn lsn(text: &str) -> Option<i64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((i64::from_str_radix(hi, 16).ok()? << 32) | i64::from_str_radix(lo, 16).ok()?)
+}
+
+fn pgbench(site: &Site, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(pg_bin_dir().join("pgbench"));
+    c.args(["-h", "127.0.0.1", "-p", &site.pg.port().to_string(), "-U", "postgres"]).args(args).arg("postgres");
+    c
+}
+
+/// pgbench's TPS (excluding connection time) over `seconds`.
+fn pgbench_tps(site: &Site, seconds: i64) -> f64 {
+    let out = pgbench(site, &["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string()]).output().expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TPS in pgbench's output: {text}"))
+}
+
+/// One paired run on fresh clusters: (TPS beside `pg_recvlogical`, TPS
+/// beside the capturing daemon); `recvlogical_first` sets the order.
+async fn capture_round(recvlogical_first: bool, seconds: i64) -> (f64, f64) {
+    let mut topo = Topology::prepare(1, &format!("{POS_SCHEMA}CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;")).await;
+    topo.start_all();
+    // Schema changes come from the main, made by the application's role.
+    let out = pgbench(&topo.main, &["-i", "-s", "1", "-q", "-U", "erp"]).output().expect("run pgbench -i");
+    assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+    let branch = topo.branches[0].db().await;
+    eventually("pgbench's tables reach the branch", Duration::from_secs(300), || async {
+        let n: i64 = branch.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await.ok()?.get(0);
+        (n == 100_000).then_some(())
+    })
+    .await;
+    topo.proxies[0].cut();
+    let mut ours = None;
+    let mut theirs = None;
+    for step in 0..2 {
+        if (step == 0) == recvlogical_first {
+            // The daemon stopped; pg_recvlogical drains a slot of the same
+            // publication while pgbench runs.
+            topo.branches[0].stop();
+            let conn = topo.branches[0].pg.url();
+            let recv = |args: &[&str]| {
+                let mut c = std::process::Command::new(pg_bin_dir().join("pg_recvlogical"));
+                c.args(["-d", &conn, "-S", "bench"]).args(args);
+                c
+            };
+            let st = recv(&["--create-slot", "-P", "pgoutput"]).status().expect("run pg_recvlogical --create-slot");
+            assert!(st.success(), "pg_recvlogical --create-slot");
+            let mut child = recv(&["--start", "-o", "proto_version=1", "-o", "publication_names=branchsync", "-f", "/dev/null"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start pg_recvlogical");
+            theirs = Some(pgbench_tps(&topo.branches[0], seconds));
+            let _ = child.kill();
+            let _ = child.wait();
+            let st = recv(&["--drop-slot"]).status().expect("run pg_recvlogical --drop-slot");
+            assert!(st.success(), "pg_recvlogical --drop-slot");
+            topo.branches[0].start();
+        } else {
+            // The daemon capturing (the link is cut: capture only), once it
+            // has caught up with what was written before.
+            let branch = topo.branches[0].db().await;
+            let now: i64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get(0);
+            wait_status(&topo.branches[0], "the branch's capture caught up", Duration::from_secs(600), |s| {
+                s["caught_up_lsn"].as_str().and_then(lsn).is_some_and(|l| l >= now)
+            })
+            .await;
+            let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(60), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
+            ours = Some(pgbench_tps(&topo.branches[0], seconds));
+            wait_status(&topo.branches[0], "the branch captured pgbench's transactions", Duration::from_secs(600), |s| {
+                s["captured_transactions"].as_i64().unwrap_or(0) > before
+            })
+            .await;
+        }
+    }
+    (theirs.unwrap_or(f64::NAN), ours.unwrap_or(f64::NAN))
 }
 
 /// CPU seconds so far of each PostgreSQL process a cluster runs now, by
