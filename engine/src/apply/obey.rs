@@ -176,7 +176,7 @@ impl Applier {
     async fn obey_insert_since(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, new: &[Value], since: Option<i64>) -> Result<(), EngineError> {
         let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some() && !matches!(new.get(*i), Some(Value::Unchanged))).collect();
         let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        let guard = if since.is_some() { Guard::Echo(cols.len() + 1) } else { self.guard_for(e, cols.len() + 1) };
+        let guard = if since.is_some() { Guard::Echo(cols.len() + 1) } else { self.guard_for(e, cols.len() + 1).for_row(super::pipeline::chunk_bytes(&[new], &cols)) };
         let mut types = vec![Type::TEXT_ARRAY; cols.len()];
         if guard.takes_ts() {
             types.push(Type::INT8);

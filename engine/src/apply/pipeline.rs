@@ -99,7 +99,7 @@ pub(super) fn byte_chunks<'a, R: AsRef<[Value]>>(rows: &'a [R], cols: &[usize]) 
     out
 }
 
-fn chunk_bytes<R: AsRef<[Value]>>(rows: &[R], cols: &[usize]) -> usize {
+pub(super) fn chunk_bytes<R: AsRef<[Value]>>(rows: &[R], cols: &[usize]) -> usize {
     rows.iter().map(|r| cols.iter().map(|c| r.as_ref().get(*c).and_then(Value::as_text).map_or(0, str::len)).sum::<usize>()).sum()
 }
 
@@ -254,6 +254,8 @@ impl Applier {
                     // A large row goes now, alone, its values borrowed from
                     // the entry: no copy of it waits in the queue.
                     self.drain().await?;
+                    let big = guard.for_row(chunk_bytes(chunk, &cols));
+                    let st = if big == guard { st.clone() } else { self.stmt(&sql::upsert(&m.table, &names, big), &types).await? };
                     let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![chunk[0].get(*c).and_then(|v| v.as_text())]).collect();
                     let ts = e.header.commit_ts_us;
                     let mut p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -377,7 +379,7 @@ impl Applier {
         }
         .await;
         staged.map_err(EngineError::pg(format!("staging a large row of {}", m.table.name)))?;
-        let guard = self.guard_for(e, 1);
+        let guard = self.guard_for(e, 1).for_row(chunk_bytes(&[row], cols));
         let source = sql::staging(n);
         let text = if self.cfg.role == crate::Role::Branch { sql::upsert_from(&m.table, names, guard, &source) } else { sql::insert_from(&m.table, names, false, &source) };
         let ts = e.header.commit_ts_us;

@@ -61,6 +61,22 @@ impl Site {
         Applier::connect(&self.pg.url(), cfg, stream, state).await.unwrap().0
     }
 
+    /// An applier as branch `branch1` has it for the main's relay stream.
+    async fn branch_applier(&self) -> Applier {
+        let cfg = ApplyConfig {
+            node: "branch1".into(),
+            scope: Scope::new(&["public".to_string()], &[]).unwrap(),
+            group_budget: DEFAULT_GROUP_BUDGET,
+            lock_timeout_ms: 200,
+            ddl: Default::default(),
+            tables: Default::default(),
+            role: crate::Role::Branch,
+            capture_progress: None,
+            mark_key: vec![7; 32],
+        };
+        Applier::connect(&self.pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap().0
+    }
+
     /// An applier with the default group budget and a 200 ms lock timeout.
     async fn applier(&self) -> Applier {
         self.applier_with(DEFAULT_GROUP_BUDGET, 200).await
@@ -787,18 +803,7 @@ async fn at_a_branch_an_echo_equal_to_the_row_is_left_unwritten_and_the_row_is_s
     let (sold_us, sold_xmin) = commit_us(1).await;
     site.c.batch_execute("UPDATE customers SET name = 'bobby' WHERE id = 2").await.unwrap();
     let d = desc("customers", &["id", "name"], &["id"]);
-    let cfg = ApplyConfig {
-        node: "branch1".into(),
-        scope: Scope::new(&["public".to_string()], &[]).unwrap(),
-        group_budget: DEFAULT_GROUP_BUDGET,
-        lock_timeout_ms: 200,
-        ddl: Default::default(),
-        tables: Default::default(),
-        role: crate::Role::Branch,
-        capture_progress: None,
-        mark_key: vec![7; 32],
-    };
-    let mut a = Applier::connect(&site.pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap().0;
+    let mut a = site.branch_applier().await;
     // The echo of the three sales: the main kept rows 1 and 2 as sold here
     // and changed row 3 (its decision).
     let mut echo = cs(1, "branch1", sold_us as u64, d.clone(), vec![ins(&["1", "ann"]), ins(&["2", "bob"]), ins(&["3", "CY"])]);
@@ -816,4 +821,32 @@ async fn at_a_branch_an_echo_equal_to_the_row_is_left_unwritten_and_the_row_is_s
         ["(1,anne)", "(2,bobby)", "(3,CY)"],
         "row 1 was decided (its echo came back) and takes the other shop's change; row 2's own change is still on its way to the main"
     );
+}
+
+/// The comparison that lets a branch leave an equal echo unwritten holds
+/// both rows as text in memory; a row larger than a batch (a scanned
+/// document of hundreds of MB: twice that as text passes PostgreSQL's 1 GB
+/// bound) is written as before instead, whether it goes alone (over 4 MiB)
+/// or through the staging table (over 16 MiB). A small equal row beside
+/// them is still left alone.
+#[tokio::test]
+async fn at_a_branch_an_echo_of_a_row_larger_than_a_batch_is_written_not_compared() {
+    let site = Site::new("CREATE TABLE docs (id int PRIMARY KEY, body text);", &[]).await;
+    site.c
+        .batch_execute("INSERT INTO docs VALUES (1, repeat('a', 5 * 1024 * 1024)), (2, repeat('b', 17 * 1024 * 1024)), (3, 'small')")
+        .await
+        .unwrap();
+    let state = "SELECT id, xmin::text FROM docs ORDER BY id";
+    let before = site.rows(state).await;
+    let sold_us: i64 = site.c.query_one("SELECT (extract(epoch from pg_xact_commit_timestamp(xmin)) * 1000000)::int8 FROM docs WHERE id = 3", &[]).await.unwrap().get(0);
+    let d = desc("docs", &["id", "body"], &["id"]);
+    let mut a = site.branch_applier().await;
+    let (five, seventeen) = ("a".repeat(5 * 1024 * 1024), "b".repeat(17 * 1024 * 1024));
+    a.apply_entries(&[cs(1, "branch1", sold_us as u64, d, vec![ins(&["1", &five]), ins(&["2", &seventeen]), ins(&["3", "small"])])]).await.unwrap();
+    a.commit().await.unwrap();
+    let after = site.rows(state).await;
+    assert_ne!(after[0], before[0], "the 5 MiB row was written");
+    assert_ne!(after[1], before[1], "the 17 MiB row was written");
+    assert_eq!(after[2], before[2], "the small equal row was left alone");
+    assert_eq!(site.rows("SELECT id, length(body) FROM docs ORDER BY id").await, ["(1,5242880)", "(2,17825792)", "(3,5)"]);
 }
