@@ -560,6 +560,15 @@ pub async fn http_status(port: u16) -> Option<serde_json::Value> {
     serde_json::from_str(&body).ok()
 }
 
+/// `pgbench` against `site`'s database `postgres` with `args` (`-U` among
+/// them), its output piped.
+pub fn pgbench(site: &Site, args: &[&str]) -> Command {
+    let mut c = Command::new(pg_bin_dir().join("pgbench"));
+    c.args(["-h", "127.0.0.1", "-p", &site.pg.port().to_string()]).args(args).arg("postgres");
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
 /// Peak resident set size (VmHWM) of a process in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

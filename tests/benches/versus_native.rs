@@ -134,6 +134,12 @@ fn main() {
     rt.block_on(run());
 }
 
+/// The median of the rounds' figures.
+fn mid(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn env_i64(name: &str, default: i64) -> i64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -170,10 +176,6 @@ async fn run() {
             ratios.push(ratio);
             figures.push((native, ours));
         }
-        let mid = |mut v: Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
         let native = mid(figures.iter().map(|f| f.0).collect());
         let ours = mid(figures.iter().map(|f| f.1).collect());
         let line = format!(
@@ -334,10 +336,6 @@ async fn capture_rounds(rounds: usize) -> String {
         println!("round {round}: pg_recvlogical {theirs:.0} TPS | branchsync capturing {ours:.0} TPS | ratio {:.2}x", ours / theirs);
         pairs.push((theirs, ours));
     }
-    let mid = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let line = format!(
         "capture (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x",
         mid(pairs.iter().map(|p| p.0).collect()),
@@ -348,21 +346,9 @@ async fn capture_rounds(rounds: usize) -> String {
     line
 }
 
-/// `X/Y` as a number.
-fn lsn(text: &str) -> Option<i64> {
-    let (hi, lo) = text.split_once('/')?;
-    Some((i64::from_str_radix(hi, 16).ok()? << 32) | i64::from_str_radix(lo, 16).ok()?)
-}
-
-fn pgbench(site: &Site, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(pg_bin_dir().join("pgbench"));
-    c.args(["-h", "127.0.0.1", "-p", &site.pg.port().to_string(), "-U", "postgres"]).args(args).arg("postgres");
-    c
-}
-
 /// pgbench's TPS (excluding connection time) over `seconds`.
 fn pgbench_tps(site: &Site, seconds: i64) -> f64 {
-    let out = pgbench(site, &["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string()]).output().expect("run pgbench");
+    let out = pgbench(site, &["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "-U", "postgres"]).output().expect("run pgbench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench: {}{}", text, String::from_utf8_lossy(&out.stderr));
     text.lines()
@@ -416,9 +402,9 @@ async fn capture_round(recvlogical_first: bool, seconds: i64) -> (f64, f64) {
             // The daemon capturing (the link is cut: capture only), once it
             // has caught up with what was written before.
             let branch = topo.branches[0].db().await;
-            let now: i64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get(0);
+            let now: u64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get::<_, i64>(0).try_into().unwrap_or(0);
             wait_status(&topo.branches[0], "the branch's capture caught up", Duration::from_secs(600), |s| {
-                s["caught_up_lsn"].as_str().and_then(lsn).is_some_and(|l| l >= now)
+                s["caught_up_lsn"].as_str().and_then(branchsync_engine::pg::parse_lsn).is_some_and(|l| l >= now)
             })
             .await;
             let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(60), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);

@@ -7,7 +7,6 @@
 //! sum(abalance) = sum(bbalance) = sum(tbalance) = sum(delta) over every
 //! site's pgbench_history rows.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use branchsync_tests::*;
@@ -29,13 +28,6 @@ delta = [\"bbalance\"]
 ";
 
 const TABLES: &[&str] = &["pgbench_branches", "pgbench_tellers", "pgbench_accounts", "pgbench_history"];
-
-fn pgbench(site: &Site, args: &[&str]) -> Command {
-    let mut c = Command::new(pg_bin_dir().join("pgbench"));
-    c.args(["-h", "127.0.0.1", "-p", &site.pg.port().to_string()]).args(args).arg("postgres");
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_at_three_sites_while_apart_keeps_every_balance_equal_to_the_history() {
