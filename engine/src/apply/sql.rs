@@ -377,16 +377,22 @@ fn upsert_with(t: &LocalTable, cols: &[&str], guard: Guard, insert: String) -> S
     }
     if let Guard::EchoSettle(p) = guard {
         if !sets.is_empty() {
-            // Compared as text: every type has a text form, not every type
-            // an equality operator; a difference of form only costs a write.
-            let here: Vec<String> = set_cols.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
-            let sent: Vec<String> = set_cols.iter().map(|c| format!("excluded.{}::text", quote_ident(c))).collect();
-            sql.push_str(&format!(" AND ROW({}) IS DISTINCT FROM ROW({})", here.join(", "), sent.join(", ")));
+            sql.push_str(" AND ");
+            sql.push_str(&differs_as_text(set_cols.iter().map(|c| (quote_ident(c), format!("excluded.{}", quote_ident(c))))));
         }
         // A row left as it is (equal, or only its key sent) is decided too.
         sql = format!("{}{sql}", settle_cte(&format!("${p}::int8")));
     }
     sql
+}
+
+/// Whether the row `t` differs from the one sent, for pairs of (quoted
+/// column, typed expression of the value sent). Compared as text: every type
+/// has a text form, not every type an equality operator; a difference of
+/// form only costs a write.
+fn differs_as_text(cols: impl Iterator<Item = (String, String)>) -> String {
+    let (here, sent): (Vec<String>, Vec<String>) = cols.map(|(c, v)| (format!("t.{c}::text"), format!("{v}::text"))).unzip();
+    format!("ROW({}) IS DISTINCT FROM ROW({})", here.join(", "), sent.join(", "))
 }
 
 /// The echoes of inserted rows of several ChangeSets at once (a branch),
@@ -409,11 +415,9 @@ pub fn echo_update(t: &LocalTable, cols: &[&str], settle: bool) -> Option<String
     let mut conds = conds;
     conds.push(Guard::EchoEach.sql("t"));
     if settle {
-        // As text on both sides, the sent value through its type first (see
-        // `upsert_with`).
-        let here: Vec<String> = set_cols.iter().map(|(_, c)| format!("t.{}::text", quote_ident(c))).collect();
-        let sent: Vec<String> = set_cols.iter().map(|(j, c)| format!("u.c{j}::{}::text", t.columns[**c].type_name)).collect();
-        conds.push(format!("ROW({}) IS DISTINCT FROM ROW({})", here.join(", "), sent.join(", ")));
+        // The sent text through its type first: session settings cannot
+        // make equal values differ.
+        conds.push(differs_as_text(set_cols.iter().map(|(j, c)| (quote_ident(c), format!("u.c{j}::{}", t.columns[**c].type_name)))));
     }
     Some(format!(
         "{cte}UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
