@@ -10,6 +10,16 @@
 //!   inserted the row, and for deletes (tombstones, kept for the retention
 //!   window) the deleted row. Application tables get no column. Capture adds
 //!   tombstones of local deletes.
+//! * `insert_versions` — at the main: the versions of rows the apply
+//!   pipeline inserted, packed, one record per apply transaction, table,
+//!   author and up to [`PACKED_VERSION_KEYS`] rows (their keys, stamps and
+//!   author commit times, in arrays), found again through the rows' `xmin`.
+//!   A row version per inserted row was the largest cost of a catch-up
+//!   (an index entry and a WAL record for every row). A record speaks for a
+//!   row only while the row's `xmin` is the transaction that wrote it, and
+//!   only when `row_version` holds nothing newer for it (see
+//!   [`crate::apply`]'s `read_current`); records older than the retention
+//!   are dropped with the tombstones ([`drop_expired_versions`]).
 //! * `clock_offsets` — at a branch: its database clock minus the main's, as
 //!   measured at each handshake, by the local time it took effect (R14).
 //! * `key_merges` — at the main: rows folded into another by
@@ -194,6 +204,18 @@ CREATE TABLE IF NOT EXISTS branchsync.echo_settled (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     through_ts bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS branchsync.insert_versions (
+    xid bigint NOT NULL,
+    xid32 bigint NOT NULL,
+    tbl text NOT NULL,
+    node text NOT NULL,
+    local_ts bigint NOT NULL,
+    keys text[] NOT NULL,
+    stamps bigint[] NOT NULL,
+    ts bigint[] NOT NULL
+);
+CREATE INDEX IF NOT EXISTS insert_versions_xid32 ON branchsync.insert_versions (xid32);
+CREATE INDEX IF NOT EXISTS insert_versions_age ON branchsync.insert_versions (local_ts);
 CREATE TABLE IF NOT EXISTS branchsync.daemon_role (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     rolname text NOT NULL
@@ -218,6 +240,38 @@ CREATE TABLE IF NOT EXISTS branchsync.capture_skips (
     reason text NOT NULL
 );
 "#;
+
+/// Most rows one `branchsync.insert_versions` record speaks for: a decision
+/// that reads a row's version unpacks the record's arrays, so they stay
+/// small (a few tens of kB).
+pub const PACKED_VERSION_KEYS: usize = 1_000;
+
+/// Drops, at the main, what the retention no longer needs: tombstones and
+/// packed insert versions written (this node's clock, µs) before
+/// `cutoff_us`. A row whose packed version is dropped reads as the baseline
+/// every peer has seen: a branch that could not have seen it has been away
+/// longer than the retention and must be re-seeded. Returns the numbers of
+/// tombstones and packed records dropped.
+pub async fn drop_expired_versions(client: &tokio_postgres::Client, cutoff_us: i64) -> Result<(u64, u64), crate::EngineError> {
+    let tombstones = client
+        .execute("DELETE FROM branchsync.row_version WHERE deleted AND local_ts < $1", &[&cutoff_us])
+        .await
+        .map_err(crate::EngineError::pg("dropping old tombstones"))?;
+    // A database initialised by an earlier release has no packed versions.
+    let packed_there: bool = client
+        .query_one("SELECT to_regclass('branchsync.insert_versions') IS NOT NULL", &[])
+        .await
+        .map_err(crate::EngineError::pg("looking for packed insert versions"))?
+        .get(0);
+    if !packed_there {
+        return Ok((tombstones, 0));
+    }
+    let packed = client
+        .execute("DELETE FROM branchsync.insert_versions WHERE local_ts < $1", &[&cutoff_us])
+        .await
+        .map_err(crate::EngineError::pg("dropping old packed insert versions"))?;
+    Ok((tombstones, packed))
+}
 
 /// Prefix of the transactional logical message every apply transaction
 /// writes before each ChangeSet it applies (R3). Its content is an

@@ -553,7 +553,8 @@ impl Node {
                             });
                         }
                         // Main: connected branches are in contact (R23), and
-                        // tombstones older than the retention are dropped.
+                        // tombstones and packed insert versions older than
+                        // the retention are dropped.
                         if s2.role == Role::Main && last_housekeeping.elapsed() >= HOUSEKEEPING_PERIOD {
                             last_housekeeping = std::time::Instant::now();
                             let connected: Vec<String> = status.snapshot().peers.iter().filter(|(_, p)| p.connected).map(|(n, _)| n.clone()).collect();
@@ -561,9 +562,9 @@ impl Node {
                                 tracing::warn!(error = %e, "recording branch contact failed");
                             }
                             let cutoff_us = branchsync_engine::clock::now_us() - i64::try_from(s2.retention.as_micros()).unwrap_or(i64::MAX);
-                            match c.client.execute("DELETE FROM branchsync.row_version WHERE deleted AND local_ts < $1", &[&cutoff_us]).await {
-                                Ok(n) if n > 0 => tracing::info!(tombstones = n, "tombstones older than the retention dropped"),
-                                Ok(_) => {}
+                            match branchsync_engine::state::drop_expired_versions(&c.client, cutoff_us).await {
+                                Ok((0, 0)) => {}
+                                Ok((tombstones, packed)) => tracing::info!(tombstones, packed, "tombstones and packed insert versions older than the retention dropped"),
                                 Err(e) => tracing::warn!(error = %e, "dropping old tombstones failed"),
                             }
                         }

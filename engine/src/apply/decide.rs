@@ -99,7 +99,7 @@ impl Applier {
         let lock = self.stmt(&sql::lock_rows(t), &vec![Type::TEXT_ARRAY; key_arrays.len()]).await?;
         let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
         types.push(Type::TEXT);
-        let read = self.stmt(&sql::read_current(t), &types).await?;
+        let read = self.stmt(&sql::read_current(t, self.packed), &types).await?;
         let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         self.conn.client.execute(&lock, &params).await.map_err(EngineError::pg(format!("locking rows of {}", t.name)))?;
         params.push(&t.name);

@@ -265,6 +265,10 @@ pub struct Applier {
     /// initialised by this release or later): echoes equal to the row here
     /// are left unwritten.
     settle: bool,
+    /// `branchsync.insert_versions` is there to read and write (a main's
+    /// database initialised by this release or later): the versions of rows
+    /// the pipeline inserts are packed there, not written row by row.
+    packed: bool,
     /// Tables with rows folded into others (`on_unique_conflict = "merge"`).
     merged_tables: HashSet<String>,
     /// Statements of insert-only ChangeSets not sent yet.
@@ -361,6 +365,7 @@ impl Applier {
                 schema_version: None,
                 init_ts_us: 0,
                 settle: false,
+                packed: false,
                 merged_tables: HashSet::new(),
                 queue: pipeline::Queue::default(),
                 uncommitted: Vec::new(),
@@ -391,7 +396,9 @@ impl Applier {
                 "SELECT coalesce((SELECT (extract(epoch from initialized_at) * 1000000)::int8 FROM branchsync.node), 0), \
                         ARRAY(SELECT DISTINCT tbl FROM branchsync.key_merges), \
                         coalesce((SELECT has_table_privilege(r, 'SELECT') AND has_table_privilege(r, 'INSERT') AND has_table_privilege(r, 'UPDATE') \
-                                  FROM to_regclass('branchsync.echo_settled') r), false)",
+                                  FROM to_regclass('branchsync.echo_settled') r), false), \
+                        coalesce((SELECT has_table_privilege(r, 'SELECT') AND has_table_privilege(r, 'INSERT') AND has_table_privilege(r, 'DELETE') \
+                                  FROM to_regclass('branchsync.insert_versions') r), false)",
                 &[],
             )
             .await
@@ -399,6 +406,7 @@ impl Applier {
         applier.init_ts_us = row.get(0);
         applier.merged_tables = row.get::<_, Vec<String>>(1).into_iter().collect();
         applier.settle = row.get(2);
+        applier.packed = row.get(3);
         applier.progress_tx.send_replace(applier.stats.clone());
         Ok((applier, progress_rx))
     }
@@ -1379,6 +1387,13 @@ impl Applier {
             .execute("DELETE FROM branchsync.row_version WHERE tbl = ANY($1)", &[&names])
             .await
             .map_err(EngineError::pg("forgetting the row versions of truncated tables"))?;
+        if self.packed {
+            self.conn
+                .client
+                .execute("DELETE FROM branchsync.insert_versions WHERE tbl = ANY($1)", &[&names])
+                .await
+                .map_err(EngineError::pg("forgetting the packed insert versions of truncated tables"))?;
+        }
         tracing::info!(stream = %self.stream, tables = %names.join(", "), author = %e.header.author, "TRUNCATE replayed");
         Ok(())
     }

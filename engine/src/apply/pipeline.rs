@@ -9,6 +9,9 @@
 //! batch of their table (one `INSERT … FROM unnest` per table and column
 //! list, up to [`super::MAX_BATCH_ROWS`] rows), and the row versions (R13)
 //! and parent checks (R9) of everything queued are accumulated per table.
+//! At the main the versions are written packed: one
+//! `branchsync.insert_versions` record per table, author and thousand rows
+//! instead of a `row_version` row each (see [`crate::state`]).
 //! [`Applier::drain`] sends one `branchsync.apply` message listing every
 //! queued ChangeSet's mark with how many rows of each table the batches
 //! insert for it ([`ApplyGroup`], R3), then the batches in order, then one
@@ -43,7 +46,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use super::{key_text, sql, Applier, LocalTable, Mapping, Pending};
-use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX};
+use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
 
 /// Queued rows after which the queue is sent even mid-group.
@@ -136,8 +139,11 @@ pub(super) struct Queue {
     batches: Vec<Batch>,
     rows: usize,
     bytes: usize,
-    /// Row versions per (table, author): keys, stamps, author commit times.
-    versions: BTreeMap<(String, String), (Vec<String>, Vec<i64>, Vec<i64>)>,
+    /// Row versions per (table, author, packed): keys, stamps, author commit
+    /// times. Packed ones go to `branchsync.insert_versions`, the others
+    /// (tables under `branch_wins`, whose rows' owner must outlive a later
+    /// local change) to `branchsync.row_version`, a row each.
+    versions: BTreeMap<(String, String, bool), QueuedVersions>,
     /// Keys to check for missing parents, per table with foreign keys.
     parents: BTreeMap<String, (LocalTable, Vec<Vec<String>>)>,
     /// The values the queued rows hold in each foreign key's columns, per
@@ -153,6 +159,10 @@ impl Queue {
         self.marks.is_empty() && self.batches.is_empty() && self.versions.is_empty() && self.parents.is_empty()
     }
 }
+
+/// Queued row versions of one table and author: keys, stamps, author
+/// commit times.
+type QueuedVersions = (Vec<String>, Vec<i64>, Vec<i64>);
 
 /// `true` when a fragment can be queued: inserts only.
 pub(super) fn insert_only(e: &LogEntry) -> bool {
@@ -305,7 +315,8 @@ impl Applier {
                 let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
                 // Row versions are for deciding, which only the main does.
                 if self.cfg.role == crate::Role::Main {
-                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone())).or_default();
+                    let owned = self.cfg.tables.for_table(&table.0, &table.1).rule == crate::conflict::ConflictRule::BranchWins;
+                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.packed && !owned)).or_default();
                     for k in &keys {
                         v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
                         v.1.push(stamp);
@@ -407,6 +418,11 @@ impl Applier {
             Some((self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?, self.seal(APPLY_MESSAGE_PREFIX, &body)))
         };
         let vst = self.stmt(&sql::upsert_versions_many(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT, Type::INT8_ARRAY]).await?;
+        // Prepared only where the table is (never queued packed otherwise).
+        let pst = match self.packed {
+            true => Some(self.stmt(&sql::insert_packed_versions(), &[Type::TEXT, Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8_ARRAY]).await?),
+            false => None,
+        };
         let mut park = Vec::new();
         for (tbl, (t, _)) in &q.parents {
             let mut types = vec![Type::TEXT_ARRAY; t.pk.len()];
@@ -443,9 +459,15 @@ impl Applier {
                 pending.push(async move { client.execute(ins, &params()).await }.boxed());
             }
         }
-        for ((tbl, author), (keys, stamps, ts)) in &q.versions {
-            let vst = &vst;
-            pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
+        for ((tbl, author, packed), (keys, stamps, ts)) in &q.versions {
+            if let (true, Some(pst)) = (*packed, &pst) {
+                for ((keys, stamps), ts) in keys.chunks(PACKED_VERSION_KEYS).zip(stamps.chunks(PACKED_VERSION_KEYS)).zip(ts.chunks(PACKED_VERSION_KEYS)) {
+                    pending.push(async move { client.execute(pst, &[tbl, author, &keys, &stamps, &ts]).await }.boxed());
+                }
+            } else {
+                let vst = &vst;
+                pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
+            }
         }
         futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
         let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();

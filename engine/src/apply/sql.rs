@@ -184,6 +184,18 @@ pub fn upsert_versions_many() -> String {
     )
 }
 
+/// Records the versions of rows the pipeline inserted, packed (see
+/// [`crate::state`]'s `insert_versions`): `$1` table, `$2` author (the
+/// inserting node), `$3` keys, `$4` stamps, `$5` author commit times. The
+/// rows' `xmin` is the open transaction's id: the pipeline never writes
+/// inside a savepoint.
+pub fn insert_packed_versions() -> String {
+    format!(
+        "INSERT INTO branchsync.insert_versions (xid, xid32, tbl, node, local_ts, keys, stamps, ts) \
+         SELECT x, x % 4294967296, $1, $2, {LOCAL_TS}, $3, $4, $5 FROM (SELECT pg_current_xact_id()::text::int8 AS x) AS c"
+    )
+}
+
 /// Upserts tombstones (R13, kept for the retention window): `$1` table, `$2`
 /// keys, `$3` deleted rows (JSON text, NULL when unknown), `$4` stamp, `$5`
 /// node, `$6` author commit time.
@@ -478,21 +490,47 @@ pub fn delete_guarded(t: &LocalTable, guard: Guard) -> String {
 
 /// The current rows with these keys, after [`lock_rows`]: input ordinal,
 /// key text, commit origin and time (µs) of `xmin`, every column as text (in
-/// [`LocalTable::order`]), and the side-table version. Parameters: one
-/// `text[]` per key column, then the table name.
-pub fn read_current(t: &LocalTable) -> String {
+/// [`LocalTable::order`]), and the row's version: stamp, node, author commit
+/// time, this node's write time, inserting node. Parameters: one `text[]`
+/// per key column, then the table name.
+///
+/// With `packed` (the database has `branchsync.insert_versions`), the
+/// version of a row the pipeline inserted is found in the packed record of
+/// the transaction in its `xmin` that lists its key (newest first, should a
+/// 32-bit transaction id have wrapped around). It speaks for the row unless
+/// `row_version` holds a live version written as late or later: one written
+/// by the same transaction after the insert (an update in the same group).
+/// A tombstone never speaks for a row that exists: the key was inserted
+/// again after it.
+pub fn read_current(t: &LocalTable, packed: bool) -> String {
     let (arrays, aliases, conds) = key_join(t, 1);
     let tbl_param = t.pk.len() + 1;
     let cols: Vec<String> = t.order.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
+    let key = t.key_text_sql("t");
+    let (packed_join, version) = if packed {
+        (
+            format!(
+                " LEFT JOIN LATERAL (SELECT b.node, b.local_ts, b.stamps[p.i] AS stamp, b.ts[p.i] AS ts \
+                   FROM branchsync.insert_versions b CROSS JOIN LATERAL (SELECT array_position(b.keys, {key}) AS i) p \
+                   WHERE b.xid32 = t.xmin::text::int8 AND b.tbl = ${tbl_param} AND p.i IS NOT NULL \
+                   ORDER BY b.xid DESC LIMIT 1) iv ON true \
+                 CROSS JOIN LATERAL (SELECT iv.node IS NOT NULL AND NOT coalesce(NOT rv.deleted AND rv.local_ts >= iv.local_ts, false) AS packed) pk"
+            ),
+            "CASE WHEN pk.packed THEN iv.stamp ELSE rv.stamp END, CASE WHEN pk.packed THEN iv.node ELSE rv.node END, \
+             CASE WHEN pk.packed THEN iv.ts ELSE rv.ts END, CASE WHEN pk.packed THEN iv.local_ts ELSE rv.local_ts END, \
+             CASE WHEN pk.packed THEN iv.node ELSE rv.inserted_by END"
+                .to_string(),
+        )
+    } else {
+        (String::new(), "rv.stamp, rv.node, rv.ts, rv.local_ts, rv.inserted_by".to_string())
+    };
     format!(
-        "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, ARRAY[{cols}]::text[], \
-                rv.stamp, rv.node, rv.ts, rv.local_ts, rv.inserted_by \
+        "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, ARRAY[{cols}]::text[], {version} \
          FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, i) \
          JOIN {qt} t ON {conds} \
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) cts ON true \
-         LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key} \
+         LEFT JOIN branchsync.row_version rv ON rv.tbl = ${tbl_param} AND rv.key = {key}{packed_join} \
          ORDER BY u.i",
-        key = t.key_text_sql("t"),
         cols = cols.join(", "),
         arrays = arrays.join(", "),
         aliases = aliases.join(", "),

@@ -77,6 +77,25 @@ impl Site {
         Applier::connect(&self.pg.url(), cfg, "main", Arc::new(StreamState::default())).await.unwrap().0
     }
 
+    /// A main's applier for stream `branch1` under these table rules.
+    async fn applier_with_rules(&self, rules: Vec<crate::conflict::TableRule>) -> Applier {
+        let cfg = ApplyConfig {
+            node: "main".into(),
+            scope: Scope::new(&["public".to_string()], &[]).unwrap(),
+            group_budget: DEFAULT_GROUP_BUDGET,
+            lock_timeout_ms: 200,
+            ddl: Default::default(),
+            tables: crate::conflict::TableRules::new(rules).unwrap(),
+            role: crate::Role::Main,
+            capture_progress: None,
+            mark_key: vec![7; 32],
+        };
+        Applier::connect(&self.pg.url(), cfg, STREAM, self.state.clone())
+            .await
+            .unwrap()
+            .0
+    }
+
     /// An applier with the default group budget and a 200 ms lock timeout.
     async fn applier(&self) -> Applier {
         self.applier_with(DEFAULT_GROUP_BUDGET, 200).await
@@ -624,37 +643,291 @@ async fn r11_a_keyless_update_or_delete_touches_exactly_one_matching_row_null_sa
 /// delete) is in `branchsync.row_version` under (table, key), written with
 /// the row; the application table gets no column and no trigger.
 #[tokio::test]
-async fn r13_row_versions_live_in_the_side_table_and_the_application_table_is_untouched() {
-    let site = Site::new("CREATE TABLE customers (id int PRIMARY KEY, name text);", &[]).await;
+async fn r13_row_versions_live_in_the_side_tables_and_the_application_table_is_untouched() {
+    let site = Site::new(
+        "CREATE TABLE customers (id int PRIMARY KEY, name text);",
+        &[],
+    )
+    .await;
     let shape = "SELECT string_agg(attname || ':' || format_type(atttypid, atttypmod), ',' ORDER BY attnum) FROM pg_attribute \
                  WHERE attrelid = 'customers'::regclass AND attnum > 0 AND NOT attisdropped";
     let columns_before = site.rows(shape).await;
     let d = desc("customers", &["id", "name"], &["id"]);
     let mut a = site.applier().await;
     a.apply_entries(&[
-        cs(1, "branch1", T0 + 1, d.clone(), vec![ins(&["1", "ann"]), ins(&["2", "bob"]), ins(&["3", "cy"])]),
+        cs(
+            1,
+            "branch1",
+            T0 + 1,
+            d.clone(),
+            vec![ins(&["1", "ann"]), ins(&["2", "bob"]), ins(&["3", "cy"])],
+        ),
         cs(2, "branch2", T0 + 2, d.clone(), vec![upd(&["1", "anne"])]),
-        cs(3, "branch1", T0 + 3, d.clone(), vec![RowChange::Delete { table: 0, old: old_row(false, &[Some("2"), None]) }]),
+        cs(
+            3,
+            "branch1",
+            T0 + 3,
+            d.clone(),
+            vec![RowChange::Delete {
+                table: 0,
+                old: old_row(false, &[Some("2"), None]),
+            }],
+        ),
     ])
     .await
     .unwrap();
     a.commit().await.unwrap();
+    // The update and the delete have a version row each; the three inserts
+    // share one packed record.
     let v = site.rows("SELECT tbl, key, stamp - 1700000000000000, node, deleted FROM branchsync.row_version ORDER BY key").await;
     assert_eq!(
         v,
         [
             "(public.customers,\"[\"\"1\"\"]\",2,branch2,f)",
-            "(public.customers,\"[\"\"2\"\"]\",3,branch1,t)",
-            "(public.customers,\"[\"\"3\"\"]\",1,branch1,f)",
+            "(public.customers,\"[\"\"2\"\"]\",3,branch1,t)"
         ]
     );
-    assert_eq!(site.rows("SELECT id, name FROM customers ORDER BY id").await, ["(1,anne)", "(3,cy)"]);
-    // Written in the apply transaction itself.
-    let same_txn = site.rows("SELECT (SELECT xmin::text FROM customers WHERE id = 3) = (SELECT xmin::text FROM branchsync.row_version WHERE key = '[\"3\"]')").await;
+    let packed = site
+        .c
+        .query_one("SELECT tbl, node, keys, ARRAY(SELECT s - 1700000000000000 FROM unnest(stamps) s), ARRAY(SELECT t - 1700000000000000 FROM unnest(ts) t) FROM branchsync.insert_versions", &[])
+        .await
+        .unwrap();
+    let packed: (String, String, Vec<String>, Vec<i64>, Vec<i64>) = (
+        packed.get(0),
+        packed.get(1),
+        packed.get(2),
+        packed.get(3),
+        packed.get(4),
+    );
+    assert_eq!(
+        packed,
+        (
+            "public.customers".into(),
+            "branch1".into(),
+            vec!["[\"1\"]".into(), "[\"2\"]".into(), "[\"3\"]".into()],
+            vec![1, 1, 1],
+            vec![1, 1, 1]
+        )
+    );
+    assert_eq!(
+        site.rows("SELECT id, name FROM customers ORDER BY id")
+            .await,
+        ["(1,anne)", "(3,cy)"]
+    );
+    // Written in the apply transaction itself, whose id the record keeps.
+    let same_txn = site.rows("SELECT (SELECT xmin::text::int8 FROM customers WHERE id = 3) = (SELECT xid32 FROM branchsync.insert_versions)").await;
     assert_eq!(same_txn, ["(t)"]);
-    assert_eq!(site.rows(shape).await, columns_before, "no column added to the application table");
+    assert_eq!(
+        site.rows(shape).await,
+        columns_before,
+        "no column added to the application table"
+    );
     assert_eq!(site.rows(shape).await, ["(\"id:integer,name:text\")"]);
-    assert_eq!(site.rows("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'customers'::regclass").await, ["(0)"]);
+    assert_eq!(
+        site.rows("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'customers'::regclass")
+            .await,
+        ["(0)"]
+    );
+}
+
+/// R13 at the main: the version of a row the pipeline inserted is read
+/// from its packed record. An update made without seeing the row is
+/// decided against the insert's stamp: an older one loses, a newer one
+/// wins. Once the retention drops the record, the row is the baseline
+/// every peer has seen.
+#[tokio::test]
+async fn r13_a_packed_insert_version_decides_a_concurrent_update_until_the_retention_drops_it() {
+    let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, name text);", &[]).await;
+    let d = desc("items", &["id", "name"], &["id"]);
+    let mut a = site.applier().await;
+    a.apply_entries(&[cs(
+        1,
+        "branch1",
+        T0 + 100,
+        d.clone(),
+        vec![ins(&["1", "a"]), ins(&["2", "b"]), ins(&["3", "c"])],
+    )])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(site.rows("SELECT (SELECT count(*) FROM branchsync.row_version), (SELECT count(*) FROM branchsync.insert_versions)").await, ["(0,1)"]);
+    // branch2 never saw the rows (seen_main_ts 0): its updates are concurrent.
+    a.apply_entries(&[
+        cs(2, "branch2", T0 + 50, d.clone(), vec![upd(&["1", "older"])]),
+        cs(
+            3,
+            "branch2",
+            T0 + 200,
+            d.clone(),
+            vec![upd(&["2", "newer"])],
+        ),
+    ])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT id, name FROM items ORDER BY id").await,
+        ["(1,a)", "(2,newer)", "(3,c)"]
+    );
+    assert_eq!(
+        site.rows(
+            "SELECT kind, key, winner_node, loser_node FROM branchsync.conflicts ORDER BY id"
+        )
+        .await,
+        [
+            "(update_update,\"[\"\"1\"\"]\",branch1,branch2)",
+            "(update_update,\"[\"\"2\"\"]\",branch2,branch1)"
+        ],
+        "each update was decided against the packed version of the insert"
+    );
+    // The retention passes: the packed record goes, row 3 is the baseline.
+    let dropped = crate::state::drop_expired_versions(&site.c, now_us() as i64 + 1_000_000)
+        .await
+        .unwrap();
+    assert_eq!(dropped, (0, 1));
+    a.apply_entries(&[cs(
+        4,
+        "branch2",
+        T0 + 50,
+        d.clone(),
+        vec![upd(&["3", "after the retention"])],
+    )])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT name FROM items WHERE id = 3").await,
+        ["(\"after the retention\")"]
+    );
+    assert_eq!(
+        site.rows("SELECT count(*) FROM branchsync.conflicts").await,
+        ["(2)"],
+        "no conflict against a row older than the retention"
+    );
+}
+
+/// R13 at the main: which version speaks for a row inserted by the
+/// pipeline. A tombstone left by an earlier life of the key does not (the
+/// packed insert is newer); an update of the row later in the same apply
+/// transaction does (its `row_version` row is newer than the record).
+#[tokio::test]
+async fn r13_a_packed_insert_version_loses_to_a_later_update_in_its_transaction_and_beats_an_old_tombstone(
+) {
+    let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, name text);", &[]).await;
+    let d = desc("items", &["id", "name"], &["id"]);
+    // Row 1 was deleted by branch2 with a stamp later than everything below.
+    site.c
+        .execute(
+            "INSERT INTO branchsync.row_version (tbl, key, stamp, node, deleted, ts, local_ts) VALUES ('public.items', '[\"1\"]', $1, 'branch2', true, $1, $2)",
+            &[&((T0 + 900) as i64), &(now_us() as i64 - 1_000_000)],
+        )
+        .await
+        .unwrap();
+    let mut a = site.applier_with(Duration::from_secs(60), 200).await;
+    a.apply_entries(&[
+        cs(
+            1,
+            "branch1",
+            T0 + 100,
+            d.clone(),
+            vec![ins(&["1", "a"]), ins(&["2", "b"])],
+        ),
+        cs(2, "branch1", T0 + 400, d.clone(), vec![upd(&["2", "B"])]),
+    ])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT count(DISTINCT xmin::text) FROM items")
+            .await,
+        ["(1)"],
+        "one apply transaction inserted both rows and updated row 2"
+    );
+    // branch3's updates, made without seeing either row, at T0 + 300.
+    a.apply_entries(&[cs(
+        3,
+        "branch3",
+        T0 + 300,
+        d.clone(),
+        vec![upd(&["1", "x"]), upd(&["2", "x"])],
+    )])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT id, name FROM items ORDER BY id").await,
+        ["(1,x)", "(2,B)"],
+        "row 1: the insert (T0+100), not the old tombstone (T0+900), is its version; row 2: the update (T0+400), not the insert"
+    );
+}
+
+/// The main packs insert versions only where it can: a table under
+/// `branch_wins` keeps a version row per inserted row (the owner must
+/// outlive later local changes), and a database initialised by an earlier
+/// release, without `branchsync.insert_versions`, gets the row versions it
+/// always had.
+#[tokio::test]
+async fn r13_branch_wins_tables_and_databases_without_packed_versions_keep_a_version_row_per_insert(
+) {
+    let site = Site::new("CREATE TABLE owned (id int PRIMARY KEY, name text); CREATE TABLE items (id int PRIMARY KEY, name text);", &[]).await;
+    let owned = desc("owned", &["id", "name"], &["id"]);
+    let items = desc("items", &["id", "name"], &["id"]);
+    let rule = crate::conflict::TableRule {
+        pattern: "owned".into(),
+        rule: crate::conflict::ConflictRule::BranchWins,
+        ..Default::default()
+    };
+    let mut a = site.applier_with_rules(vec![rule]).await;
+    a.apply_entries(&[cs_tables(
+        1,
+        "branch1",
+        T0 + 1,
+        vec![owned.clone(), items.clone()],
+        vec![
+            ins(&["1", "a"]),
+            RowChange::Insert {
+                table: 1,
+                new: vals(&["1", "a"]),
+            },
+        ],
+    )])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT tbl, inserted_by FROM branchsync.row_version")
+            .await,
+        ["(public.owned,branch1)"]
+    );
+    assert_eq!(
+        site.rows("SELECT tbl FROM branchsync.insert_versions")
+            .await,
+        ["(public.items)"]
+    );
+    drop(a);
+    site.c
+        .batch_execute("DROP TABLE branchsync.insert_versions")
+        .await
+        .unwrap();
+    let mut a = site.applier().await;
+    a.apply_entries(&[cs(
+        2,
+        "branch1",
+        T0 + 2,
+        items.clone(),
+        vec![ins(&["2", "b"])],
+    )])
+    .await
+    .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(
+        site.rows("SELECT tbl, key FROM branchsync.row_version ORDER BY tbl, key")
+            .await,
+        [
+            "(public.items,\"[\"\"2\"\"]\")",
+            "(public.owned,\"[\"\"1\"\"]\")"
+        ]
+    );
 }
 
 /// Columns are matched by name: another column order at the author, and a
