@@ -135,6 +135,8 @@ pub const DEFAULT_GROUP_BUDGET: Duration = Duration::from_millis(50);
 /// that existed before it, apply pauses for budget / this (R7/R8: local
 /// transactions, NOWAIT pollers included, get the rows in between).
 const YIELD_DIVISOR: u32 = 4;
+/// Wire bytes of received entries decoded and applied at a time.
+const DECODE_SLICE_BYTES: u64 = 4 * 1024 * 1024;
 /// Largest number of rows per batched statement.
 const MAX_BATCH_ROWS: usize = 5_000;
 /// Lock timeouts and deadlocks retried in place before the session gives up
@@ -479,53 +481,16 @@ impl Applier {
                 // 4. New entries from the link.
                 msg = rx.recv() => match msg {
                     Some(wire) => {
-                        let bytes: u64 = wire.iter().map(|w| w.body.len() as u64).sum();
-                        consumed.send_modify(|c| *c += bytes);
-                        tracing::trace!(stream = %self.stream, first = wire.first().map(|w| w.pos), last = wire.last().map(|w| w.pos), bytes, consumed = *consumed.borrow(), "entries taken");
-                        let mut entries = self.receive(wire).await?;
-                        let mut again: Vec<LogEntry> = Vec::new();
-                        let mut tries = 0u32;
-                        let mut careful_retry = false;
-                        loop {
-                            let mut r = self.apply_entries(&again).await;
-                            if r.is_ok() {
-                                r = self.apply_entries(&entries).await;
-                            }
-                            if r.is_ok() && !self.retry_buffer_holds_all() {
-                                // Too large to apply again in place anyway:
-                                // let go of it before the commit.
-                                entries = Vec::new();
-                            }
-                            if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && rx.is_empty() {
-                                r = self.commit().await;
-                            }
-                            match r {
-                                Ok(()) => break,
-                                // R8: a lock timeout or deadlock (a cashier, or
-                                // another stream on the same rows) is retried
-                                // here, without moving progress.
-                                Err(e) if is_lock_contention(&e) && tries < LOCK_RETRIES && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
-                                    tries += 1;
-                                    tracing::debug!(stream = %self.stream, tries, error = %e, "lock contention; retrying the transaction");
-                                    self.rollback_for_retry().await?;
-                                    let jitter = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 40);
-                                    tokio::time::sleep(Duration::from_millis(u64::from(tries) * 20 + jitter)).await;
-                                    // What was applied since the last commit, then
-                                    // the rest of this batch (positions already
-                                    // applied again are skipped).
-                                    again = self.entries_to_retry(std::mem::take(&mut again));
-                                }
-                                // A data error: the range is replayed carefully,
-                                // here when every entry of it is at hand (else by
-                                // the link, from durable progress).
-                                Err(e) if !careful_retry && matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source)) && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
-                                    careful_retry = true;
-                                    let _ = self.fail(e);
-                                    self.rollback_for_retry().await?;
-                                    again = self.entries_to_retry(std::mem::take(&mut again));
-                                }
-                                Err(e) => return Err(self.fail(e)),
-                            }
+                        // Taken and decoded a slice at a time: a message
+                        // may hold the whole flow-control window, and its
+                        // decoded rows take several times their wire size.
+                        let mut slices = slices(wire, DECODE_SLICE_BYTES).into_iter().peekable();
+                        while let Some(slice) = slices.next() {
+                            let bytes: u64 = slice.iter().map(|w| w.body.len() as u64).sum();
+                            consumed.send_modify(|c| *c += bytes);
+                            tracing::trace!(stream = %self.stream, first = slice.first().map(|w| w.pos), last = slice.last().map(|w| w.pos), bytes, consumed = *consumed.borrow(), "entries taken");
+                            let more = slices.peek().is_some();
+                            self.take(slice, || more || !rx.is_empty()).await?;
                         }
                     }
                     None => {
@@ -537,6 +502,59 @@ impl Applier {
                 },
             }
         }
+    }
+
+    /// Applies one slice of received entries, retrying in place after lock
+    /// contention or a data error when every entry since the last commit is
+    /// at hand; commits at a ChangeSet boundary when `more_waiting` says
+    /// nothing else is ready to join the transaction.
+    async fn take(&mut self, wire: Vec<WireEntry>, more_waiting: impl Fn() -> bool) -> Result<(), EngineError> {
+        let mut entries = self.receive(wire).await?;
+        let mut again: Vec<LogEntry> = Vec::new();
+        let mut tries = 0u32;
+        let mut careful_retry = false;
+        loop {
+            let mut r = self.apply_entries(&again).await;
+            if r.is_ok() {
+                r = self.apply_entries(&entries).await;
+            }
+            if r.is_ok() && !self.retry_buffer_holds_all() {
+                // Too large to apply again in place anyway:
+                // let go of it before the commit.
+                entries = Vec::new();
+            }
+            if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && !more_waiting() {
+                r = self.commit().await;
+            }
+            match r {
+                Ok(()) => break,
+                // R8: a lock timeout or deadlock (a cashier, or
+                // another stream on the same rows) is retried
+                // here, without moving progress.
+                Err(e) if is_lock_contention(&e) && tries < LOCK_RETRIES && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
+                    tries += 1;
+                    tracing::debug!(stream = %self.stream, tries, error = %e, "lock contention; retrying the transaction");
+                    self.rollback_for_retry().await?;
+                    let jitter = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 40);
+                    tokio::time::sleep(Duration::from_millis(u64::from(tries) * 20 + jitter)).await;
+                    // What was applied since the last commit, then
+                    // the rest of this batch (positions already
+                    // applied again are skipped).
+                    again = self.entries_to_retry(std::mem::take(&mut again));
+                }
+                // A data error: the range is replayed carefully,
+                // here when every entry of it is at hand (else by
+                // the link, from durable progress).
+                Err(e) if !careful_retry && matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source)) && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
+                    careful_retry = true;
+                    let _ = self.fail(e);
+                    self.rollback_for_retry().await?;
+                    again = self.entries_to_retry(std::mem::take(&mut again));
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        Ok(())
     }
 
     /// What to apply again after a rollback: every entry since the last
@@ -1704,5 +1722,45 @@ impl Applier {
             .await
             .map_err(EngineError::pg("recording the stream's log identity"))?;
         Ok(())
+    }
+}
+
+/// Cuts received entries into slices of at most `max_bytes` of bodies, in
+/// order; an entry larger than that is a slice of its own.
+fn slices(wire: Vec<WireEntry>, max_bytes: u64) -> Vec<Vec<WireEntry>> {
+    let mut out: Vec<Vec<WireEntry>> = Vec::new();
+    let mut bytes = 0u64;
+    for w in wire {
+        let len = w.body.len() as u64;
+        match out.last_mut() {
+            Some(last) if !last.is_empty() && bytes + len <= max_bytes => {
+                bytes += len;
+                last.push(w);
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![w]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod slice_tests {
+    use super::{slices, WireEntry};
+
+    fn w(pos: u64, len: usize) -> WireEntry {
+        WireEntry { pos, part: 0, last: true, body: vec![0; len] }
+    }
+
+    #[test]
+    fn received_entries_are_cut_in_order_into_slices_no_larger_than_the_limit_but_a_large_entry_goes_alone() {
+        let cut = slices(vec![w(1, 3), w(2, 3), w(3, 5), w(4, 11), w(5, 1), w(6, 10)], 10);
+        let shape: Vec<Vec<u64>> = cut.iter().map(|s| s.iter().map(|e| e.pos).collect()).collect();
+        assert_eq!(shape, [vec![1, 2], vec![3], vec![4], vec![5], vec![6]]);
+        assert!(slices(Vec::new(), 10).is_empty());
+        let one = slices(vec![w(1, 4), w(2, 4), w(3, 2)], 10);
+        assert_eq!(one.len(), 1, "entries that fit together stay one slice");
     }
 }
