@@ -29,8 +29,10 @@ struct Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // chromedriver and the browsers it started share its process group:
-        // a failed test leaves no Chromium behind.
-        let _ = Command::new("kill").args(["-9", &format!("-{}", self.driver.id())]).status();
+        // a failed test leaves no Chromium behind. The group goes after
+        // `--`: procps 4.0.2 (Debian 12) reads `kill -9 -PGID` as
+        // kill(-1, SIGKILL), every process the user may signal.
+        let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", self.driver.id())]).status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
