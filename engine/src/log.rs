@@ -95,6 +95,9 @@ const ENTRY_HEAD: usize = 1 + 8 + 4 + 1;
 const MAX_RECORD: u32 = 1 << 30;
 /// Entries estimated above this are encoded straight into the file.
 const STREAM_ENCODE_BYTES: usize = 8 * 1024 * 1024;
+/// Small records of one append are gathered up to this size, then written
+/// together.
+const BATCH_WRITE_BYTES: usize = 1 << 20;
 
 /// What a completed transaction moves forward, written atomically with its
 /// last fragment.
@@ -698,9 +701,28 @@ impl ChangeLog {
         let base = st.tail;
         let mut at = base;
         let mut locs = Vec::with_capacity(entries.len());
+        // Small records (and the completion) gather in `batch`, which
+        // starts at `batch_at`, and go out in one write: a transaction of a
+        // few rows is one system call, not one per record. Records keep
+        // their checksummed headers, so a write cut short by a crash leaves
+        // a record that does not hold, exactly as before.
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batch_at = base;
         let written = (|| -> Result<(), EngineError> {
             for e in entries {
-                let (len, entry_off) = Self::write_entry(&st, &file, at, e)?;
+                let small = e.approx_bytes() < STREAM_ENCODE_BYTES;
+                if !batch.is_empty() && (!small || batch.len() >= BATCH_WRITE_BYTES) {
+                    file.write_all_at(&batch, batch_at).map_err(EngineError::log("appending to the log"))?;
+                    batch.clear();
+                    batch_at = at;
+                }
+                let (len, entry_off) = if small {
+                    Self::encode_small_entry(&st, at, e, &mut batch)?
+                } else {
+                    let r = Self::write_large_entry(&st, &file, at, e)?;
+                    batch_at = at + 8 + r.0;
+                    r
+                };
                 locs.push((e.pos, Loc { seg, off: entry_off, len: (len - ENTRY_HEAD as u64) as u32, part: e.part, last: e.last }));
                 at += 8 + len;
             }
@@ -712,10 +734,12 @@ impl ChangeLog {
                     body.extend_from_slice(&v.to_le_bytes());
                 }
                 st.check_budget(at - base + 8 + body.len() as u64)?;
-                let mut rec = header(body.len(), crc32fast::hash(&body)).to_vec();
-                rec.extend_from_slice(&body);
-                file.write_all_at(&rec, at).map_err(EngineError::log("appending to the log"))?;
-                at += rec.len() as u64;
+                batch.extend_from_slice(&header(body.len(), crc32fast::hash(&body)));
+                batch.extend_from_slice(&body);
+                at += 8 + body.len() as u64;
+            }
+            if !batch.is_empty() {
+                file.write_all_at(&batch, batch_at).map_err(EngineError::log("appending to the log"))?;
             }
             Ok(())
         })();
@@ -744,35 +768,45 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Writes one entry record at `at`; returns the body length and where
-    /// the entry's bytes start. Small entries are encoded in memory and
-    /// written in one go; a large one is encoded straight into the file
-    /// behind a header written last.
-    fn write_entry(st: &State, file: &File, at: u64, e: &LogEntry) -> Result<(u64, u64), EngineError> {
+    /// The record head of an entry: kind, position, part, last.
+    fn entry_head(e: &LogEntry) -> Vec<u8> {
         let mut head = Vec::with_capacity(ENTRY_HEAD);
         head.push(REC_ENTRY);
         head.extend_from_slice(&e.pos.to_le_bytes());
         head.extend_from_slice(&e.part.to_le_bytes());
         head.push(u8::from(e.last));
-        let too_large = |bytes: u64| EngineError::TooLarge {
-            what: format!("log entry at position {}", e.pos),
-            bytes,
-            max: MAX_ENTRY_BYTES,
-        };
-        if e.approx_bytes() < STREAM_ENCODE_BYTES {
-            let mut rec = vec![0u8; 8];
-            rec.extend_from_slice(&head);
-            e.encode_into(&mut rec).map_err(|err| EngineError::Corrupt(err.to_string()))?;
-            let body_len = rec.len() - 8;
-            if body_len as u64 - ENTRY_HEAD as u64 > MAX_ENTRY_BYTES {
-                return Err(too_large(body_len as u64));
-            }
-            st.check_budget(at - st.tail + rec.len() as u64)?;
-            let h = header(body_len, crc32fast::hash(&rec[8..]));
-            rec[..8].copy_from_slice(&h);
-            file.write_all_at(&rec, at).map_err(EngineError::log("appending to the log"))?;
-            return Ok((body_len as u64, at + 8 + ENTRY_HEAD as u64));
+        head
+    }
+
+    fn entry_too_large(e: &LogEntry, bytes: u64) -> EngineError {
+        EngineError::TooLarge { what: format!("log entry at position {}", e.pos), bytes, max: MAX_ENTRY_BYTES }
+    }
+
+    /// Encodes one small entry record, to be written at `at`, onto the end
+    /// of `batch`; returns the body length and where the entry's bytes
+    /// start.
+    fn encode_small_entry(st: &State, at: u64, e: &LogEntry, batch: &mut Vec<u8>) -> Result<(u64, u64), EngineError> {
+        // On an error the whole append fails and `batch` is dropped.
+        let start = batch.len();
+        batch.extend_from_slice(&[0u8; 8]);
+        batch.extend_from_slice(&Self::entry_head(e));
+        e.encode_into(&mut *batch).map_err(|err| EngineError::Corrupt(err.to_string()))?;
+        let body_len = batch.len() - start - 8;
+        if body_len as u64 - ENTRY_HEAD as u64 > MAX_ENTRY_BYTES {
+            return Err(Self::entry_too_large(e, body_len as u64));
         }
+        st.check_budget(at - st.tail + 8 + body_len as u64)?;
+        let h = header(body_len, crc32fast::hash(&batch[start + 8..]));
+        batch[start..start + 8].copy_from_slice(&h);
+        Ok((body_len as u64, at + 8 + ENTRY_HEAD as u64))
+    }
+
+    /// Writes one large entry record at `at`, encoded straight into the
+    /// file behind a header written last; returns the body length and
+    /// where the entry's bytes start.
+    fn write_large_entry(st: &State, file: &File, at: u64, e: &LogEntry) -> Result<(u64, u64), EngineError> {
+        let head = Self::entry_head(e);
+        let too_large = |bytes: u64| Self::entry_too_large(e, bytes);
         st.check_budget(at - st.tail + 8 + e.approx_bytes() as u64)?;
         // A header that can never hold (longer than any record) until the
         // body is complete: a crash in between leaves a torn record.
@@ -1251,6 +1285,55 @@ mod tests {
         let raw = log.read_raw_after(0, 1 << 30);
         assert_eq!(raw.len(), 2);
         assert_eq!(raw[0].read(3, 10).unwrap(), raw[0].read_all().unwrap()[3..13].to_vec(), "pieces read at an offset");
+    }
+
+    #[tokio::test]
+    async fn one_append_of_small_and_large_entries_reads_back_in_order_and_a_cut_anywhere_in_it_loses_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = "y".repeat(STREAM_ENCODE_BYTES + 99);
+        let (before, whole) = {
+            let log = ChangeLog::open(dir.path()).unwrap();
+            complete(&log, 10);
+            log.flush().await.unwrap();
+            let before = std::fs::metadata(dir.path().join(&segments(dir.path())[0])).unwrap().len();
+            // Small ones gathered into one write, a large one streamed
+            // between them, more small ones after it.
+            let entries: Vec<LogEntry> = (0..7u32)
+                .map(|i| entry_with(&log, i, i == 6, if i == 3 { big.clone() } else { format!("small {i}") }))
+                .collect();
+            log.append(&entries, Some(Completion { captured_lsn: 20, stamp: 20, seen_main_ts: 0 })).unwrap();
+            log.flush().await.unwrap();
+            (before, std::fs::metadata(dir.path().join(&segments(dir.path())[0])).unwrap().len())
+        };
+        {
+            let log = ChangeLog::open(dir.path()).unwrap();
+            let got: Vec<String> = log
+                .read_after(1, 1 << 30)
+                .unwrap()
+                .into_iter()
+                .map(|e| match &e.changes[0] {
+                    RowChange::Insert { new, .. } => match &new[0] {
+                        Value::Text(t) if t.len() > 100 => format!("{}: big", e.part),
+                        Value::Text(t) => format!("{}: {t}", e.part),
+                        v => panic!("unexpected value {v:?}"),
+                    },
+                    c => panic!("unexpected change {c:?}"),
+                })
+                .collect();
+            assert_eq!(got, ["0: small 0", "1: small 1", "2: small 2", "3: big", "4: small 4", "5: small 5", "6: small 6"]);
+            assert_eq!((log.visible(), log.captured_lsn().unwrap()), (8, 20));
+        }
+        // A crash anywhere in that append: the transaction is gone whole,
+        // the one before it stays.
+        let seg = dir.path().join(&segments(dir.path())[0]);
+        let bytes = std::fs::read(&seg).unwrap();
+        let cuts = [before + 1, before + 30, before + 200, whole - (big.len() as u64) / 2, whole - 60, whole - 1];
+        for cut in cuts {
+            std::fs::write(&seg, &bytes[..cut as usize]).unwrap();
+            let log = ChangeLog::open(dir.path()).unwrap();
+            assert_eq!((log.visible(), log.captured_lsn().unwrap()), (1, 10), "cut at byte {cut} of {whole}");
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), before, "cut at byte {cut}: the torn transaction is cut off");
+        }
     }
 
     #[tokio::test]
