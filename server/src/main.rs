@@ -252,6 +252,13 @@ enum KeepArg {
     Remote,
 }
 
+/// The daemon allocates and frees many small values per ChangeSet (decoded
+/// rows, statements, frames): glibc's allocator took about a third of the
+/// daemons' CPU in a catch-up of small transactions (`perf`, README's
+/// Performance section), mimalloc a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BRANCHSYNC_LOG").unwrap_or_else(|_| {

@@ -155,7 +155,7 @@ impl Applier {
     }
 
     /// Updates or deletes of one table, at the main.
-    pub(super) async fn decide_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
+    pub(super) async fn decide_run(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = super::change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
         let desc = &e.tables[t as usize];
@@ -825,7 +825,7 @@ impl Applier {
     /// (`on_unique_conflict = "merge"`) are re-pointed to it, at the main;
     /// returns the re-pointed entry and which of its changes changed (the
     /// author gets them back in the echo).
-    pub(super) async fn repoint_merged(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<Option<(LogEntry, Vec<usize>)>, EngineError> {
+    pub(super) async fn repoint_merged(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<Option<(LogEntry, Vec<usize>)>, EngineError> {
         if self.merged_tables.is_empty() || self.cfg.role != crate::Role::Main {
             return Ok(None);
         }

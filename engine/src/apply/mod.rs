@@ -128,6 +128,7 @@ use crate::state::origin_name;
 use crate::{failpoints, EngineError};
 pub use sql::CURRENT_XID;
 pub use table::{LocalTable, Mapping};
+use table::CachedMapping;
 
 /// Default time budget of one grouped apply transaction.
 pub const DEFAULT_GROUP_BUDGET: Duration = Duration::from_millis(50);
@@ -250,7 +251,11 @@ pub struct Applier {
     cfg: ApplyConfig,
     stream: String,
     state: Arc<StreamState>,
-    tables: HashMap<(String, String), Option<LocalTable>>,
+    tables: HashMap<(String, String), Option<Arc<LocalTable>>>,
+    /// The mapping of each incoming table (schema, then name) for the
+    /// column list it came with, or `None` out of scope or missing here:
+    /// built once, not per ChangeSet (cleared with `tables`).
+    mappings: HashMap<String, HashMap<String, CachedMapping>>,
     stmts: HashMap<String, Statement>,
     session_origin: Option<String>,
     txn: Option<OpenTxn>,
@@ -359,6 +364,7 @@ impl Applier {
                 stream: stream.to_string(),
                 state,
                 tables: HashMap::new(),
+                mappings: HashMap::new(),
                 stmts: HashMap::new(),
                 session_origin: None,
                 txn: None,
@@ -808,8 +814,10 @@ impl Applier {
                 return Err(EngineError::ApplySkip { stream: self.stream.clone(), expected: self.seen + 1, got: e.pos });
             }
             // Queued inserts build statements without a round trip: yield
-            // between entries so other tasks (the link's reader) keep running.
-            tokio::task::yield_now().await;
+            // now and then so other tasks (the link's reader) keep running
+            // (when the task's budget is spent: a yield per entry cost a trip
+            // through the scheduler per ChangeSet).
+            tokio::task::coop::consume_budget().await;
             // Kept until committed, to apply again after a lock timeout.
             self.uncommitted_rows += e.changes.len();
             let bytes = e.approx_bytes();
@@ -919,7 +927,7 @@ impl Applier {
             if self.schema_version.is_some() {
                 tracing::debug!(stream = %self.stream, "schema changed here; reloading table definitions");
             }
-            self.tables.clear();
+            self.forget_tables();
             self.stmts.clear();
             self.schema_version = version;
         }
@@ -1005,10 +1013,36 @@ impl Applier {
         Ok(())
     }
 
-    async fn mapping(&mut self, desc: &TableDesc) -> Result<Option<Mapping>, EngineError> {
-        if !self.cfg.scope.includes(&desc.schema, &desc.name) {
-            return Ok(None);
+    /// Forgets every table read from the catalog and every mapping built
+    /// on one.
+    fn forget_tables(&mut self) {
+        self.tables.clear();
+        self.mappings.clear();
+    }
+
+    /// Forgets one table read from the catalog (and every mapping).
+    fn forget_table(&mut self, schema: &str, name: &str) {
+        self.tables.remove(&(schema.to_string(), name.to_string()));
+        self.mappings.clear();
+    }
+
+    /// How `desc` maps onto its local table (`None` when out of scope or
+    /// missing here), and whether it is in scope; cached per table and
+    /// column list.
+    async fn mapping(&mut self, desc: &TableDesc) -> Result<(Option<Arc<Mapping>>, bool), EngineError> {
+        if let Some(c) = self.mappings.get(&desc.schema).and_then(|t| t.get(&desc.name)) {
+            if c.columns == desc.columns {
+                return Ok((c.mapping.clone(), c.in_scope));
+            }
         }
+        let in_scope = self.cfg.scope.includes(&desc.schema, &desc.name);
+        let mapping = if in_scope { self.load_mapping(desc).await? } else { None };
+        let cached = CachedMapping { columns: desc.columns.clone(), in_scope, mapping: mapping.clone() };
+        self.mappings.entry(desc.schema.clone()).or_default().insert(desc.name.clone(), cached);
+        Ok((mapping, in_scope))
+    }
+
+    async fn load_mapping(&mut self, desc: &TableDesc) -> Result<Option<Arc<Mapping>>, EngineError> {
         let key = (desc.schema.clone(), desc.name.clone());
         if !self.tables.contains_key(&key) {
             let t = LocalTable::load(&self.conn.client, &desc.schema, &desc.name).await?;
@@ -1022,9 +1056,9 @@ impl Applier {
                     .await
                     .map_err(EngineError::pg(format!("checking row-level security of {}", t.name)))?;
             }
-            self.tables.insert(key.clone(), t);
+            self.tables.insert(key.clone(), t.map(Arc::new));
         }
-        Ok(self.tables[&key].clone().map(|t| Mapping::new(desc, t)))
+        Ok(self.tables[&key].clone().map(|t| Arc::new(Mapping::new(desc, t))))
     }
 
     async fn apply_fragment(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
@@ -1122,7 +1156,7 @@ impl Applier {
             }
         }
         // The schema changed: forget what was read from the catalog.
-        self.tables.clear();
+        self.forget_tables();
         self.stmts.clear();
         Ok(())
     }
@@ -1215,9 +1249,8 @@ impl Applier {
     async fn apply_rows(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
         let mut maps = Vec::with_capacity(e.tables.len());
         for (i, d) in e.tables.iter().enumerate() {
-            let m = self.mapping(d).await?;
-            let in_scope = self.cfg.scope.includes(&d.schema, &d.name);
-            if in_scope && (m.is_none() || self.held.contains(&(format!("{}.{}", d.schema, d.name), park::WHOLE_TABLE.to_string()))) {
+            let (m, in_scope) = self.mapping(d).await?;
+            if in_scope && (m.is_none() || (!self.held.is_empty() && self.held.contains(&(format!("{}.{}", d.schema, d.name), park::WHOLE_TABLE.to_string())))) {
                 // Not there (yet, or any more), or earlier rows of it wait:
                 // park its rows in order, never drop them.
                 self.park_table_changes(e, i as u32).await?;
@@ -1234,7 +1267,7 @@ impl Applier {
         self.apply_rows_mapped(e, careful, &maps).await
     }
 
-    async fn apply_rows_mapped(&mut self, e: &LogEntry, careful: bool, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+    async fn apply_rows_mapped(&mut self, e: &LogEntry, careful: bool, maps: &[Option<Arc<Mapping>>]) -> Result<(), EngineError> {
         let echo = if self.is_echo(e) { self.echo_rows(e, maps) } else { None };
         let e = echo.as_ref().unwrap_or(e);
         // Changes to a parked or quarantined key queue behind it (R6, R9).
@@ -1263,7 +1296,7 @@ impl Applier {
     /// added at the author only) are skipped; that is recorded once per
     /// table and column set and session, so the operator sees it without a
     /// record per row.
-    async fn note_skipped_columns(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+    async fn note_skipped_columns(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>]) -> Result<(), EngineError> {
         // Only tables these changes write: a fragment split around DDL
         // still describes every table of the transaction, and a table
         // altered by that DDL must not count as missing the new column.
@@ -1284,7 +1317,7 @@ impl Applier {
     }
 
     /// Inserts bucketed per table; runs of updates or deletes batched.
-    async fn apply_fast(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+    async fn apply_fast(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>]) -> Result<(), EngineError> {
         // Fast path: bucket inserts per table until the next non-insert.
         let mut buckets: Vec<(u32, Vec<&Vec<Value>>)> = Vec::new();
         let mut i = 0;
@@ -1347,7 +1380,7 @@ impl Applier {
 
     /// Sends the inserts of the buckets now (with row versions and parent
     /// checks), before an update or delete that may touch them.
-    async fn flush_inserts(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
+    async fn flush_inserts(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
         if buckets.is_empty() {
             return Ok(());
         }
@@ -1357,7 +1390,7 @@ impl Applier {
 
     /// Updates or deletes of one table: decided at the main, taken as they
     /// come at a branch.
-    async fn apply_keyed_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
+    async fn apply_keyed_run(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
         if self.cfg.role == crate::Role::Branch {
@@ -1376,7 +1409,7 @@ impl Applier {
     /// TRUNCATE (R21): replayed for the tables whose `[[tables]]` rule opts
     /// in; for the others it is recorded and the rows stay (a truncate would
     /// discard rows its author never saw).
-    async fn apply_truncate(&mut self, e: &LogEntry, maps: &[Option<Mapping>], tables: &[u32], restart_identity: bool) -> Result<(), EngineError> {
+    async fn apply_truncate(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], tables: &[u32], restart_identity: bool) -> Result<(), EngineError> {
         let mut replayed = Vec::new();
         for t in tables {
             let Some(m) = maps.get(*t as usize).and_then(|m| m.as_ref()) else { continue };
@@ -1452,7 +1485,7 @@ impl Applier {
 
     /// Careful mode: one change per savepoint; inserts resolve key conflicts
     /// by the rule; a change that fails with a data error is quarantined.
-    async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Mapping>], i: usize, ch: &RowChange) -> Result<(), EngineError> {
+    async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], i: usize, ch: &RowChange) -> Result<(), EngineError> {
         // A row folded into another by an earlier change of this very
         // fragment is followed here, change by change.
         if !self.merged_tables.is_empty() && self.cfg.role == crate::Role::Main && matches!(ch, RowChange::Insert { .. } | RowChange::Update { .. }) {
@@ -1466,7 +1499,7 @@ impl Applier {
         self.apply_one_carefully_repointed(e, maps, i, ch).await
     }
 
-    async fn apply_one_carefully_repointed(&mut self, e: &LogEntry, maps: &[Option<Mapping>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
+    async fn apply_one_carefully_repointed(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
         match ch {
             RowChange::Truncate { tables, restart_identity, .. } => return self.apply_truncate(e, maps, tables, *restart_identity).await,
             RowChange::Verdict(v) if self.cfg.role == crate::Role::Branch => return self.obey_verdict(e, maps, v).await,

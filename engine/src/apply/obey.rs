@@ -83,7 +83,7 @@ impl Applier {
     /// An echo without what was only ever ours: schema changes, TRUNCATE and
     /// rows of tables without a key already happened here. `None` when the
     /// echo is to be applied whole (no copy of a large entry is made).
-    pub(super) fn echo_rows(&self, e: &LogEntry, maps: &[Option<Mapping>]) -> Option<LogEntry> {
+    pub(super) fn echo_rows(&self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Option<LogEntry> {
         let keep = |c: &RowChange| match c {
             RowChange::Ddl(_) | RowChange::Truncate { .. } => false,
             RowChange::Verdict(_) | RowChange::Conflict(_) => true,
@@ -97,7 +97,7 @@ impl Applier {
     }
 
     /// A run of updates or deletes of one table, written as the main sent them.
-    pub(super) async fn obey_run(&mut self, e: &LogEntry, maps: &[Option<Mapping>], run: &[RowChange]) -> Result<(), EngineError> {
+    pub(super) async fn obey_run(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
         let desc = &e.tables[t as usize];
@@ -210,7 +210,7 @@ impl Applier {
     }
 
     /// The main's verdict about one of this branch's own changes.
-    pub(super) async fn obey_verdict(&mut self, e: &LogEntry, maps: &[Option<Mapping>], v: &Verdict) -> Result<(), EngineError> {
+    pub(super) async fn obey_verdict(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], v: &Verdict) -> Result<(), EngineError> {
         // A repair addressed to another branch.
         if v.to.as_deref().is_some_and(|to| to != self.cfg.node) {
             return Ok(());

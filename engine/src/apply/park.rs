@@ -96,7 +96,7 @@ impl Applier {
 
     /// Splits off the changes of `e` whose key is held: they are queued in
     /// `branchsync.parked` behind it. Returns the entry to apply now.
-    pub(super) async fn hold_back(&mut self, e: &LogEntry, maps: &[Option<super::Mapping>]) -> Result<Option<LogEntry>, EngineError> {
+    pub(super) async fn hold_back(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<super::Mapping>>]) -> Result<Option<LogEntry>, EngineError> {
         if self.held.is_empty() {
             return Ok(None);
         }
@@ -197,7 +197,7 @@ impl Applier {
 
     /// After a fragment: moves the rows it inserted or updated whose parent
     /// is missing into `branchsync.parked` (R9).
-    pub(super) async fn park_orphans(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+    pub(super) async fn park_orphans(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
         let mut touched: BTreeMap<u32, Vec<Vec<String>>> = BTreeMap::new();
         for ch in &e.changes {
             let (t, new) = match ch {
@@ -315,7 +315,7 @@ impl Applier {
         if head_reason == MISSING_TABLE {
             // The table may have been created since: look again.
             if let Some((schema, table)) = k.0.split_once('.') {
-                self.tables.remove(&(schema.to_string(), table.to_string()));
+                self.forget_table(schema, table);
             }
             if self.local_table(&k.0).await?.is_none() {
                 return Ok(false);
@@ -387,12 +387,12 @@ impl Applier {
         Ok(true)
     }
 
-    async fn local_table(&mut self, name: &str) -> Result<Option<super::LocalTable>, EngineError> {
+    async fn local_table(&mut self, name: &str) -> Result<Option<std::sync::Arc<super::LocalTable>>, EngineError> {
         let Some((schema, table)) = name.split_once('.') else { return Ok(None) };
         let key = (schema.to_string(), table.to_string());
         if !self.tables.contains_key(&key) {
             let t = super::LocalTable::load(&self.conn.client, schema, table).await?;
-            self.tables.insert(key.clone(), t);
+            self.tables.insert(key.clone(), t.map(std::sync::Arc::new));
         }
         Ok(self.tables[&key].clone())
     }

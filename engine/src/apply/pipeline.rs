@@ -45,6 +45,7 @@ use futures::future::FutureExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
+use super::table::InsertPlan;
 use super::{key_text, sql, Applier, LocalTable, Mapping, Pending};
 use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
@@ -145,7 +146,7 @@ pub(super) struct Queue {
     /// local change) to `branchsync.row_version`, a row each.
     versions: BTreeMap<(String, String, bool), QueuedVersions>,
     /// Keys to check for missing parents, per table with foreign keys.
-    parents: BTreeMap<String, (LocalTable, Vec<Vec<String>>)>,
+    parents: BTreeMap<String, (std::sync::Arc<LocalTable>, Vec<Vec<String>>)>,
     /// The values the queued rows hold in each foreign key's columns, per
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
@@ -183,7 +184,7 @@ impl Applier {
 
     /// Queues the inserts of an insert-only fragment, one statement per
     /// table (in order of first appearance) and batch.
-    pub(super) async fn queue_inserts(&mut self, e: &LogEntry, maps: &[Option<Mapping>]) -> Result<(), EngineError> {
+    pub(super) async fn queue_inserts(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
         let mut buckets: Vec<(u32, Vec<&Vec<Value>>)> = Vec::new();
         for ch in &e.changes {
             if let RowChange::Insert { table, new } = ch {
@@ -198,6 +199,40 @@ impl Applier {
             self.drain().await?;
         }
         Ok(())
+    }
+
+    /// The insert plan of `m` under `guard`, built on first use.
+    fn insert_plan(&self, m: &Mapping, table: &(String, String), guard: sql::Guard) -> std::sync::Arc<InsertPlan> {
+        let key = (guard, self.settle);
+        let mut plans = m.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
+            return p.clone();
+        }
+        let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
+        let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
+        let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
+        let mut types = vec![Type::TEXT_ARRAY; cols.len()];
+        if guard.takes_ts() {
+            types.push(Type::INT8);
+        }
+        let echo = if guard.takes_ts() { sql::echo_update(&m.table, &names, self.settle).zip(sql::echo_insert(&m.table, &names)) } else { None };
+        let fk_srcs = m
+            .table
+            .parents
+            .iter()
+            .map(|f| f.column_names.iter().map(|c| m.targets.iter().position(|t| t.as_deref() == Some(c.as_str()))).collect())
+            .collect();
+        let plan = std::sync::Arc::new(InsertPlan {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            cols,
+            text,
+            types,
+            echo,
+            owned: self.cfg.tables.for_table(&table.0, &table.1).rule == crate::conflict::ConflictRule::BranchWins,
+            fk_srcs,
+        });
+        plans.push((key, plan.clone()));
+        plan
     }
 
     /// Counts `n` rows of `table` for the ChangeSet being queued.
@@ -216,56 +251,51 @@ impl Applier {
     /// parent checks to follow at [`Applier::drain`]. The rows join the
     /// newest batch of their table when its statement is the same and has
     /// room, so consecutive ChangeSets share one statement per table.
-    pub(super) async fn queue_buckets(&mut self, e: &LogEntry, maps: &[Option<Mapping>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
+    pub(super) async fn queue_buckets(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], buckets: Vec<(u32, Vec<&Vec<Value>>)>) -> Result<(), EngineError> {
         let stamp = e.header.stamp as i64;
         for (t, rows) in buckets {
             let Some(m) = maps[t as usize].as_ref() else { continue };
-            let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
-            if cols.is_empty() {
+            let written = m.targets.iter().filter(|c| c.is_some()).count();
+            if written == 0 {
                 continue;
             }
             let table = e.tables.get(t as usize).map(|d| (d.schema.clone(), d.name.clone())).unwrap_or_default();
-            let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
             // A branch takes the main's rows as they come; the main decides
             // (a clash fails the batch and is replayed carefully).
-            let guard = self.guard_for(e, cols.len() + 1);
+            let guard = self.guard_for(e, written + 1);
             let echo = guard.takes_ts();
-            let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
-            let mut types = vec![Type::TEXT_ARRAY; cols.len()];
-            if echo {
-                types.push(Type::INT8);
-            }
-            let st = self.stmt(&text, &types).await?;
+            let plan = self.insert_plan(m, &table, guard);
+            let (cols, names): (&[usize], Vec<&str>) = (&plan.cols, plan.names.iter().map(String::as_str).collect());
+            let types = &plan.types;
+            let st = self.stmt(&plan.text, types).await?;
             let mut echo_ts = echo.then_some(e.header.commit_ts_us);
             // Echoes of many ChangeSets share two statements per table, each
             // row guarded by its own change's commit time.
-            let mut queued = (text.clone(), st.clone(), None);
-            if echo {
-                if let (Some(upd), Some(ins)) = (sql::echo_update(&m.table, &names, self.settle), sql::echo_insert(&m.table, &names)) {
-                    let mut types = vec![Type::TEXT_ARRAY; cols.len()];
-                    types.push(Type::INT8_ARRAY);
-                    let u = self.stmt(&upd, &types).await?;
-                    let i = self.stmt(&ins, &types).await?;
-                    queued = (upd, u, Some(i));
-                    echo_ts = None;
-                }
+            let mut queued = (&plan.text, st.clone(), None);
+            if let (true, Some((upd, ins))) = (echo, &plan.echo) {
+                let mut types = vec![Type::TEXT_ARRAY; cols.len()];
+                types.push(Type::INT8_ARRAY);
+                let u = self.stmt(upd, &types).await?;
+                let i = self.stmt(ins, &types).await?;
+                queued = (upd, u, Some(i));
+                echo_ts = None;
             }
             let (text, batch_st, echo_insert) = queued;
-            for chunk in byte_chunks(&rows, &cols) {
-                if chunk.len() == 1 && chunk_bytes(chunk, &cols) > STAGE_ABOVE_BYTES {
+            for chunk in byte_chunks(&rows, cols) {
+                if chunk.len() == 1 && chunk_bytes(chunk, cols) > STAGE_ABOVE_BYTES {
                     // A very large row is streamed into a staging table in
                     // pieces and inserted from there: no copy of its value
                     // in a bound parameter or the client's buffers (R24).
                     self.drain().await?;
-                    self.apply_staged(e, m, &cols, &names, chunk[0]).await?;
+                    self.apply_staged(e, m, cols, &names, chunk[0]).await?;
                     continue;
                 }
-                if chunk.len() == 1 && chunk_bytes(chunk, &cols) > super::MAX_BATCH_BYTES {
+                if chunk.len() == 1 && chunk_bytes(chunk, cols) > super::MAX_BATCH_BYTES {
                     // A large row goes now, alone, its values borrowed from
                     // the entry: no copy of it waits in the queue.
                     self.drain().await?;
-                    let big = guard.for_row(chunk_bytes(chunk, &cols));
-                    let st = if big == guard { st.clone() } else { self.stmt(&sql::upsert(&m.table, &names, big), &types).await? };
+                    let big = guard.for_row(chunk_bytes(chunk, cols));
+                    let st = if big == guard { st.clone() } else { self.stmt(&sql::upsert(&m.table, &names, big), types).await? };
                     let arrays: Vec<Vec<Option<&str>>> = cols.iter().map(|c| vec![chunk[0].get(*c).and_then(|v| v.as_text())]).collect();
                     let ts = e.header.commit_ts_us;
                     let mut p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -275,13 +305,13 @@ impl Applier {
                     self.conn.client.execute(&st, &p).await.map_err(EngineError::pg(format!("applying a large row to {}", m.table.name)))?;
                     continue;
                 }
-                let bytes = chunk_bytes(chunk, &cols);
+                let bytes = chunk_bytes(chunk, cols);
                 self.queue.bytes += bytes;
                 self.queue.rows += chunk.len();
                 self.count_queued(&table, chunk.len());
                 let joins = self.queue.batches.iter().rposition(|b| b.table == table).filter(|i| {
                     let b = &self.queue.batches[*i];
-                    b.text == text && b.echo_ts == echo_ts && b.rows + chunk.len() <= super::MAX_BATCH_ROWS && b.bytes + bytes <= super::MAX_BATCH_BYTES
+                    b.text == *text && b.echo_ts == echo_ts && b.rows + chunk.len() <= super::MAX_BATCH_ROWS && b.bytes + bytes <= super::MAX_BATCH_BYTES
                 });
                 let each = echo_insert.is_some();
                 let batch = match joins {
@@ -289,7 +319,7 @@ impl Applier {
                     None => {
                         self.queue.batches.push(Batch {
                             table: table.clone(),
-                            text: text.clone(),
+                            text: text.to_string(),
                             st: batch_st.clone(),
                             arrays: vec![Vec::new(); cols.len()],
                             echo_ts,
@@ -302,7 +332,7 @@ impl Applier {
                         &mut self.queue.batches[last]
                     }
                 };
-                for (a, c) in batch.arrays.iter_mut().zip(&cols) {
+                for (a, c) in batch.arrays.iter_mut().zip(cols) {
                     a.extend(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)));
                 }
                 if each {
@@ -315,8 +345,7 @@ impl Applier {
                 let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
                 // Row versions are for deciding, which only the main does.
                 if self.cfg.role == crate::Role::Main {
-                    let owned = self.cfg.tables.for_table(&table.0, &table.1).rule == crate::conflict::ConflictRule::BranchWins;
-                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.packed && !owned)).or_default();
+                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.packed && !plan.owned)).or_default();
                     for k in &keys {
                         v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
                         v.1.push(stamp);
@@ -336,16 +365,11 @@ impl Applier {
                     // this database's foreign keys checked at its commit
                     // and the main checks again (R9) before its result
                     // comes back here.
-                    let srcs: Option<Vec<Vec<usize>>> = m
-                        .table
-                        .parents
-                        .iter()
-                        .map(|f| f.column_names.iter().map(|c| m.targets.iter().position(|t| t.as_deref() == Some(c.as_str()))).collect())
-                        .collect();
+                    let srcs = plan.fk_srcs.as_ref();
                     let entry = self.queue.fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![Vec::new(); f.columns.len()]).collect()));
                     match (srcs, entry.as_mut()) {
                         (Some(srcs), Some(values)) if values.len() == srcs.len() => {
-                            for (fk, cols) in values.iter_mut().zip(&srcs) {
+                            for (fk, cols) in values.iter_mut().zip(srcs) {
                                 for (arr, c) in fk.iter_mut().zip(cols) {
                                     arr.extend(rows.iter().map(|r| r.get(*c).and_then(Value::as_text).map(str::to_string)));
                                 }

@@ -348,6 +348,14 @@ struct Txn {
     /// expecting rows: while any is here, `segment` is not cut into
     /// fragments (its fragments must follow theirs in the log).
     held: std::collections::VecDeque<Held>,
+    /// Held ChangeSets taken off the front of `held` in this group.
+    held_popped: usize,
+    /// Per table (schema, name): the first held ChangeSet (counted from the
+    /// group's first, popped ones included) that may still expect one of
+    /// its rows. Those before it expect none and, counts only going down,
+    /// never will: an insert does not scan them again (a group of thousands
+    /// of ChangeSets made that scan quadratic).
+    held_cursors: Vec<(String, String, usize)>,
     /// Rows of each table still to come for `segment` in its group (`None`:
     /// every row up to the next mark).
     rows_left: Option<Vec<GroupedRows>>,
@@ -486,6 +494,8 @@ impl Capturer {
                     suppressing,
                     segment: Segment::new(header, relay_ts),
                     held: Default::default(),
+                    held_popped: 0,
+                    held_cursors: Vec::new(),
                     rows_left: None,
                     ddl_seen: Default::default(),
                     done: Vec::new(),
@@ -625,7 +635,14 @@ impl Capturer {
                 let mut target = None;
                 if let PgOutputMessage::Insert(i) = &change {
                     let r = rel_of(i.rel)?;
-                    target = txn.held.iter_mut().position(|h| take_row(&mut h.rows_left, &r.namespace, &r.name));
+                    let cursor = txn.held_cursors.iter().position(|c| c.0 == r.namespace && c.1 == r.name);
+                    let start = cursor.map_or(0, |c| txn.held_cursors[c].2.saturating_sub(txn.held_popped));
+                    target = txn.held.iter_mut().skip(start).position(|h| take_row(&mut h.rows_left, &r.namespace, &r.name)).map(|p| p + start);
+                    let next = txn.held_popped + target.unwrap_or(txn.held.len());
+                    match cursor {
+                        Some(c) => txn.held_cursors[c].2 = next,
+                        None => txn.held_cursors.push((r.namespace.clone(), r.name.clone(), next)),
+                    }
                     if target.is_none() {
                         if let Some(left) = txn.rows_left.as_mut() {
                             take_row(left, &r.namespace, &r.name);
@@ -704,6 +721,7 @@ impl Capturer {
                     if let Some(txn) = self.txn.as_mut() {
                         while txn.held.front().is_some_and(|h| h.rows_left.iter().all(|c| c.2 == 0)) {
                             if let Some(mut h) = txn.held.pop_front() {
+                                txn.held_popped += 1;
                                 if !h.segment.changes.is_empty() {
                                     txn.done.extend(h.segment.fragments(&self.log, self.cfg.fragment_rows, self.cfg.fragment_bytes));
                                 }
@@ -1228,6 +1246,8 @@ fn close_group(txn: &mut Txn, log: &ChangeLog, rows: usize, bytes: usize) {
         txn.done.push(txn.segment.fragment(log, true));
     }
     txn.rows_left = None;
+    txn.held_popped = 0;
+    txn.held_cursors.clear();
 }
 
 /// `schema.table` and the key (or, without a key, nothing) of a row change,
@@ -1487,6 +1507,40 @@ mod tests {
                 (2_000, 1, true, s(&["order_lines:b2"])),
                 (3_000, 0, false, s(&["orders:c", "order_lines:c1"])),
                 (3_000, 1, true, s(&["order_lines:c2-large"])),
+            ]
+        );
+    }
+
+    /// ChangeSets of a group that expect no row of a table are passed over
+    /// for it, also once earlier ones are complete and gone to the log:
+    /// every row still lands in the first ChangeSet expecting one of its
+    /// table.
+    #[tokio::test]
+    async fn rows_of_a_group_skip_changesets_that_expect_none_of_their_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer(log.clone());
+        let xid = 79;
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
+        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        let group = group_message(&c, xid, vec![(mark(1), rows(1, 2)), (mark(2), rows(0, 1)), (mark(3), rows(2, 0)), (mark(4), rows(1, 1))]);
+        c.handle(group).unwrap();
+        for v in ["o1", "o3a", "o3b", "o4"] {
+            c.handle(insert(16_384, v)).unwrap();
+        }
+        for v in ["l1a", "l1b", "l2", "l4"] {
+            c.handle(insert(16_385, v)).unwrap();
+        }
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 9_000, end_lsn: 9_001, commit_ts: 10 })).unwrap();
+        log.flush().await.unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            relayed(&log),
+            vec![
+                (1_000, 0, true, s(&["orders:o1", "order_lines:l1a", "order_lines:l1b"])),
+                (2_000, 0, true, s(&["order_lines:l2"])),
+                (3_000, 0, true, s(&["orders:o3a", "orders:o3b"])),
+                (4_000, 0, true, s(&["orders:o4", "order_lines:l4"])),
             ]
         );
     }
