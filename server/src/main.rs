@@ -256,6 +256,7 @@ enum KeepArg {
 /// rows, statements, frames): glibc's allocator took about a third of the
 /// daemons' CPU in a catch-up of small transactions (`perf`, README's
 /// Performance section), mimalloc a fraction of that.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
