@@ -1,11 +1,8 @@
 #!/bin/bash
 # Runs the main's daemon under heaptrack (Debian's `heaptrack` package) and
 # every other branchsync command as usual: a heap profile of the main during
-# a benchmark round. heaptrack sees allocations through malloc, so the
-# binary is built without mimalloc (the server's default feature) into its
-# own target directory. Use it as the harness's binary:
-#   CARGO_TARGET_DIR=/tmp/sysalloc cargo build --release -p branchsync-server --no-default-features
-#   BRANCHSYNC_REAL_BIN=/tmp/sysalloc/release/branchsync \
+# a benchmark round (heaptrack sees allocations through malloc: not with
+# the server's optional `mimalloc` feature). Use it as the harness's binary:
 #   BRANCHSYNC_BIN=$PWD/scripts/heaptrack-main.sh BENCH_ROUNDS=1 BENCH_BACKLOG=lines \
 #     cargo bench -p branchsync-tests --bench versus_native
 #   heaptrack_print -f /tmp/heaptrack-main.zst --print-peaks 1 | less

@@ -252,10 +252,12 @@ enum KeepArg {
     Remote,
 }
 
-/// The daemon allocates and frees many small values per ChangeSet (decoded
-/// rows, statements, frames): glibc's allocator took about a third of the
-/// daemons' CPU in a catch-up of small transactions (`perf`, README's
-/// Performance section), mimalloc a fraction of that.
+/// With the `mimalloc` feature (off by default): the daemon allocates and
+/// frees many small values per ChangeSet, and glibc's allocator took about a
+/// third of the daemons' CPU in a catch-up of small transactions (`perf`,
+/// README's Performance section), mimalloc a fraction of that. It grows a
+/// huge block by copying it, though, where glibc remaps it: a daemon
+/// carrying a 200 MB value then breaks R24's memory bound.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
