@@ -1075,6 +1075,7 @@ mod tests {
             }],
             changes: vec![RowChange::Insert { table: 0, new: vec![Value::Text(body)] }],
             relay_ts_us: 0,
+            echo_as_sent: false,
         }
     }
 

@@ -110,11 +110,150 @@ pub fn padded_keys(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (k.iter().map(|b| b ^ 0x36).collect(), k.iter().map(|b| b ^ 0x5c).collect())
 }
 
+/// A keyed digest of the rows a ChangeSet inserts, as sent and as written
+/// (see [`RowsDigest`]), under the daemon key: code running inside an apply
+/// transaction cannot compute it, so it cannot make a changed row pass for
+/// the row that was sent.
+#[derive(Clone)]
+pub struct RowHasher {
+    k0: u64,
+    k1: u64,
+}
+
+impl RowHasher {
+    /// The hasher of `key` (the daemon key that seals apply marks).
+    pub fn new(key: &[u8]) -> RowHasher {
+        use sha2::Digest;
+        let mut d = sha2::Sha256::new();
+        d.update(b"branchsync rows digest\0");
+        d.update(key);
+        let k = d.finalize();
+        let word = |i: usize| u64::from_le_bytes(k[i..i + 8].try_into().unwrap_or([0; 8]));
+        RowHasher { k0: word(0), k1: word(8) }
+    }
+
+    /// What a row's hash starts from for table `schema.name` with these
+    /// columns (computed once per table).
+    pub fn table(&self, schema: &str, name: &str, columns: &[String]) -> u64 {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(self.k0, self.k1);
+        for part in [schema, name].into_iter().chain(columns.iter().map(String::as_str)) {
+            h.write_usize(part.len());
+            h.write(part.as_bytes());
+        }
+        h.finish()
+    }
+
+    /// The hash of one inserted row of the table hashed as `table`.
+    pub fn row(&self, table: u64, values: &[branchsync_proto::Value]) -> u128 {
+        use branchsync_proto::Value;
+        use siphasher::sip128::Hasher128;
+        use std::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write_u64(table);
+        h.write_usize(values.len());
+        for v in values {
+            match v {
+                Value::Null => h.write_u8(0),
+                Value::Unchanged => h.write_u8(1),
+                Value::Text(t) => {
+                    h.write_u8(2);
+                    h.write_usize(t.len());
+                    h.write(t.as_bytes());
+                }
+            }
+        }
+        h.finish128().as_u128()
+    }
+}
+
+/// The rows a ChangeSet inserts, as a multiset: the sum of their keyed
+/// hashes ([`RowHasher::row`]) and their number. The main's apply puts the
+/// digest of the rows a branch sent into the ChangeSet's apply mark; its
+/// capture computes the digest of the rows it decodes for that ChangeSet:
+/// equal digests mean the main wrote exactly what the branch sent (no
+/// conflict decided, no trigger changed a value, no column added or left
+/// out), and the branch is spared the echo's rows. A sum does not depend on
+/// the order the rows were written in (the apply pipeline writes them table
+/// by table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowsDigest {
+    /// Wrapping sum of the rows' hashes, low and high 64 bits.
+    pub sum: (u64, u64),
+    /// Rows counted.
+    pub rows: u64,
+}
+
+impl RowsDigest {
+    /// Counts one row of hash `h`.
+    pub fn add(&mut self, h: u128) {
+        let sum = ((self.sum.1 as u128) << 64 | self.sum.0 as u128).wrapping_add(h);
+        self.sum = (sum as u64, (sum >> 64) as u64);
+        self.rows += 1;
+    }
+
+    /// The digest of the inserts of `e` (`None` when it holds anything but
+    /// inserts).
+    pub fn of_inserts(hasher: &RowHasher, e: &branchsync_proto::LogEntry) -> Option<RowsDigest> {
+        use branchsync_proto::RowChange;
+        let mut tables: Vec<Option<u64>> = vec![None; e.tables.len()];
+        let mut d = RowsDigest::default();
+        for ch in &e.changes {
+            let RowChange::Insert { table, new } = ch else { return None };
+            let slot = tables.get_mut(*table as usize)?;
+            let th = match slot {
+                Some(th) => *th,
+                None => {
+                    let t = &e.tables[*table as usize];
+                    *slot.insert(hasher.table(&t.schema, &t.name, &t.columns))
+                }
+            };
+            d.add(hasher.row(th, new));
+        }
+        Some(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// The digest of a ChangeSet's inserts does not depend on the order of
+    /// its rows, and changes with any value, NULL against empty, a column
+    /// name, the table, a row more, or the key.
+    #[test]
+    fn a_rows_digest_is_a_keyed_multiset_of_the_rows() {
+        use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
+        let entry = |name: &str, column: &str, rows: &[Option<&str>]| {
+            let header = ChangeSetHeader { author: "b".into(), author_index: 1, system_id: 1, commit_lsn: 1, commit_ts_us: 1, stamp: 1, seen_main_ts: 0 };
+            let table = TableDesc { schema: "public".into(), name: name.into(), columns: vec!["id".into(), column.into()], key: vec![true, false], identity_full: false };
+            let changes = rows.iter().enumerate().map(|(i, v)| RowChange::Insert { table: 0, new: vec![Value::Text(i.to_string()), v.map_or(Value::Null, |t| Value::Text(t.into()))] }).collect();
+            LogEntry { pos: 1, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0, echo_as_sent: false }
+        };
+        let h = RowHasher::new(KEY);
+        let d = |e: &LogEntry| RowsDigest::of_inserts(&h, e).expect("inserts only");
+        let base = d(&entry("sales", "note", &[Some("a"), Some("b"), None]));
+        let mut reversed = entry("sales", "note", &[Some("a"), Some("b"), None]);
+        reversed.changes.reverse();
+        assert_eq!(d(&reversed), base);
+        assert_eq!(base.rows, 3);
+        for other in [
+            entry("sales", "note", &[Some("a"), Some("B"), None]),
+            entry("sales", "note", &[Some("a"), Some("b"), Some("")]),
+            entry("sales", "memo", &[Some("a"), Some("b"), None]),
+            entry("orders", "note", &[Some("a"), Some("b"), None]),
+            entry("sales", "note", &[Some("a"), Some("b"), None, None]),
+        ] {
+            assert_ne!(d(&other), base);
+        }
+        let e = entry("sales", "note", &[Some("a"), Some("b"), None]);
+        assert_ne!(RowsDigest::of_inserts(&RowHasher::new(b"another key"), &e), Some(base));
+        let mut with_update = e.clone();
+        with_update.changes.push(RowChange::Update { table: 0, old: None, new: vec![Value::Text("0".into()), Value::Null] });
+        assert_eq!(RowsDigest::of_inserts(&h, &with_update), None, "only a ChangeSet that only inserts has a digest");
+    }
 
     #[test]
     fn a_sealed_mark_opens_only_with_its_key_prefix_and_transaction() {

@@ -295,6 +295,12 @@ pub struct ApplyMark {
     /// [`branchsync_proto::LogEntry::relay_ts_us`] of the applied entry.
     #[serde(default)]
     pub relay_ts_us: i64,
+    /// At the main: the digest of the rows the author sent, for a ChangeSet
+    /// of one fragment that only inserts. Capture compares it with the rows
+    /// it decodes for the ChangeSet and marks the relay entry
+    /// [`branchsync_proto::LogEntry::echo_as_sent`] when they are the same.
+    #[serde(default)]
+    pub sent: Option<crate::marks::RowsDigest>,
 }
 
 impl ApplyMark {
@@ -302,7 +308,7 @@ impl ApplyMark {
     pub fn decode(bytes: &[u8]) -> Result<ApplyMark, rmp_serde::decode::Error> {
         match rmp_serde::from_slice::<ApplyMark>(bytes) {
             Ok(m) => Ok(m),
-            Err(_) => rmp_serde::from_slice::<branchsync_proto::ChangeSetHeader>(bytes).map(|header| ApplyMark { header, relay_ts_us: 0 }),
+            Err(_) => rmp_serde::from_slice::<branchsync_proto::ChangeSetHeader>(bytes).map(|header| ApplyMark { header, relay_ts_us: 0, sent: None }),
         }
     }
 }

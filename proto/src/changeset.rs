@@ -210,6 +210,12 @@ pub struct LogEntry {
     /// (R15). 0 elsewhere.
     #[serde(default)]
     pub relay_ts_us: i64,
+    /// In the main's relay: the main wrote the rows of this ChangeSet (one
+    /// fragment, inserts only) exactly as its author sent them. The author
+    /// holds them already and takes its echo without reading them (at the
+    /// other branches the entry is an ordinary one). `false` elsewhere.
+    #[serde(default)]
+    pub echo_as_sent: bool,
 }
 
 impl LogEntry {
@@ -462,6 +468,7 @@ mod tests {
                 }),
             ],
             relay_ts_us: 1_700_000_000_000_003,
+            echo_as_sent: false,
         }
     }
 

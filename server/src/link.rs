@@ -438,6 +438,7 @@ impl Session {
                         p.rows_applied = st.rows;
                         p.conflicts = st.conflicts;
                         p.quarantined = st.quarantined;
+                        p.echoes_as_sent = st.echoes_as_sent;
                         p.pending_from_peer = p.peer_log_newest.saturating_sub(st.committed_pos);
                     });
                     control.ack.send_replace(st.committed_pos);

@@ -37,6 +37,10 @@ pub struct PeerStatus {
     /// Changes of this peer quarantined in this run.
     #[serde(default)]
     pub quarantined: u64,
+    /// Branch, for the main: echoes of this node's ChangeSets that the main
+    /// wrote exactly as sent, taken without reading their rows, this run.
+    #[serde(default)]
+    pub echoes_as_sent: u64,
     /// Sessions established with the peer, this run.
     #[serde(default)]
     pub sessions: u64,
@@ -186,6 +190,11 @@ pub struct StatusSnapshot {
     /// Rows too large to carry that the operator let capture skip.
     #[serde(default)]
     pub rows_skipped: u64,
+    /// Main: branch ChangeSets relayed, this run, marked as written exactly
+    /// as their author sent them (the author takes their echo without its
+    /// rows).
+    #[serde(default)]
+    pub relayed_as_sent: u64,
 }
 
 impl StatusSnapshot {

@@ -27,6 +27,7 @@ fn entry(pos: u64, sid: u64, changes: Vec<RowChange>) -> LogEntry {
         tables: vec![orders_desc()],
         changes,
         relay_ts_us: 0,
+        echo_as_sent: false,
     }
 }
 

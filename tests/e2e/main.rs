@@ -12,6 +12,7 @@ mod conflicts;
 mod convergence;
 mod crash;
 mod disk_full;
+mod echoes;
 mod ddl;
 mod forged_marks;
 mod handshake;

@@ -218,6 +218,9 @@ pub struct ApplyStats {
     pub ddl_failed: u64,
     /// Verdicts sent (main) or taken (branch).
     pub verdicts: u64,
+    /// Branch: echoes the main wrote exactly as this node sent them
+    /// ([`LogEntry::echo_as_sent`]), taken without reading their rows.
+    pub echoes_as_sent: u64,
 }
 
 /// Boxed future on the apply connection, sent but not yet awaited.
@@ -280,6 +283,9 @@ pub struct Applier {
     merged_tables: HashSet<String>,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
+    /// Main: the digest of a ChangeSet's rows as sent goes into its apply
+    /// mark (see [`crate::marks::RowsDigest`]).
+    row_hasher: Option<crate::marks::RowHasher>,
     /// Entries applied since the last commit (while they are few), for a
     /// retry after lock contention.
     uncommitted: Vec<LogEntry>,
@@ -356,6 +362,7 @@ impl Applier {
         let committed = read_progress(&conn.client, stream).await?;
         let stats = ApplyStats { committed_pos: committed, ..Default::default() };
         let (progress_tx, progress_rx) = watch::channel(stats.clone());
+        let row_hasher = (cfg.role == crate::Role::Main).then(|| crate::marks::RowHasher::new(&cfg.mark_key));
         let mut applier = Applier {
                 conn,
                 url: url.to_string(),
@@ -376,6 +383,7 @@ impl Applier {
                 packed: false,
                 merged_tables: HashSet::new(),
                 queue: pipeline::Queue::default(),
+                row_hasher,
                 uncommitted: Vec::new(),
                 uncommitted_rows: 0,
                 uncommitted_bytes: 0,
@@ -755,7 +763,7 @@ impl Applier {
                         _ => ChangeSetHeader { author: self.stream.clone(), author_index: 0, system_id: 0, commit_lsn: 0, commit_ts_us: 0, stamp: 0, seen_main_ts: 0 },
                     };
                     self.undecodable.insert(w.pos, (w.body, reason));
-                    LogEntry { pos: w.pos, header, part: w.part, last: w.last, tables: Vec::new(), changes: Vec::new(), relay_ts_us: 0 }
+                    LogEntry { pos: w.pos, header, part: w.part, last: w.last, tables: Vec::new(), changes: Vec::new(), relay_ts_us: 0, echo_as_sent: false }
                 }
             };
             out.push(e);
@@ -855,7 +863,10 @@ impl Applier {
                 if self.txn.is_none() {
                     self.begin(&e.header.author, careful).await?;
                 }
-                let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us };
+                // A ChangeSet of one fragment that only inserts: what the
+                // main writes for it is compared with what was sent.
+                let sent = self.row_hasher.as_ref().filter(|_| e.last).and_then(|h| crate::marks::RowsDigest::of_inserts(h, e));
+                let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us, sent };
                 self.queue_apply_message(mark).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;
@@ -873,7 +884,19 @@ impl Applier {
                     t.touched_existing = true;
                 }
             }
-            self.apply_fragment(e, careful).await?;
+            if self.takes_as_sent(e) {
+                // Our own rows, written at the main exactly as sent: they
+                // are here (or a newer local change is), decided.
+                self.queue.settle_through(e.header.commit_ts_us);
+                self.stats.echoes_as_sent += 1;
+            } else {
+                if self.queue.settling() {
+                    // Another node's rows are written over ours only once
+                    // the mark says ours are decided (in stream order).
+                    self.drain().await?;
+                }
+                self.apply_fragment(e, careful).await?;
+            }
             self.seen = e.pos;
             self.stats.rows += e.changes.len() as u64;
             if e.last {

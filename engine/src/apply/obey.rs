@@ -29,6 +29,16 @@
 //! mark has had its echo; the rare commit whose time is out of WAL order by
 //! a few microseconds is at worst written over by another node's change
 //! before its own echo brings the main's result, as any mistake below heals.
+//! Most echoes of a sales backlog are not even compared: when the main
+//! wrote a ChangeSet of one fragment that only inserts exactly as it was
+//! sent (the digest of the rows it decoded equals the one of the rows sent,
+//! see [`crate::marks::RowsDigest`]), the relay entry says so
+//! ([`LogEntry::echo_as_sent`]) and this node takes it without reading its
+//! rows: they are here as committed, or a newer local change of them is
+//! (until the mark passes them, other nodes' changes are not written over
+//! them), which is what an equal echo finds. The mark moves after the
+//! statements queued before the echo and before any other node's change
+//! that follows it.
 //! While it is pending, other nodes' changes to it are not written here —
 //! the main decides them against our change and the echo brings the result.
 //! An echo or verdict is not written over a newer local change of the same
@@ -62,6 +72,16 @@ impl Applier {
     /// `true` when `e` is the main's echo of a change made here.
     pub(super) fn is_echo(&self, e: &LogEntry) -> bool {
         self.cfg.role == crate::Role::Branch && e.header.author == self.cfg.node
+    }
+
+    /// `true` when `e` is the echo of a change made here that the main
+    /// wrote exactly as sent ([`LogEntry::echo_as_sent`]): its rows are
+    /// here already, or a newer local change of them is, so the echo is
+    /// taken by moving `branchsync.echo_settled` up to its commit time, as
+    /// an echo equal to the row here is (where that table is missing, the
+    /// rows are compared as before).
+    pub(super) fn takes_as_sent(&self, e: &LogEntry) -> bool {
+        e.echo_as_sent && self.settle && e.part == 0 && e.last && self.is_echo(e)
     }
 
     /// The guard for writing `e`'s rows here, and the parameter holding its

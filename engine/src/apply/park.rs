@@ -140,7 +140,7 @@ impl Applier {
             RowChange::Insert { table, .. } | RowChange::Update { table, .. } | RowChange::Delete { table, .. } => *table = 0,
             _ => return Ok(()),
         }
-        let entry = LogEntry { pos: 0, header: h.clone(), part: 0, last: true, tables: vec![desc.clone()], changes: vec![one], relay_ts_us: 0 };
+        let entry = LogEntry { pos: 0, header: h.clone(), part: 0, last: true, tables: vec![desc.clone()], changes: vec![one], relay_ts_us: 0, echo_as_sent: false };
         let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
         let header = rmp_serde::to_vec(h).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
         self.conn
@@ -178,7 +178,7 @@ impl Applier {
         let desc = &e.tables[t as usize];
         let tbl = format!("{}.{}", desc.schema, desc.name);
         let n = changes.len();
-        let entry = LogEntry { pos: 0, header: e.header.clone(), part: 0, last: true, tables: vec![desc.clone()], changes, relay_ts_us: 0 };
+        let entry = LogEntry { pos: 0, header: e.header.clone(), part: 0, last: true, tables: vec![desc.clone()], changes, relay_ts_us: 0, echo_as_sent: false };
         let entry = rmp_serde::to_vec(&entry).map_err(|err| EngineError::Corrupt(format!("cannot encode a parked change: {err}")))?;
         let header = rmp_serde::to_vec(&e.header).map_err(|err| EngineError::Corrupt(format!("cannot encode a header: {err}")))?;
         self.conn
@@ -428,7 +428,7 @@ mod tests {
             commit_ts_us: 1_700_000_000_000_000 + pos as i64,
             stamp: 1_700_000_000_000_000 + pos, seen_main_ts: 0
         };
-        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0 }
+        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0, echo_as_sent: false }
     }
 
     fn desc(name: &str, cols: &[&str]) -> TableDesc {
@@ -513,7 +513,7 @@ mod missing_table_tests {
     fn entry(pos: u64, changes: Vec<RowChange>) -> LogEntry {
         let header = ChangeSetHeader { author: "main".into(), author_index: 0, system_id: 7, commit_lsn: 0x2000 + pos, commit_ts_us: 1_700_000_000_000_000, stamp: 1_700_000_000_000_000 + pos , seen_main_ts: 0};
         let table = TableDesc { schema: "public".into(), name: "loyalty".into(), columns: vec!["id".into(), "points".into()], key: vec![true, false], identity_full: false };
-        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0 }
+        LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0, echo_as_sent: false }
     }
 
     fn row(id: &str, points: &str) -> Vec<Value> {

@@ -153,11 +153,24 @@ pub(super) struct Queue {
     fk_values: BTreeMap<String, Option<Vec<Vec<Vec<Option<String>>>>>>,
     /// Header of the last queued ChangeSet (recorded with parked rows).
     header: Option<Vec<u8>>,
+    /// Branch: `branchsync.echo_settled` moves up to this commit time after
+    /// the queued statements (echoes the main wrote as sent).
+    settle: Option<i64>,
 }
 
 impl Queue {
     pub(super) fn is_empty(&self) -> bool {
-        self.marks.is_empty() && self.batches.is_empty() && self.versions.is_empty() && self.parents.is_empty()
+        self.marks.is_empty() && self.batches.is_empty() && self.versions.is_empty() && self.parents.is_empty() && self.settle.is_none()
+    }
+
+    /// Moves the settled mark up to `ts` once the queued statements ran.
+    pub(super) fn settle_through(&mut self, ts: i64) {
+        self.settle = Some(self.settle.map_or(ts, |s| s.max(ts)));
+    }
+
+    /// A settled mark waits to be written.
+    pub(super) fn settling(&self) -> bool {
+        self.settle.is_some()
     }
 }
 
@@ -463,6 +476,10 @@ impl Applier {
                 prechecks.push((tbl.clone(), self.stmt(&sql::missing_parents(t, f), &types).await?, cols));
             }
         }
+        let settle = match q.settle {
+            Some(ts) => Some((self.stmt(sql::SETTLE_ECHOES, &[Type::INT8]).await?, ts)),
+            None => None,
+        };
         let client = &self.conn.client;
         let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.batches.len() + q.versions.len() + 1);
         if let Some((st, body)) = &group {
@@ -492,6 +509,10 @@ impl Applier {
                 let vst = &vst;
                 pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
             }
+        }
+        if let Some((st, ts)) = &settle {
+            // After the batches: pipelined statements run in order.
+            pending.push(async move { client.execute(st, &[ts]).await }.boxed());
         }
         futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
         let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();

@@ -320,6 +320,11 @@ pub enum Guard {
     None,
 }
 
+/// Moves `branchsync.echo_settled` up to `$1` (µs): the echoes of every
+/// local change committed at or before it are applied.
+pub const SETTLE_ECHOES: &str = "INSERT INTO branchsync.echo_settled AS s (singleton, through_ts) VALUES (true, $1) \
+     ON CONFLICT (singleton) DO UPDATE SET through_ts = greatest(s.through_ts, excluded.through_ts)";
+
 /// Moves the settled mark up to `ts_sql` (an `int8` expression): every
 /// local change committed at or before it has been decided by the main.
 fn settle_cte(ts_sql: &str) -> String {

@@ -168,7 +168,7 @@ fn cs(pos: u64, author: &str, stamp: u64, table: TableDesc, changes: Vec<RowChan
 
 fn cs_tables(pos: u64, author: &str, stamp: u64, tables: Vec<TableDesc>, changes: Vec<RowChange>) -> LogEntry {
     let header = ChangeSetHeader { author: author.into(), author_index: 1, system_id: 9, commit_lsn: 0x10_0000 + pos, commit_ts_us: stamp as i64, stamp, seen_main_ts: 0 };
-    LogEntry { pos, header, part: 0, last: true, tables, changes, relay_ts_us: 0 }
+    LogEntry { pos, header, part: 0, last: true, tables, changes, relay_ts_us: 0, echo_as_sent: false }
 }
 
 fn vals(vs: &[&str]) -> Vec<Value> {
@@ -1094,6 +1094,48 @@ async fn at_a_branch_an_echo_equal_to_the_row_is_left_unwritten_and_the_row_is_s
         ["(1,anne)", "(2,bobby)", "(3,CY)"],
         "row 1 was decided (its echo came back) and takes the other shop's change; row 2's own change is still on its way to the main"
     );
+}
+
+/// At a branch, an echo the main marks as written exactly as sent is taken
+/// without its rows: nothing is compared or written (here its rows were
+/// altered on the way, and still nothing changes), the settled mark moves
+/// to its commit time, and another shop's insert of the same key that comes
+/// after it in the stream, in the same apply transaction, is written over
+/// the row it decided (the mark is written before it, in stream order). The
+/// same echo to a branch whose database has no settled mark is compared
+/// and written as before.
+#[tokio::test]
+async fn at_a_branch_an_echo_written_as_sent_is_taken_without_its_rows_and_settles_them_in_stream_order() {
+    let site = Site::new("CREATE TABLE customers (id int PRIMARY KEY, name text);", &[]).await;
+    site.c.batch_execute("INSERT INTO customers VALUES (1, 'ann'), (2, 'bob')").await.unwrap();
+    let (sold_us, sold_xmin): (i64, String) = {
+        let r = site.c.query_one("SELECT (extract(epoch from pg_xact_commit_timestamp(xmin)) * 1000000)::int8, xmin::text FROM customers WHERE id = 2", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    let d = desc("customers", &["id", "name"], &["id"]);
+    let mut echo = cs(1, "branch1", sold_us as u64, d.clone(), vec![ins(&["1", "altered"]), ins(&["2", "altered"])]);
+    echo.echo_as_sent = true;
+    let mut theirs = cs(2, "branch2", now_us(), d.clone(), vec![ins(&["1", "anne"])]);
+    theirs.header.author_index = 2;
+    let mut a = site.branch_applier().await;
+    a.apply_entries(&[echo, theirs]).await.unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(site.rows("SELECT id, name FROM customers ORDER BY id").await, ["(1,anne)", "(2,bob)"], "row 1 was decided by the echo, so the other shop's row is written over it; row 2 was not read");
+    assert_eq!(site.rows("SELECT xmin::text FROM customers WHERE id = 2").await, [format!("({sold_xmin})")], "row 2 was not written");
+    assert_eq!(site.rows("SELECT through_ts FROM branchsync.echo_settled").await, [format!("({sold_us})")]);
+    assert_eq!(a.stats.echoes_as_sent, 1);
+
+    // Without the settled mark (a database initialised before it), the
+    // rows of the same echo are the only way to decide them.
+    let old = Site::new("CREATE TABLE customers (id int PRIMARY KEY, name text);", &[]).await;
+    old.c.batch_execute("DROP TABLE branchsync.echo_settled; INSERT INTO customers VALUES (1, 'ann'), (2, 'bob')").await.unwrap();
+    let mut echo = cs(1, "branch1", now_us(), d.clone(), vec![ins(&["1", "altered"]), ins(&["2", "altered"])]);
+    echo.echo_as_sent = true;
+    let mut a = old.branch_applier().await;
+    a.apply_entries(&[echo]).await.unwrap();
+    a.commit().await.unwrap();
+    assert_eq!(old.rows("SELECT id, name FROM customers ORDER BY id").await, ["(1,altered)", "(2,altered)"], "compared and written as any echo");
+    assert_eq!(a.stats.echoes_as_sent, 0);
 }
 
 /// The comparison that lets a branch leave an equal echo unwritten holds

@@ -69,7 +69,7 @@ use tokio_postgres::Client;
 use crate::clock::{next_stamp, PG_EPOCH_OFFSET_US};
 use crate::ddl::{parse, DdlMessage, DDL_MESSAGE_PREFIX};
 use crate::log::{ChangeLog, Completion};
-use crate::marks;
+use crate::marks::{self, RowHasher, RowsDigest};
 use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
@@ -149,6 +149,9 @@ pub struct CaptureStatus {
     /// Main, after `init --restored`: ChangeSets applied again but not
     /// relayed again (the relay log holds them).
     pub relay_suppressed: u64,
+    /// Main: branch ChangeSets relayed with [`LogEntry::echo_as_sent`] (the
+    /// main wrote exactly the rows their author sent).
+    pub relayed_as_sent: u64,
     /// Capture is connected and reading the slot.
     pub running: bool,
 }
@@ -207,11 +210,52 @@ struct Segment {
     /// The newest commit time of the main's log up to this transaction
     /// (relay only; 0 at branches).
     relay_ts_us: i64,
+    /// At the main: the digest of the rows the author sent (its apply mark
+    /// carries one for a ChangeSet of one fragment that only inserts), while
+    /// everything decoded for the segment is an insert of its first
+    /// fragment; `None` otherwise.
+    sent: Option<RowsDigest>,
+    /// The digest of the inserts decoded for it so far.
+    got: RowsDigest,
+    /// Per table index: where its rows' hashes start ([`RowHasher::table`]).
+    table_hashes: Vec<Option<u64>>,
 }
 
 impl Segment {
     fn new(header: ChangeSetHeader, relay_ts_us: i64) -> Segment {
-        Segment { header, part: 0, tables: Vec::new(), table_index: HashMap::new(), changes: Vec::new(), bytes: 0, relay_ts_us }
+        Segment {
+            header,
+            part: 0,
+            tables: Vec::new(),
+            table_index: HashMap::new(),
+            changes: Vec::new(),
+            bytes: 0,
+            relay_ts_us,
+            sent: None,
+            got: RowsDigest::default(),
+            table_hashes: Vec::new(),
+        }
+    }
+
+    /// Counts a change pushed to the segment against the digest of what its
+    /// author sent: only inserts of the first fragment count, anything else
+    /// means the main did more than write what was sent.
+    fn count_sent(&mut self, hasher: Option<&RowHasher>, ch: &RowChange) {
+        let (Some(hasher), Some(_)) = (hasher, self.sent) else { return };
+        let RowChange::Insert { table, new } = ch else {
+            self.sent = None;
+            return;
+        };
+        let i = *table as usize;
+        let Some(t) = self.tables.get(i).filter(|_| self.part == 0) else {
+            self.sent = None;
+            return;
+        };
+        if self.table_hashes.len() <= i {
+            self.table_hashes.resize(i + 1, None);
+        }
+        let th = *self.table_hashes[i].get_or_insert_with(|| hasher.table(&t.schema, &t.name, &t.columns));
+        self.got.add(hasher.row(th, new));
     }
 
     /// Index of a table description given whole (verdicts carry their own).
@@ -273,6 +317,10 @@ impl Segment {
 
     /// Takes the pending changes as a fragment.
     fn fragment(&mut self, log: &ChangeLog, last: bool) -> LogEntry {
+        // The whole ChangeSet in one fragment, exactly the rows sent.
+        let echo_as_sent = last && self.part == 0 && self.sent.is_some_and(|s| s == self.got);
+        self.sent = None;
+        self.table_hashes.clear();
         let e = LogEntry {
             pos: log.allocate_pos(),
             header: self.header.clone(),
@@ -281,6 +329,7 @@ impl Segment {
             tables: std::mem::take(&mut self.tables),
             changes: std::mem::take(&mut self.changes),
             relay_ts_us: self.relay_ts_us,
+            echo_as_sent,
         };
         self.table_index.clear();
         self.bytes = 0;
@@ -406,6 +455,9 @@ pub struct Capturer {
     /// Position of the newest probe read ([`PROBE_PREFIX`]).
     probe_lsn: u64,
     txn: Option<Txn>,
+    /// Main: hashes decoded rows to compare with the digests apply marks
+    /// carry (see [`RowsDigest`]).
+    row_hasher: Option<RowHasher>,
     /// Status counters.
     pub status: CaptureStatus,
 }
@@ -416,6 +468,7 @@ impl Capturer {
         let captured_lsn = log.captured_lsn()?;
         let last_stamp = log.last_stamp()?;
         let seen_main_ts = log.seen_main_ts()?;
+        let row_hasher = (cfg.role == Role::Main).then(|| RowHasher::new(&cfg.mark_key));
         Ok(Capturer {
             cfg,
             log,
@@ -437,6 +490,7 @@ impl Capturer {
             peeked: 0,
             probe_lsn: 0,
             txn: None,
+            row_hasher,
             status: CaptureStatus { captured_lsn, ..Default::default() },
         })
     }
@@ -586,7 +640,9 @@ impl Capturer {
                             if suppressing {
                                 self.status.relay_suppressed += 1;
                             }
-                            let segment = Segment::new(mark.header, relay_ts);
+                            let sent = mark.sent;
+                            let mut segment = Segment::new(mark.header, relay_ts);
+                            segment.sent = sent;
                             if i + 1 < n {
                                 txn.held.push_back(Held { segment, rows_left: rows.unwrap_or_default(), suppressing });
                             } else {
@@ -611,6 +667,7 @@ impl Capturer {
                 let completion = Completion { captured_lsn: c.commit_lsn, stamp: self.last_stamp, seen_main_ts: self.seen_main_ts };
                 self.log.append(&txn.done, Some(completion))?;
                 self.captured_lsn = c.commit_lsn;
+                self.status.relayed_as_sent += txn.done.iter().filter(|e| e.echo_as_sent).count() as u64;
                 if !txn.done.is_empty() {
                     self.status.transactions += 1;
                     self.status.rows += txn.rows;
@@ -794,12 +851,14 @@ impl Capturer {
             });
         }
         if let Some(h) = target.and_then(|i| txn.held.get_mut(i)) {
+            h.segment.count_sent(self.row_hasher.as_ref(), &ch);
             h.segment.changes.push(ch);
             h.segment.bytes += size;
             txn.rows += 1;
             return Ok(());
         }
         let seg = &mut txn.segment;
+        seg.count_sent(self.row_hasher.as_ref(), &ch);
         seg.changes.push(ch);
         seg.bytes += size;
         txn.rows += 1;
@@ -807,6 +866,7 @@ impl Capturer {
             let f = seg.fragment(&self.log, false);
             txn.done.push(f);
             self.log.append(&txn.done, None)?;
+            self.status.relayed_as_sent += txn.done.iter().filter(|e| e.echo_as_sent).count() as u64;
             txn.done.clear();
             self.fragmented = true;
             failpoints::hit(failpoints::CAPTURE_AFTER_FRAGMENT);
@@ -1436,7 +1496,7 @@ mod tests {
     /// Branch1's ChangeSet `n`, as apply marks it.
     fn mark(n: u64) -> ApplyMark {
         let header = ChangeSetHeader { author: "branch1".into(), author_index: 1, system_id: 9, commit_lsn: n * 1_000, commit_ts_us: n as i64, stamp: n, seen_main_ts: 0 };
-        ApplyMark { header, relay_ts_us: 0 }
+        ApplyMark { header, relay_ts_us: 0, sent: None }
     }
 
     fn rows(orders: u32, lines: u32) -> Vec<GroupedRows> {
@@ -1581,6 +1641,53 @@ mod tests {
                 (4_000, s(&["order_lines:d1"])),
             ]
         );
+    }
+
+    /// The digest apply puts in the mark of a ChangeSet that sent these
+    /// `(table, value)` inserts (tables as [`main_capturer`] knows them).
+    fn sent(c: &Capturer, rows: &[(&str, &str)]) -> Option<crate::marks::RowsDigest> {
+        let desc = |name: &str| TableDesc { schema: "public".into(), name: name.into(), columns: vec!["id".into()], key: vec![true], identity_full: true };
+        let tables = vec![desc("orders"), desc("order_lines")];
+        let changes = rows.iter().map(|(t, v)| RowChange::Insert { table: u32::from(*t == "order_lines"), new: vec![Value::Text(v.to_string())] }).collect();
+        let e = LogEntry { pos: 1, header: mark(0).header, part: 0, last: true, tables, changes, relay_ts_us: 0, echo_as_sent: false };
+        crate::marks::RowsDigest::of_inserts(&RowHasher::new(&c.cfg.mark_key), &e)
+    }
+
+    /// A branch ChangeSet is relayed as written exactly as sent only when
+    /// its one fragment holds exactly the rows whose digest its mark
+    /// carries: not when a value differs (a trigger at the main changed
+    /// it), when the main did more than insert (here: deleted a row in the
+    /// same transaction), when it is cut into fragments, or when its mark
+    /// has no digest.
+    #[tokio::test]
+    async fn a_changeset_is_relayed_as_sent_only_when_its_rows_are_exactly_those_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer_cut_at(log.clone(), 2);
+        let xid = 80;
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
+        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        let with = |n: u64, sent: Option<crate::marks::RowsDigest>| ApplyMark { sent, ..mark(n) };
+        let marks = vec![
+            (with(1, sent(&c, &[("orders", "a"), ("order_lines", "a1"), ("order_lines", "a2")])), rows(1, 2)),
+            (with(2, sent(&c, &[("order_lines", "b1"), ("orders", "b")])), rows(1, 1)),
+            (with(3, sent(&c, &[("orders", "c")])), rows(1, 0)),
+            (with(4, None), rows(1, 0)),
+            (with(5, sent(&c, &[("order_lines", "e1")])), rows(0, 1)),
+        ];
+        c.handle(group_message(&c, xid, marks)).unwrap();
+        for v in ["a", "b", "C", "d"] {
+            c.handle(insert(16_384, v)).unwrap();
+        }
+        for v in ["a1", "a2", "b1", "e1"] {
+            c.handle(insert(16_385, v)).unwrap();
+        }
+        c.handle(PgOutputMessage::Delete(crate::pgoutput::Delete { rel: 16_385, old: OldTuple::Full(vec![Value::Text("e1".into())]) })).unwrap();
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 9_000, end_lsn: 9_001, commit_ts: 10 })).unwrap();
+        log.flush().await.unwrap();
+        let got: Vec<(u64, u32, bool)> = log.read_after(0, usize::MAX).unwrap().iter().map(|e| (e.header.commit_lsn, e.part, e.echo_as_sent)).collect();
+        assert_eq!(got, vec![(1_000, 0, false), (1_000, 1, false), (2_000, 0, true), (3_000, 0, false), (4_000, 0, false), (5_000, 0, false), (5_000, 1, false)]);
+        assert_eq!(c.status.relayed_as_sent, 1);
     }
 
     /// One local transaction of one inserted row, committed at `lsn` with
