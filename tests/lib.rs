@@ -560,6 +560,44 @@ pub async fn http_status(port: u16) -> Option<serde_json::Value> {
     serde_json::from_str(&body).ok()
 }
 
+/// An ordinary role that creates pgbench's tables (`pgbench -i -U erp`), as
+/// an ERP's tables are created, so that the branches replay their DDL.
+pub const PGBENCH_SCHEMA: &str = "CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;";
+
+/// pgbench's balances as delta columns.
+pub const PGBENCH_DELTA_RULES: &str = "
+[[tables]]
+match = \"pgbench_accounts\"
+delta = [\"abalance\"]
+
+[[tables]]
+match = \"pgbench_tellers\"
+delta = [\"tbalance\"]
+
+[[tables]]
+match = \"pgbench_branches\"
+delta = [\"bbalance\"]
+";
+
+/// pgbench's tables.
+pub const PGBENCH_TABLES: &[&str] = &["pgbench_branches", "pgbench_tellers", "pgbench_accounts", "pgbench_history"];
+
+/// `(sum(abalance), sum(bbalance), sum(tbalance), sum(delta), history
+/// rows)` of pgbench's tables at `c`: after any number of pgbench
+/// transactions, the first four are equal.
+pub async fn pgbench_sums(c: &tokio_postgres::Client) -> (i64, i64, i64, i64, i64) {
+    let r = c
+        .query_one(
+            "SELECT (SELECT sum(abalance)::int8 FROM pgbench_accounts), (SELECT sum(bbalance)::int8 FROM pgbench_branches), \
+                    (SELECT sum(tbalance)::int8 FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0)::int8 FROM pgbench_history), \
+                    (SELECT count(*) FROM pgbench_history)",
+            &[],
+        )
+        .await
+        .expect("sum pgbench's balances");
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
 /// `pgbench` against `site`'s database `postgres` with `args` (`-U` among
 /// them), its output piped.
 pub fn pgbench(site: &Site, args: &[&str]) -> Command {

@@ -482,6 +482,7 @@ impl Node {
                             st.forged_by_prefix = cap.forged_by_prefix.clone();
                             st.rows_skipped = cap.rows_skipped;
                             st.relayed_as_sent = cap.relayed_as_sent;
+                            st.captured_pgoutput_bytes = cap.pgoutput_bytes;
                             if cap.running && st.capture_state != "running" {
                                 st.capture_state = "running".into();
                                 st.capture_reason = None;

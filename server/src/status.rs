@@ -195,6 +195,10 @@ pub struct StatusSnapshot {
     /// rows).
     #[serde(default)]
     pub relayed_as_sent: u64,
+    /// Bytes of pgoutput messages capture decoded this run (rows and table
+    /// descriptions of the transactions it captured).
+    #[serde(default)]
+    pub captured_pgoutput_bytes: u64,
 }
 
 impl StatusSnapshot {

@@ -21,7 +21,8 @@
 //!
 //! After each `lines` round the peak resident memory of both daemons is
 //! printed (the branch's log then held the 1M-change backlog the main
-//! applied).
+//! applied); after each backlog is captured, how much the branch's log
+//! grew beside the bytes of the pgoutput messages its capture received.
 //!
 //! Each round starts a main and a branch cluster (`fsync = off` on both, the
 //! harness setting) with the point-of-sale tables twice: in `public`,
@@ -263,15 +264,25 @@ async fn paired_round(b: Backlog) -> (f64, f64) {
         (n == 1000).then_some(())
     })
     .await;
-    let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(30), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
+    let st0 = wait_status(&topo.branches[0], "branch status", Duration::from_secs(30), |_| true).await;
+    let before = st0["captured_transactions"].as_i64().unwrap_or(0);
     topo.proxies[0].cut();
     let t = Instant::now();
     branch.batch_execute(&b.sql("public")).await.expect("backlog");
-    wait_status(&topo.branches[0], "the branch captured the backlog", Duration::from_secs(1800), |s| {
+    let st1 = wait_status(&topo.branches[0], "the branch captured the backlog", Duration::from_secs(1800), |s| {
         s["captured_transactions"].as_i64().unwrap_or(0) >= before + txns + 1
     })
     .await;
     println!("  branchsync backlog written and captured in {:.1} s", t.elapsed().as_secs_f64());
+    // The link is cut: nothing of the backlog is acknowledged or reclaimed.
+    let grew = |k: &str| st1[k].as_u64().unwrap_or(0).saturating_sub(st0[k].as_u64().unwrap_or(0));
+    let (log_bytes, pgoutput_bytes) = (grew("log_bytes"), grew("captured_pgoutput_bytes"));
+    println!(
+        "  the branch's log grew by {:.1} MiB for {:.1} MiB of pgoutput messages decoded: {:.2}x",
+        log_bytes as f64 / 1048576.0,
+        pgoutput_bytes as f64 / 1048576.0,
+        log_bytes as f64 / pgoutput_bytes.max(1) as f64
+    );
     let groups = [
         ("main's PostgreSQL", postmaster_pid(&topo.main)),
         ("main's daemon", topo.main.pid()),

@@ -11,32 +11,14 @@ use std::time::Duration;
 
 use branchsync_tests::*;
 
-const SCHEMA: &str = "CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;";
-
-const RULES: &str = "
-[[tables]]
-match = \"pgbench_accounts\"
-delta = [\"abalance\"]
-
-[[tables]]
-match = \"pgbench_tellers\"
-delta = [\"tbalance\"]
-
-[[tables]]
-match = \"pgbench_branches\"
-delta = [\"bbalance\"]
-";
-
-const TABLES: &[&str] = &["pgbench_branches", "pgbench_tellers", "pgbench_accounts", "pgbench_history"];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_at_three_sites_while_apart_keeps_every_balance_equal_to_the_history() {
     let t0 = std::time::Instant::now();
-    let mut topo = Topology::prepare_with(2, SCHEMA, RULES).await;
+    let mut topo = Topology::prepare_with(2, PGBENCH_SCHEMA, PGBENCH_DELTA_RULES).await;
     topo.start_all();
     let out = pgbench(&topo.main, &["-i", "-s", "1", "-U", "erp", "-q"]).output().expect("run pgbench -i");
     assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
-    wait_converged(&topo.sites(), TABLES, Duration::from_secs(180)).await;
+    wait_converged(&topo.sites(), PGBENCH_TABLES, Duration::from_secs(180)).await;
     println!("pgbench -i replicated to every site after {:.1} s", t0.elapsed().as_secs_f64());
 
     for p in &topo.proxies {
@@ -62,20 +44,11 @@ async fn pgbench_at_three_sites_while_apart_keeps_every_balance_equal_to_the_his
     for p in &topo.proxies {
         p.heal();
     }
-    wait_converged(&topo.sites(), TABLES, Duration::from_secs(300)).await;
+    wait_converged(&topo.sites(), PGBENCH_TABLES, Duration::from_secs(300)).await;
     println!("converged {:.1} s after the links healed", healed.elapsed().as_secs_f64());
     for s in topo.sites() {
         let c = s.db().await;
-        let r = c
-            .query_one(
-                "SELECT (SELECT sum(abalance)::int8 FROM pgbench_accounts), (SELECT sum(bbalance)::int8 FROM pgbench_branches), \
-                        (SELECT sum(tbalance)::int8 FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0)::int8 FROM pgbench_history), \
-                        (SELECT count(*) FROM pgbench_history)",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (a, b, t, d, n): (i64, i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let (a, b, t, d, n) = pgbench_sums(&c).await;
         println!("{}: {n} transactions in the history, sum(delta) = {d}", s.name);
         assert!(n > 0, "pgbench ran");
         assert_eq!((a, b, t), (d, d, d), "{}: sum(abalance), sum(bbalance), sum(tbalance) = sum(delta)", s.name);

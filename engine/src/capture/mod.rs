@@ -152,6 +152,10 @@ pub struct CaptureStatus {
     /// Main: branch ChangeSets relayed with [`LogEntry::echo_as_sent`] (the
     /// main wrote exactly the rows their author sent).
     pub relayed_as_sent: u64,
+    /// Bytes of pgoutput messages received (rows, table descriptions,
+    /// begins and commits; rows of transactions capture skips are not
+    /// counted), to compare with the log's size.
+    pub pgoutput_bytes: u64,
     /// Capture is connected and reading the slot.
     pub running: bool,
 }
@@ -1255,6 +1259,7 @@ impl Capturer {
                     continue;
                 }
                 self.largest_message = self.largest_message.max(data.len());
+                self.status.pgoutput_bytes += data.len() as u64;
                 pgoutput::decode(data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?
             };
             // The message owns its values now: the row's buffer can go.

@@ -164,9 +164,13 @@ pub(super) async fn stream_loop(
         let skipping = cap.txn.as_ref().is_some_and(|t| t.duplicate || t.applied_here || t.suppressing);
         let msg = match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                // The client decodes Begin and Commit itself: counted at
+                // their size in pgoutput (`B`: 20 bytes after the tag; `C`: 25).
+                cap.status.pgoutput_bytes += 21;
                 Some(PgOutputMessage::Begin(Begin { final_lsn: final_lsn.into(), commit_ts: commit_time_micros, xid }))
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                cap.status.pgoutput_bytes += 26;
                 Some(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: lsn.into(), end_lsn: end_lsn.into(), commit_ts: commit_time_micros }))
             }
             ReplicationEvent::Message { transactional, lsn, prefix, content } => {
@@ -180,6 +184,7 @@ pub(super) async fn stream_loop(
                     None
                 } else {
                     cap.largest_message = cap.largest_message.max(data.len());
+                    cap.status.pgoutput_bytes += data.len() as u64;
                     Some(pgoutput::decode(&data).map_err(|e| EngineError::Corrupt(format!("undecodable pgoutput message: {e}")))?)
                 }
             }
