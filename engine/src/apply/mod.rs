@@ -288,7 +288,7 @@ pub struct Applier {
     row_hasher: Option<crate::marks::RowHasher>,
     /// Entries applied since the last commit (while they are few), for a
     /// retry after lock contention.
-    uncommitted: Vec<LogEntry>,
+    uncommitted: Vec<Arc<LogEntry>>,
     /// Rows and bytes of the entries applied since the last commit.
     uncommitted_rows: usize,
     uncommitted_bytes: usize,
@@ -523,14 +523,15 @@ impl Applier {
     /// at hand; commits at a ChangeSet boundary when `more_waiting` says
     /// nothing else is ready to join the transaction.
     async fn take(&mut self, wire: Vec<WireEntry>, more_waiting: impl Fn() -> bool) -> Result<(), EngineError> {
-        let mut entries = self.receive(wire).await?;
-        let mut again: Vec<LogEntry> = Vec::new();
+        // Shared with the retry buffer, not copied into it.
+        let mut entries: Vec<Arc<LogEntry>> = self.receive(wire).await?.into_iter().map(Arc::new).collect();
+        let mut again: Vec<Arc<LogEntry>> = Vec::new();
         let mut tries = 0u32;
         let mut careful_retry = false;
         loop {
-            let mut r = self.apply_entries(&again).await;
+            let mut r = self.apply_shared(&again).await;
             if r.is_ok() {
-                r = self.apply_entries(&entries).await;
+                r = self.apply_shared(&entries).await;
             }
             if r.is_ok() && !self.retry_buffer_holds_all() {
                 // Too large to apply again in place anyway:
@@ -577,7 +578,7 @@ impl Applier {
     /// reach. (An attempt that fails while it applies that list again has
     /// kept only what it reached: dropping the rest skipped sales of earlier
     /// messages while progress moved past them.)
-    fn entries_to_retry(&mut self, previous: Vec<LogEntry>) -> Vec<LogEntry> {
+    fn entries_to_retry(&mut self, previous: Vec<Arc<LogEntry>>) -> Vec<Arc<LogEntry>> {
         let mut again = std::mem::take(&mut self.uncommitted);
         self.uncommitted_rows = 0;
         self.uncommitted_bytes = 0;
@@ -810,7 +811,14 @@ impl Applier {
 
     /// Applies entries in order, skipping positions already seen (a resend).
     pub async fn apply_entries(&mut self, entries: &[LogEntry]) -> Result<(), EngineError> {
-        for e in entries {
+        let shared: Vec<Arc<LogEntry>> = entries.iter().cloned().map(Arc::new).collect();
+        self.apply_shared(&shared).await
+    }
+
+    /// [`Applier::apply_entries`] of entries the retry buffer can share.
+    async fn apply_shared(&mut self, entries: &[Arc<LogEntry>]) -> Result<(), EngineError> {
+        for shared in entries {
+            let e: &LogEntry = shared;
             if e.pos <= self.seen {
                 continue;
             }
@@ -834,7 +842,7 @@ impl Applier {
                 self.reopen = true;
             }
             if self.retry_buffer_holds_all() {
-                self.uncommitted.push(e.clone());
+                self.uncommitted.push(shared.clone());
             } else {
                 self.unbuffered = self.unbuffered.max(e.pos);
             }
