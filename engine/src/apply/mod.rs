@@ -898,9 +898,10 @@ impl Applier {
                 self.queue.settle_through(e.header.commit_ts_us);
                 self.stats.echoes_as_sent += 1;
             } else {
-                if self.queue.settling() {
+                if self.queue.settling() && !self.is_echo(e) {
                     // Another node's rows are written over ours only once
-                    // the mark says ours are decided (in stream order).
+                    // the mark says ours are decided (in stream order; our
+                    // own echoes' guards do not read the mark).
                     self.drain().await?;
                 }
                 self.apply_fragment(e, careful).await?;
