@@ -192,23 +192,31 @@ impl RowsDigest {
         self.rows += 1;
     }
 
+    /// Counts one inserted row of table `table` of `tables`, its hash start
+    /// cached in `starts` (by table index); `false` when there is no such
+    /// table.
+    pub fn add_insert(&mut self, hasher: &RowHasher, starts: &mut Vec<Option<u64>>, tables: &[branchsync_proto::TableDesc], table: u32, new: &[branchsync_proto::Value]) -> bool {
+        let i = table as usize;
+        let Some(t) = tables.get(i) else { return false };
+        if starts.len() <= i {
+            starts.resize(i + 1, None);
+        }
+        let th = *starts[i].get_or_insert_with(|| hasher.table(&t.schema, &t.name, &t.columns));
+        self.add(hasher.row(th, new));
+        true
+    }
+
     /// The digest of the inserts of `e` (`None` when it holds anything but
     /// inserts).
     pub fn of_inserts(hasher: &RowHasher, e: &branchsync_proto::LogEntry) -> Option<RowsDigest> {
         use branchsync_proto::RowChange;
-        let mut tables: Vec<Option<u64>> = vec![None; e.tables.len()];
+        let mut starts = Vec::new();
         let mut d = RowsDigest::default();
         for ch in &e.changes {
             let RowChange::Insert { table, new } = ch else { return None };
-            let slot = tables.get_mut(*table as usize)?;
-            let th = match slot {
-                Some(th) => *th,
-                None => {
-                    let t = &e.tables[*table as usize];
-                    *slot.insert(hasher.table(&t.schema, &t.name, &t.columns))
-                }
-            };
-            d.add(hasher.row(th, new));
+            if !d.add_insert(hasher, &mut starts, &e.tables, *table, new) {
+                return None;
+            }
         }
         Some(d)
     }

@@ -250,16 +250,9 @@ impl Segment {
             self.sent = None;
             return;
         };
-        let i = *table as usize;
-        let Some(t) = self.tables.get(i).filter(|_| self.part == 0) else {
+        if self.part > 0 || !self.got.add_insert(hasher, &mut self.table_hashes, &self.tables, *table, new) {
             self.sent = None;
-            return;
-        };
-        if self.table_hashes.len() <= i {
-            self.table_hashes.resize(i + 1, None);
         }
-        let th = *self.table_hashes[i].get_or_insert_with(|| hasher.table(&t.schema, &t.name, &t.columns));
-        self.got.add(hasher.row(th, new));
     }
 
     /// Index of a table description given whole (verdicts carry their own).
