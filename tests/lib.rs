@@ -86,17 +86,27 @@ impl Site {
 
     /// Writes the config of a main listening on `listen_port` with `branches`.
     pub fn write_main_config(&self, listen_port: u16, branches: &[(&str, u32)], extra: &str) {
+        self.write_main_config_tuned(listen_port, branches, extra, "");
+    }
+
+    /// Like [`Site::write_main_config`], with `sync` lines added to `[sync]`.
+    pub fn write_main_config_tuned(&self, listen_port: u16, branches: &[(&str, u32)], extra: &str, sync: &str) {
         let mut peers = String::new();
         for (n, i) in branches {
             peers.push_str(&format!("[[sync.peers]]\nname = \"{n}\"\nindex = {i}\ntoken = \"{TOKEN}\"\n"));
         }
-        self.write_config(&format!("[sync]\nlisten = \"127.0.0.1:{listen_port}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\n{peers}"), "main", extra);
+        self.write_config(&format!("[sync]\nlisten = \"127.0.0.1:{listen_port}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\n{sync}{peers}"), "main", extra);
     }
 
     /// Writes the config of a branch dialing the main at `main_port`.
     pub fn write_branch_config(&self, main_port: u16, extra: &str) {
+        self.write_branch_config_tuned(main_port, extra, "");
+    }
+
+    /// Like [`Site::write_branch_config`], with `sync` lines added to `[sync]`.
+    pub fn write_branch_config_tuned(&self, main_port: u16, extra: &str, sync: &str) {
         self.write_config(
-            &format!("[sync]\nmain = \"127.0.0.1:{main_port}\"\ntoken = \"{TOKEN}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\nreconnect_max_ms = 300\n"),
+            &format!("[sync]\nmain = \"127.0.0.1:{main_port}\"\ntoken = \"{TOKEN}\"\nheartbeat_ms = 200\npeer_timeout_ms = 3000\nreconnect_max_ms = 300\n{sync}"),
             "branch",
             extra,
         );
@@ -374,6 +384,12 @@ impl Topology {
 
     /// Like [`Topology::prepare`] with extra config text for every node.
     pub async fn prepare_with(n: usize, schema: &str, extra: &str) -> Topology {
+        Topology::prepare_tuned(n, schema, extra, "").await
+    }
+
+    /// Like [`Topology::prepare_with`], with `sync` lines added to every
+    /// node's `[sync]` section (frame and window sizes, say).
+    pub async fn prepare_tuned(n: usize, schema: &str, extra: &str, sync: &str) -> Topology {
         let main = Site::new("main", 0);
         let main_port = free_port();
         let mut branches = Vec::new();
@@ -384,9 +400,9 @@ impl Topology {
         }
         let names: Vec<(String, u32)> = branches.iter().map(|b| (b.name.clone(), b.index)).collect();
         let refs: Vec<(&str, u32)> = names.iter().map(|(n, i)| (n.as_str(), *i)).collect();
-        main.write_main_config(main_port, &refs, extra);
+        main.write_main_config_tuned(main_port, &refs, extra, sync);
         for (b, p) in branches.iter().zip(&proxies) {
-            b.write_branch_config(p.port, extra);
+            b.write_branch_config_tuned(p.port, extra, sync);
         }
         for s in std::iter::once(&main).chain(branches.iter()) {
             if s.index != 0 {

@@ -750,11 +750,19 @@ async fn write_loop(mut writer: Writer, mut ctx: WriteCtx) -> Result<(), LinkErr
     let mut ack = ctx.control.ack.subscribe();
     let mut consumed = ctx.control.consumed.subscribe();
     let mut refuse = ctx.control.refuse.subscribe();
-    // A refusal decided before this task first ran (the peer's very first
-    // frame broke the stream) must still be sent: subscribing marks the
-    // current value as seen.
+    // What was decided before this task first ran must still be sent:
+    // subscribing marks the current value as seen. A refusal (the peer's
+    // very first frame broke the stream); and credit and acknowledgement
+    // (apply may have taken the peer's first frame already): a peer that
+    // waits for credit before a large entry would wait for good.
     if refuse.borrow().is_some() {
         refuse.mark_changed();
+    }
+    if *consumed.borrow() > 0 {
+        consumed.mark_changed();
+    }
+    if *ack.borrow() > 0 {
+        ack.mark_changed();
     }
     let mut visible = ctx.log.subscribe();
     let mut heartbeat = tokio::time::interval(ctx.heartbeat);
@@ -1775,6 +1783,69 @@ mod tests {
         let err = tokio::time::timeout(Duration::from_secs(1), task).await.expect("the reader ended").expect("no panic").expect_err("stalled");
         assert!(matches!(err, LinkError::Stalled(_)), "{err}");
         assert!(err.to_string().contains("entry 6 stopped after 1000 of its 3000 bytes"), "{err}");
+    }
+
+    /// The writer of a session over an empty log, its frames read at the
+    /// returned peer end; `control` as the session set it up before the
+    /// writer first ran.
+    fn writer_under_test(control: Arc<Control>) -> (tokio::task::JoinHandle<Result<(), LinkError>>, FramedRead<tokio::io::DuplexStream, FrameCodec>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = Arc::new(ChangeLog::open(&dir.path().join("log")).expect("open a log"));
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (_r, w) = tokio::io::split(Box::new(ours) as Box<dyn LinkIo>);
+        let ctx = WriteCtx {
+            log,
+            control,
+            peer_consumed: watch::channel(0).1,
+            send_after: 0,
+            sent: Arc::new(AtomicU64::new(0)),
+            heartbeat: Duration::from_secs(3600),
+            window: 1 << 20,
+            chunk: 1 << 16,
+            peer: "main".into(),
+            status: Arc::new(NodeStatus::new("branch1", "branch", &["main".into()])),
+        };
+        let task = tokio::spawn(async move {
+            let _keep_reader_half = _r;
+            write_loop(FramedWrite::new(w, FrameCodec::new(1 << 20)), ctx).await
+        });
+        (task, FramedRead::new(theirs, FrameCodec::new(1 << 20)), dir)
+    }
+
+    #[tokio::test]
+    async fn credit_and_acknowledgement_given_before_the_writer_first_ran_are_still_sent() {
+        // The soak with 1 MiB frames: apply took the main's first frame
+        // before this side's writer subscribed to the credit; the main
+        // waited for that credit to send a large entry, and nothing moved
+        // until the stream was declared stalled.
+        let control = Arc::new(Control::default());
+        control.consumed.send_replace(4096);
+        control.ack.send_replace(7);
+        let (task, mut peer, _dir) = writer_under_test(control.clone());
+        let (mut credit, mut ack) = (None, None);
+        let until = Instant::now() + Duration::from_secs(5);
+        while (credit.is_none() || ack.is_none()) && Instant::now() < until {
+            match tokio::time::timeout(Duration::from_millis(500), peer.next()).await {
+                Ok(Some(Ok(Message::Credit { consumed }))) => credit = Some(consumed),
+                Ok(Some(Ok(Message::Ack { pos }))) => ack = Some(pos),
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("the writer's stream ended: {other:?}"),
+                Err(_) => {}
+            }
+        }
+        assert_eq!(credit, Some(4096), "the credit given before the writer ran reaches the peer");
+        assert_eq!(ack, Some(7), "the acknowledgement given before the writer ran reaches the peer");
+        // Later credit still flows.
+        control.consumed.send_replace(8192);
+        let next = loop {
+            match tokio::time::timeout(Duration::from_secs(2), peer.next()).await.expect("more credit") {
+                Some(Ok(Message::Credit { consumed })) => break consumed,
+                Some(Ok(_)) => {}
+                other => panic!("the writer's stream ended: {other:?}"),
+            }
+        };
+        assert_eq!(next, 8192);
+        task.abort();
     }
 
     #[test]
