@@ -16,9 +16,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::message::Message;
 
-/// Default largest frame accepted once a session is authenticated: 16 MiB.
+/// Default largest frame accepted once a session is authenticated: 8 MiB.
 /// Larger entries travel in chunks ([`crate::EntryChunk`]).
-pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 
 /// Largest frame accepted before the peer is authenticated (the handshake):
 /// nothing large is read from a peer nobody knows yet.

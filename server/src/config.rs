@@ -25,10 +25,14 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
 /// Default time budget of a grouped apply transaction (ms).
 pub const DEFAULT_APPLY_GROUP_MS: u64 = 50;
-/// Default largest frame (bytes); larger entries travel in chunks.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
-/// Default flow-control window: bytes of entries a receiver buffers.
-pub const DEFAULT_WINDOW_BYTES: usize = 32 * 1024 * 1024;
+/// Default largest frame (bytes); larger entries travel in chunks (one at
+/// a time, so the frame is above the largest fragment capture writes,
+/// [`DEFAULT_FRAGMENT_BYTES`]). The frame reader's buffer grows to about
+/// twice the largest frame read.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// Default flow-control window: bytes of entries a receiver buffers
+/// (undecoded: apply decodes them a slice of 4 MiB at a time).
+pub const DEFAULT_WINDOW_BYTES: usize = 16 * 1024 * 1024;
 /// Default time acknowledged log entries are kept (days).
 pub const DEFAULT_KEEP_ACKED_DAYS: u32 = 7;
 /// Default rows per log fragment.
