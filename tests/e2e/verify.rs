@@ -104,6 +104,10 @@ async fn verify_names_exactly_the_rows_changed_behind_the_stream_while_both_site
     for s in sellers.drain(..) {
         s.await.unwrap();
     }
+    // Every sale made so far has crossed: moving the slot past the edits
+    // below must not skip a sale capture had not read yet (it would be an
+    // "extra" row that is no edit of this test).
+    wait_converged(&topo.sites(), &["orders", "order_lines"], Duration::from_secs(60)).await;
     topo.branches[0].stop();
     let b1 = topo.branches[0].db().await;
     b1.batch_execute(

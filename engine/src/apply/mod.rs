@@ -121,7 +121,7 @@ use tokio_postgres::Statement;
 
 use crate::conflict;
 use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
-use crate::error::pg_error_is_data_error;
+use crate::error::{pg_error_is_data_error, pg_error_is_transient};
 use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
 use crate::state::origin_name;
@@ -1125,7 +1125,8 @@ impl Applier {
     /// checked against the allow-list and runs in a savepoint as a
     /// non-superuser role with the author's `search_path`. A statement that
     /// fails or is refused is recorded in `branchsync.conflicts` and the
-    /// stream goes on.
+    /// stream goes on; one that meets a passing condition (a lock, a
+    /// deadlock, a restart) fails the group, which is retried.
     async fn apply_ddl(&mut self, e: &LogEntry, d: &DdlChange) -> Result<(), EngineError> {
         self.drain().await?;
         let from_main = e.header.author_index == 0;
@@ -1179,6 +1180,13 @@ impl Applier {
                     self.stats.ddl_applied += 1;
                     tracing::info!(stream = %self.stream, author = %e.header.author, node_type = checked.node, "schema change replayed");
                 }
+                // A lock held here a moment too long (autovacuum on a table
+                // just loaded, a till's open transaction), a deadlock, a
+                // restart: the statement is fine and its turn comes again.
+                // The whole group rolls back and is retried in place, like
+                // a row change that met a lock (R8); recording it as failed
+                // would drop the schema change for good (drift).
+                Err(err) if pg_error_is_transient(&err) => return Err(EngineError::pg("replaying DDL")(err)),
                 Err(err) if err.as_db_error().is_some() => {
                     self.conn.client.batch_execute("ROLLBACK TO SAVEPOINT branchsync_ddl; RELEASE SAVEPOINT branchsync_ddl").await.map_err(EngineError::pg("rolling back a failed DDL statement"))?;
                     let detail = err.as_db_error().map(|db| format!("{} (SQLSTATE {})", db.message(), db.code().code())).unwrap_or_default();

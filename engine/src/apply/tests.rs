@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use branchsync_proto::{ChangeSetHeader, LogEntry, OldRow, RowChange, TableDesc, Value};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 
@@ -536,6 +536,47 @@ async fn r8_a_lock_timeout_is_transient_moves_no_progress_and_the_retry_applies_
     a.commit().await.unwrap();
     assert_eq!(site.rows("SELECT item, delta FROM movements").await, ["(1,-1)"], "applied exactly once");
     assert!(site.rows("SELECT 1 FROM branchsync.conflicts").await.is_empty());
+}
+
+/// R8 for schema changes: the main's `ALTER TABLE` meets a lock held at the
+/// branch a little longer than apply's lock timeout (as autovacuum holds a
+/// table pgbench -i or an ERP import has just filled). It is a passing
+/// condition: the group rolls back and is retried until the lock is gone,
+/// and the column is added. Recording it as a failed schema change would
+/// leave the branch without the column (or, as CI saw, without the primary
+/// key) for good.
+#[tokio::test]
+async fn r8_a_schema_change_that_meets_a_lock_is_retried_not_recorded_as_failed() {
+    let site = Site::new("CREATE ROLE erp; CREATE TABLE stock (id int PRIMARY KEY, qty int); ALTER TABLE stock OWNER TO erp;", &[]).await;
+    let stock = desc("stock", &["id", "qty"], &["id"]);
+    let mut alter = cs(1, "main", FAR_FUTURE, stock.clone(), vec![RowChange::Ddl(DdlChange {
+        statements: vec!["ALTER TABLE stock ADD COLUMN note text".into()],
+        search_path: "public".into(),
+        role: "erp".into(),
+        tag: "ALTER TABLE".into(),
+    })]);
+    alter.tables.clear();
+    alter.header.author_index = 0;
+    let mut sale = cs(2, "main", FAR_FUTURE, stock, vec![ins(&["1", "5"])]);
+    sale.header.author_index = 0;
+    // Autovacuum's lock: SHARE UPDATE EXCLUSIVE, which ALTER TABLE waits for.
+    let vacuum = site.pg.connect().await;
+    vacuum.batch_execute("BEGIN; LOCK TABLE stock IN SHARE UPDATE EXCLUSIVE MODE").await.unwrap();
+    let a = site.branch_applier().await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tx.send(wire([&alter, &sale])).unwrap();
+    drop(tx);
+    let release = async {
+        // Several lock timeouts (200 ms each) go by first.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        vacuum.batch_execute("COMMIT").await.unwrap();
+    };
+    let (stats, ()) = tokio::join!(a.run(rx, stop_rx, watch::channel(0).0), release);
+    let stats = stats.expect("the stream went on once the lock was gone");
+    assert_eq!((stats.ddl_applied, stats.ddl_failed, stats.committed_pos), (1, 0, 2), "{stats:?}");
+    assert!(site.rows("SELECT kind FROM branchsync.conflicts").await.is_empty(), "nothing recorded: the schema change was not dropped");
+    assert_eq!(site.rows("SELECT id, qty, note FROM stock").await, ["(1,5,)"], "the column is there and the sale after it applied");
 }
 
 /// R10: a local generated column is computed here even when the author
