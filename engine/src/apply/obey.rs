@@ -7,7 +7,8 @@
 //!                                     that the main has not decided yet
 //!   relay entry of this node (echo) → the main's result for our change, written
 //!                                     unless the row changed here again since
-//!   verdict (a row the main decided without writing it) → the same as an echo
+//!   verdict (a row the main decided without writing it) → the same as an echo;
+//!                                     another node's verdict is not for us: skipped
 //! ```
 //!
 //! # Why every branch ends equal to the main
@@ -233,6 +234,17 @@ impl Applier {
     pub(super) async fn obey_verdict(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], v: &Verdict) -> Result<(), EngineError> {
         // A repair addressed to another branch.
         if v.to.as_deref().is_some_and(|to| to != self.cfg.node) {
+            return Ok(());
+        }
+        // A verdict answers the branch whose change the main decided without
+        // writing: the main's rows did not change, and every other branch
+        // follows those rows already. Obeyed here it would be judged against
+        // another node's commit time, and it may be stale: the main decides
+        // a change against a row that is absent without a lock, so another
+        // stream's insert of that key can commit at the main first and come
+        // before the verdict in the relay (the random convergence test saw
+        // a branch delete its own insert, which the main kept, this way).
+        if v.to.is_none() && !self.is_echo(e) {
             return Ok(());
         }
         let Some(m) = maps.get(v.table as usize).and_then(|m| m.clone()) else { return Ok(()) };

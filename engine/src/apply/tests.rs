@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 
@@ -577,6 +577,33 @@ async fn r8_a_schema_change_that_meets_a_lock_is_retried_not_recorded_as_failed(
     assert_eq!((stats.ddl_applied, stats.ddl_failed, stats.committed_pos), (1, 0, 2), "{stats:?}");
     assert!(site.rows("SELECT kind FROM branchsync.conflicts").await.is_empty(), "nothing recorded: the schema change was not dropped");
     assert_eq!(site.rows("SELECT id, qty, note FROM stock").await, ["(1,5,)"], "the column is there and the sale after it applied");
+}
+
+/// The main's verdict about a change of branch2 travels in the relay to
+/// every branch, but only branch2 may obey it. Random convergence (seed
+/// 7236548406582373247) saw why: the main decided branch1's update of an
+/// item it had deleted ("stays deleted", nothing written, no row to lock)
+/// while branch2's insert of that item committed at the main first; the
+/// relay then carried branch2's insert, then the verdict "deleted", and
+/// branch2 deleted the row the main and branch1 kept. Here branch1 holds a
+/// row; another node's verdict "deleted" leaves it alone, its own deletes it.
+#[tokio::test]
+async fn a_branch_obeys_only_verdicts_about_its_own_changes() {
+    let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, tag text)", &[]).await;
+    site.c.batch_execute("INSERT INTO items VALUES (2, 'branch2-37'), (3, 'branch1-5')").await.unwrap();
+    let items = desc("items", &["id", "tag"], &["id"]);
+    let deleted = |id: &str| RowChange::Verdict(Verdict { table: 0, key: vec![text(id), Value::Null], row: None, for_commit_ts: now_us() as i64 + 1_000_000, to: None });
+    let mut others = cs(1, "branch2", FAR_FUTURE, items.clone(), vec![deleted("2")]);
+    others.header.author_index = 2;
+    let own = cs(2, "branch1", FAR_FUTURE, items, vec![deleted("3")]);
+    let a = site.branch_applier().await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tx.send(wire([&others, &own])).unwrap();
+    drop(tx);
+    let stats = a.run(rx, stop_rx, watch::channel(0).0).await.unwrap();
+    assert_eq!((stats.committed_pos, stats.verdicts), (2, 1), "{stats:?}");
+    assert_eq!(site.rows("SELECT id, tag FROM items ORDER BY id").await, ["(2,branch2-37)"], "another node's verdict changed nothing here; this node's own was obeyed");
 }
 
 /// R10: a local generated column is computed here even when the author
