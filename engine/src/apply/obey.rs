@@ -232,19 +232,20 @@ impl Applier {
 
     /// The main's verdict about one of this branch's own changes.
     pub(super) async fn obey_verdict(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>], v: &Verdict) -> Result<(), EngineError> {
-        // A repair addressed to another branch.
-        if v.to.as_deref().is_some_and(|to| to != self.cfg.node) {
-            return Ok(());
-        }
-        // A verdict answers the branch whose change the main decided without
-        // writing: the main's rows did not change, and every other branch
-        // follows those rows already. Obeyed here it would be judged against
-        // another node's commit time, and it may be stale: the main decides
-        // a change against a row that is absent without a lock, so another
-        // stream's insert of that key can commit at the main first and come
-        // before the verdict in the relay (the random convergence test saw
-        // a branch delete its own insert, which the main kept, this way).
-        if v.to.is_none() && !self.is_echo(e) {
+        // A repair names its branch; any other verdict answers the branch
+        // whose change the main decided without writing: the main's rows did
+        // not change, and every other branch follows those rows already.
+        // Obeyed elsewhere it would be judged against another node's commit
+        // time, and it may be stale: the main decides a change against a row
+        // that is absent without a lock, so another stream's insert of that
+        // key can commit at the main first and come before the verdict in
+        // the relay (the random convergence test saw a branch delete its own
+        // insert, which the main kept, this way).
+        let for_us = match v.to.as_deref() {
+            Some(to) => to == self.cfg.node,
+            None => self.is_echo(e),
+        };
+        if !for_us {
             return Ok(());
         }
         let Some(m) = maps.get(v.table as usize).and_then(|m| m.clone()) else { return Ok(()) };
