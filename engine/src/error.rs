@@ -64,6 +64,11 @@ pub enum EngineError {
     /// durable progress instead. A bug, never a lost change.
     #[error("apply of stream {stream} would have skipped from position {expected} to {got}; starting over from the last committed position")]
     ApplySkip { stream: String, expected: u64, got: u64 },
+    /// A change sent without waiting for its answer (the main's pipeline of
+    /// changes to delta columns) found its row gone: it must be decided, so
+    /// the group is rolled back and replayed change by change, where it is.
+    #[error("{missing} of {rows} queued change(s) of {table} found no row; replaying the group change by change")]
+    QueuedRowMissing { table: String, missing: usize, rows: usize },
     /// Something is larger than the log or the link can carry.
     #[error("{what} is {bytes} bytes, more than the largest branchsync carries ({max} bytes)")]
     TooLarge { what: String, bytes: u64, max: u64 },
@@ -92,6 +97,18 @@ impl EngineError {
             EngineError::Corrupt(_) | EngineError::TooLarge { .. } | EngineError::Gap { .. } | EngineError::Impersonation { .. } => false,
             EngineError::Misconfigured { .. } | EngineError::Diverged { .. } | EngineError::Stopped { .. } => false,
             EngineError::Shutdown | EngineError::ConnectionLost { .. } | EngineError::CaptureBehind { .. } | EngineError::LogFull { .. } | EngineError::ApplySkip { .. } => true,
+            EngineError::QueuedRowMissing { .. } => true,
+        }
+    }
+
+    /// `true` when the group that met this error is replayed change by
+    /// change: a data error (one change is bad; the others must not wait
+    /// for it), or a queued change that must be decided after all.
+    pub fn replays_carefully(&self) -> bool {
+        match self {
+            EngineError::Postgres { source, .. } => pg_error_is_data_error(source),
+            EngineError::QueuedRowMissing { .. } => true,
+            _ => false,
         }
     }
 

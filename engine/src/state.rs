@@ -164,6 +164,7 @@ ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS local_ts bigint NOT 
 ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS inserted_by text;
 ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS row_data jsonb;
 CREATE INDEX IF NOT EXISTS row_version_tombstones ON branchsync.row_version (local_ts) WHERE deleted;
+CREATE INDEX IF NOT EXISTS row_version_tombstone_keys ON branchsync.row_version (tbl, key) WHERE deleted;
 ALTER TABLE branchsync.progress ADD COLUMN IF NOT EXISTS last_contact timestamptz;
 ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS origin_node text;
 ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS origin_id bigint;

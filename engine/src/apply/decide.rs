@@ -91,7 +91,57 @@ fn values_json(values: &HashMap<String, Option<String>>) -> String {
     serde_json::Value::Object(m).to_string()
 }
 
+/// Where the delta columns of `m`'s table (under `rule`) sit in the
+/// author's rows.
+pub(super) fn delta_sources(m: &Mapping, rule: &crate::conflict::TableRule) -> Vec<usize> {
+    (0..m.targets.len()).filter(|i| m.targets[*i].as_ref().is_some_and(|c| rule.delta.contains(c) && m.table.columns.contains_key(c))).collect()
+}
+
+/// An update that changes delta columns only (at `delta_src`), with the
+/// author's whole old row and a number on both sides of each: it never
+/// clashes with anything (R16), so it is applied by adding differences,
+/// without a decision, and the row keeps its version.
+pub(super) fn changes_deltas_only(delta_src: &[usize], ch: &RowChange) -> bool {
+    let RowChange::Update { old: Some(o), new, .. } = ch else { return false };
+    let mut changed = (0..new.len()).filter(|j| o.values.get(*j) != new.get(*j)).peekable();
+    let numeric = delta_src.iter().all(|j| o.values.get(*j).and_then(Value::as_text).is_some() && new.get(*j).and_then(Value::as_text).is_some());
+    o.full && numeric && changed.peek().is_some() && changed.all(|j| delta_src.contains(&j))
+}
+
 impl Applier {
+    /// At the main, whether this ChangeSet can join the pipeline: it only
+    /// inserts and changes delta columns (a stock count, a balance), so no
+    /// part of it waits for a decision. Its changes of delta columns are
+    /// then sent without waiting for their answers
+    /// ([`Applier::queue_deltas`]); a row found missing when the answers
+    /// come replays the group change by change
+    /// ([`EngineError::QueuedRowMissing`]), where it is decided.
+    pub(super) fn deltas_queueable(&self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> bool {
+        if self.cfg.role != crate::Role::Main || e.part != 0 || !e.last {
+            return false;
+        }
+        let mut any = false;
+        for ch in &e.changes {
+            match ch {
+                RowChange::Insert { .. } => {}
+                RowChange::Update { table, .. } => {
+                    let Some(m) = maps.get(*table as usize).and_then(|m| m.as_ref()) else { return false };
+                    let Some(desc) = e.tables.get(*table as usize) else { return false };
+                    if m.key_src.is_none() {
+                        return false;
+                    }
+                    let rule = self.cfg.tables.for_table(&desc.schema, &desc.name);
+                    if rule.delta.is_empty() || !changes_deltas_only(&delta_sources(m, rule), ch) {
+                        return false;
+                    }
+                    any = true;
+                }
+                _ => return false,
+            }
+        }
+        any
+    }
+
     /// Locks and reads the current rows with these keys (R7).
     pub(super) async fn lock_and_read_current(&mut self, m: &Mapping, keys: &[Vec<String>]) -> Result<HashMap<usize, Current>, EngineError> {
         let t = &m.table;
@@ -194,18 +244,8 @@ impl Applier {
         if rule.delta.is_empty() {
             return Ok(done);
         }
-        let delta_src: Vec<usize> =
-            (0..m.targets.len()).filter(|i| m.targets[*i].as_ref().is_some_and(|c| rule.delta.contains(c) && m.table.columns.contains_key(c))).collect();
-        let mut batch = Vec::new();
-        for (i, ch) in run.iter().enumerate() {
-            if let RowChange::Update { old: Some(o), new, .. } = ch {
-                let changed: Vec<usize> = (0..new.len()).filter(|j| o.values.get(*j) != new.get(*j)).collect();
-                let numeric = delta_src.iter().all(|j| o.values.get(*j).and_then(Value::as_text).is_some() && new.get(*j).and_then(Value::as_text).is_some());
-                if o.full && numeric && !changed.is_empty() && changed.iter().all(|j| delta_src.contains(j)) {
-                    batch.push(i);
-                }
-            }
-        }
+        let delta_src = delta_sources(m, &rule);
+        let batch: Vec<usize> = (0..run.len()).filter(|i| changes_deltas_only(&delta_src, &run[*i])).collect();
         if batch.is_empty() {
             return Ok(done);
         }
@@ -239,7 +279,7 @@ impl Applier {
     /// After writing rows whose version stays what it was: a row that was
     /// this node's own local version (or the baseline) keeps that on record,
     /// since its `xmin` is now apply's. Rows: key, origin, commit time.
-    async fn keep_local_versions(&mut self, tbl: &str, rows: &[tokio_postgres::Row]) -> Result<(), EngineError> {
+    pub(super) async fn keep_local_versions(&mut self, tbl: &str, rows: &[tokio_postgres::Row]) -> Result<(), EngineError> {
         let local: Vec<(String, i64)> = rows
             .iter()
             .filter(|r| r.get::<_, Option<i64>>(1) == Some(0))
@@ -384,9 +424,24 @@ impl Applier {
         let key_vals: Vec<String> = ks.iter().map(|k| old.and_then(|o| o.get(*k)).or(new.get(*k)).and_then(Value::as_text).unwrap_or("").to_string()).collect();
         let key = key_text(&key_vals.iter().map(String::as_str).collect::<Vec<_>>());
         let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
-        let cur = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0);
+        let mut cur = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0);
+        let mut tomb = None;
+        if cur.is_none() {
+            // No row to lock: the tombstone is the lock. Another stream's
+            // insert of this key takes it too (the pipeline's packed versions,
+            // or its version upsert), so either that insert committed before
+            // this lock was granted and the row is read again below, or it
+            // commits after this decision and reaches every node after it in
+            // the relay. Deciding on an absent row without it let a verdict
+            // "deleted" reach the author after the other stream's insert:
+            // the author dropped a row the main kept.
+            tomb = self.lock_tombstone(&m.table.name, &key).await?;
+            if tomb.is_some() {
+                cur = self.lock_and_read_current(m, std::slice::from_ref(&key_vals)).await?.remove(&0);
+            }
+        }
         let Some(cur) = cur else {
-            return self.update_of_missing_row(e, m, desc, &key, new).await;
+            return self.update_of_missing_row(e, m, desc, &key, new, tomb).await;
         };
         let seen = self.had_seen(h, &cur);
         let full_old = old.filter(|o| o.len() == new.len());
@@ -548,17 +603,31 @@ impl Applier {
         Ok(order.into_iter().zip(vals).collect())
     }
 
-    /// An update for a row that is not here.
-    async fn update_of_missing_row(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, key: &str, new: &[Value]) -> Result<(), EngineError> {
+    /// Locks and reads the tombstone of a row that is not here: who deleted
+    /// it and the row as it was. A delete made here may not have its
+    /// tombstone yet: capture writes it, so it waits for capture once.
+    async fn lock_tombstone(&mut self, tbl: &str, key: &str) -> Result<Option<(String, Option<String>)>, EngineError> {
+        let st = self
+            .stmt("SELECT node, row_data::text FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted FOR UPDATE", &[Type::TEXT, Type::TEXT])
+            .await?;
+        let mut tomb = self.conn.client.query_opt(&st, &[&tbl, &key]).await.map_err(EngineError::pg("locking a tombstone"))?;
+        if tomb.is_none() {
+            self.wait_for_capture().await?;
+            tomb = self.conn.client.query_opt(&st, &[&tbl, &key]).await.map_err(EngineError::pg("locking a tombstone"))?;
+        }
+        Ok(tomb.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// An update for a row that is not here; `tomb`: its locked tombstone.
+    ///
+    /// Without a tombstone (forgotten after the retention window, or a row
+    /// the main never had) nothing here orders this decision against an
+    /// insert of the same key committing meanwhile; keys are not reused in
+    /// practice (each site draws from its own stripe), and the conflict is
+    /// recorded either way.
+    async fn update_of_missing_row(&mut self, e: &LogEntry, m: &Mapping, desc: &TableDesc, key: &str, new: &[Value], tomb: Option<(String, Option<String>)>) -> Result<(), EngineError> {
         let h = &e.header;
         let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
-        let read_tomb = "SELECT node, row_data::text FROM branchsync.row_version WHERE tbl = $1 AND key = $2 AND deleted";
-        let mut tomb = self.conn.client.query_opt(read_tomb, &[&m.table.name, &key]).await.map_err(EngineError::pg("reading a tombstone"))?;
-        if tomb.is_none() {
-            // A delete made here may not have its tombstone yet.
-            self.wait_for_capture().await?;
-            tomb = self.conn.client.query_opt(read_tomb, &[&m.table.name, &key]).await.map_err(EngineError::pg("reading a tombstone"))?;
-        }
         let ks = m.key_src.clone().unwrap_or_default();
         let key_vals: Vec<String> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect();
         let Some(tomb) = tomb else {
@@ -577,7 +646,7 @@ impl Applier {
                 })
                 .await;
         };
-        let (deleter, deleted_row): (String, Option<String>) = (tomb.get(0), tomb.get(1));
+        let (deleter, deleted_row) = tomb;
         if rule.on_delete_conflict == DeleteConflict::UpdateWins && !new.iter().any(|v| matches!(v, Value::Unchanged)) {
             // The update brings the row back, at every node.
             self.insert_or_resolve_row(e, m, desc, new, false).await?;

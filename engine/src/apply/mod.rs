@@ -569,7 +569,7 @@ impl Applier {
                 // A data error: the range is replayed carefully,
                 // here when every entry of it is at hand (else by
                 // the link, from durable progress).
-                Err(e) if !careful_retry && matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source)) && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
+                Err(e) if !careful_retry && e.replays_carefully() && self.retry_buffer_holds_all() && !self.conn.client.is_closed() => {
                     careful_retry = true;
                     let _ = self.fail(e);
                     self.rollback_for_retry().await?;
@@ -613,7 +613,7 @@ impl Applier {
 
     /// Marks the open range careful after a data error.
     fn fail(&mut self, e: EngineError) -> EngineError {
-        let data = matches!(&e, EngineError::Postgres { source, .. } if pg_error_is_data_error(source));
+        let data = e.replays_carefully();
         let until = self.seen.max(self.attempting);
         if !e.is_transient() && self.careful_for(self.attempting) && self.attempting > self.committed {
             // Even one change at a time, this entry fails: count it.
@@ -1322,12 +1322,16 @@ impl Applier {
         // Changes to a parked or quarantined key queue behind it (R6, R9).
         // Anything but inserts must see the rows queued before it (and the
         // keys their parent checks park).
-        let queue_it = !careful && pipeline::insert_only(e);
+        let queue_deltas = !careful && self.deltas_queueable(e, maps);
+        let queue_it = !careful && (pipeline::insert_only(e) || queue_deltas);
         if !queue_it {
             self.drain().await?;
         }
         let held_back = self.hold_back(e, maps).await?;
         let e = held_back.as_ref().unwrap_or(e);
+        if queue_deltas {
+            self.queue_deltas(e, maps).await?;
+        }
         if queue_it {
             return self.queue_inserts(e, maps).await;
         }

@@ -18,6 +18,17 @@
 //! version upsert per table and one parent check per table, all in one
 //! pipeline.
 //!
+//! At the main, a ChangeSet that only inserts and changes delta columns
+//! (a sale that adds to stock counts and balances, R16) joins the queue
+//! too: such a change never clashes, so it needs no decision, and its
+//! statement ([`super::sql::delta_update`], one per run of a table) is sent
+//! after the batches without waiting for its answer. The answers are read
+//! when the queue drains: a row one of them found missing must be decided
+//! after all, so the group is rolled back and replayed change by change
+//! ([`EngineError::QueuedRowMissing`]). Its rows are beyond every count of
+//! the apply message, so the next mark waits for them ([`Queue::unmarked`]):
+//! one round trip per such ChangeSet instead of one per statement.
+//!
 //! # Correctness
 //!
 //! Every statement still runs inside the open apply transaction, so the
@@ -151,6 +162,9 @@ pub(super) struct Queue {
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
     fk_values: BTreeMap<String, Option<Vec<Vec<Vec<Option<String>>>>>>,
+    /// Changes of delta columns (the main), one statement per run of a
+    /// table in a ChangeSet, sent after the batches.
+    deltas: Vec<QueuedDelta>,
     /// Header of the last queued ChangeSet (recorded with parked rows).
     header: Option<Vec<u8>>,
     /// Branch: `branchsync.echo_settled` moves up to this commit time after
@@ -160,7 +174,7 @@ pub(super) struct Queue {
 
 impl Queue {
     pub(super) fn is_empty(&self) -> bool {
-        self.marks.is_empty() && self.batches.is_empty() && self.versions.is_empty() && self.parents.is_empty() && self.settle.is_none()
+        self.marks.is_empty() && self.batches.is_empty() && self.deltas.is_empty() && self.versions.is_empty() && self.parents.is_empty() && self.settle.is_none()
     }
 
     /// Moves the settled mark up to `ts` once the queued statements ran.
@@ -172,6 +186,16 @@ impl Queue {
     pub(super) fn settling(&self) -> bool {
         self.settle.is_some()
     }
+}
+
+/// Changes of delta columns to rows of one table, from one ChangeSet
+/// ([`sql::delta_update`]).
+struct QueuedDelta {
+    table: String,
+    st: Statement,
+    /// The key columns, then the new and the old value of each delta column.
+    arrays: Vec<Vec<Option<String>>>,
+    rows: usize,
 }
 
 /// Queued row versions of one table and author: keys, stamps, author
@@ -211,6 +235,54 @@ impl Applier {
         if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES || self.queue.marks.len() >= DRAIN_MARKS {
             self.drain().await?;
         }
+        Ok(())
+    }
+
+    /// Queues the changes of delta columns of a ChangeSet that
+    /// [`Applier::deltas_queueable`] let in: one statement per run of a
+    /// table without a repeated key (a second change of a row must see the
+    /// first). Its mark went out with the queued ones; no new mark may be
+    /// queued before these rows are sent ([`Queue::unmarked`]), so that the
+    /// main's capture gives them to this ChangeSet.
+    pub(super) async fn queue_deltas(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
+        let mut i = 0;
+        while i < e.changes.len() {
+            let RowChange::Update { table, .. } = &e.changes[i] else {
+                i += 1;
+                continue;
+            };
+            let (Some(m), Some(desc)) = (maps.get(*table as usize).and_then(|m| m.clone()), e.tables.get(*table as usize)) else {
+                return Err(EngineError::Corrupt(format!("a queued change names table {table} that its ChangeSet does not describe")));
+            };
+            let Some(ks) = m.key_src.clone() else { return Err(EngineError::Corrupt(format!("a queued change of {} has no key", m.table.name))) };
+            let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+            let delta_src = super::decide::delta_sources(&m, &rule);
+            let names: Vec<&str> = delta_src.iter().map(|c| m.targets[*c].as_deref().unwrap_or_default()).collect();
+            let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); ks.len() + 2 * names.len()];
+            let mut keys = std::collections::HashSet::new();
+            let mut rows = 0;
+            while let Some(RowChange::Update { table: t, old: Some(o), new }) = e.changes.get(i) {
+                let key: Vec<Option<&str>> = ks.iter().map(|k| o.values.get(*k).and_then(Value::as_text)).collect();
+                if t != table || !keys.insert(key.clone()) {
+                    break;
+                }
+                for (j, k) in key.iter().enumerate() {
+                    arrays[j].push(k.map(str::to_string));
+                }
+                for (j, c) in delta_src.iter().enumerate() {
+                    arrays[ks.len() + 2 * j].push(new.get(*c).and_then(Value::as_text).map(str::to_string));
+                    arrays[ks.len() + 2 * j + 1].push(o.values.get(*c).and_then(Value::as_text).map(str::to_string));
+                }
+                rows += 1;
+                i += 1;
+            }
+            if rows == 0 {
+                return Err(EngineError::Corrupt(format!("a queued change of {} has no old row", m.table.name)));
+            }
+            let st = self.stmt(&sql::delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; arrays.len()]).await?;
+            self.queue.deltas.push(QueuedDelta { table: m.table.name.clone(), st, arrays, rows });
+        }
+        self.queue.unmarked = true;
         Ok(())
     }
 
@@ -514,7 +586,24 @@ impl Applier {
             // After the batches: pipelined statements run in order.
             pending.push(async move { client.execute(st, &[ts]).await }.boxed());
         }
-        futures::future::try_join_all(pending).await.map_err(EngineError::pg("applying a batch of inserts"))?;
+        // After the batches (a change of a row inserted in the group finds
+        // it): the queued changes of delta columns, with their answers.
+        let deltas = q.deltas.iter().map(|d| {
+            async move {
+                let params: Vec<&(dyn ToSql + Sync)> = d.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                client.query(&d.st, &params).await
+            }
+            .boxed()
+        });
+        let (_, delta_rows) = futures::future::try_join(futures::future::try_join_all(pending), futures::future::try_join_all(deltas))
+            .await
+            .map_err(EngineError::pg("applying a batch of inserts and changes of delta columns"))?;
+        for (d, rows) in q.deltas.iter().zip(&delta_rows) {
+            if rows.len() < d.rows {
+                return Err(EngineError::QueuedRowMissing { table: d.table.clone(), missing: d.rows - rows.len(), rows: d.rows });
+            }
+        }
+
         let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();
         for (tbl, st, cols) in &prechecks {
             let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -543,6 +632,11 @@ impl Applier {
                     self.held.insert((tbl.clone(), r.get(0)));
                 }
             }
+        }
+        // Rows whose version was a local commit keep it on record (their
+        // xmin is now apply's).
+        for (d, rows) in q.deltas.iter().zip(&delta_rows) {
+            self.keep_local_versions(&d.table, rows).await?;
         }
         Ok(())
     }

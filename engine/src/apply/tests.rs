@@ -606,6 +606,152 @@ async fn a_branch_obeys_only_verdicts_about_its_own_changes() {
     assert_eq!(site.rows("SELECT id, tag FROM items ORDER BY id").await, ["(2,branch2-37)"], "another node's verdict changed nothing here; this node's own was obeyed");
 }
 
+/// R7 for a row that is not there: the main decides a branch's update of a
+/// deleted row under the lock of its tombstone, and another stream's insert
+/// of that key takes the same lock. Without it, random convergence seed
+/// 7236548406582373247: branch1's update of an item the main had deleted
+/// was decided "stays deleted" while branch2's new insert of the item was
+/// committing; the insert reached the relay first, then the verdict told
+/// branch1 the row was gone, and branch1 dropped a row the main kept.
+/// Either order is right as long as decision and insert do not overlap:
+/// the insert waits for the decision (and follows it in the relay), or the
+/// decision waits for the insert and is made against its row.
+#[tokio::test]
+async fn r7_an_update_of_a_deleted_row_and_another_streams_insert_of_its_key_are_decided_one_after_the_other() {
+    let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, tag text); ALTER TABLE items REPLICA IDENTITY FULL;", &[]).await;
+    let items = desc("items", &["id", "tag"], &["id"]);
+    let gone = |id: &str| RowChange::Delete { table: 0, old: old_row(true, &[Some(id), Some("a")]) };
+    // branch1 inserted items 2 and 3 and deleted them: both have tombstones.
+    site.run(&[
+        cs(1, "branch1", T0, items.clone(), vec![ins(&["2", "a"]), ins(&["3", "a"])]),
+        cs(2, "branch1", T0 + 10, items.clone(), vec![gone("2"), gone("3")]),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(site.rows("SELECT key, deleted FROM branchsync.row_version ORDER BY key").await.len(), 2);
+    // branch2 had seen the item as "a" and changes it; branch3 inserts it anew.
+    let update = |id: &str, pos: u64| cs(pos, "branch2", T0 + 20, items.clone(), vec![RowChange::Update { table: 0, old: Some(old_row(true, &[Some(id), Some("a")])), new: vals(&[id, "b"]) }]);
+    let insert = |id: &str, pos: u64| cs(pos, "branch3", T0 + 30, items.clone(), vec![ins(&[id, "new"])]);
+    let watcher = site.pg.connect().await;
+    // Runs one entry of `stream` until its apply connection waits for a
+    // lock (it must not finish before); returns the run, to finish later.
+    let run_until_it_waits = |stream: &'static str, e: LogEntry| {
+        let (site, watcher) = (&site, &watcher);
+        async move {
+            let a = site.applier_for(stream, Arc::new(StreamState::default()), DEFAULT_GROUP_BUDGET, 20_000).await;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(wire([&e])).unwrap();
+            drop(tx);
+            let mut run = Box::pin(async move {
+                let (_stop_tx, stop_rx) = watch::channel(false);
+                a.run(rx, stop_rx, watch::channel(0).0).await
+            });
+            let app = format!("branchsync apply {stream}");
+            let what = format!("{app} waits for a lock");
+            let waits = eventually(&what, Duration::from_secs(10), || async {
+                let r = watcher.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'", &[&app]).await.unwrap();
+                (r.get::<_, i64>(0) == 1).then_some(())
+            });
+            tokio::select! {
+                r = &mut run => panic!("{stream}'s change was applied without waiting: {r:?}"),
+                () = waits => {}
+            }
+            run
+        }
+    };
+
+    // Item 2: the decision holds the tombstone; the insert waits for it.
+    let mut decider = site.applier_for("branch2", Arc::new(StreamState::default()), DEFAULT_GROUP_BUDGET, 20_000).await;
+    decider.apply_entries(&[update("2", 1)]).await.unwrap();
+    let inserted = run_until_it_waits("branch3", insert("2", 1)).await;
+    decider.commit().await.unwrap();
+    drop(decider);
+    inserted.await.unwrap();
+    let c = site.rows("SELECT kind, rule, loser_node FROM branchsync.conflicts WHERE key = json_build_array('2')::text").await;
+    assert_eq!(c, ["(update_delete,delete_wins,branch2)"], "decided against the tombstone");
+    let order = site
+        .rows(
+            "SELECT (SELECT pg_xact_commit_timestamp(xmin) FROM branchsync.conflicts WHERE key = json_build_array('2')::text) \
+                    < (SELECT pg_xact_commit_timestamp(xmin) FROM items WHERE id = 2)",
+        )
+        .await;
+    assert_eq!(order, ["(t)"], "the verdict \"deleted\" commits before the insert, so it reaches branch2 before the new row");
+
+    // Item 3: the insert holds the tombstone; the decision waits and is made
+    // against the row that committed meanwhile.
+    let mut inserter = site.applier_for("branch3", Arc::new(StreamState::default()), DEFAULT_GROUP_BUDGET, 20_000).await;
+    inserter.apply_entries(&[insert("3", 2)]).await.unwrap();
+    inserter.drain().await.unwrap();
+    let decided = run_until_it_waits("branch2", update("3", 2)).await;
+    inserter.commit().await.unwrap();
+    decided.await.unwrap();
+    let c = site.rows("SELECT kind, loser_node FROM branchsync.conflicts WHERE key = json_build_array('3')::text").await;
+    assert_eq!(c, ["(update_update,branch2)"], "decided against branch3's row (the newer stamp), not the tombstone");
+    assert_eq!(site.rows("SELECT id, tag FROM items ORDER BY id").await, ["(2,new)", "(3,new)"]);
+}
+
+/// R16 in the main's pipeline: ChangeSets that only change delta columns
+/// (and insert) are sent without waiting for each statement's answer, in
+/// one group. A row one of them finds missing cannot be added to: the
+/// group rolls back and is replayed change by change, where the missing
+/// row is decided (recorded) and every other change is applied exactly
+/// once. Rows that were local versions keep them on record; a delta never
+/// makes a row its author's.
+#[tokio::test]
+async fn r16_queued_delta_changes_add_up_once_and_a_missing_row_replays_the_group_change_by_change() {
+    let site = Site::new("CREATE TABLE stock (id int PRIMARY KEY, qty int, name text); CREATE TABLE moves (id int PRIMARY KEY, qty int);", &[]).await;
+    site.c.batch_execute("INSERT INTO stock VALUES (1, 10, 'tea'), (2, 20, 'rice')").await.unwrap();
+    let stock = desc("stock", &["id", "qty", "name"], &["id"]);
+    let moves = desc("moves", &["id", "qty"], &["id"]);
+    let add = |id: &str, name: &str, from: i32, by: i32| {
+        let (b, a) = (from.to_string(), (from + by).to_string());
+        RowChange::Update { table: 0, old: Some(old_row(true, &[Some(id), Some(b.as_str()), Some(name)])), new: vals(&[id, &a, name]) }
+    };
+    let mv = |id: &str, qty: &str| RowChange::Insert { table: 1, new: vals(&[id, qty]) };
+    let tables = vec![stock.clone(), moves.clone()];
+    let entries = [
+        cs_tables(1, "branch1", T0 + 1, tables.clone(), vec![add("1", "tea", 10, -3), mv("1", "-3")]),
+        cs_tables(2, "branch1", T0 + 2, tables.clone(), vec![add("1", "tea", 7, -2), add("2", "rice", 20, 5), mv("2", "3")]),
+        cs_tables(3, "branch1", T0 + 3, tables.clone(), vec![add("3", "salt", 1, 1), mv("3", "1")]),
+        cs_tables(4, "branch1", T0 + 4, tables.clone(), vec![add("2", "rice", 25, 1), mv("4", "1")]),
+    ];
+    // One session of branch1's stream with these entries in one message.
+    let session = |entries: Vec<LogEntry>| {
+        let site = &site;
+        async move {
+            let rule = crate::conflict::TableRule { pattern: "stock".into(), delta: vec!["qty".into()], ..Default::default() };
+            let a = site.applier_with_rules(vec![rule]).await;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(wire(&entries)).unwrap();
+            drop(tx);
+            let (_stop_tx, stop_rx) = watch::channel(false);
+            a.run(rx, stop_rx, watch::channel(0).0).await.unwrap()
+        }
+    };
+    let stats = session(entries.to_vec()).await;
+    assert_eq!(stats.committed_pos, 4, "{stats:?}");
+    let careful_until = site.state.careful_until.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(careful_until >= 3, "the group met the missing row when its answers came, and was replayed change by change up to it (careful until {careful_until})");
+    assert_eq!(site.rows("SELECT id, qty FROM stock ORDER BY id").await, ["(1,5)", "(2,26)"], "every difference added once");
+    assert_eq!(site.rows("SELECT id FROM moves ORDER BY id").await, ["(1)", "(2)", "(3)", "(4)"], "every insert of the group applied once");
+    assert_eq!(site.rows("SELECT kind FROM branchsync.conflicts").await, ["(update_missing)"], "the change of the missing row was decided");
+    assert_eq!(
+        site.rows("SELECT key, node <> 'branch1' FROM branchsync.row_version WHERE tbl = 'public.stock' ORDER BY key").await,
+        ["(\"[\"\"1\"\"]\",t)", "(\"[\"\"2\"\"]\",t)"],
+        "the local rows keep their own version on record; the deltas did not make them branch1's"
+    );
+
+    // Without a missing row the group goes through as it came.
+    let more = [
+        cs_tables(5, "branch1", T0 + 5, tables.clone(), vec![add("1", "tea", 5, 1), mv("5", "1")]),
+        cs_tables(6, "branch1", T0 + 6, tables.clone(), vec![add("1", "tea", 6, 1), add("2", "rice", 26, -6)]),
+    ];
+    let stats = session(more.to_vec()).await;
+    assert_eq!(stats.committed_pos, 6, "{stats:?}");
+    assert_eq!(site.state.careful_until.load(std::sync::atomic::Ordering::SeqCst), careful_until, "nothing replayed change by change");
+    assert_eq!(site.rows("SELECT id, qty FROM stock ORDER BY id").await, ["(1,7)", "(2,20)"]);
+}
+
 /// R10: a local generated column is computed here even when the author
 /// sent a value for it; a `GENERATED ALWAYS` identity keeps the author's
 /// value; values of every type round-trip exactly as text, whatever the
