@@ -25,9 +25,10 @@
 //! after the batches without waiting for its answer. The answers are read
 //! when the queue drains: a row one of them found missing must be decided
 //! after all, so the group is rolled back and replayed change by change
-//! ([`EngineError::QueuedRowMissing`]). Its rows are beyond every count of
-//! the apply message, so the next mark waits for them ([`Queue::unmarked`]):
-//! one round trip per such ChangeSet instead of one per statement.
+//! ([`EngineError::QueuedRowMissing`]). The apply message counts the rows
+//! each ChangeSet's statements update per table too, and capture splits
+//! updated rows by those counts as it splits inserted ones: a group of
+//! sales costs one round trip, not one per statement.
 //!
 //! # Correctness
 //!
@@ -232,7 +233,7 @@ impl Applier {
             }
         }
         self.queue_buckets(e, maps, buckets).await?;
-        if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES || self.queue.marks.len() >= DRAIN_MARKS {
+        if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() + self.queue.deltas.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES || self.queue.marks.len() >= DRAIN_MARKS {
             self.drain().await?;
         }
         Ok(())
@@ -241,9 +242,10 @@ impl Applier {
     /// Queues the changes of delta columns of a ChangeSet that
     /// [`Applier::deltas_queueable`] let in: one statement per run of a
     /// table without a repeated key (a second change of a row must see the
-    /// first). Its mark went out with the queued ones; no new mark may be
-    /// queued before these rows are sent ([`Queue::unmarked`]), so that the
-    /// main's capture gives them to this ChangeSet.
+    /// first). The rows each statement updates are counted for the
+    /// ChangeSet's mark ([`crate::state::ApplyMark::updated`]), so that the
+    /// main's capture gives them to this ChangeSet: the statements run after
+    /// the batches, in queue order.
     pub(super) async fn queue_deltas(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
         let mut i = 0;
         while i < e.changes.len() {
@@ -281,8 +283,14 @@ impl Applier {
             }
             let st = self.stmt(&sql::delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; arrays.len()]).await?;
             self.queue.deltas.push(QueuedDelta { table: m.table.name.clone(), st, arrays, rows });
+            match self.queue.marks.last_mut() {
+                Some((mark, _)) => match mark.updated.iter_mut().find(|(s, t, _)| *s == desc.schema && *t == desc.name) {
+                    Some(c) => c.2 += rows as u32,
+                    None => mark.updated.push((desc.schema.clone(), desc.name.clone(), rows as u32)),
+                },
+                None => self.queue.unmarked = true,
+            }
         }
-        self.queue.unmarked = true;
         Ok(())
     }
 
