@@ -302,13 +302,6 @@ pub struct ApplyMark {
     /// [`branchsync_proto::LogEntry::echo_as_sent`] when they are the same.
     #[serde(default)]
     pub sent: Option<crate::marks::RowsDigest>,
-    /// At the main, in a group: how many rows of each table the group's
-    /// statements of delta columns update for this ChangeSet. They run
-    /// after the group's inserts, a ChangeSet's after the one's before it,
-    /// so capture gives each updated row to the first ChangeSet still
-    /// counting updates of its table, as it does inserted rows.
-    #[serde(default)]
-    pub updated: Vec<GroupedRows>,
 }
 
 impl ApplyMark {
@@ -316,7 +309,7 @@ impl ApplyMark {
     pub fn decode(bytes: &[u8]) -> Result<ApplyMark, rmp_serde::decode::Error> {
         match rmp_serde::from_slice::<ApplyMark>(bytes) {
             Ok(m) => Ok(m),
-            Err(_) => rmp_serde::from_slice::<branchsync_proto::ChangeSetHeader>(bytes).map(|header| ApplyMark { header, relay_ts_us: 0, sent: None, updated: Vec::new() }),
+            Err(_) => rmp_serde::from_slice::<branchsync_proto::ChangeSetHeader>(bytes).map(|header| ApplyMark { header, relay_ts_us: 0, sent: None }),
         }
     }
 }

@@ -31,7 +31,7 @@ const PREFIXES: [&str; 4] = ["branchsync.apply", "branchsync.ddl", "branchsync.v
 fn well_formed(prefix: &str, author: &str) -> Vec<u8> {
     let header = ChangeSetHeader { author: author.into(), author_index: 0, system_id: 1, commit_lsn: 42, commit_ts_us: 4_102_444_800_000_000, stamp: 4_102_444_800_000_000, seen_main_ts: 0 };
     let mut body = match prefix {
-        "branchsync.apply" => rmp_serde::to_vec(&ApplyMark { header, relay_ts_us: 0, sent: None, updated: Vec::new() }).unwrap(),
+        "branchsync.apply" => rmp_serde::to_vec(&ApplyMark { header, relay_ts_us: 0, sent: None }).unwrap(),
         "branchsync.ddl" => {
             let j = serde_json::json!({"query": "DROP TABLE products", "search_path": "public", "role": "erp", "tag": "DROP TABLE", "ordinal": 1, "key": "k"});
             let mut t = j.to_string().into_bytes();

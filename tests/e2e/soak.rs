@@ -173,7 +173,7 @@ fn forged_body(prefix: &str, well_formed: bool) -> Vec<u8> {
     let header = branchsync_proto::ChangeSetHeader { author: "branch1".into(), author_index: 1, system_id: 1, commit_lsn: 42, commit_ts_us: 1, stamp: 1, seen_main_ts: 0 };
     let mut body = match prefix {
         "branchsync.ddl" => serde_json::json!({"query": "DROP TABLE orders", "search_path": "public", "tag": "DROP TABLE", "ordinal": 1, "key": "k"}).to_string().into_bytes(),
-        _ => rmp_serde::to_vec(&branchsync_engine::state::ApplyMark { header, relay_ts_us: 0, sent: None, updated: Vec::new() }).unwrap(),
+        _ => rmp_serde::to_vec(&branchsync_engine::state::ApplyMark { header, relay_ts_us: 0, sent: None }).unwrap(),
     };
     body.extend_from_slice(&[0xab; 32]);
     body

@@ -883,7 +883,7 @@ impl Applier {
                 // A ChangeSet of one fragment that only inserts: what the
                 // main writes for it is compared with what was sent.
                 let sent = self.row_hasher.as_ref().filter(|_| e.last).and_then(|h| crate::marks::RowsDigest::of_inserts(h, e));
-                let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us, sent, updated: Vec::new() };
+                let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us, sent };
                 self.queue_apply_message(mark).await?;
                 if let Some(t) = self.txn.as_mut() {
                     t.mid_changeset = true;

@@ -20,15 +20,21 @@
 //!
 //! At the main, a ChangeSet that only inserts and changes delta columns
 //! (a sale that adds to stock counts and balances, R16) joins the queue
-//! too: such a change never clashes, so it needs no decision, and its
-//! statement ([`super::sql::delta_update`], one per run of a table) is sent
-//! after the batches without waiting for its answer. The answers are read
-//! when the queue drains: a row one of them found missing must be decided
-//! after all, so the group is rolled back and replayed change by change
-//! ([`EngineError::QueuedRowMissing`]). The apply message counts the rows
-//! each ChangeSet's statements update per table too, and capture splits
-//! updated rows by those counts as it splits inserted ones: a group of
-//! sales costs one round trip, not one per statement.
+//! too: such a change never clashes, so it needs no decision. The changes
+//! of delta columns of every queued ChangeSet are folded into one
+//! statement per table ([`super::sql::folded_delta_update`]): each key's
+//! differences are summed and the row is written once per group, after the
+//! batches, without waiting for the answer. The answers are read when the
+//! queue drains: a row found missing must be decided after all, so the
+//! group is rolled back and replayed change by change
+//! ([`EngineError::QueuedRowMissing`]). The folded rows come after every
+//! row the apply message counts, so the main's capture gives them to the
+//! group's last ChangeSet: the relay carries each such row once per group,
+//! as the main holds it with the group's differences added, under the same
+//! author, in the main's commit order (R3). Deltas commute, so a node that
+//! applies the relay ends with the same row whichever of the group's
+//! ChangeSets the row travels with; the author takes it with the echo of
+//! the last one, which is no older than its own changes of the row.
 //!
 //! # Correctness
 //!
@@ -189,14 +195,18 @@ impl Queue {
     }
 }
 
-/// Changes of delta columns to rows of one table, from one ChangeSet
-/// ([`sql::delta_update`]).
+/// Changes of delta columns to rows of one table, from every queued
+/// ChangeSet ([`sql::folded_delta_update`]).
 struct QueuedDelta {
     table: String,
     st: Statement,
+    /// Where the key and the delta columns sit in the author's rows.
+    key_src: Vec<usize>,
+    delta_src: Vec<usize>,
     /// The key columns, then the new and the old value of each delta column.
     arrays: Vec<Vec<Option<String>>>,
-    rows: usize,
+    /// The distinct keys: the statement updates each once.
+    keys: std::collections::HashSet<Vec<Option<String>>>,
 }
 
 /// Queued row versions of one table and author: keys, stamps, author
@@ -240,56 +250,50 @@ impl Applier {
     }
 
     /// Queues the changes of delta columns of a ChangeSet that
-    /// [`Applier::deltas_queueable`] let in: one statement per run of a
-    /// table without a repeated key (a second change of a row must see the
-    /// first). The rows each statement updates are counted for the
-    /// ChangeSet's mark ([`crate::state::ApplyMark::updated`]), so that the
-    /// main's capture gives them to this ChangeSet: the statements run after
-    /// the batches, in queue order.
+    /// [`Applier::deltas_queueable`] let in, into one statement per table
+    /// for the whole queue ([`sql::folded_delta_update`]: a key's
+    /// differences are summed, so it is written once per group).
     pub(super) async fn queue_deltas(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
-        let mut i = 0;
-        while i < e.changes.len() {
-            let RowChange::Update { table, .. } = &e.changes[i] else {
-                i += 1;
-                continue;
-            };
+        for ch in &e.changes {
+            let RowChange::Update { table, old: Some(o), new } = ch else { continue };
             let (Some(m), Some(desc)) = (maps.get(*table as usize).and_then(|m| m.clone()), e.tables.get(*table as usize)) else {
                 return Err(EngineError::Corrupt(format!("a queued change names table {table} that its ChangeSet does not describe")));
             };
             let Some(ks) = m.key_src.clone() else { return Err(EngineError::Corrupt(format!("a queued change of {} has no key", m.table.name))) };
-            let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
-            let delta_src = super::decide::delta_sources(&m, &rule);
-            let names: Vec<&str> = delta_src.iter().map(|c| m.targets[*c].as_deref().unwrap_or_default()).collect();
-            let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); ks.len() + 2 * names.len()];
-            let mut keys = std::collections::HashSet::new();
-            let mut rows = 0;
-            while let Some(RowChange::Update { table: t, old: Some(o), new }) = e.changes.get(i) {
-                let key: Vec<Option<&str>> = ks.iter().map(|k| o.values.get(*k).and_then(Value::as_text)).collect();
-                if t != table || !keys.insert(key.clone()) {
-                    break;
+            let at = match self.queue.deltas.iter().position(|d| d.table == m.table.name) {
+                Some(at) => at,
+                None => {
+                    let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
+                    let delta_src = super::decide::delta_sources(&m, &rule);
+                    let names: Vec<&str> = delta_src.iter().map(|c| m.targets[*c].as_deref().unwrap_or_default()).collect();
+                    let st = self.stmt(&sql::folded_delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; ks.len() + 2 * names.len()]).await?;
+                    self.queue.deltas.push(QueuedDelta {
+                        table: m.table.name.clone(),
+                        st,
+                        key_src: ks.clone(),
+                        delta_src,
+                        arrays: vec![Vec::new(); ks.len() + 2 * names.len()],
+                        keys: std::collections::HashSet::new(),
+                    });
+                    self.queue.deltas.len() - 1
                 }
-                for (j, k) in key.iter().enumerate() {
-                    arrays[j].push(k.map(str::to_string));
-                }
-                for (j, c) in delta_src.iter().enumerate() {
-                    arrays[ks.len() + 2 * j].push(new.get(*c).and_then(Value::as_text).map(str::to_string));
-                    arrays[ks.len() + 2 * j + 1].push(o.values.get(*c).and_then(Value::as_text).map(str::to_string));
-                }
-                rows += 1;
-                i += 1;
+            };
+            let d = &mut self.queue.deltas[at];
+            let key: Vec<Option<String>> = d.key_src.iter().map(|k| o.values.get(*k).and_then(Value::as_text).map(str::to_string)).collect();
+            for (j, k) in key.iter().enumerate() {
+                d.arrays[j].push(k.clone());
             }
-            if rows == 0 {
-                return Err(EngineError::Corrupt(format!("a queued change of {} has no old row", m.table.name)));
+            let nk = d.key_src.len();
+            for (j, c) in d.delta_src.iter().enumerate() {
+                d.arrays[nk + 2 * j].push(new.get(*c).and_then(Value::as_text).map(str::to_string));
+                d.arrays[nk + 2 * j + 1].push(o.values.get(*c).and_then(Value::as_text).map(str::to_string));
             }
-            let st = self.stmt(&sql::delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; arrays.len()]).await?;
-            self.queue.deltas.push(QueuedDelta { table: m.table.name.clone(), st, arrays, rows });
-            match self.queue.marks.last_mut() {
-                Some((mark, _)) => match mark.updated.iter_mut().find(|(s, t, _)| *s == desc.schema && *t == desc.name) {
-                    Some(c) => c.2 += rows as u32,
-                    None => mark.updated.push((desc.schema.clone(), desc.name.clone(), rows as u32)),
-                },
-                None => self.queue.unmarked = true,
-            }
+            d.keys.insert(key);
+            self.queue.rows += 1;
+        }
+        if self.queue.marks.is_empty() {
+            // This ChangeSet's mark went out with an earlier group.
+            self.queue.unmarked = true;
         }
         Ok(())
     }
@@ -607,8 +611,8 @@ impl Applier {
             .await
             .map_err(EngineError::pg("applying a batch of inserts and changes of delta columns"))?;
         for (d, rows) in q.deltas.iter().zip(&delta_rows) {
-            if rows.len() < d.rows {
-                return Err(EngineError::QueuedRowMissing { table: d.table.clone(), missing: d.rows - rows.len(), rows: d.rows });
+            if rows.len() < d.keys.len() {
+                return Err(EngineError::QueuedRowMissing { table: d.table.clone(), missing: d.keys.len() - rows.len(), rows: d.keys.len() });
             }
         }
 

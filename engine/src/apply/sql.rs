@@ -255,6 +255,51 @@ pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
     versioned_update(t, &sets, &arrays, &aliases, &conds)
 }
 
+/// [`delta_update`] for the changes of many ChangeSets at once (the main's
+/// pipeline): the differences of each key are summed first (`UPDATE … FROM`
+/// with two source rows for one target would apply only one of them), keys
+/// grouped by their value in the column's type, not by their text. Same
+/// parameters and result, one row per key.
+pub fn folded_delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
+    let (mut arrays, mut aliases, mut keys, mut conds, mut old_conds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (j, k) in t.pk.iter().enumerate() {
+        arrays.push(format!("${}::text[]", j + 1));
+        aliases.push(format!("k{j}"));
+        keys.push(format!("u.k{j}::{} AS k{j}", t.columns[k].type_name));
+        conds.push(format!("t.{} = s.k{j}", quote_ident(k)));
+        old_conds.push(format!("p.{} = s.k{j}", quote_ident(k)));
+    }
+    let base = t.pk.len() + 1;
+    let (mut sums, mut sets) = (Vec::new(), Vec::new());
+    for (j, c) in delta_cols.iter().enumerate() {
+        arrays.push(format!("${}::text[]", base + 2 * j));
+        arrays.push(format!("${}::text[]", base + 2 * j + 1));
+        aliases.push(format!("n{j}"));
+        aliases.push(format!("o{j}"));
+        sums.push(format!("sum(u.n{j}::numeric - u.o{j}::numeric) AS d{j}"));
+        let col = &t.columns[*c];
+        sets.push(format!("{0} = t.{0} + s.d{j}::{1}", col.quoted, col.type_name));
+    }
+    let groups: Vec<String> = (1..=t.pk.len()).map(|i| i.to_string()).collect();
+    format!(
+        "UPDATE {qt} AS t SET {sets} FROM (SELECT s.*, cts.roident::int8 AS o_origin, \
+             (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts \
+             FROM (SELECT {keys}, {sums} FROM unnest({arrays}) AS u({aliases}) GROUP BY {groups}) AS s \
+             JOIN {qt} p ON {old_conds} LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(p.xmin) cts ON true) AS s \
+         WHERE {conds} RETURNING {key}, s.o_origin, s.o_ts",
+        qt = t.qualified,
+        sets = sets.join(", "),
+        keys = keys.join(", "),
+        sums = sums.join(", "),
+        arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
+        groups = groups.join(", "),
+        old_conds = old_conds.join(" AND "),
+        conds = conds.join(" AND "),
+        key = t.key_text_sql("t")
+    )
+}
+
 /// An `UPDATE … FROM unnest(…)` that also returns, per updated key, the
 /// version the row had before: the origin and commit time of its xmin, read
 /// with the row (a change of delta columns only leaves that version the

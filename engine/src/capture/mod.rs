@@ -341,9 +341,6 @@ struct Held {
     segment: Segment,
     /// Rows of each table still to come for it.
     rows_left: Vec<GroupedRows>,
-    /// Updated rows of each table still to come for it
-    /// ([`crate::state::ApplyMark::updated`]).
-    updates_left: Vec<GroupedRows>,
     /// The relay log holds it already (see [`Txn::suppressing`]).
     suppressing: bool,
 }
@@ -649,11 +646,11 @@ impl Capturer {
                             if suppressing {
                                 self.status.relay_suppressed += 1;
                             }
-                            let (sent, updates_left) = (mark.sent, mark.updated);
+                            let sent = mark.sent;
                             let mut segment = Segment::new(mark.header, relay_ts);
                             segment.sent = sent;
                             if i + 1 < n {
-                                txn.held.push_back(Held { segment, rows_left: rows.unwrap_or_default(), updates_left, suppressing });
+                                txn.held.push_back(Held { segment, rows_left: rows.unwrap_or_default(), suppressing });
                             } else {
                                 txn.segment = segment;
                                 txn.rows_left = rows;
@@ -714,11 +711,6 @@ impl Capturer {
                             take_row(left, &r.namespace, &r.name);
                         }
                     }
-                } else if let PgOutputMessage::Update(u) = &change {
-                    // Updated rows likewise, by their own counts (the
-                    // groups' statements of delta columns).
-                    let r = rel_of(u.rel)?;
-                    target = txn.held.iter_mut().position(|h| take_row(&mut h.updates_left, &r.namespace, &r.name));
                 }
                 let seg = match target {
                     Some(i) => &mut txn.held[i].segment,
@@ -790,7 +782,7 @@ impl Capturer {
                     // Held ChangeSets whose rows are all here go to the log
                     // (as it fills, in order).
                     if let Some(txn) = self.txn.as_mut() {
-                        while txn.held.front().is_some_and(|h| h.rows_left.iter().chain(&h.updates_left).all(|c| c.2 == 0)) {
+                        while txn.held.front().is_some_and(|h| h.rows_left.iter().all(|c| c.2 == 0)) {
                             if let Some(mut h) = txn.held.pop_front() {
                                 txn.held_popped += 1;
                                 if !h.segment.changes.is_empty() {
@@ -1308,7 +1300,7 @@ impl Capturer {
 /// replicated rows during apply): the rows are relayed all the same,
 /// possibly under a neighbouring ChangeSet of the same author.
 fn close_group(txn: &mut Txn, log: &ChangeLog, rows: usize, bytes: usize) {
-    let unmatched = txn.held.iter().flat_map(|h| h.rows_left.iter().chain(&h.updates_left)).chain(txn.rows_left.iter().flatten()).any(|c| c.2 > 0);
+    let unmatched = txn.held.iter().flat_map(|h| h.rows_left.iter()).chain(txn.rows_left.iter().flatten()).any(|c| c.2 > 0);
     if unmatched {
         tracing::debug!(lsn = %fmt_lsn(txn.commit_lsn), "an apply group's rows did not match its counts");
     }
@@ -1511,7 +1503,7 @@ mod tests {
     /// Branch1's ChangeSet `n`, as apply marks it.
     fn mark(n: u64) -> ApplyMark {
         let header = ChangeSetHeader { author: "branch1".into(), author_index: 1, system_id: 9, commit_lsn: n * 1_000, commit_ts_us: n as i64, stamp: n, seen_main_ts: 0 };
-        ApplyMark { header, relay_ts_us: 0, sent: None, updated: Vec::new() }
+        ApplyMark { header, relay_ts_us: 0, sent: None }
     }
 
     fn rows(orders: u32, lines: u32) -> Vec<GroupedRows> {
@@ -1608,24 +1600,23 @@ mod tests {
     }
 
     /// The main's pipeline sends a group's changes of delta columns after
-    /// its inserts, a ChangeSet's after those of the one before, and counts
-    /// them per ChangeSet and table: updated rows go back to their
-    /// ChangeSets by those counts as inserted rows go by theirs, and a
-    /// ChangeSet waits in the relay until its updated rows are in too.
+    /// every batch of its inserts, one row per key with the group's
+    /// differences added (`sql::folded_delta_update`): beyond every count,
+    /// they go to the group's last ChangeSet, and the ChangeSets before it
+    /// reach the log with their inserted rows, without waiting for them.
     #[tokio::test]
-    async fn updated_rows_of_a_group_go_back_to_their_changesets_by_their_own_counts() {
+    async fn a_groups_folded_updates_come_after_its_counted_rows_and_go_to_its_last_changeset() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer(log.clone());
         let xid = 78;
         c.handle(PgOutputMessage::Begin(Begin { final_lsn: 5_000, commit_ts: 10, xid })).unwrap();
         c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
-        let updating = |n: u64, orders: u32| ApplyMark { updated: vec![("public".into(), "orders".into(), orders)], ..mark(n) };
-        c.handle(group_message(&c, xid, vec![(updating(1, 1), rows(0, 1)), (mark(2), rows(0, 1)), (updating(3, 2), rows(0, 1))])).unwrap();
+        c.handle(group_message(&c, xid, vec![(mark(1), rows(0, 1)), (mark(2), rows(0, 1)), (mark(3), rows(0, 1))])).unwrap();
         for v in ["a1", "b1", "c1"] {
             c.handle(insert(16_385, v)).unwrap();
         }
-        for v in ["1", "2", "3"] {
+        for v in ["1", "2"] {
             c.handle(PgOutputMessage::Update(crate::pgoutput::Update { rel: 16_384, old: None, new: vec![Value::Text(v.into())] })).unwrap();
         }
         c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 5_000, end_lsn: 5_001, commit_ts: 10 })).unwrap();
@@ -1634,9 +1625,9 @@ mod tests {
         assert_eq!(
             relayed(&log),
             vec![
-                (1_000, 0, true, s(&["order_lines:a1", "orders~1"])),
+                (1_000, 0, true, s(&["order_lines:a1"])),
                 (2_000, 0, true, s(&["order_lines:b1"])),
-                (3_000, 0, true, s(&["order_lines:c1", "orders~2", "orders~3"])),
+                (3_000, 0, true, s(&["order_lines:c1", "orders~1", "orders~2"])),
             ]
         );
     }
