@@ -22,7 +22,7 @@
 //! (a sale that adds to stock counts and balances, R16) joins the queue
 //! too: such a change never clashes, so it needs no decision. The changes
 //! of delta columns of every queued ChangeSet are folded into one
-//! statement per table ([`super::sql::folded_delta_update`]): each key's
+//! statement per table ([`super::sql::delta_update`]): each key's
 //! differences are summed and the row is written once per group, after the
 //! batches, without waiting for the answer. The answers are read when the
 //! queue drains: a row found missing must be decided after all, so the
@@ -196,7 +196,7 @@ impl Queue {
 }
 
 /// Changes of delta columns to rows of one table, from every queued
-/// ChangeSet ([`sql::folded_delta_update`]).
+/// ChangeSet ([`sql::delta_update`]).
 struct QueuedDelta {
     table: String,
     st: Statement,
@@ -251,7 +251,7 @@ impl Applier {
 
     /// Queues the changes of delta columns of a ChangeSet that
     /// [`Applier::deltas_queueable`] let in, into one statement per table
-    /// for the whole queue ([`sql::folded_delta_update`]: a key's
+    /// for the whole queue ([`sql::delta_update`]: a key's
     /// differences are summed, so it is written once per group).
     pub(super) async fn queue_deltas(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<(), EngineError> {
         for ch in &e.changes {
@@ -266,7 +266,7 @@ impl Applier {
                     let rule = self.cfg.tables.for_table(&desc.schema, &desc.name).clone();
                     let delta_src = super::decide::delta_sources(&m, &rule);
                     let names: Vec<&str> = delta_src.iter().map(|c| m.targets[*c].as_deref().unwrap_or_default()).collect();
-                    let st = self.stmt(&sql::folded_delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; ks.len() + 2 * names.len()]).await?;
+                    let st = self.stmt(&sql::delta_update(&m.table, &names), &vec![Type::TEXT_ARRAY; ks.len() + 2 * names.len()]).await?;
                     self.queue.deltas.push(QueuedDelta {
                         table: m.table.name.clone(),
                         st,

@@ -235,32 +235,16 @@ pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> Strin
     versioned_update(t, &sets, &arrays, &aliases, &conds)
 }
 
-/// Adds the author's difference to delta columns (R16): a change of delta
-/// columns only never clashes, whatever else changed meanwhile. Returns the
-/// keys updated and the origin and commit time of the version the row had.
+/// Adds the authors' differences to delta columns (R16): a change of delta
+/// columns only never clashes, whatever else changed meanwhile. The
+/// differences of each key are summed first, so one statement carries the
+/// changes of many ChangeSets (the main's pipeline; `UPDATE … FROM` with two
+/// source rows for one target would apply only one of them), keys grouped
+/// by their value in the column's type, not by their text. Returns, once per
+/// key, the key and the origin and commit time of the version the row had.
 /// Parameters: one `text[]` per key column, then per delta column the new and
 /// the old values.
 pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
-    let (mut arrays, mut aliases, conds) = key_join(t, 1);
-    let base = t.pk.len() + 1;
-    let mut sets = Vec::new();
-    for (j, c) in delta_cols.iter().enumerate() {
-        arrays.push(format!("${}::text[]", base + 2 * j));
-        arrays.push(format!("${}::text[]", base + 2 * j + 1));
-        aliases.push(format!("n{j}"));
-        aliases.push(format!("o{j}"));
-        let col = &t.columns[*c];
-        sets.push(format!("{0} = t.{0} + (u.n{j}::numeric - u.o{j}::numeric)::{1}", col.quoted, col.type_name));
-    }
-    versioned_update(t, &sets, &arrays, &aliases, &conds)
-}
-
-/// [`delta_update`] for the changes of many ChangeSets at once (the main's
-/// pipeline): the differences of each key are summed first (`UPDATE … FROM`
-/// with two source rows for one target would apply only one of them), keys
-/// grouped by their value in the column's type, not by their text. Same
-/// parameters and result, one row per key.
-pub fn folded_delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
     let (mut arrays, mut aliases, mut keys, mut conds, mut old_conds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (j, k) in t.pk.iter().enumerate() {
         arrays.push(format!("${}::text[]", j + 1));

@@ -1601,7 +1601,7 @@ mod tests {
 
     /// The main's pipeline sends a group's changes of delta columns after
     /// every batch of its inserts, one row per key with the group's
-    /// differences added (`sql::folded_delta_update`): beyond every count,
+    /// differences added (`sql::delta_update`): beyond every count,
     /// they go to the group's last ChangeSet, and the ChangeSets before it
     /// reach the log with their inserted rows, without waiting for them.
     #[tokio::test]
