@@ -169,8 +169,8 @@ pub(super) struct Queue {
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
     fk_values: BTreeMap<String, Option<Vec<Vec<Vec<Option<String>>>>>>,
-    /// Changes of delta columns (the main), one statement per run of a
-    /// table in a ChangeSet, sent after the batches.
+    /// Changes of delta columns (the main), folded into one statement per
+    /// table, sent after the batches.
     deltas: Vec<QueuedDelta>,
     /// Header of the last queued ChangeSet (recorded with parked rows).
     header: Option<Vec<u8>>,
@@ -615,7 +615,6 @@ impl Applier {
                 return Err(EngineError::QueuedRowMissing { table: d.table.clone(), missing: d.keys.len() - rows.len(), rows: d.keys.len() });
             }
         }
-
         let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();
         for (tbl, st, cols) in &prechecks {
             let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
