@@ -448,6 +448,8 @@ impl Applier {
         // Per column: what to set, and which columns both sides changed.
         let mut sets: Vec<(String, String, Option<String>)> = Vec::new(); // (column, sql expr, value)
         let mut clashes: Vec<(String, Option<String>)> = Vec::new();
+        // A column both sides changed to the same value.
+        let mut agreed = false;
         for (i, target) in m.targets.iter().enumerate() {
             let Some(col) = target else { continue };
             let Some(lc) = m.table.columns.get(col) else { continue };
@@ -470,7 +472,11 @@ impl Applier {
             match base {
                 Some(b) => {
                     let b = b.map(str::to_string);
-                    if new_s == b || new_s == cur_v {
+                    if new_s == b {
+                        continue;
+                    }
+                    if new_s == cur_v {
+                        agreed = true;
                         continue;
                     }
                     if cur_v == b {
@@ -487,6 +493,11 @@ impl Applier {
                 }
             }
         }
+        // Both sides set the same value: nothing to write, but the rule still
+        // says whose version the row is now. Left the older writer's, a
+        // later change stamped between the two would win against it, and
+        // under lww the result would depend on which arrived first.
+        let agreed_wins = agreed && clashes.is_empty() && (seen || incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp));
         let mut lost = false;
         if !clashes.is_empty() {
             let wins = seen || incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp);
@@ -527,10 +538,10 @@ impl Applier {
         // lost a column to the held version, which then stays the row's
         // version (a later change of the same author has still not seen it).
         let result = if sets.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &sets).await? };
-        if !sets.is_empty() {
-            // Deltas only: the row stays the held version's (deltas never clash).
-            let only_deltas = sets.iter().all(|(_, expr, _)| !expr.is_empty());
-            if lost || only_deltas {
+        // Deltas only: the row stays the held version's (deltas never clash).
+        let only_deltas = sets.iter().all(|(_, expr, _)| !expr.is_empty());
+        if !sets.is_empty() || agreed_wins {
+            if lost || (only_deltas && !agreed_wins) {
                 self.keep_version(&m.table.name, &key, &cur).await?;
             } else {
                 let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;

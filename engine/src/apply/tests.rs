@@ -690,6 +690,36 @@ async fn r7_an_update_of_a_deleted_row_and_another_streams_insert_of_its_key_are
     assert_eq!(site.rows("SELECT id, tag FROM items ORDER BY id").await, ["(2,new)", "(3,new)"]);
 }
 
+/// R7 under lww, whatever the order of arrival: two branches set a column
+/// to the same value (stamps 100 and 300) while a third set another (stamp
+/// 200). The second of the equal changes writes nothing, but the row is
+/// now its version: left the first's, the third change (200 > 100) won
+/// when the equal ones came first in that order, and lost when they came
+/// the other way round. The latest stamp wins both ways.
+#[tokio::test]
+async fn r7_under_lww_a_change_equal_to_the_row_still_makes_the_row_its_version() {
+    let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, tag text); INSERT INTO items VALUES (1, 'x'), (2, 'x');", &[]).await;
+    let items = desc("items", &["id", "tag"], &["id"]);
+    let set = |pos: u64, author: &str, stamp: u64, id: &str, to: &str| {
+        cs(pos, author, FAR_FUTURE + stamp, items.clone(), vec![RowChange::Update { table: 0, old: Some(old_row(true, &[Some(id), Some("x")])), new: vals(&[id, to]) }])
+    };
+    site.run(&[
+        // Item 1: the equal changes in stamp order, then the one between them.
+        set(1, "branch1", 100, "1", "y"),
+        set(2, "branch2", 300, "1", "y"),
+        set(3, "branch3", 200, "1", "z"),
+        // Item 2: the equal changes the other way round.
+        set(4, "branch2", 300, "2", "y"),
+        set(5, "branch1", 100, "2", "y"),
+        set(6, "branch3", 200, "2", "z"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(site.rows("SELECT id, tag FROM items ORDER BY id").await, ["(1,y)", "(2,y)"], "the latest stamp (300) wins in either order");
+    let c = site.rows("SELECT key, kind, winner_node, loser_node FROM branchsync.conflicts ORDER BY key").await;
+    assert_eq!(c, ["(\"[\"\"1\"\"]\",update_update,branch2,branch3)", "(\"[\"\"2\"\"]\",update_update,branch2,branch3)"]);
+}
+
 /// R16 in the main's pipeline: ChangeSets that only change delta columns
 /// (and insert) are sent without waiting for each statement's answer, in
 /// one group. A row one of them finds missing cannot be added to: the
