@@ -232,7 +232,7 @@ pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> Strin
         aliases.push(format!("o{j}"));
         conds.push(format!("t.{}::text IS NOT DISTINCT FROM u.o{j}", quote_ident(c)));
     }
-    versioned_update(t, &sets, &arrays, &aliases, &conds)
+    versioned_update(t, &sets, &format!("unnest({}) AS u({})", arrays.join(", "), aliases.join(", ")), &conds)
 }
 
 /// Adds the authors' differences to delta columns (R16): a change of delta
@@ -245,14 +245,8 @@ pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> Strin
 /// Parameters: one `text[]` per key column, then per delta column the new and
 /// the old values.
 pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
-    let (mut arrays, mut aliases, mut keys, mut conds, mut old_conds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (j, k) in t.pk.iter().enumerate() {
-        arrays.push(format!("${}::text[]", j + 1));
-        aliases.push(format!("k{j}"));
-        keys.push(format!("u.k{j}::{} AS k{j}", t.columns[k].type_name));
-        conds.push(format!("t.{} = s.k{j}", quote_ident(k)));
-        old_conds.push(format!("p.{} = s.k{j}", quote_ident(k)));
-    }
+    let (mut arrays, mut aliases, conds) = key_join(t, 1);
+    let keys: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("(u.k{j}::{})::text AS k{j}", t.columns[k].type_name)).collect();
     let base = t.pk.len() + 1;
     let (mut sums, mut sets) = (Vec::new(), Vec::new());
     for (j, c) in delta_cols.iter().enumerate() {
@@ -262,45 +256,36 @@ pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
         aliases.push(format!("o{j}"));
         sums.push(format!("sum(u.n{j}::numeric - u.o{j}::numeric) AS d{j}"));
         let col = &t.columns[*c];
-        sets.push(format!("{0} = t.{0} + s.d{j}::{1}", col.quoted, col.type_name));
+        sets.push(format!("{0} = t.{0} + u.d{j}::{1}", col.quoted, col.type_name));
     }
     let groups: Vec<String> = (1..=t.pk.len()).map(|i| i.to_string()).collect();
-    format!(
-        "UPDATE {qt} AS t SET {sets} FROM (SELECT s.*, cts.roident::int8 AS o_origin, \
-             (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts \
-             FROM (SELECT {keys}, {sums} FROM unnest({arrays}) AS u({aliases}) GROUP BY {groups}) AS s \
-             JOIN {qt} p ON {old_conds} LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(p.xmin) cts ON true) AS s \
-         WHERE {conds} RETURNING {key}, s.o_origin, s.o_ts",
-        qt = t.qualified,
-        sets = sets.join(", "),
-        keys = keys.join(", "),
-        sums = sums.join(", "),
-        arrays = arrays.join(", "),
-        aliases = aliases.join(", "),
-        groups = groups.join(", "),
-        old_conds = old_conds.join(" AND "),
-        conds = conds.join(" AND "),
-        key = t.key_text_sql("t")
-    )
+    let source = format!(
+        "(SELECT {}, {} FROM unnest({}) AS u({}) GROUP BY {}) AS u",
+        keys.join(", "),
+        sums.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+        groups.join(", ")
+    );
+    versioned_update(t, &sets, &source, &conds)
 }
 
-/// An `UPDATE … FROM unnest(…)` that also returns, per updated key, the
+/// An `UPDATE … FROM source` (a row source aliased `u` with the key in
+/// columns `k0`, `k1`, … as text) that also returns, per updated key, the
 /// version the row had before: the origin and commit time of its xmin, read
 /// with the row (a change of delta columns only leaves that version the
 /// row's).
-fn versioned_update(t: &LocalTable, sets: &[String], arrays: &[String], aliases: &[String], conds: &[String]) -> String {
+fn versioned_update(t: &LocalTable, sets: &[String], source: &str, conds: &[String]) -> String {
     let (_, _, old_conds) = key_join(t, 1);
     let old_conds: Vec<String> = old_conds.iter().map(|c| c.replacen("t.", "p.", 1)).collect();
     format!(
         "UPDATE {qt} AS t SET {sets} FROM (SELECT u.*, cts.roident::int8 AS o_origin, \
              (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts \
-             FROM unnest({arrays}) AS u({aliases}) JOIN {qt} p ON {old_conds} \
+             FROM {source} JOIN {qt} p ON {old_conds} \
              LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(p.xmin) cts ON true) AS u \
          WHERE {conds} RETURNING {key}, u.o_origin, u.o_ts",
         qt = t.qualified,
         sets = sets.join(", "),
-        arrays = arrays.join(", "),
-        aliases = aliases.join(", "),
         old_conds = old_conds.join(" AND "),
         conds = conds.join(" AND "),
         key = t.key_text_sql("t")
