@@ -1506,6 +1506,13 @@ mod tests {
         ApplyMark { header, relay_ts_us: 0, sent: None }
     }
 
+    /// Begins the transaction `xid` (committing at `final_lsn`) that the
+    /// main's apply wrote for branch1 (under its origin).
+    fn begin_applied_for_branch1(c: &mut Capturer, xid: u32, final_lsn: u64) {
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn, commit_ts: 10, xid })).unwrap();
+        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+    }
+
     fn rows(orders: u32, lines: u32) -> Vec<GroupedRows> {
         vec![("public".into(), "orders".into(), orders), ("public".into(), "order_lines".into(), lines)]
     }
@@ -1573,8 +1580,7 @@ mod tests {
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer_cut_at(log.clone(), 2);
         let xid = 77;
-        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 5_000, commit_ts: 10, xid })).unwrap();
-        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        begin_applied_for_branch1(&mut c, xid, 5_000);
         let group = group_message(&c, xid, vec![(mark(1), rows(1, 3)), (mark(2), rows(1, 2)), (mark(3), rows(1, 1))]);
         c.handle(group).unwrap();
         for v in ["a", "b", "c"] {
@@ -1610,8 +1616,7 @@ mod tests {
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer(log.clone());
         let xid = 78;
-        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 5_000, commit_ts: 10, xid })).unwrap();
-        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        begin_applied_for_branch1(&mut c, xid, 5_000);
         c.handle(group_message(&c, xid, vec![(mark(1), rows(0, 1)), (mark(2), rows(0, 1)), (mark(3), rows(0, 1))])).unwrap();
         for v in ["a1", "b1", "c1"] {
             c.handle(insert(16_385, v)).unwrap();
@@ -1642,8 +1647,7 @@ mod tests {
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer(log.clone());
         let xid = 79;
-        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
-        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        begin_applied_for_branch1(&mut c, xid, 9_000);
         let group = group_message(&c, xid, vec![(mark(1), rows(1, 2)), (mark(2), rows(0, 1)), (mark(3), rows(2, 0)), (mark(4), rows(1, 1))]);
         c.handle(group).unwrap();
         for v in ["o1", "o3a", "o3b", "o4"] {
@@ -1675,8 +1679,7 @@ mod tests {
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer(log.clone());
         let xid = 78;
-        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
-        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        begin_applied_for_branch1(&mut c, xid, 9_000);
         c.handle(group_message(&c, xid, vec![(mark(1), rows(1, 0)), (mark(2), rows(1, 0))])).unwrap();
         c.handle(insert(16_384, "a")).unwrap();
         c.handle(insert(16_384, "b")).unwrap();
@@ -1726,8 +1729,7 @@ mod tests {
         let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
         let mut c = main_capturer_cut_at(log.clone(), 2);
         let xid = 80;
-        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 9_000, commit_ts: 10, xid })).unwrap();
-        c.handle(PgOutputMessage::Origin(Origin { commit_lsn: 3_000, name: origin_name("branch1") })).unwrap();
+        begin_applied_for_branch1(&mut c, xid, 9_000);
         let with = |n: u64, sent: Option<crate::marks::RowsDigest>| ApplyMark { sent, ..mark(n) };
         let marks = vec![
             (with(1, sent(&c, &[("orders", "a"), ("order_lines", "a1"), ("order_lines", "a2")])), rows(1, 2)),
