@@ -21,8 +21,66 @@ use branchsync_proto::changeset::quote_ident;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::apply::LocalTable;
+use crate::catalog::LocalTable;
 use crate::EngineError;
+
+/// What a record of `branchsync.conflicts` is about: the `kind` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Two sites changed the same columns of a row concurrently.
+    UpdateUpdate,
+    /// An update reached the main for a row it never had.
+    UpdateMissing,
+    /// An update met a concurrent delete of its row.
+    UpdateDelete,
+    /// A delete of a row that still has children its author never saw.
+    DeleteReferenced,
+    /// Two sites inserted the same key.
+    InsertInsert,
+    /// An insert collides with another row on a unique constraint.
+    InsertUnique,
+    /// A stamp far ahead of this node's clock was clamped.
+    StampClamped,
+    /// A change that does not fit its table waits for the operator.
+    Quarantined,
+    /// A peer's DDL could not replay here.
+    DdlFailed,
+    /// Values of columns this table does not have were left out.
+    ColumnsSkipped,
+    /// A `TRUNCATE` of a table whose rule does not replicate it.
+    TruncateSkipped,
+    /// An update or delete of a table without a key here.
+    NoKey,
+    /// An update or delete of a row that is not here.
+    RowMissing,
+}
+
+impl ConflictKind {
+    /// The text stored in `branchsync.conflicts.kind` and sent in the relay.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictKind::UpdateUpdate => "update_update",
+            ConflictKind::UpdateMissing => "update_missing",
+            ConflictKind::UpdateDelete => "update_delete",
+            ConflictKind::DeleteReferenced => "delete_referenced",
+            ConflictKind::InsertInsert => "insert_insert",
+            ConflictKind::InsertUnique => "insert_unique",
+            ConflictKind::StampClamped => "stamp_clamped",
+            ConflictKind::Quarantined => "quarantined",
+            ConflictKind::DdlFailed => "ddl_failed",
+            ConflictKind::ColumnsSkipped => "columns_skipped",
+            ConflictKind::TruncateSkipped => "truncate_skipped",
+            ConflictKind::NoKey => "no_key",
+            ConflictKind::RowMissing => "row_missing",
+        }
+    }
+}
+
+impl std::fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One record of `branchsync.conflicts`.
 #[derive(Debug, Clone, Serialize)]

@@ -12,6 +12,8 @@
 //!   acknowledgements; space is reclaimed only after every peer acknowledged.
 //! * [`apply`] writes incoming ChangeSets under the author's replication
 //!   origin, batched, with the stream progress in the same transaction.
+//! * [`catalog`] is what capture, apply and verify know of a local table:
+//!   columns by name, key, foreign keys, key text, rows as JSON.
 //! * [`conflict`] holds the rules that decide between concurrent versions
 //!   (a total order per rule); [`conflict_log`] lists and settles what they
 //!   discarded.
@@ -29,6 +31,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod catalog;
 pub mod clock;
 pub mod cluster;
 pub mod conflict;

@@ -160,6 +160,10 @@ pub fn fmt_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// The open transaction's id, as marks are bound to it (R25): the low 32
+/// bits of `pg_current_xact_id()`, which logical decoding reports.
+pub const CURRENT_XID: &str = "SELECT (pg_current_xact_id()::text::int8 % 4294967296)";
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -534,7 +534,7 @@ pub async fn emit_repairs(client: &Client, mark_key: &[u8], main_node: &str, to:
             .map_err(EngineError::pg("creating the main's replication origin"))?;
         client.execute("SELECT pg_replication_origin_session_setup($1)::text", &[&origin]).await.map_err(EngineError::pg("setting the replication origin"))?;
         client.batch_execute(&format!("LOCK TABLE ONLY {rel} IN SHARE MODE")).await.map_err(EngineError::pg(format!("locking {table} for a repair")))?;
-        let xid: i64 = client.query_one(crate::apply::CURRENT_XID, &[]).await.map_err(EngineError::pg("reading the transaction id"))?.get(0);
+        let xid: i64 = client.query_one(crate::pg::CURRENT_XID, &[]).await.map_err(EngineError::pg("reading the transaction id"))?.get(0);
         let xid = u32::try_from(xid).map_err(|_| EngineError::Corrupt("the repair transaction has no transaction id".into()))?;
         let now: i64 = client
             .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])

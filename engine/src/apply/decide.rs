@@ -45,7 +45,10 @@ use std::collections::HashMap;
 use branchsync_proto::{ChangeSetHeader, ConflictRecord, LogEntry, RowChange, TableDesc, Value, Verdict};
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{key_text, row_json, sql, Applier, Mapping};
+use super::{sql, Applier, Mapping};
+use crate::catalog::{key_text, row_json, values_json};
+use crate::conflict_log::ConflictKind;
+use crate::conflict::merge::{merge, Column, ColumnKind, Context, RowVersion, Write};
 use crate::conflict::{incoming_wins, DeleteConflict, Held, UniqueConflict};
 use crate::state::{CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::EngineError;
@@ -68,7 +71,7 @@ pub(super) struct Current {
 pub(super) struct NewConflict<'a> {
     pub tbl: &'a str,
     pub key: Option<String>,
-    pub kind: &'a str,
+    pub kind: ConflictKind,
     pub rule: &'a str,
     pub winner: Option<String>,
     pub loser: Option<String>,
@@ -83,12 +86,6 @@ fn text(v: &Value) -> Option<Option<&str>> {
         Value::Text(s) => Some(Some(s.as_str())),
         Value::Unchanged => None,
     }
-}
-
-fn values_json(values: &HashMap<String, Option<String>>) -> String {
-    let m: serde_json::Map<String, serde_json::Value> =
-        values.iter().map(|(k, v)| (k.clone(), v.as_ref().map(|s| serde_json::Value::String(s.clone())).unwrap_or(serde_json::Value::Null))).collect();
-    serde_json::Value::Object(m).to_string()
 }
 
 /// Where the delta columns of `m`'s table (under `rule`) sit in the
@@ -322,10 +319,15 @@ impl Applier {
         let mut batch: Vec<usize> = Vec::new();
         for (i, ch) in run.iter().enumerate() {
             let ok = match ch {
+                // An update that changes nothing is decided one by one: it
+                // writes nothing, so it must not make the row its author's
+                // (a shop saving a form unchanged would win over edits made
+                // meanwhile elsewhere).
                 RowChange::Update { old: Some(o), new, .. } => {
                     o.full
                         && !o.values.iter().chain(new.iter()).any(|v| matches!(v, Value::Unchanged))
                         && ks.iter().all(|k| o.values.get(*k) == new.get(*k))
+                        && o.values != *new
                 }
                 RowChange::Delete { old, .. } => old.full && !old.values.iter().any(|v| matches!(v, Value::Unchanged)),
                 _ => false,
@@ -445,105 +447,54 @@ impl Applier {
         };
         let seen = self.had_seen(h, &cur);
         let full_old = old.filter(|o| o.len() == new.len());
-        // Per column: what to set, and which columns both sides changed.
-        let mut sets: Vec<(String, String, Option<String>)> = Vec::new(); // (column, sql expr, value)
-        let mut clashes: Vec<(String, Option<String>)> = Vec::new();
-        // A column both sides changed to the same value.
-        let mut agreed = false;
+        let mut columns = Vec::new();
         for (i, target) in m.targets.iter().enumerate() {
             let Some(col) = target else { continue };
             let Some(lc) = m.table.columns.get(col) else { continue };
             if lc.identity_always || lc.generated {
                 continue;
             }
-            let Some(new_v) = new.get(i).and_then(text) else { continue };
-            let cur_v = cur.values.get(col).cloned().flatten();
-            let base = full_old.and_then(|o| o.get(i)).and_then(text);
-            if rule.delta.iter().any(|d| d == col) {
-                if let (Some(Some(b)), Some(n)) = (base, new_v) {
-                    // R16: the author's difference, added to what is here.
-                    if b != n {
-                        sets.push((col.clone(), format!("{0} = {0} + (${{}}::text::numeric - ${{}}::text::numeric)::{1}", lc.quoted, lc.type_name), Some(format!("{n}\u{0}{b}"))));
-                    }
-                    continue;
-                }
-            }
-            let new_s = new_v.map(str::to_string);
-            match base {
-                Some(b) => {
-                    let b = b.map(str::to_string);
-                    if new_s == b {
-                        continue;
-                    }
-                    if new_s == cur_v {
-                        agreed = true;
-                        continue;
-                    }
-                    if cur_v == b {
-                        sets.push((col.clone(), String::new(), new_s));
-                    } else {
-                        clashes.push((col.clone(), new_s));
-                    }
-                }
-                // No old row: every differing column is a clash.
-                None => {
-                    if new_s != cur_v {
-                        clashes.push((col.clone(), new_s));
-                    }
-                }
-            }
+            // An unchanged TOASTed value is never written (R12).
+            let Some(theirs) = new.get(i).and_then(text) else { continue };
+            columns.push(Column {
+                name: col.as_str(),
+                kind: if rule.delta.iter().any(|d| d == col) { ColumnKind::Delta } else { ColumnKind::Lww },
+                base: full_old.and_then(|o| o.get(i)).and_then(text),
+                ours: cur.values.get(col).and_then(|v| v.as_deref()),
+                theirs,
+            });
         }
-        // Both sides set the same value: nothing to write, but the rule still
-        // says whose version the row is now. Left the older writer's, a
-        // later change stamped between the two would win against it, and
-        // under lww the result would depend on which arrived first.
-        let agreed_wins = agreed && clashes.is_empty() && (seen || incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp));
-        let mut lost = false;
-        if !clashes.is_empty() {
-            let wins = seen || incoming_wins(rule.rule, &self.cfg.node, &cur.held, &h.author, h.stamp);
-            let cols: Vec<&str> = clashes.iter().map(|(c, _)| c.as_str()).collect();
-            if !seen {
-                let (winner, loser) = if wins { (h.author.clone(), cur.held.node.clone()) } else { (cur.held.node.clone(), h.author.clone()) };
-                self.record_conflict(NewConflict {
-                    tbl: &m.table.name,
-                    key: Some(key.clone()),
-                    kind: "update_update",
-                    rule: rule.rule.name(),
-                    winner: Some(winner.clone()),
-                    loser: Some(loser),
-                    local: Some(values_json(&cur.values)),
-                    remote: Some(row_json(desc, new)),
-                    detail: Some(format!(
-                        "{} and {} changed column(s) {} concurrently; {}'s version is kept by rule {} (stamps {} and {})",
-                        if cur.held.node.is_empty() { "the baseline" } else { cur.held.node.as_str() },
-                        h.author,
-                        cols.join(", "),
-                        winner,
-                        rule.rule.name(),
-                        cur.held.stamp,
-                        h.stamp
-                    )),
-                })
-                .await?;
-            }
-            if wins {
-                for (c, v) in clashes {
-                    sets.push((c, String::new(), v));
-                }
-            } else {
-                lost = true;
-            }
+        let merged = merge(&columns, &Context { rule: rule.rule, main: &self.cfg.node, held: &cur.held, seen, author: &h.author, stamp: h.stamp });
+        if merged.conflict {
+            let (winner, loser) = if merged.incoming_won { (h.author.clone(), cur.held.node.clone()) } else { (cur.held.node.clone(), h.author.clone()) };
+            self.record_conflict(NewConflict {
+                tbl: &m.table.name,
+                key: Some(key.clone()),
+                kind: ConflictKind::UpdateUpdate,
+                rule: rule.rule.name(),
+                winner: Some(winner.clone()),
+                loser: Some(loser),
+                local: Some(values_json(&cur.values)),
+                remote: Some(row_json(desc, new)),
+                detail: Some(format!(
+                    "{} and {} changed column(s) {} concurrently; {}'s version is kept by rule {} (stamps {} and {})",
+                    if cur.held.node.is_empty() { "the baseline" } else { cur.held.node.as_str() },
+                    h.author,
+                    merged.clashes.join(", "),
+                    winner,
+                    rule.rule.name(),
+                    cur.held.stamp,
+                    h.stamp
+                )),
+            })
+            .await?;
         }
-        // Write the merged row and its version: the incoming one, unless it
-        // lost a column to the held version, which then stays the row's
-        // version (a later change of the same author has still not seen it).
-        let result = if sets.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &sets).await? };
-        // Deltas only: the row stays the held version's (deltas never clash).
-        let only_deltas = sets.iter().all(|(_, expr, _)| !expr.is_empty());
-        if !sets.is_empty() || agreed_wins {
-            if lost || (only_deltas && !agreed_wins) {
-                self.keep_version(&m.table.name, &key, &cur).await?;
-            } else {
+        // Write the merged row and its version.
+        let result = if merged.writes.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &merged.writes).await? };
+        match merged.version {
+            RowVersion::Unchanged => {}
+            RowVersion::Held => self.keep_version(&m.table.name, &key, &cur).await?,
+            RowVersion::Incoming => {
                 let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
                 let stamp = h.stamp as i64;
                 self.conn
@@ -555,7 +506,7 @@ impl Applier {
         }
         // Nothing written: the relay carries no row back to the author, who
         // holds its own change; the verdict says what the main holds.
-        if sets.is_empty() {
+        if merged.writes.is_empty() {
             self.emit_verdict(e, m, desc, ks, &key_vals, Some(&result)).await?;
         }
         Ok(())
@@ -582,24 +533,24 @@ impl Applier {
         Ok(())
     }
 
-    /// Runs one UPDATE of one row with the given SET items; returns the row.
-    async fn write_sets(&mut self, m: &Mapping, key_vals: &[String], sets: &[(String, String, Option<String>)]) -> Result<HashMap<String, Option<String>>, EngineError> {
+    /// Runs one UPDATE of one row with the merged writes; returns the row.
+    async fn write_sets(&mut self, m: &Mapping, key_vals: &[String], writes: &[(&str, Write<'_>)]) -> Result<HashMap<String, Option<String>>, EngineError> {
         let t = &m.table;
         let mut params: Vec<Option<String>> = key_vals.iter().map(|k| Some(k.clone())).collect();
         let mut items = Vec::new();
-        for (col, expr, val) in sets {
-            let lc = &t.columns[col];
-            if expr.is_empty() {
-                params.push(val.clone());
-                items.push(format!("{} = ${}::text::{}", lc.quoted, params.len(), lc.type_name));
-            } else {
-                // A delta: "new\0old".
-                let (n, o) = val.as_deref().and_then(|v| v.split_once('\u{0}')).unwrap_or(("0", "0"));
-                params.push(Some(n.to_string()));
-                let pn = params.len();
-                params.push(Some(o.to_string()));
-                let po = params.len();
-                items.push(expr.replacen("${}", &format!("${pn}"), 1).replacen("${}", &format!("${po}"), 1));
+        for (col, w) in writes {
+            let lc = &t.columns[*col];
+            match w {
+                Write::Set(v) => {
+                    params.push(v.map(str::to_string));
+                    items.push(format!("{} = ${}::text::{}", lc.quoted, params.len(), lc.type_name));
+                }
+                // R16: the author's difference, added to what is here.
+                Write::Add { new, old } => {
+                    params.push(Some(new.to_string()));
+                    params.push(Some(old.to_string()));
+                    items.push(format!("{0} = {0} + (${1}::text::numeric - ${2}::text::numeric)::{3}", lc.quoted, params.len() - 1, params.len(), lc.type_name));
+                }
             }
         }
         let conds: Vec<String> = t.pk.iter().enumerate().map(|(j, k)| format!("t.{} = ${}::text::{}", t.columns[k].quoted, j + 1, t.columns[k].type_name)).collect();
@@ -647,7 +598,7 @@ impl Applier {
                 .record_conflict(NewConflict {
                     tbl: &m.table.name,
                     key: Some(key.to_string()),
-                    kind: "update_missing",
+                    kind: ConflictKind::UpdateMissing,
                     rule: rule.rule.name(),
                     winner: None,
                     loser: Some(h.author.clone()),
@@ -664,7 +615,7 @@ impl Applier {
             self.record_conflict(NewConflict {
                 tbl: &m.table.name,
                 key: Some(key.to_string()),
-                kind: "update_delete",
+                kind: ConflictKind::UpdateDelete,
                 rule: "update_wins",
                 winner: Some(h.author.clone()),
                 loser: Some(deleter.clone()),
@@ -678,7 +629,7 @@ impl Applier {
         self.record_conflict(NewConflict {
             tbl: &m.table.name,
             key: Some(key.to_string()),
-            kind: "update_delete",
+            kind: ConflictKind::UpdateDelete,
             rule: "delete_wins",
             winner: Some(deleter.clone()),
             loser: Some(h.author.clone()),
@@ -709,7 +660,7 @@ impl Applier {
                 self.record_conflict(NewConflict {
                     tbl: &m.table.name,
                     key: Some(key.clone()),
-                    kind: "delete_referenced",
+                    kind: ConflictKind::DeleteReferenced,
                     rule: rule.rule.name(),
                     winner: Some(cur.held.node.clone()),
                     loser: Some(h.author.clone()),
@@ -729,7 +680,7 @@ impl Applier {
             self.record_conflict(NewConflict {
                 tbl: &m.table.name,
                 key: Some(key.clone()),
-                kind: "update_delete",
+                kind: ConflictKind::UpdateDelete,
                 rule: "update_wins",
                 winner: Some(cur.held.node.clone()),
                 loser: Some(h.author.clone()),
@@ -744,7 +695,7 @@ impl Applier {
             self.record_conflict(NewConflict {
                 tbl: &m.table.name,
                 key: Some(key.clone()),
-                kind: "update_delete",
+                kind: ConflictKind::UpdateDelete,
                 rule: "delete_wins",
                 winner: Some(h.author.clone()),
                 loser: Some(cur.held.node.clone()),
@@ -799,7 +750,7 @@ impl Applier {
             self.record_conflict(NewConflict {
                 tbl: &m.table.name,
                 key: Some(key.clone()),
-                kind: "insert_insert",
+                kind: ConflictKind::InsertInsert,
                 rule: rule.rule.name(),
                 winner: Some(winner.clone()),
                 loser: Some(loser),
@@ -809,10 +760,10 @@ impl Applier {
             })
             .await?;
             if wins {
-                let sets: Vec<(String, String, Option<String>)> = cols
+                let sets: Vec<(&str, Write<'_>)> = cols
                     .iter()
                     .filter(|i| m.local(**i).is_some_and(|c| !c.identity_always && !c.generated))
-                    .map(|i| (m.targets[*i].clone().unwrap_or_default(), String::new(), new.get(*i).and_then(Value::as_text).map(str::to_string)))
+                    .map(|i| (m.targets[*i].as_deref().unwrap_or_default(), Write::Set(new.get(*i).and_then(Value::as_text))))
                     .collect();
                 let result = self.write_sets(m, &key_vals, &sets).await?;
                 let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
@@ -838,7 +789,7 @@ impl Applier {
         self.record_conflict(NewConflict {
             tbl: &m.table.name,
             key: Some(key.clone()),
-            kind: "insert_unique",
+            kind: ConflictKind::InsertUnique,
             rule: if merge { "merge" } else { "record" },
             winner: None,
             loser: Some(h.author.clone()),
@@ -1007,17 +958,17 @@ impl Applier {
         let row = self
             .conn
             .client
-            .query_one(&st, &[&c.tbl, &c.key, &c.kind, &c.rule, &c.winner, &c.loser, &c.local, &c.remote, &c.detail, &self.cfg.node])
+            .query_one(&st, &[&c.tbl, &c.key, &c.kind.as_str(), &c.rule, &c.winner, &c.loser, &c.local, &c.remote, &c.detail, &self.cfg.node])
             .await
             .map_err(EngineError::pg("recording a conflict"))?;
         self.stats.conflicts += 1;
-        tracing::info!(stream = %self.stream, table = %c.tbl, kind = c.kind, rule = c.rule, winner = ?c.winner, loser = ?c.loser, "conflict recorded");
+        tracing::info!(stream = %self.stream, table = %c.tbl, kind = c.kind.as_str(), rule = c.rule, winner = ?c.winner, loser = ?c.loser, "conflict recorded");
         if self.cfg.role == crate::Role::Main {
             let rec = ConflictRecord {
                 id: row.get(0),
                 table: c.tbl.to_string(),
                 key: c.key,
-                kind: c.kind.to_string(),
+                kind: c.kind.as_str().to_string(),
                 rule: c.rule.to_string(),
                 winner: c.winner,
                 loser: c.loser,

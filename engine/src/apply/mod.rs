@@ -120,14 +120,15 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use crate::conflict;
+use crate::conflict_log::ConflictKind;
 use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
 use crate::error::{pg_error_is_data_error, pg_error_is_transient};
 use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
 use crate::state::origin_name;
 use crate::{failpoints, EngineError};
-pub use sql::CURRENT_XID;
-pub use table::{LocalTable, Mapping};
+pub use table::Mapping;
+use crate::catalog::{change_json, LocalTable};
 use table::CachedMapping;
 
 /// Default time budget of one grouped apply transaction.
@@ -330,29 +331,6 @@ pub struct Applier {
     /// `stats` as of the last commit.
     committed_stats: ApplyStats,
     progress_tx: watch::Sender<ApplyStats>,
-}
-
-/// The key text stored in `branchsync.row_version`: the same text as
-/// `json_build_array(k1::text, …)::text` produces in PostgreSQL.
-pub fn key_text(parts: &[&str]) -> String {
-    let inner: Vec<String> = parts.iter().map(|p| serde_json::Value::String(p.to_string()).to_string()).collect();
-    format!("[{}]", inner.join(", "))
-}
-
-fn row_json(desc: &TableDesc, vals: &[Value]) -> String {
-    let mut m = serde_json::Map::new();
-    for (c, v) in desc.columns.iter().zip(vals) {
-        match v {
-            Value::Null => {
-                m.insert(c.clone(), serde_json::Value::Null);
-            }
-            Value::Text(s) => {
-                m.insert(c.clone(), serde_json::Value::String(s.clone()));
-            }
-            Value::Unchanged => {}
-        }
-    }
-    serde_json::Value::Object(m).to_string()
 }
 
 impl Applier {
@@ -792,7 +770,7 @@ impl Applier {
                     self.stream,
                     sent.saturating_sub(kept) / 1_000_000
                 );
-                self.record("(stamp)", None, "stamp_clamped", &e.header, None, Some(serde_json::json!({ "stamp_sent": sent, "stamp_kept": kept }).to_string()), Some(detail)).await?;
+                self.record("(stamp)", None, ConflictKind::StampClamped, &e.header, None, Some(serde_json::json!({ "stamp_sent": sent, "stamp_kept": kept }).to_string()), Some(detail)).await?;
             }
         }
         if let Some((raw, reason)) = self.undecodable.get(&e.pos).cloned() {
@@ -812,7 +790,7 @@ impl Applier {
                 self.stats.quarantined += 1;
                 let tbl = change_table(&ch).and_then(|t| e.tables.get(t as usize)).map(|d| format!("{}.{}", d.schema, d.name)).unwrap_or_else(|| "(invalid change)".into());
                 let json = serde_json::to_string(&ch).unwrap_or_default();
-                self.record(&tbl, None, "quarantined", &e.header, None, Some(serde_json::json!({ "change": json }).to_string()), Some(format!("the change does not fit its table: {reason}"))).await?;
+                self.record(&tbl, None, ConflictKind::Quarantined, &e.header, None, Some(serde_json::json!({ "change": json }).to_string()), Some(format!("the change does not fit its table: {reason}"))).await?;
             }
         }
         Ok(())
@@ -955,7 +933,7 @@ impl Applier {
         let msgs = self
             .conn
             .client
-            .simple_query(&format!("BEGIN; SELECT n FROM branchsync.schema_version; {}", sql::CURRENT_XID))
+            .simple_query(&format!("BEGIN; SELECT n FROM branchsync.schema_version; {}", crate::pg::CURRENT_XID))
             .await
             .map_err(EngineError::pg("starting an apply transaction"))?;
         let mut values = msgs.iter().filter_map(|m| match m {
@@ -1292,7 +1270,7 @@ impl Applier {
         let remote = serde_json::json!({ "sql": stmt, "search_path": d.search_path, "role": d.role, "tag": d.tag }).to_string();
         let detail = format!("{}.", detail.trim_end_matches('.'));
         let text = if hint.is_empty() { detail } else { format!("{detail} {hint}") };
-        self.record("(ddl)", None, "ddl_failed", &e.header, None, Some(remote), Some(text)).await
+        self.record("(ddl)", None, ConflictKind::DdlFailed, &e.header, None, Some(remote), Some(text)).await
     }
 
     async fn apply_rows(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {
@@ -1362,7 +1340,7 @@ impl Applier {
             let cols = m.skipped.join(", ");
             if self.noted_skips.insert((m.table.name.clone(), cols.clone())) {
                 tracing::warn!(stream = %self.stream, table = %m.table.name, columns = %cols, "incoming values of columns this table does not have are skipped");
-                self.record(&m.table.name, None, "columns_skipped", &e.header, None, None,
+                self.record(&m.table.name, None, ConflictKind::ColumnsSkipped, &e.header, None, None,
                     Some(format!("values of column(s) {cols} from {} are not stored: {} has no such column(s) here", e.header.author, m.table.name))).await?;
             }
         }
@@ -1471,7 +1449,7 @@ impl Applier {
                 replayed.push(m.table.clone());
             } else {
                 tracing::info!(stream = %self.stream, table = %m.table.name, author = %e.header.author, "TRUNCATE not replayed: the table has not opted in");
-                self.record(&m.table.name, None, "truncate_skipped", &e.header, None, Some("{\"truncate\": true}".into()),
+                self.record(&m.table.name, None, ConflictKind::TruncateSkipped, &e.header, None, Some("{\"truncate\": true}".into()),
                     Some(format!("{} truncated {} and this site keeps its rows: TRUNCATE replicates only for tables with truncate = true in [[tables]]", e.header.author, m.table.name))).await?;
             }
         }
@@ -1508,7 +1486,7 @@ impl Applier {
         let old: &OldRow = match ch {
             RowChange::Update { old: Some(o), .. } | RowChange::Delete { old: o, .. } => o,
             RowChange::Update { old: None, .. } => {
-                return self.record(&m.table.name, None, "no_key", &e.header, None, Some(change_json(desc, ch)),
+                return self.record(&m.table.name, None, ConflictKind::NoKey, &e.header, None, Some(change_json(desc, ch)),
                     Some("the author sent no old row for a table without a key here; set REPLICA IDENTITY FULL on the author".into())).await;
             }
             _ => return Ok(()),
@@ -1530,7 +1508,7 @@ impl Applier {
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         let n = self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying a change to {}", m.table.name)))?;
         if n == 0 {
-            self.record(&m.table.name, None, "row_missing", &e.header, None, Some(change_json(desc, ch)),
+            self.record(&m.table.name, None, ConflictKind::RowMissing, &e.header, None, Some(change_json(desc, ch)),
                 Some("no row with these values exists here".into())).await?;
         }
         Ok(())
@@ -1588,7 +1566,7 @@ impl Applier {
                 if let Some(k) = &key {
                     self.held.insert((m.table.name.clone(), k.clone()));
                 }
-                self.record(&m.table.name, key, "quarantined", &e.header, None, Some(change_json(desc, ch)), Some(detail)).await?;
+                self.record(&m.table.name, key, ConflictKind::Quarantined, &e.header, None, Some(change_json(desc, ch)), Some(detail)).await?;
                 // The author holds a change the main does not: tell it what
                 // the main holds instead.
                 if let (crate::Role::Main, Some(ks)) = (self.cfg.role, m.key_src.clone()) {
@@ -1626,12 +1604,12 @@ impl Applier {
     /// Records what happened to a change (the author lost it): kind, both
     /// versions as JSON, and why.
     #[allow(clippy::too_many_arguments)]
-    async fn record(&mut self, tbl: &str, key: Option<String>, kind: &str, h: &ChangeSetHeader, local: Option<String>, remote: Option<String>, detail: Option<String>) -> Result<(), EngineError> {
+    async fn record(&mut self, tbl: &str, key: Option<String>, kind: ConflictKind, h: &ChangeSetHeader, local: Option<String>, remote: Option<String>, detail: Option<String>) -> Result<(), EngineError> {
         let rule = tbl
             .split_once('.')
             .map(|(s, n)| self.cfg.tables.for_table(s, n).rule.name())
             .unwrap_or(conflict::RULE_LWW);
-        let rule = if kind == "ddl_failed" { "ddl" } else { rule };
+        let rule = if kind == ConflictKind::DdlFailed { "ddl" } else { rule };
         self.record_conflict(decide::NewConflict { tbl, key, kind, rule, winner: None, loser: Some(h.author.clone()), local, remote, detail }).await
     }
 }
@@ -1666,17 +1644,6 @@ fn change_key(m: &Mapping, c: &RowChange) -> Option<Vec<String>> {
         _ => return None,
     };
     Some(ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect())
-}
-
-fn change_json(desc: &TableDesc, c: &RowChange) -> String {
-    match c {
-        RowChange::Insert { new, .. } | RowChange::Update { new, .. } => row_json(desc, new),
-        RowChange::Delete { old, .. } => format!("{{\"deleted\": {}}}", row_json(desc, &old.values)),
-        RowChange::Truncate { .. } => "{\"truncate\": true}".into(),
-        RowChange::Ddl(d) => serde_json::json!({ "ddl": d.statements }).to_string(),
-        RowChange::Verdict(_) => "{\"verdict\": true}".into(),
-        RowChange::Conflict(r) => serde_json::json!({ "conflict": r.id }).to_string(),
-    }
 }
 
 /// Reads the durable progress of `stream` (0 = nothing applied yet).

@@ -61,7 +61,8 @@ use branchsync_proto::{ConflictRecord, LogEntry, RowChange, TableDesc, Value, Ve
 use tokio_postgres::types::{ToSql, Type};
 
 use super::sql::Guard;
-use super::{change_table, key_text, park, sql, Applier, Mapping};
+use super::{change_table, park, sql, Applier, Mapping};
+use crate::catalog::key_text;
 use crate::pg::{fmt_lsn, parse_lsn};
 use crate::EngineError;
 

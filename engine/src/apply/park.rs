@@ -34,7 +34,9 @@ use std::time::Duration;
 use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{change_key, change_table, key_text, sql, Applier, Mapping};
+use super::{change_key, change_table, sql, Applier, Mapping};
+use crate::catalog::key_text;
+use crate::conflict_log::ConflictKind;
 use crate::error::pg_error_is_transient;
 use crate::pg::fmt_lsn;
 use crate::state::APPLY_MESSAGE_PREFIX;
@@ -77,8 +79,8 @@ impl Applier {
             .client
             .query(
                 "SELECT tbl, key FROM branchsync.parked WHERE key IS NOT NULL \
-                 UNION SELECT tbl, key FROM branchsync.conflicts WHERE kind = 'quarantined' AND key IS NOT NULL AND resolved_at IS NULL",
-                &[],
+                 UNION SELECT tbl, key FROM branchsync.conflicts WHERE kind = $1 AND key IS NOT NULL AND resolved_at IS NULL",
+                &[&ConflictKind::Quarantined.as_str()],
             )
             .await
             .map_err(EngineError::pg("reading parked and quarantined keys"))?;
@@ -123,8 +125,8 @@ impl Applier {
             .conn
             .client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM branchsync.conflicts WHERE tbl = $1 AND key = $2 AND kind = 'quarantined' AND resolved_at IS NULL)",
-                &[&tbl, &key],
+                "SELECT EXISTS (SELECT 1 FROM branchsync.conflicts WHERE tbl = $1 AND key = $2 AND kind = $3 AND resolved_at IS NULL)",
+                &[&tbl, &key, &ConflictKind::Quarantined.as_str()],
             )
             .await
             .map_err(EngineError::pg("checking for a quarantined change"))?
@@ -325,7 +327,7 @@ impl Applier {
         self.set_origin(&first.author).await?;
         let c = &self.conn.client;
         let xid = c
-            .simple_query(&format!("BEGIN; {}", sql::CURRENT_XID))
+            .simple_query(&format!("BEGIN; {}", crate::pg::CURRENT_XID))
             .await
             .map_err(EngineError::pg("starting a parked-row transaction"))?
             .iter()

@@ -64,7 +64,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use super::table::InsertPlan;
-use super::{key_text, sql, Applier, LocalTable, Mapping, Pending};
+use super::{sql, Applier, Mapping, Pending};
+use crate::catalog::{key_text, LocalTable};
 use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
 

@@ -4,7 +4,7 @@
 
 use branchsync_proto::changeset::quote_ident;
 
-use super::table::LocalTable;
+use crate::catalog::LocalTable;
 
 /// `INSERT … SELECT … FROM unnest(…)`; `careful` adds `ON CONFLICT DO
 /// NOTHING RETURNING key` so conflicting rows can be resolved one by one.
@@ -579,9 +579,6 @@ pub fn has_children(t: &LocalTable) -> String {
 pub const UPSERT_PROGRESS: &str = "INSERT INTO branchsync.progress (stream, pos, lsn, updated_at) VALUES ($1, $2, $3, now()) \
      ON CONFLICT (stream) DO UPDATE SET pos = excluded.pos, lsn = excluded.lsn, updated_at = now()";
 
-/// The open transaction's id, as marks are bound to it (R25): the low 32
-/// bits of `pg_current_xact_id()`, which logical decoding reports.
-pub const CURRENT_XID: &str = "SELECT (pg_current_xact_id()::text::int8 % 4294967296)";
 
 /// The author's identity on every applied transaction (R3); its content
 /// is sealed ([`crate::marks`]).
@@ -618,7 +615,7 @@ pub fn park_orphans(t: &LocalTable) -> String {
 /// Whether any of the foreign-key values given (one `text[]` per column of
 /// `f`, row by row) lacks its parent: checked on the distinct values, so a
 /// batch of many rows pointing at few parents costs few probes.
-pub fn missing_parents(t: &LocalTable, f: &super::table::ForeignKey) -> String {
+pub fn missing_parents(t: &LocalTable, f: &crate::catalog::ForeignKey) -> String {
     let arrays: Vec<String> = (1..=f.columns.len()).map(|j| format!("${j}::text[]")).collect();
     let aliases: Vec<String> = (0..f.columns.len()).map(|j| format!("c{j}")).collect();
     let set: Vec<String> = aliases.iter().map(|a| format!("u.{a} IS NOT NULL")).collect();

@@ -446,7 +446,7 @@ pub struct Capturer {
     /// Main, after `init --restored`: ChangeSets the relay log holds already.
     suppress: HashSet<(String, u64)>,
     /// Primary keys of tables, for tombstones (cleared every poll).
-    pk_cache: HashMap<(String, String), Option<crate::apply::LocalTable>>,
+    pk_cache: HashMap<(String, String), Option<crate::catalog::LocalTable>>,
     /// Messages the last peek returned (fewer than the limit: drained).
     peeked: i64,
     /// Position of the newest probe read ([`PROBE_PREFIX`]).
@@ -1109,7 +1109,7 @@ impl Capturer {
         }
         for ((schema, table), deletes) in by_table {
             if !self.pk_cache.contains_key(&(schema.clone(), table.clone())) {
-                let t = crate::apply::LocalTable::load(writer, &schema, &table).await?;
+                let t = crate::catalog::LocalTable::load(writer, &schema, &table).await?;
                 self.pk_cache.insert((schema.clone(), table.clone()), t);
             }
             let Some(Some(t)) = self.pk_cache.get(&(schema.clone(), table.clone())) else { continue };
@@ -1131,7 +1131,7 @@ impl Capturer {
                 for (c, v) in d.columns.iter().zip(&d.old) {
                     row.insert(c.clone(), v.as_text().map(|t| serde_json::Value::String(t.to_string())).unwrap_or(serde_json::Value::Null));
                 }
-                let key = crate::apply::key_text(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+                let key = crate::catalog::key_text(&parts.iter().map(String::as_str).collect::<Vec<_>>());
                 let rec = (key.clone(), parts, d.stamp as i64, d.commit_ts_us, serde_json::Value::Object(row).to_string());
                 match latest.get(&key) {
                     Some(i) => rows[*i] = rec,

@@ -16,6 +16,12 @@
 //!
 //! Every decision that discards a version is written to
 //! `branchsync.conflicts` by apply, with both versions.
+//!
+//! [`merge`] is the per-column merge of a change into the row the main
+//! holds, as a pure function, with the properties it keeps tested over
+//! interleavings of several authors' changes.
+
+pub mod merge;
 
 use std::cmp::Ordering;
 
