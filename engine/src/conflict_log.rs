@@ -53,6 +53,8 @@ pub enum ConflictKind {
     NoKey,
     /// An update or delete of a row that is not here.
     RowMissing,
+    /// A row too large to carry, skipped by capture as the operator said.
+    RowTooLarge,
 }
 
 impl ConflictKind {
@@ -72,6 +74,7 @@ impl ConflictKind {
             ConflictKind::TruncateSkipped => "truncate_skipped",
             ConflictKind::NoKey => "no_key",
             ConflictKind::RowMissing => "row_missing",
+            ConflictKind::RowTooLarge => "row_too_large",
         }
     }
 }
@@ -80,6 +83,128 @@ impl std::fmt::Display for ConflictKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What the daemon's monitor shows of `branchsync.conflicts`,
+/// `branchsync.parked` and `branchsync.ddl_log`.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Records, settled or not.
+    pub total: i64,
+    /// Quarantined changes.
+    pub quarantined: i64,
+    /// Parked rows, and per table.
+    pub parked: i64,
+    /// Parked rows per table, by table name.
+    pub parked_by_table: Vec<(String, i64)>,
+    /// DDL of peers that failed here (decided here, not relayed).
+    pub ddl_failed: i64,
+    /// The latest five of them, newest first.
+    pub recent_ddl_failures: Vec<DdlFailure>,
+    /// Schema changes made here, and replayed from peers.
+    pub ddl_local: i64,
+    /// Schema changes replayed from peers.
+    pub ddl_replayed: i64,
+    /// Records per kind.
+    pub by_kind: Vec<(String, i64)>,
+}
+
+/// A peer's schema change that did not run here.
+#[derive(Debug, Clone)]
+pub struct DdlFailure {
+    /// Id in `branchsync.conflicts`.
+    pub id: i64,
+    /// The node that ran it first.
+    pub author: Option<String>,
+    /// The statement.
+    pub statement: Option<String>,
+    /// Why it did not run here.
+    pub reason: Option<String>,
+}
+
+/// Reads the [`Summary`] (a few aggregate queries; the tables are small
+/// unless something is wrong, and then the operator wants to know).
+pub async fn summary(client: &Client) -> Result<Summary, EngineError> {
+    let quarantined = ConflictKind::Quarantined.as_str();
+    let ddl_failed = ConflictKind::DdlFailed.as_str();
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE kind = $1), (SELECT count(*) FROM branchsync.parked), \
+                    count(*) FILTER (WHERE kind = $2 AND origin_id IS NULL), \
+                    (SELECT count(*) FILTER (WHERE NOT replayed) FROM branchsync.ddl_log), \
+                    (SELECT count(*) FILTER (WHERE replayed) FROM branchsync.ddl_log) \
+             FROM branchsync.conflicts",
+            &[&quarantined, &ddl_failed],
+        )
+        .await
+        .map_err(EngineError::pg("counting conflicts"))?;
+    let parked_by_table = client
+        .query("SELECT tbl, count(*) FROM branchsync.parked GROUP BY tbl ORDER BY tbl", &[])
+        .await
+        .map_err(EngineError::pg("counting parked rows"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let recent_ddl_failures = client
+        .query(
+            "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = $1 AND origin_id IS NULL ORDER BY id DESC LIMIT 5",
+            &[&ddl_failed],
+        )
+        .await
+        .map_err(EngineError::pg("reading failed schema changes"))?
+        .iter()
+        .map(|r| DdlFailure { id: r.get(0), author: r.get(1), statement: r.get(2), reason: r.get(3) })
+        .collect();
+    let by_kind = client
+        .query("SELECT kind, count(*) FROM branchsync.conflicts GROUP BY kind ORDER BY kind", &[])
+        .await
+        .map_err(EngineError::pg("counting conflicts by kind"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(Summary {
+        total: row.get(0),
+        quarantined: row.get(1),
+        parked: row.get(2),
+        parked_by_table,
+        ddl_failed: row.get(3),
+        recent_ddl_failures,
+        ddl_local: row.get(4),
+        ddl_replayed: row.get(5),
+        by_kind,
+    })
+}
+
+/// A row of `branchsync.parked`, as the operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedEntry {
+    /// Id at this node.
+    pub id: i64,
+    /// When it was parked (ISO 8601, UTC).
+    pub at: String,
+    /// The stream it came in.
+    pub stream: String,
+    /// `schema.table`.
+    #[serde(rename = "table")]
+    pub tbl: String,
+    /// Key text (JSON array), if any.
+    pub key: Option<String>,
+    /// Why it waits.
+    pub reason: String,
+}
+
+/// The newest `limit` parked rows, newest first.
+pub async fn list_parked(client: &Client, limit: i64) -> Result<Vec<ParkedEntry>, EngineError> {
+    Ok(client
+        .query(
+            "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), stream, tbl, key, reason FROM branchsync.parked ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await
+        .map_err(EngineError::pg("listing parked rows"))?
+        .iter()
+        .map(|r| ParkedEntry { id: r.get(0), at: r.get(1), stream: r.get(2), tbl: r.get(3), key: r.get(4), reason: r.get(5) })
+        .collect())
 }
 
 /// One record of `branchsync.conflicts`.

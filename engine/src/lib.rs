@@ -31,7 +31,7 @@
 
 pub mod apply;
 pub mod capture;
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod clock;
 pub mod cluster;
 pub mod conflict;
@@ -41,9 +41,9 @@ pub mod error;
 pub mod failpoints;
 pub mod keys;
 pub mod log;
-pub mod marks;
+pub(crate) mod marks;
 pub mod pg;
-pub mod pgoutput;
+pub(crate) mod pgoutput;
 pub mod progress;
 pub mod scope;
 pub mod setup;

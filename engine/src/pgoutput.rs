@@ -278,13 +278,6 @@ pub enum OldTuple {
 }
 
 impl OldTuple {
-    /// The values, one per column of the relation.
-    pub fn values(&self) -> &[Value] {
-        match self {
-            OldTuple::Key(v) | OldTuple::Full(v) => v,
-        }
-    }
-
     /// Consumes the tuple: (`true` for a full row, values).
     pub fn into_parts(self) -> (bool, Vec<Value>) {
         match self {

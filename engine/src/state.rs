@@ -247,6 +247,49 @@ CREATE TABLE IF NOT EXISTS branchsync.capture_skips (
 /// small (a few tens of kB).
 pub const PACKED_VERSION_KEYS: usize = 1_000;
 
+/// Reads the durable progress of `stream` (0 = nothing applied yet).
+pub async fn read_progress(client: &tokio_postgres::Client, stream: &str) -> Result<u64, crate::EngineError> {
+    let row = client
+        .query_opt("SELECT pos FROM branchsync.progress WHERE stream = $1", &[&stream])
+        .await
+        .map_err(crate::EngineError::pg("reading stream progress"))?;
+    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64).unwrap_or(0))
+}
+
+/// Every stream's durable progress: (stream, position, when it moved, as
+/// text).
+pub async fn progress_list(client: &tokio_postgres::Client) -> Result<Vec<(String, i64, String)>, crate::EngineError> {
+    Ok(client
+        .query("SELECT stream, pos, updated_at::text FROM branchsync.progress ORDER BY stream", &[])
+        .await
+        .map_err(crate::EngineError::pg("reading stream progress"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// At the main: records the last log position capture reached
+/// (`branchsync.relay_head`).
+pub async fn record_relay_head(client: &tokio_postgres::Client, pos: u64) -> Result<(), crate::EngineError> {
+    client
+        .execute(
+            "INSERT INTO branchsync.relay_head (pos, updated_at) VALUES ($1, now()) ON CONFLICT (singleton) DO UPDATE SET pos = excluded.pos, updated_at = now()",
+            &[&i64::try_from(pos).unwrap_or(i64::MAX)],
+        )
+        .await
+        .map_err(crate::EngineError::pg("recording the relay head"))?;
+    Ok(())
+}
+
+/// At the main: the branches named are in contact now (R23).
+pub async fn record_contact(client: &tokio_postgres::Client, streams: &[String]) -> Result<(), crate::EngineError> {
+    client
+        .execute("UPDATE branchsync.progress SET last_contact = now() WHERE stream = ANY($1)", &[&streams])
+        .await
+        .map_err(crate::EngineError::pg("recording branch contact"))?;
+    Ok(())
+}
+
 /// Drops, at the main, what the retention no longer needs: tombstones and
 /// packed insert versions written (this node's clock, µs) before
 /// `cutoff_us`. A row whose packed version is dropped reads as the baseline

@@ -184,7 +184,7 @@ async fn answer(client: &Client, node: &str, settings: &LinkSettings, status: &N
         Ask::Applied { pos, wait_ms } => {
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(IDLE.as_millis() as u64));
             loop {
-                let applied = progress(client, node).await?;
+                let applied = branchsync_engine::state::read_progress(client, node).await?;
                 if applied >= pos || Instant::now() >= deadline {
                     break Answer::Applied { pos: applied };
                 }
@@ -228,16 +228,6 @@ async fn probe(client: &Client) -> Result<u64, branchsync_engine::EngineError> {
         .map_err(branchsync_engine::EngineError::pg("writing a capture probe"))?
         .get(0);
     Ok(parse_lsn(&lsn).unwrap_or(0))
-}
-
-/// Durable progress in `stream` (0 when none).
-async fn progress(client: &Client, stream: &str) -> Result<u64, branchsync_engine::EngineError> {
-    let pos: Option<i64> = client
-        .query_opt("SELECT pos FROM branchsync.progress WHERE stream = $1", &[&stream])
-        .await
-        .map_err(branchsync_engine::EngineError::pg("reading stream progress"))?
-        .map(|r| r.get(0));
-    Ok(pos.and_then(|p| u64::try_from(p).ok()).unwrap_or(0))
 }
 
 // ---------------------------------------------------------------- branch side
@@ -394,7 +384,7 @@ impl Settle for Streams<'_> {
         // This shop has applied the main's log up to its probe.
         loop {
             left("this shop did not apply the main's changes")?;
-            if progress(self.branch_db, branchsync_engine::state::RELAY_STREAM).await? >= main_newest {
+            if branchsync_engine::state::read_progress(self.branch_db, branchsync_engine::state::RELAY_STREAM).await? >= main_newest {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -897,22 +897,15 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     }
     // The daemon is not answering: show what the database knows.
     let conn = connect_as_daemon(&cfg, "branchsync status").await?;
-    let conflicts: i64 = conn
-        .client
-        .query_one("SELECT count(*) FROM branchsync.conflicts", &[])
+    let sum = branchsync_engine::conflict_log::summary(&conn.client)
         .await
-        .map(|r| r.get(0))
-        .context("cannot read branchsync.conflicts; has branchsync init run?")?;
-    let parked: i64 = conn
-        .client
-        .query_one("SELECT count(*) FROM branchsync.parked", &[])
+        .context("cannot read branchsync.conflicts, branchsync.parked or branchsync.ddl_log; has branchsync init (of this release) run?")?;
+    let (conflicts, parked) = (sum.total, sum.parked);
+    let progress: Vec<serde_json::Value> = branchsync_engine::state::progress_list(&conn.client)
         .await
-        .map(|r| r.get(0))
-        .context("cannot read branchsync.parked; run branchsync init to upgrade the state schema")?;
-    let rows = conn.client.query("SELECT stream, pos, updated_at::text FROM branchsync.progress ORDER BY stream", &[]).await.context("cannot read branchsync.progress")?;
-    let progress: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| serde_json::json!({"peer": r.get::<_, String>(0), "applied_from_peer": r.get::<_, i64>(1), "updated_at": r.get::<_, String>(2)}))
+        .context("cannot read branchsync.progress")?
+        .into_iter()
+        .map(|(peer, pos, at)| serde_json::json!({"peer": peer, "applied_from_peer": pos, "updated_at": at}))
         .collect();
     let role = cfg.node.role.to_string();
     if json {

@@ -508,46 +508,31 @@ impl Node {
                         let Some(c) = conn.as_ref() else { continue };
                         if s2.role == Role::Main && log.visible() != last_head {
                             let head = log.visible();
-                            let r = c.client.execute(
-                                "INSERT INTO branchsync.relay_head (pos, updated_at) VALUES ($1, now()) ON CONFLICT (singleton) DO UPDATE SET pos = excluded.pos, updated_at = now()",
-                                &[&(head as i64)],
-                            ).await;
-                            if r.is_ok() {
+                            if branchsync_engine::state::record_relay_head(&c.client, head).await.is_ok() {
                                 last_head = head;
                             }
                         }
-                        if let Ok(row) = c.client.query_one(
-                            "SELECT count(*), count(*) FILTER (WHERE kind = 'quarantined'), (SELECT count(*) FROM branchsync.parked), \
-                                    count(*) FILTER (WHERE kind = 'ddl_failed' AND origin_id IS NULL), \
-                                    (SELECT count(*) FILTER (WHERE NOT replayed) FROM branchsync.ddl_log), \
-                                    (SELECT count(*) FILTER (WHERE replayed) FROM branchsync.ddl_log) \
-                             FROM branchsync.conflicts",
-                            &[],
-                        ).await {
-                            let (total, q, parked, ddl_failed, ddl_local, ddl_replayed): (i64, i64, i64, i64, i64, i64) =
-                                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
-                            let by_table = c.client.query("SELECT tbl, count(*) FROM branchsync.parked GROUP BY tbl ORDER BY tbl", &[]).await
-                                .map(|rows| rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
-                                .unwrap_or_default();
-                            let failures = c.client.query(
-                                "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = 'ddl_failed' AND origin_id IS NULL ORDER BY id DESC LIMIT 5",
-                                &[],
-                            ).await
-                                .map(|rows| rows.iter().map(|r| DdlFailure { conflict_id: r.get(0), author: r.get(1), statement: r.get(2), reason: r.get(3) }).collect())
-                                .unwrap_or_default();
-                            let drift = (s2.role == Role::Branch && !s2.ddl.from_any && ddl_local > 0).then(|| format!(
-                                "{ddl_local} schema change(s) were made at this branch and stay local ([ddl] from = \"main\"): its schema may differ from the main's. \
-                                 Make schema changes at the main, or see branchsync.ddl_log."
+                        if let Ok(sum) = branchsync_engine::conflict_log::summary(&c.client).await {
+                            let drift = (s2.role == Role::Branch && !s2.ddl.from_any && sum.ddl_local > 0).then(|| format!(
+                                "{} schema change(s) were made at this branch and stay local ([ddl] from = \"main\"): its schema may differ from the main's. \
+                                 Make schema changes at the main, or see branchsync.ddl_log.",
+                                sum.ddl_local
                             ));
+                            let failures = sum
+                                .recent_ddl_failures
+                                .into_iter()
+                                .map(|f| DdlFailure { conflict_id: f.id, author: f.author, statement: f.statement, reason: f.reason })
+                                .collect();
                             status.update(|st| {
-                                st.conflicts_total = total;
-                                st.quarantined_total = q;
-                                st.parked_total = parked;
-                                st.parked_by_table = by_table;
+                                st.conflicts_total = sum.total;
+                                st.quarantined_total = sum.quarantined;
+                                st.parked_total = sum.parked;
+                                st.parked_by_table = sum.parked_by_table.into_iter().collect();
+                                st.conflicts_by_kind = sum.by_kind.into_iter().collect();
                                 st.ddl.from = if s2.ddl.from_any { "any" } else { "main" }.into();
-                                st.ddl.local = ddl_local;
-                                st.ddl.replayed = ddl_replayed;
-                                st.ddl.failed = ddl_failed;
+                                st.ddl.local = sum.ddl_local;
+                                st.ddl.replayed = sum.ddl_replayed;
+                                st.ddl.failed = sum.ddl_failed;
                                 st.ddl.recent_failures = failures;
                                 st.ddl.captured = cap.ddl_captured;
                                 st.ddl.unreplicable = cap.ddl_unreplicable;
@@ -560,7 +545,7 @@ impl Node {
                         if s2.role == Role::Main && last_housekeeping.elapsed() >= HOUSEKEEPING_PERIOD {
                             last_housekeeping = std::time::Instant::now();
                             let connected: Vec<String> = status.snapshot().peers.iter().filter(|(_, p)| p.connected).map(|(n, _)| n.clone()).collect();
-                            if let Err(e) = c.client.execute("UPDATE branchsync.progress SET last_contact = now() WHERE stream = ANY($1)", &[&connected]).await {
+                            if let Err(e) = branchsync_engine::state::record_contact(&c.client, &connected).await {
                                 tracing::warn!(error = %e, "recording branch contact failed");
                             }
                             let cutoff_us = branchsync_engine::clock::now_us() - i64::try_from(s2.retention.as_micros()).unwrap_or(i64::MAX);
@@ -569,10 +554,6 @@ impl Node {
                                 Ok((tombstones, packed)) => tracing::info!(tombstones, packed, "tombstones and packed insert versions older than the retention dropped"),
                                 Err(e) => tracing::warn!(error = %e, "dropping old tombstones failed"),
                             }
-                        }
-                        if let Ok(rows) = c.client.query("SELECT kind, count(*) FROM branchsync.conflicts GROUP BY kind", &[]).await {
-                            let by_kind = rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect();
-                            status.update(|st| st.conflicts_by_kind = by_kind);
                         }
                         if last_audit.elapsed() >= s2.audit_interval {
                             last_audit = std::time::Instant::now();

@@ -1,7 +1,8 @@
 //! The operator page's database work: one task owns one connection and
 //! answers [`OperatorRequest`]s from the HTTP server, one at a time.
 //!
-//! It reads `branchsync.conflicts` and `branchsync.parked`, and settles a
+//! It reads `branchsync.conflicts` and `branchsync.parked` (through the
+//! engine's `conflict_log`), and settles a
 //! record exactly as `branchsync conflicts resolve` does (the engine's
 //! [`conflict_log::resolve`]: the mark and the written-back row in one
 //! transaction). A lost connection is opened again at the next request;
@@ -68,21 +69,6 @@ pub async fn run(db_url: String, scope: Scope, mut requests: mpsc::Receiver<Oper
 
 async fn inbox(c: &PgConn) -> Result<serde_json::Value, branchsync_engine::EngineError> {
     let conflicts = conflict_log::list(&c.client, false, INBOX_LIMIT).await?;
-    let parked: Vec<serde_json::Value> = c
-        .client
-        .query(
-            "SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), stream, tbl, key, reason FROM branchsync.parked ORDER BY id DESC LIMIT $1",
-            &[&INBOX_LIMIT],
-        )
-        .await
-        .map_err(branchsync_engine::EngineError::pg("listing parked rows"))?
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "id": r.get::<_, i64>(0), "at": r.get::<_, String>(1), "stream": r.get::<_, String>(2),
-                "table": r.get::<_, String>(3), "key": r.get::<_, Option<String>>(4), "reason": r.get::<_, String>(5),
-            })
-        })
-        .collect();
+    let parked = conflict_log::list_parked(&c.client, INBOX_LIMIT).await?;
     Ok(serde_json::json!({ "conflicts": conflicts, "parked": parked }))
 }

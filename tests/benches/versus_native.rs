@@ -17,7 +17,14 @@
 //!   sales: pgbench's TPC-B-like transactions at a branch cut off from the
 //!   main (`BENCH_PGBENCH_SECONDS`, default 15, 4 clients), once with the
 //!   daemon capturing and once with `pg_recvlogical` draining an equivalent
-//!   slot (pgoutput, the same publication) instead, in alternating order.
+//!   slot (pgoutput, the same publication) instead, in alternating order;
+//!   with each, how long after pgbench ends the daemon's capture has caught
+//!   up with the WAL (the site's log holds every sale);
+//! - `capture-open`: the same while a till holds a transaction open for
+//!   each whole run (`BENCH_OPEN_SECONDS`, default 60): the slot's restart
+//!   point cannot pass it, so a capture that decodes again from there on
+//!   every poll falls further behind with each poll
+//!   (`BRANCHSYNC_TEST_CAPTURE=peek` shows that mode; the default streams).
 //!
 //! After each `lines` round the peak resident memory of both daemons is
 //! printed (the branch's log then held the 1M-change backlog the main
@@ -157,7 +164,10 @@ async fn run() {
     }
     let mut summary = Vec::new();
     if which.is_empty() || which == "capture" {
-        summary.push(capture_rounds(rounds).await);
+        summary.push(capture_rounds(rounds, false).await);
+    }
+    if which.is_empty() || which == "capture-open" {
+        summary.push(capture_rounds(rounds, true).await);
     }
     for b in backlogs {
         let (rows, txns) = b.size();
@@ -338,20 +348,23 @@ async fn paired_round(b: Backlog) -> (f64, f64) {
 /// off from the main, with its daemon capturing and with `pg_recvlogical`
 /// draining a pgoutput slot of the same publication instead. Returns the
 /// summary line.
-async fn capture_rounds(rounds: usize) -> String {
-    let seconds = env_i64("BENCH_PGBENCH_SECONDS", 15).max(1);
-    println!("== capture: pgbench (TPC-B-like, 4 clients, {seconds} s) at a branch cut off from the main; {rounds} paired rounds");
-    let mut pairs = Vec::new();
+async fn capture_rounds(rounds: usize, open: bool) -> String {
+    let seconds = if open { env_i64("BENCH_OPEN_SECONDS", 60) } else { env_i64("BENCH_PGBENCH_SECONDS", 15) }.max(1);
+    let mode = std::env::var("BRANCHSYNC_TEST_CAPTURE").unwrap_or_else(|_| "stream".into());
+    let what = if open { format!("capture ({mode}) with a till's transaction open") } else { format!("capture ({mode})") };
+    println!("== {what}: pgbench (TPC-B-like, 4 clients, {seconds} s) at a branch cut off from the main; {rounds} paired rounds");
+    let mut rows = Vec::new();
     for round in 1..=rounds {
-        let (theirs, ours) = capture_round(round % 2 == 0, seconds).await;
-        println!("round {round}: pg_recvlogical {theirs:.0} TPS | branchsync capturing {ours:.0} TPS | ratio {:.2}x", ours / theirs);
-        pairs.push((theirs, ours));
+        let (theirs, ours, lag) = capture_round(round % 2 == 0, seconds, open).await;
+        println!("round {round}: pg_recvlogical {theirs:.0} TPS | branchsync capturing {ours:.0} TPS | ratio {:.2}x | capture caught up {lag:.1} s after pgbench ended", ours / theirs);
+        rows.push((theirs, ours, lag));
     }
     let line = format!(
-        "capture (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x",
-        mid(pairs.iter().map(|p| p.0).collect()),
-        mid(pairs.iter().map(|p| p.1).collect()),
-        mid(pairs.iter().map(|p| p.1 / p.0).collect())
+        "{what} (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x; caught up {:.1} s after the run",
+        mid(rows.iter().map(|p| p.0).collect()),
+        mid(rows.iter().map(|p| p.1).collect()),
+        mid(rows.iter().map(|p| p.1 / p.0).collect()),
+        mid(rows.iter().map(|p| p.2).collect())
     );
     println!("median of {rounds}: {line}");
     line
@@ -370,8 +383,10 @@ fn pgbench_tps(site: &Site, seconds: i64) -> f64 {
 }
 
 /// One paired run on fresh clusters: (TPS beside `pg_recvlogical`, TPS
-/// beside the capturing daemon); `recvlogical_first` sets the order.
-async fn capture_round(recvlogical_first: bool, seconds: i64) -> (f64, f64) {
+/// beside the capturing daemon, seconds from the end of its pgbench run
+/// until capture had caught up); `recvlogical_first` sets the order; with
+/// `open`, a till's transaction stays open at the branch throughout.
+async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f64, f64, f64) {
     let mut topo = Topology::prepare(1, &format!("{POS_SCHEMA}CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;")).await;
     topo.start_all();
     // Schema changes come from the main, made by the application's role.
@@ -384,30 +399,53 @@ async fn capture_round(recvlogical_first: bool, seconds: i64) -> (f64, f64) {
     })
     .await;
     topo.proxies[0].cut();
+    let conn = topo.branches[0].pg.url();
+    let recv = |args: &[&str]| {
+        let mut c = std::process::Command::new(pg_bin_dir().join("pg_recvlogical"));
+        c.args(["-d", &conn, "-S", "bench"]).args(args);
+        c
+    };
+    // Creating a slot waits for every open transaction to end: pg_recvlogical's
+    // is made before the till opens.
+    let st = recv(&["--create-slot", "-P", "pgoutput"]).status().expect("run pg_recvlogical --create-slot");
+    assert!(st.success(), "pg_recvlogical --create-slot");
+    // A till left in a transaction for each step's whole run: it holds an
+    // xid (it wrote a row). It also holds back vacuum, so pgbench's rows
+    // bloat while it is open: each step opens its own and vacuums after it.
+    let till = topo.branches[0].db().await;
+    let open_till = || async {
+        if open {
+            till.batch_execute("BEGIN; INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())").await.expect("open the till's transaction");
+        }
+    };
+    let close_till = || async {
+        if open {
+            till.batch_execute("ROLLBACK").await.expect("end the till's transaction");
+            till.batch_execute("VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts").await.expect("vacuum pgbench's tables");
+        }
+    };
     let mut ours = None;
     let mut theirs = None;
+    let mut lag = f64::NAN;
     for step in 0..2 {
         if (step == 0) == recvlogical_first {
             // The daemon stopped; pg_recvlogical drains a slot of the same
             // publication while pgbench runs.
             topo.branches[0].stop();
-            let conn = topo.branches[0].pg.url();
-            let recv = |args: &[&str]| {
-                let mut c = std::process::Command::new(pg_bin_dir().join("pg_recvlogical"));
-                c.args(["-d", &conn, "-S", "bench"]).args(args);
-                c
-            };
-            let st = recv(&["--create-slot", "-P", "pgoutput"]).status().expect("run pg_recvlogical --create-slot");
-            assert!(st.success(), "pg_recvlogical --create-slot");
+            // Its slot starts from here, not from what the daemon's run wrote.
+            branch
+                .execute("SELECT pg_replication_slot_advance('bench', pg_current_wal_lsn())", &[])
+                .await
+                .expect("advance pg_recvlogical's slot");
             let mut child = recv(&["--start", "-o", "proto_version=1", "-o", "publication_names=branchsync", "-f", "/dev/null"])
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("start pg_recvlogical");
+            open_till().await;
             theirs = Some(pgbench_tps(&topo.branches[0], seconds));
             let _ = child.kill();
             let _ = child.wait();
-            let st = recv(&["--drop-slot"]).status().expect("run pg_recvlogical --drop-slot");
-            assert!(st.success(), "pg_recvlogical --drop-slot");
+            close_till().await;
             topo.branches[0].start();
         } else {
             // The daemon capturing (the link is cut: capture only), once it
@@ -419,14 +457,22 @@ async fn capture_round(recvlogical_first: bool, seconds: i64) -> (f64, f64) {
             })
             .await;
             let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(60), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
+            open_till().await;
             ours = Some(pgbench_tps(&topo.branches[0], seconds));
-            wait_status(&topo.branches[0], "the branch captured pgbench's transactions", Duration::from_secs(600), |s| {
+            let ended = Instant::now();
+            let end: u64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get::<_, i64>(0).try_into().unwrap_or(0);
+            wait_status(&topo.branches[0], "the branch captured pgbench's transactions", Duration::from_secs(1800), |s| {
                 s["captured_transactions"].as_i64().unwrap_or(0) > before
+                    && s["caught_up_lsn"].as_str().and_then(branchsync_engine::pg::parse_lsn).is_some_and(|l| l >= end)
             })
             .await;
+            lag = ended.elapsed().as_secs_f64();
+            close_till().await;
         }
     }
-    (theirs.unwrap_or(f64::NAN), ours.unwrap_or(f64::NAN))
+    let st = recv(&["--drop-slot"]).status().expect("run pg_recvlogical --drop-slot");
+    assert!(st.success(), "pg_recvlogical --drop-slot");
+    (theirs.unwrap_or(f64::NAN), ours.unwrap_or(f64::NAN), lag)
 }
 
 /// CPU seconds so far of each PostgreSQL process a cluster runs now, by

@@ -337,7 +337,7 @@ impl Applier {
     /// Opens the apply connection for `stream` and reads its durable progress.
     pub async fn connect(url: &str, cfg: ApplyConfig, stream: &str, state: Arc<StreamState>) -> Result<(Applier, watch::Receiver<ApplyStats>), EngineError> {
         let conn = Self::open_session(url, &cfg, stream).await?;
-        let committed = read_progress(&conn.client, stream).await?;
+        let committed = crate::state::read_progress(&conn.client, stream).await?;
         let stats = ApplyStats { committed_pos: committed, ..Default::default() };
         let (progress_tx, progress_rx) = watch::channel(stats.clone());
         let row_hasher = (cfg.role == crate::Role::Main).then(|| crate::marks::RowHasher::new(&cfg.mark_key));
@@ -1644,15 +1644,6 @@ fn change_key(m: &Mapping, c: &RowChange) -> Option<Vec<String>> {
         _ => return None,
     };
     Some(ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect())
-}
-
-/// Reads the durable progress of `stream` (0 = nothing applied yet).
-pub async fn read_progress(client: &tokio_postgres::Client, stream: &str) -> Result<u64, EngineError> {
-    let row = client
-        .query_opt("SELECT pos FROM branchsync.progress WHERE stream = $1", &[&stream])
-        .await
-        .map_err(EngineError::pg("reading stream progress"))?;
-    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64).unwrap_or(0))
 }
 
 impl Applier {

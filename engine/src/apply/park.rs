@@ -495,7 +495,7 @@ mod tests {
             .get(0);
         assert_eq!(origin, crate::state::origin_name("branch1"));
         // Progress covers all three ChangeSets; the replay did not move it.
-        assert_eq!(crate::apply::read_progress(&c, "branch1").await.unwrap(), 3);
+        assert_eq!(crate::state::read_progress(&c, "branch1").await.unwrap(), 3);
     }
 }
 

@@ -138,7 +138,7 @@ impl Site {
     }
 
     async fn progress(&self) -> u64 {
-        super::read_progress(&self.c, STREAM).await.unwrap()
+        crate::state::read_progress(&self.c, STREAM).await.unwrap()
     }
 }
 

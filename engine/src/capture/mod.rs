@@ -1191,8 +1191,8 @@ impl Capturer {
             );
             writer
                 .execute(
-                    "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, winner_node, loser_node, detail) VALUES ($1, $2, 'row_too_large', 'capture', NULL, $3, $4)",
-                    &[&r.table, &r.key, &self.cfg.node, &detail],
+                    "INSERT INTO branchsync.conflicts (tbl, key, kind, rule, winner_node, loser_node, detail) VALUES ($1, $2, $5, 'capture', NULL, $3, $4)",
+                    &[&r.table, &r.key, &self.cfg.node, &detail, &crate::conflict_log::ConflictKind::RowTooLarge.as_str()],
                 )
                 .await
                 .map_err(EngineError::pg("recording a skipped row"))?;
