@@ -4,12 +4,14 @@
 //!   branch change L (old row as the branch saw it, new row, context)
 //!        │
 //!        ├─ batch: UPDATE/DELETE … WHERE the row is still exactly L's old row
-//!        │         (no one else changed it: no conflict, one statement)
+//!        │         (no one else changed it: no conflict, one statement; an
+//!        │         update that changes nothing is left to the rest)
 //!        └─ the rest, one by one, under the row's lock (R7):
 //!             current version V = (node, stamp, inserting node, when the main wrote it)
 //!             seen   = V is L's author's, or the main wrote V before the last relay
 //!                      entry L's author had applied (R15)
-//!             merge  = per column against L's old row: a column only one side changed
+//!             merge  = crate::conflict::merge, a pure function (tested against
+//!                      these SQL paths row by row): per column against L's old row: a column only one side changed
 //!                      takes that side; delta columns add L's difference (R16); a
 //!                      column both changed is a conflict: L wins if it had seen V,
 //!                      else the table's rule decides (lww, main_wins, branch_wins)
