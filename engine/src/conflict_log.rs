@@ -89,24 +89,35 @@ impl std::fmt::Display for ConflictKind {
 /// `branchsync.parked` and `branchsync.ddl_log`.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
-    /// Records, settled or not.
-    pub total: i64,
-    /// Quarantined changes.
-    pub quarantined: i64,
-    /// Parked rows, and per table.
-    pub parked: i64,
-    /// Parked rows per table, by table name.
+    /// Records per kind.
+    pub by_kind: Vec<(String, i64)>,
+    /// Parked rows per table.
     pub parked_by_table: Vec<(String, i64)>,
     /// DDL of peers that failed here (decided here, not relayed).
     pub ddl_failed: i64,
     /// The latest five of them, newest first.
     pub recent_ddl_failures: Vec<DdlFailure>,
-    /// Schema changes made here, and replayed from peers.
+    /// Schema changes made here.
     pub ddl_local: i64,
     /// Schema changes replayed from peers.
     pub ddl_replayed: i64,
-    /// Records per kind.
-    pub by_kind: Vec<(String, i64)>,
+}
+
+impl Summary {
+    /// Records, settled or not.
+    pub fn total(&self) -> i64 {
+        self.by_kind.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Records of `kind`.
+    pub fn of_kind(&self, kind: ConflictKind) -> i64 {
+        self.by_kind.iter().find(|(k, _)| k == kind.as_str()).map_or(0, |(_, n)| *n)
+    }
+
+    /// Parked rows.
+    pub fn parked(&self) -> i64 {
+        self.parked_by_table.iter().map(|(_, n)| n).sum()
+    }
 }
 
 /// A peer's schema change that did not run here.
@@ -125,26 +136,21 @@ pub struct DdlFailure {
 /// Reads the [`Summary`] (a few aggregate queries; the tables are small
 /// unless something is wrong, and then the operator wants to know).
 pub async fn summary(client: &Client) -> Result<Summary, EngineError> {
-    let quarantined = ConflictKind::Quarantined.as_str();
     let ddl_failed = ConflictKind::DdlFailed.as_str();
     let row = client
         .query_one(
-            "SELECT count(*), count(*) FILTER (WHERE kind = $1), (SELECT count(*) FROM branchsync.parked), \
-                    count(*) FILTER (WHERE kind = $2 AND origin_id IS NULL), \
-                    (SELECT count(*) FILTER (WHERE NOT replayed) FROM branchsync.ddl_log), \
-                    (SELECT count(*) FILTER (WHERE replayed) FROM branchsync.ddl_log) \
-             FROM branchsync.conflicts",
-            &[&quarantined, &ddl_failed],
+            "SELECT (SELECT count(*) FROM branchsync.conflicts WHERE kind = $1 AND origin_id IS NULL), \
+                    count(*) FILTER (WHERE NOT replayed), count(*) FILTER (WHERE replayed) \
+             FROM branchsync.ddl_log",
+            &[&ddl_failed],
         )
         .await
-        .map_err(EngineError::pg("counting conflicts"))?;
-    let parked_by_table = client
-        .query("SELECT tbl, count(*) FROM branchsync.parked GROUP BY tbl ORDER BY tbl", &[])
-        .await
-        .map_err(EngineError::pg("counting parked rows"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map_err(EngineError::pg("counting schema changes"))?;
+    let counts = |sql: &'static str, what: &'static str| async move {
+        Ok::<Vec<(String, i64)>, EngineError>(client.query(sql, &[]).await.map_err(EngineError::pg(what))?.iter().map(|r| (r.get(0), r.get(1))).collect())
+    };
+    let by_kind = counts("SELECT kind, count(*) FROM branchsync.conflicts GROUP BY kind ORDER BY kind", "counting conflicts by kind").await?;
+    let parked_by_table = counts("SELECT tbl, count(*) FROM branchsync.parked GROUP BY tbl ORDER BY tbl", "counting parked rows").await?;
     let recent_ddl_failures = client
         .query(
             "SELECT id, loser_node, remote_version->>'sql', detail FROM branchsync.conflicts WHERE kind = $1 AND origin_id IS NULL ORDER BY id DESC LIMIT 5",
@@ -155,24 +161,7 @@ pub async fn summary(client: &Client) -> Result<Summary, EngineError> {
         .iter()
         .map(|r| DdlFailure { id: r.get(0), author: r.get(1), statement: r.get(2), reason: r.get(3) })
         .collect();
-    let by_kind = client
-        .query("SELECT kind, count(*) FROM branchsync.conflicts GROUP BY kind ORDER BY kind", &[])
-        .await
-        .map_err(EngineError::pg("counting conflicts by kind"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    Ok(Summary {
-        total: row.get(0),
-        quarantined: row.get(1),
-        parked: row.get(2),
-        parked_by_table,
-        ddl_failed: row.get(3),
-        recent_ddl_failures,
-        ddl_local: row.get(4),
-        ddl_replayed: row.get(5),
-        by_kind,
-    })
+    Ok(Summary { by_kind, parked_by_table, ddl_failed: row.get(0), recent_ddl_failures, ddl_local: row.get(1), ddl_replayed: row.get(2) })
 }
 
 /// A row of `branchsync.parked`, as the operator sees it.

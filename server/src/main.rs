@@ -900,7 +900,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let sum = branchsync_engine::conflict_log::summary(&conn.client)
         .await
         .context("cannot read branchsync.conflicts, branchsync.parked or branchsync.ddl_log; has branchsync init (of this release) run?")?;
-    let (conflicts, parked) = (sum.total, sum.parked);
+    let (conflicts, parked) = (sum.total(), sum.parked());
     let progress: Vec<serde_json::Value> = branchsync_engine::state::progress_list(&conn.client)
         .await
         .context("cannot read branchsync.progress")?

@@ -27,6 +27,7 @@ use branchsync_engine::log::ChangeLog;
 use branchsync_engine::pg::{self, fmt_lsn};
 use branchsync_engine::ddl::DdlPolicy;
 use branchsync_engine::scope::Scope;
+use branchsync_engine::conflict_log::ConflictKind;
 use branchsync_engine::{keys, state, EngineError, Role};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -518,15 +519,16 @@ impl Node {
                                  Make schema changes at the main, or see branchsync.ddl_log.",
                                 sum.ddl_local
                             ));
+                            let (total, quarantined, parked) = (sum.total(), sum.of_kind(ConflictKind::Quarantined), sum.parked());
                             let failures = sum
                                 .recent_ddl_failures
                                 .into_iter()
                                 .map(|f| DdlFailure { conflict_id: f.id, author: f.author, statement: f.statement, reason: f.reason })
                                 .collect();
                             status.update(|st| {
-                                st.conflicts_total = sum.total;
-                                st.quarantined_total = sum.quarantined;
-                                st.parked_total = sum.parked;
+                                st.conflicts_total = total;
+                                st.quarantined_total = quarantined;
+                                st.parked_total = parked;
                                 st.parked_by_table = sum.parked_by_table.into_iter().collect();
                                 st.conflicts_by_kind = sum.by_kind.into_iter().collect();
                                 st.ddl.from = if s2.ddl.from_any { "any" } else { "main" }.into();

@@ -787,8 +787,8 @@ async fn r7_the_mains_sql_paths_decide_every_row_as_the_pure_merge_does() {
             a.commit().await.unwrap();
             for ch in group {
                 let main = &mut mains[ch.key];
-                // Seen by its author: its own version, or the shared insert
-                // of a fourth shop no one had seen (never here).
+                // The model's "seen" is the row's version being the
+                // author's own, as here: no change carries a relay position.
                 conflicts += usize::from(!main.apply(ch, *rule).conflict_cols.is_empty());
             }
         }

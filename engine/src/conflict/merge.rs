@@ -131,8 +131,8 @@ pub struct Merged<'a> {
 /// module's doc for the rules).
 pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     let mut writes = Vec::new();
-    let mut clashes = Vec::new();
-    let mut clash_values = Vec::new();
+    // Columns both sides changed to different values, with the author's.
+    let mut clashes: Vec<(&'a str, Option<&'a str>)> = Vec::new();
     let mut agreed = false;
     for c in columns {
         if c.kind == ColumnKind::Delta {
@@ -144,25 +144,13 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
             }
         }
         match c.base {
-            Some(base) => {
-                if c.theirs == base {
-                    continue;
-                }
-                if c.theirs == c.ours {
-                    agreed = true;
-                } else if c.ours == base {
-                    writes.push((c.name, Write::Set(c.theirs)));
-                } else {
-                    clashes.push(c.name);
-                    clash_values.push(c.theirs);
-                }
-            }
-            None => {
-                if c.theirs != c.ours {
-                    clashes.push(c.name);
-                    clash_values.push(c.theirs);
-                }
-            }
+            // The author did not change it.
+            Some(base) if c.theirs == base => {}
+            _ if c.theirs == c.ours => agreed |= c.base.is_some(),
+            // Only the author changed it.
+            Some(base) if c.ours == base => writes.push((c.name, Write::Set(c.theirs))),
+            // Both changed it; without an old value, every difference.
+            _ => clashes.push((c.name, c.theirs)),
         }
     }
     let wins = ctx.seen || incoming_wins(ctx.rule, ctx.main, ctx.held, ctx.author, ctx.stamp);
@@ -173,7 +161,7 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     let agreed_wins = agreed && clashes.is_empty() && wins;
     let lost = !clashes.is_empty() && !wins;
     if !lost {
-        writes.extend(clashes.iter().zip(clash_values).map(|(c, v)| (*c, Write::Set(v))));
+        writes.extend(clashes.iter().map(|(c, v)| (*c, Write::Set(*v))));
     }
     let only_deltas = writes.iter().all(|(_, w)| matches!(w, Write::Add { .. }));
     let version = if writes.is_empty() && !agreed_wins {
@@ -183,7 +171,7 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     } else {
         RowVersion::Incoming
     };
-    Merged { conflict: !clashes.is_empty() && !ctx.seen, incoming_won: wins, writes, clashes, version }
+    Merged { conflict: !clashes.is_empty() && !ctx.seen, incoming_won: wins, writes, clashes: clashes.into_iter().map(|(c, _)| c).collect(), version }
 }
 
 /// The main, modelled for tests: rows of three last-writer columns and a
