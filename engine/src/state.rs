@@ -8,8 +8,13 @@
 //!   and primary key (R13): stamp, author, the author's commit time (`ts`),
 //!   this node's clock when it was written (`local_ts`), the node that
 //!   inserted the row, and for deletes (tombstones, kept for the retention
-//!   window) the deleted row. Application tables get no column. Capture adds
-//!   tombstones of local deletes.
+//!   window) the deleted row. At the main, a row some of whose columns were
+//!   written apart since its last whole write also holds the versions of
+//!   those columns (`cols`: name → `[stamp, node, local_ts]`) and the
+//!   version of the others (`base`): a clash is decided against the
+//!   column's last writer, not the row's ([`crate::conflict::merge`]).
+//!   Application tables get no column. Capture adds tombstones of local
+//!   deletes.
 //! * `insert_versions` — at the main: the versions of rows the apply
 //!   pipeline inserted, packed, one record per apply transaction, table,
 //!   author and up to [`PACKED_VERSION_KEYS`] rows (their keys, stamps and
@@ -163,6 +168,8 @@ ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS ts bigint NOT NULL D
 ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS local_ts bigint NOT NULL DEFAULT 0;
 ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS inserted_by text;
 ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS row_data jsonb;
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS base jsonb;
+ALTER TABLE branchsync.row_version ADD COLUMN IF NOT EXISTS cols jsonb;
 CREATE INDEX IF NOT EXISTS row_version_tombstones ON branchsync.row_version (local_ts) WHERE deleted;
 CREATE INDEX IF NOT EXISTS row_version_tombstone_keys ON branchsync.row_version (tbl, key) WHERE deleted;
 ALTER TABLE branchsync.progress ADD COLUMN IF NOT EXISTS last_contact timestamptz;

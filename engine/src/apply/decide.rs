@@ -5,16 +5,21 @@
 //!        │
 //!        ├─ batch: UPDATE/DELETE … WHERE the row is still exactly L's old row
 //!        │         (no one else changed it: no conflict, one statement; an
-//!        │         update that changes nothing is left to the rest)
+//!        │         update that changes nothing is left to the rest); the
+//!        │         columns L changed take L's version, the others keep theirs
 //!        └─ the rest, one by one, under the row's lock (R7):
-//!             current version V = (node, stamp, inserting node, when the main wrote it)
-//!             seen   = V is L's author's, or the main wrote V before the last relay
-//!                      entry L's author had applied (R15)
+//!             versions = the row's (node, stamp, inserting node, when the main
+//!                      wrote it), and each column's where it was written apart
+//!                      since the row's last whole write
+//!             seen   = a column's version V is L's author's, or the main wrote V
+//!                      before the last relay entry L's author had applied (R15)
 //!             merge  = crate::conflict::merge, a pure function (tested against
-//!                      these SQL paths row by row): per column against L's old row: a column only one side changed
-//!                      takes that side; delta columns add L's difference (R16); a
-//!                      column both changed is a conflict: L wins if it had seen V,
-//!                      else the table's rule decides (lww, main_wins, branch_wins)
+//!                      these SQL paths row by row): per column against L's old
+//!                      row: a column only one side changed takes that side;
+//!                      delta columns add L's difference (R16); a column both
+//!                      changed is a conflict: L wins it if it had seen the
+//!                      column's version, else the table's rule decides between
+//!                      the two (lww, main_wins, branch_wins)
 //!             record = every discarded version goes to branchsync.conflicts (and
 //!                      travels to every node in the relay)
 //!             verdict= when the result is not what L's author will hold once it has
@@ -67,6 +72,35 @@ pub(super) struct Current {
     /// Older than anything a peer could not have seen: a row from before
     /// `init`, or one whose commit time is gone.
     pub baseline: bool,
+    /// Once columns were written apart since the row's last whole write:
+    /// the version of the columns without their own.
+    pub base: Option<ColumnVersion>,
+    /// The versions of the columns written apart.
+    pub cols: HashMap<String, ColumnVersion>,
+}
+
+/// The version of a column, as `row_version` keeps it (JSON
+/// `[stamp, node, local_ts]`): its stamp, its author, when the main wrote
+/// it (0: everyone has seen it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct ColumnVersion(pub u64, pub String, pub i64);
+
+impl Current {
+    /// The row's own version, as a column version.
+    fn row_version(&self) -> ColumnVersion {
+        ColumnVersion(self.held.stamp, self.held.node.clone(), if self.baseline { 0 } else { self.main_ts })
+    }
+
+    /// The version of the columns written with the row: `base` once some
+    /// were written apart, else the row's.
+    fn base_version(&self) -> ColumnVersion {
+        self.base.clone().unwrap_or_else(|| self.row_version())
+    }
+
+    /// The version of column `col`.
+    fn column_version(&self, col: &str) -> ColumnVersion {
+        self.cols.get(col).cloned().unwrap_or_else(|| self.base_version())
+    }
 }
 
 /// A conflict to record.
@@ -163,34 +197,53 @@ impl Applier {
             let rv_node: Option<String> = r.get(6);
             let rv_local_ts: Option<i64> = r.get(8);
             let rv_ins: Option<String> = r.get(9);
+            let base: Option<String> = r.get(10);
+            let cols: Option<String> = r.get(11);
             let values = t.order.iter().cloned().zip(vals).collect();
             let local = roident == Some(0) || (roident.is_none() && rv_stamp.is_none());
             let cur = if local {
                 // Written here by the ERP (or before init): its commit time on
-                // the main's clock is its version.
+                // the main's clock is its version, for every column.
                 match cts {
                     Some(ts) if ts >= self.init_ts_us => Current {
                         values,
                         held: Held { node: self.cfg.node.clone(), stamp: ts.max(0) as u64, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
                         main_ts: ts,
                         baseline: false,
+                        base: None,
+                        cols: HashMap::new(),
                     },
                     _ => Current {
                         values,
                         held: Held { node: String::new(), stamp: 0, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
                         main_ts: 0,
                         baseline: true,
+                        base: None,
+                        cols: HashMap::new(),
                     },
                 }
             } else {
+                // Versions of columns written apart; a record that does not
+                // parse (it never should) counts as none: the row's version.
+                let base = base.and_then(|b| serde_json::from_str::<ColumnVersion>(&b).ok());
+                let cols = cols.and_then(|c| serde_json::from_str::<HashMap<String, ColumnVersion>>(&c).ok()).unwrap_or_default();
                 match (rv_stamp, rv_node) {
                     (Some(stamp), Some(node)) => Current {
                         values,
                         held: Held { node: node.clone(), stamp: stamp.max(0) as u64, inserted_by: rv_ins.unwrap_or(node) },
                         main_ts: rv_local_ts.unwrap_or(0),
                         baseline: rv_local_ts.unwrap_or(0) == 0,
+                        base,
+                        cols,
                     },
-                    _ => Current { values, held: Held { node: String::new(), stamp: 0, inserted_by: self.cfg.node.clone() }, main_ts: 0, baseline: true },
+                    _ => Current {
+                        values,
+                        held: Held { node: String::new(), stamp: 0, inserted_by: self.cfg.node.clone() },
+                        main_ts: 0,
+                        baseline: true,
+                        base: None,
+                        cols: HashMap::new(),
+                    },
                 }
             };
             out.insert(i as usize - 1, cur);
@@ -201,6 +254,11 @@ impl Applier {
     /// Whether `h`'s author had seen the version `cur` (R15).
     fn had_seen(&self, h: &ChangeSetHeader, cur: &Current) -> bool {
         cur.baseline || cur.held.node == h.author || (cur.main_ts > 0 && cur.main_ts <= h.seen_main_ts)
+    }
+
+    /// Whether `h`'s author had seen the column version `v` (R15).
+    fn had_seen_column(h: &ChangeSetHeader, v: &ColumnVersion) -> bool {
+        v.2 == 0 || v.1 == h.author || v.2 <= h.seen_main_ts
     }
 
     /// Updates or deletes of one table, at the main.
@@ -294,7 +352,9 @@ impl Applier {
                 "INSERT INTO branchsync.row_version (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by) \
                  SELECT $1, u.k, CASE WHEN u.b THEN 0 ELSE u.t END, CASE WHEN u.b THEN '' ELSE $3 END, false, \
                         CASE WHEN u.b THEN 0 ELSE u.t END, CASE WHEN u.b THEN 0 ELSE u.t END, $3 \
-                 FROM unnest($2::text[], $4::int8[], $5::bool[]) AS u(k, t, b) ON CONFLICT (tbl, key) DO NOTHING",
+                 FROM unnest($2::text[], $4::int8[], $5::bool[]) AS u(k, t, b) \
+                 ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
+                     local_ts = excluded.local_ts, row_data = NULL, base = NULL, cols = NULL",
                 &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT, Type::INT8_ARRAY, Type::BOOL_ARRAY],
             )
             .await?;
@@ -399,12 +459,42 @@ impl Applier {
                 .map(|(n, _)| key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>()))
                 .collect();
             let (kept, theirs): (Vec<&tokio_postgres::Row>, Vec<&tokio_postgres::Row>) = rows.iter().partition(|r| only_deltas.contains(&r.get::<_, String>(0)));
-            let theirs: Vec<String> = theirs.iter().map(|r| r.get(0)).collect();
             if !theirs.is_empty() {
-                let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
+                // The columns each row's change wrote take its version.
+                let mut changed: HashMap<String, Vec<&str>> = HashMap::new();
+                for (n, i) in batch.iter().enumerate() {
+                    let RowChange::Update { old: Some(o), new, .. } = &run[*i] else { continue };
+                    let k = key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>());
+                    let cols = changed.entry(k).or_default();
+                    for (j, name) in set_src.iter().zip(&set_names) {
+                        if o.values.get(*j) != new.get(*j) && !cols.contains(name) {
+                            cols.push(name);
+                        }
+                    }
+                }
+                let mut tk = Vec::with_capacity(theirs.len());
+                let (mut tch, mut tlb, mut tx) = (Vec::with_capacity(theirs.len()), Vec::with_capacity(theirs.len()), Vec::with_capacity(theirs.len()));
+                for r in &theirs {
+                    let k: String = r.get(0);
+                    let (origin, ts): (Option<i64>, Option<i64>) = (r.get(1), r.get(2));
+                    // A row that was this node's own (or the baseline): its
+                    // other columns keep that version.
+                    let local = match (origin, ts) {
+                        (Some(0), Some(ts)) if ts >= self.init_ts_us => Some(ColumnVersion(ts.max(0) as u64, self.cfg.node.clone(), ts)),
+                        (Some(0), _) => Some(ColumnVersion(0, String::new(), 0)),
+                        _ => None,
+                    };
+                    tch.push(serde_json::to_string(changed.get(&k).map(Vec::as_slice).unwrap_or_default()).unwrap_or_default());
+                    tlb.push(local.map(|v| serde_json::to_string(&v).unwrap_or_default()));
+                    tx.push(r.get::<_, Option<i64>>(3));
+                    tk.push(k);
+                }
+                let vst = self
+                    .stmt(&sql::upsert_changed_versions(self.packed), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY])
+                    .await?;
                 self.conn
                     .client
-                    .execute(&vst, &[&m.table.name, &theirs, &stamp, &e.header.author, &e.header.commit_ts_us])
+                    .execute(&vst, &[&m.table.name, &tk, &stamp, &e.header.author, &e.header.commit_ts_us, &tch, &tlb, &tx])
                     .await
                     .map_err(EngineError::pg("recording row versions"))?;
             }
@@ -447,9 +537,9 @@ impl Applier {
         let Some(cur) = cur else {
             return self.update_of_missing_row(e, m, desc, &key, new, tomb).await;
         };
-        let seen = self.had_seen(h, &cur);
         let full_old = old.filter(|o| o.len() == new.len());
-        let mut columns = Vec::new();
+        // Each column's version held here, and whether the author had seen it.
+        let mut sources = Vec::new();
         for (i, target) in m.targets.iter().enumerate() {
             let Some(col) = target else { continue };
             let Some(lc) = m.table.columns.get(col) else { continue };
@@ -458,17 +548,26 @@ impl Applier {
             }
             // An unchanged TOASTed value is never written (R12).
             let Some(theirs) = new.get(i).and_then(text) else { continue };
-            columns.push(Column {
-                name: col.as_str(),
-                kind: if rule.delta.iter().any(|d| d == col) { ColumnKind::Delta } else { ColumnKind::Lww },
-                base: full_old.and_then(|o| o.get(i)).and_then(text),
-                ours: cur.values.get(col).and_then(|v| v.as_deref()),
-                theirs,
-            });
+            let v = cur.column_version(col);
+            let seen = Self::had_seen_column(h, &v);
+            sources.push((i, col.as_str(), theirs, Held { node: v.1, stamp: v.0, inserted_by: cur.held.inserted_by.clone() }, seen));
         }
-        let merged = merge(&columns, &Context { rule: rule.rule, main: &self.cfg.node, held: &cur.held, seen, author: &h.author, stamp: h.stamp });
-        if merged.conflict {
-            let (winner, loser) = if merged.incoming_won { (h.author.clone(), cur.held.node.clone()) } else { (cur.held.node.clone(), h.author.clone()) };
+        let columns: Vec<Column<'_>> = sources
+            .iter()
+            .map(|(i, col, theirs, held, seen)| Column {
+                name: col,
+                kind: if rule.delta.iter().any(|d| d == col) { ColumnKind::Delta } else { ColumnKind::Lww },
+                base: full_old.and_then(|o| o.get(*i)).and_then(text),
+                ours: cur.values.get(*col).and_then(|v| v.as_deref()),
+                theirs: *theirs,
+                held,
+                seen: *seen,
+            })
+            .collect();
+        let merged = merge(&columns, &Context { rule: rule.rule, main: &self.cfg.node, author: &h.author, stamp: h.stamp });
+        for group in merged.conflicts() {
+            let held = group.held;
+            let (winner, loser) = if group.won { (h.author.clone(), held.node.clone()) } else { (held.node.clone(), h.author.clone()) };
             self.record_conflict(NewConflict {
                 tbl: &m.table.name,
                 key: Some(key.clone()),
@@ -480,31 +579,22 @@ impl Applier {
                 remote: Some(row_json(desc, new)),
                 detail: Some(format!(
                     "{} and {} changed column(s) {} concurrently; {}'s version is kept by rule {} (stamps {} and {})",
-                    if cur.held.node.is_empty() { "the baseline" } else { cur.held.node.as_str() },
+                    if held.node.is_empty() { "the baseline" } else { held.node.as_str() },
                     h.author,
-                    merged.clashes.join(", "),
+                    group.columns.join(", "),
                     winner,
                     rule.rule.name(),
-                    cur.held.stamp,
+                    held.stamp,
                     h.stamp
                 )),
             })
             .await?;
         }
-        // Write the merged row and its version.
+        // Write the merged row and its versions: the row's, and the
+        // columns' that took the incoming one.
         let result = if merged.writes.is_empty() { cur.values.clone() } else { self.write_sets(m, &key_vals, &merged.writes).await? };
-        match merged.version {
-            RowVersion::Unchanged => {}
-            RowVersion::Held => self.keep_version(&m.table.name, &key, &cur).await?,
-            RowVersion::Incoming => {
-                let vst = self.stmt(&sql::upsert_versions(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8]).await?;
-                let stamp = h.stamp as i64;
-                self.conn
-                    .client
-                    .execute(&vst, &[&m.table.name, &vec![key.clone()], &stamp, &h.author, &h.commit_ts_us])
-                    .await
-                    .map_err(EngineError::pg("recording row versions"))?;
-            }
+        if merged.version != RowVersion::Unchanged || !merged.stamped.is_empty() {
+            self.record_decided_version(&m.table.name, &key, &cur, h, merged.version == RowVersion::Incoming, &merged.stamped).await?;
         }
         // Nothing written: the relay carries no row back to the author, who
         // holds its own change; the verdict says what the main holds.
@@ -514,24 +604,33 @@ impl Applier {
         Ok(())
     }
 
-    /// Writes the held version `cur` of a row into the side table (the row
-    /// was written here, but that version stays the row's version).
-    async fn keep_version(&mut self, tbl: &str, key: &str, cur: &Current) -> Result<(), EngineError> {
-        let stamp = cur.held.stamp as i64;
+    /// Records the version of a row the main decided: the incoming
+    /// change's (`incoming`) or the held one `cur` (the row was written, or
+    /// some of its columns took the incoming version, but the row stays
+    /// `cur`'s), with the columns in `stamped` carrying the incoming
+    /// version and the others the one they had.
+    async fn record_decided_version(&mut self, tbl: &str, key: &str, cur: &Current, h: &ChangeSetHeader, incoming: bool, stamped: &[&str]) -> Result<(), EngineError> {
+        // Serialising strings and numbers cannot fail.
+        let base = serde_json::to_string(&cur.base_version()).unwrap_or_default();
+        let cols = serde_json::to_string(&cur.cols).unwrap_or_default();
+        let stamped: Vec<&str> = stamped.to_vec();
         let st = self
             .stmt(
-                "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by) \
-                 VALUES ($1, $2, $3, $4, false, $3, $5, $6) \
-                 ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, \
-                     ts = excluded.ts, local_ts = excluded.local_ts, inserted_by = excluded.inserted_by, row_data = NULL",
-                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT],
+                &sql::upsert_decided_version(incoming),
+                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::INT8, Type::INT8, Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT_ARRAY],
             )
             .await?;
+        let (stamp, node, ts, local_ts, inserted_by) = if incoming {
+            (h.stamp as i64, h.author.clone(), h.commit_ts_us, None, h.author.clone())
+        } else {
+            (cur.held.stamp as i64, cur.held.node.clone(), cur.held.stamp as i64, Some(cur.main_ts), cur.held.inserted_by.clone())
+        };
+        let in_stamp = h.stamp as i64;
         self.conn
             .client
-            .execute(&st, &[&tbl, &key, &stamp, &cur.held.node, &cur.main_ts, &cur.held.inserted_by])
+            .execute(&st, &[&tbl, &key, &stamp, &node, &ts, &local_ts, &inserted_by, &base, &cols, &in_stamp, &h.author, &stamped])
             .await
-            .map_err(EngineError::pg("keeping a row version"))?;
+            .map_err(EngineError::pg("recording a row version"))?;
         Ok(())
     }
 

@@ -160,7 +160,8 @@ pub fn keyless_update(t: &LocalTable, match_cols: &[&str], set_cols: &[&str]) ->
 /// This node's clock now, µs since the Unix epoch (SQL).
 const LOCAL_TS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
 
-/// Upserts the versions of updated (or re-inserted) rows: `$1` table, `$2`
+/// Upserts the versions of rows written whole (re-inserted, or taken as
+/// the author's row): `$1` table, `$2` `$1` table, `$2`
 /// keys, `$3` stamp, `$4` node, `$5` author commit time; the inserting node
 /// stays what it was (the author's for a new entry).
 pub fn upsert_versions() -> String {
@@ -168,7 +169,8 @@ pub fn upsert_versions() -> String {
         "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
          SELECT $1, k, $3, $4, false, $5, {LOCAL_TS}, $4, NULL FROM unnest($2::text[]) AS k \
          ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
-             local_ts = excluded.local_ts, row_data = NULL, inserted_by = coalesce(CASE WHEN rv.deleted THEN excluded.inserted_by END, rv.inserted_by, excluded.inserted_by)"
+             local_ts = excluded.local_ts, row_data = NULL, base = NULL, cols = NULL, \
+             inserted_by = coalesce(CASE WHEN rv.deleted THEN excluded.inserted_by END, rv.inserted_by, excluded.inserted_by)"
     )
 }
 
@@ -180,7 +182,7 @@ pub fn upsert_versions_many() -> String {
         "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
          SELECT $1, u.k, u.s, $4, false, u.t, {LOCAL_TS}, $4, NULL FROM unnest($2::text[], $3::int8[], $5::int8[]) AS u(k, s, t) \
          ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
-             local_ts = excluded.local_ts, inserted_by = excluded.inserted_by, row_data = NULL"
+             local_ts = excluded.local_ts, inserted_by = excluded.inserted_by, row_data = NULL, base = NULL, cols = NULL"
     )
 }
 
@@ -213,7 +215,7 @@ pub fn upsert_tombstones() -> String {
         "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data) \
          SELECT $1, u.k, $4, $5, true, $6, {LOCAL_TS}, NULL, u.r::jsonb FROM unnest($2::text[], $3::text[]) AS u(k, r) \
          ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, ts = excluded.ts, \
-             local_ts = excluded.local_ts, row_data = coalesce(excluded.row_data, rv.row_data)"
+             local_ts = excluded.local_ts, row_data = coalesce(excluded.row_data, rv.row_data), base = NULL, cols = NULL"
     )
 }
 
@@ -241,7 +243,7 @@ pub fn cas_update(t: &LocalTable, set_cols: &[&str], cmp_cols: &[&str]) -> Strin
 /// changes of many ChangeSets (the main's pipeline; `UPDATE … FROM` with two
 /// source rows for one target would apply only one of them), keys grouped
 /// by their value in the column's type, not by their text. Returns, once per
-/// key, the key and the origin and commit time of the version the row had.
+/// key, the key and the origin, commit time and `xmin` of the version the row had.
 /// Parameters: one `text[]` per key column, then per delta column the new and
 /// the old values.
 pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
@@ -272,7 +274,7 @@ pub fn delta_update(t: &LocalTable, delta_cols: &[&str]) -> String {
 
 /// An `UPDATE … FROM source` (a row source aliased `u` with the key in
 /// columns `k0`, `k1`, … as text) that also returns, per updated key, the
-/// version the row had before: the origin and commit time of its xmin, read
+/// version the row had before: the origin, commit time and id of its xmin, read
 /// with the row (a change of delta columns only leaves that version the
 /// row's).
 fn versioned_update(t: &LocalTable, sets: &[String], source: &str, conds: &[String]) -> String {
@@ -280,10 +282,10 @@ fn versioned_update(t: &LocalTable, sets: &[String], source: &str, conds: &[Stri
     let old_conds: Vec<String> = old_conds.iter().map(|c| c.replacen("t.", "p.", 1)).collect();
     format!(
         "UPDATE {qt} AS t SET {sets} FROM (SELECT u.*, cts.roident::int8 AS o_origin, \
-             (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts \
+             (extract(epoch from cts.\"timestamp\") * 1000000)::int8 AS o_ts, p.xmin::text::int8 AS o_xmin \
              FROM {source} JOIN {qt} p ON {old_conds} \
              LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(p.xmin) cts ON true) AS u \
-         WHERE {conds} RETURNING {key}, u.o_origin, u.o_ts",
+         WHERE {conds} RETURNING {key}, u.o_origin, u.o_ts, u.o_xmin",
         qt = t.qualified,
         sets = sets.join(", "),
         old_conds = old_conds.join(" AND "),
@@ -519,8 +521,10 @@ pub fn delete_guarded(t: &LocalTable, guard: Guard) -> String {
 /// The current rows with these keys, after [`lock_rows`]: input ordinal,
 /// key text, commit origin and time (µs) of `xmin`, every column as text (in
 /// [`LocalTable::order`]), and the row's version: stamp, node, author commit
-/// time, this node's write time, inserting node. Parameters: one `text[]`
-/// per key column, then the table name.
+/// time, this node's write time, inserting node, and, where columns were
+/// written apart since the row's last whole write, the version of the
+/// others (`base`) and theirs (`cols`, JSON). Parameters: one `text[]` per
+/// key column, then the table name.
 ///
 /// With `packed` (the database has `branchsync.insert_versions`), the
 /// version of a row the pipeline inserted is found in the packed record of
@@ -537,20 +541,15 @@ pub fn read_current(t: &LocalTable, packed: bool) -> String {
     let key = t.key_text_sql("t");
     let (packed_join, version) = if packed {
         (
-            format!(
-                " LEFT JOIN LATERAL (SELECT b.node, b.local_ts, b.stamps[p.i] AS stamp, b.ts[p.i] AS ts \
-                   FROM branchsync.insert_versions b CROSS JOIN LATERAL (SELECT array_position(b.keys, {key}) AS i) p \
-                   WHERE b.xid32 = t.xmin::text::int8 AND b.tbl = ${tbl_param} AND p.i IS NOT NULL \
-                   ORDER BY b.xid DESC LIMIT 1) iv ON true \
-                 CROSS JOIN LATERAL (SELECT iv.node IS NOT NULL AND NOT coalesce(NOT rv.deleted AND rv.local_ts >= iv.local_ts, false) AS packed) pk"
-            ),
+            packed_version_join(&key, "t.xmin::text::int8", &format!("${tbl_param}"), "rv"),
             "CASE WHEN pk.packed THEN iv.stamp ELSE rv.stamp END, CASE WHEN pk.packed THEN iv.node ELSE rv.node END, \
              CASE WHEN pk.packed THEN iv.ts ELSE rv.ts END, CASE WHEN pk.packed THEN iv.local_ts ELSE rv.local_ts END, \
-             CASE WHEN pk.packed THEN iv.node ELSE rv.inserted_by END"
+             CASE WHEN pk.packed THEN iv.node ELSE rv.inserted_by END, \
+             CASE WHEN NOT pk.packed THEN rv.base::text END, CASE WHEN NOT pk.packed THEN rv.cols::text END"
                 .to_string(),
         )
     } else {
-        (String::new(), "rv.stamp, rv.node, rv.ts, rv.local_ts, rv.inserted_by".to_string())
+        (String::new(), "rv.stamp, rv.node, rv.ts, rv.local_ts, rv.inserted_by, rv.base::text, rv.cols::text".to_string())
     };
     format!(
         "SELECT u.i, {key}, cts.roident::int8, (extract(epoch from cts.\"timestamp\") * 1000000)::int8, ARRAY[{cols}]::text[], {version} \
@@ -564,6 +563,79 @@ pub fn read_current(t: &LocalTable, packed: bool) -> String {
         aliases = aliases.join(", "),
         qt = t.qualified,
         conds = conds.join(" AND "),
+    )
+}
+
+/// The packed version of the row with key text `key` whose `xmin` (32
+/// bits) is `xmin` in table `tbl`, joined as `iv`, and `pk.packed`: whether
+/// it speaks for the row rather than its `row_version` entry `rv` (see
+/// [`read_current`]).
+fn packed_version_join(key: &str, xmin: &str, tbl: &str, rv: &str) -> String {
+    format!(
+        " LEFT JOIN LATERAL (SELECT b.node, b.local_ts, b.stamps[p.i] AS stamp, b.ts[p.i] AS ts \
+           FROM branchsync.insert_versions b CROSS JOIN LATERAL (SELECT array_position(b.keys, {key}) AS i) p \
+           WHERE b.xid32 = {xmin} AND b.tbl = {tbl} AND p.i IS NOT NULL \
+           ORDER BY b.xid DESC LIMIT 1) iv ON true \
+         CROSS JOIN LATERAL (SELECT iv.node IS NOT NULL AND NOT coalesce(NOT {rv}.deleted AND {rv}.local_ts >= iv.local_ts, false) AS packed) pk"
+    )
+}
+
+/// Records the versions of rows the compare-and-set batch wrote (R13, per
+/// column): each row becomes the author's version, the columns it changed
+/// carry it, and the others keep the version they had. That is the
+/// version their row had (`base`), unless they carried their own
+/// (`cols`). `$1` table, `$2` keys, `$3` stamp, `$4` author, `$5` author
+/// commit time, `$6` the changed columns of each row (JSON arrays), `$7`
+/// the version a row had when it was this node's own or the baseline (JSON,
+/// else NULL: then it is the row's `row_version` entry, or its packed
+/// version found through `$8`, the old `xmin`).
+pub fn upsert_changed_versions(packed: bool) -> String {
+    let (packed_join, is_packed, iv) = if packed {
+        (packed_version_join("u.k", "u.x", "$1", "o"), "pk.packed", "jsonb_build_array(iv.stamp, iv.node, iv.local_ts)")
+    } else {
+        (String::new(), "false", "NULL")
+    };
+    format!(
+        "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data, base, cols) \
+         SELECT $1, u.k, $3, $4, false, $5, n.now, $4, NULL, b.base, \
+                coalesce(b.cols, '{{}}'::jsonb) || (SELECT coalesce(jsonb_object_agg(c, jsonb_build_array($3, $4, n.now)), '{{}}'::jsonb) \
+                                                   FROM jsonb_array_elements_text(u.ch::jsonb) AS c) \
+         FROM (SELECT {LOCAL_TS} AS now) n \
+         CROSS JOIN unnest($2::text[], $6::text[], $7::text[], $8::int8[]) AS u(k, ch, lb, x) \
+         LEFT JOIN branchsync.row_version o ON o.tbl = $1 AND o.key = u.k{packed_join} \
+         CROSS JOIN LATERAL (SELECT \
+             CASE WHEN u.lb IS NOT NULL THEN u.lb::jsonb WHEN {is_packed} THEN {iv} \
+                  WHEN o.stamp IS NOT NULL THEN coalesce(o.base, jsonb_build_array(o.stamp, o.node, o.local_ts)) \
+                  ELSE jsonb_build_array(0, '', 0) END AS base, \
+             CASE WHEN u.lb IS NULL AND NOT {is_packed} THEN o.cols END AS cols) b \
+         ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
+             local_ts = excluded.local_ts, row_data = NULL, base = excluded.base, cols = excluded.cols, \
+             inserted_by = coalesce(CASE WHEN rv.deleted THEN excluded.inserted_by END, rv.inserted_by, excluded.inserted_by)"
+    )
+}
+
+/// Records the version of one row the main decided (R13, per column):
+/// `$1` table, `$2` key, `$3` stamp, `$4` node, `$5` author commit time,
+/// `$6` this node's write time (NULL: now), `$7` inserting node, `$8` the
+/// version of columns without their own (JSON), `$9` the columns' own
+/// versions (JSON object), `$10` the incoming change's stamp, `$11` its
+/// author, `$12` the columns that take its version. With `incoming` the row
+/// becomes `$4`'s and keeps its inserting node (`$7` is the inserting node
+/// of a new entry); else it stays the held version given.
+pub fn upsert_decided_version(incoming: bool) -> String {
+    let inserted_by = if incoming {
+        "coalesce(CASE WHEN rv.deleted THEN excluded.inserted_by END, rv.inserted_by, excluded.inserted_by)"
+    } else {
+        "excluded.inserted_by"
+    };
+    format!(
+        "INSERT INTO branchsync.row_version AS rv (tbl, key, stamp, node, deleted, ts, local_ts, inserted_by, row_data, base, cols) \
+         SELECT $1, $2, $3, $4, false, $5, coalesce($6, n.now), $7, NULL, $8::text::jsonb, \
+                coalesce($9::text::jsonb, '{{}}'::jsonb) || (SELECT coalesce(jsonb_object_agg(c, jsonb_build_array($10::int8, $11::text, n.now)), '{{}}'::jsonb) \
+                                                          FROM unnest($12::text[]) AS c) \
+         FROM (SELECT {LOCAL_TS} AS now) n \
+         ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = false, ts = excluded.ts, \
+             local_ts = excluded.local_ts, row_data = NULL, base = excluded.base, cols = excluded.cols, inserted_by = {inserted_by}"
     )
 }
 

@@ -396,6 +396,42 @@ async fn r7_a_newer_local_version_is_kept_and_an_older_incoming_update_is_record
     assert_eq!(site.progress().await, 3, "a discarded change is still applied progress");
 }
 
+/// R7, per column: a column keeps its version when another column of the
+/// row is written apart. The main's cashier changes `b` (a local version);
+/// branch1, which had seen that, changes `a`; branch2, offline since before
+/// both, changes `b` with a stamp between the cashier's commit and
+/// branch1's. `b` was last written by the cashier, so branch2's value is
+/// the later one and wins, whichever shop arrives first, with one conflict
+/// (decided against the row's last writer, it lost when branch1 came first).
+#[tokio::test]
+async fn r7_a_clash_is_decided_against_the_columns_last_writer_whichever_shop_arrives_first() {
+    for branch2_first in [false, true] {
+        let site = Site::new("CREATE TABLE items (id int PRIMARY KEY, a text, b text);", &[]).await;
+        let d = desc("items", &["id", "a", "b"], &["id"]);
+        let mut a = site.applier().await;
+        a.apply_entries(&[cs(1, "branch3", T0, d.clone(), vec![ins(&["1", "a0", "b0"])])]).await.unwrap();
+        a.commit().await.unwrap();
+        site.c.batch_execute("UPDATE items SET b = 'bm'").await.unwrap();
+        let cashier = now_us();
+        let update = |pos: u64, author: &str, stamp: u64, old: [&str; 3], new: [&str; 3]| {
+            cs(pos, author, stamp, d.clone(), vec![RowChange::Update { table: 0, old: Some(old_row(true, &old.map(Some))), new: vals(&new) }])
+        };
+        let branch1 = |pos| update(pos, "branch1", cashier + 2_000_000, ["1", "a0", "bm"], ["1", "a1", "bm"]);
+        let branch2 = |pos| update(pos, "branch2", cashier + 1_000_000, ["1", "a0", "b0"], ["1", "a0", "b2"]);
+        let order = if branch2_first { [branch2(2), branch1(3)] } else { [branch1(2), branch2(3)] };
+        for e in order {
+            a.apply_entries(&[e]).await.unwrap();
+            a.commit().await.unwrap();
+        }
+        assert_eq!(site.rows("SELECT a, b FROM items").await, ["(a1,b2)"], "branch2 first: {branch2_first}");
+        assert_eq!(
+            site.rows("SELECT winner_node, loser_node, detail LIKE '%column(s) b %' FROM branchsync.conflicts").await,
+            ["(branch2,main,t)"],
+            "branch2 first: {branch2_first}"
+        );
+    }
+}
+
 /// R7: apply locks before it decides. A cashier updates the row and holds
 /// it; the apply waits for the lock; the cashier commits after the
 /// incoming change's stamp. The apply must decide on the cashier's
@@ -767,7 +803,7 @@ async fn r7_the_mains_sql_paths_decide_every_row_as_the_pure_merge_does() {
         let initial: Vec<RowChange> = (0..KEYS).map(|k| RowChange::Insert { table: 0, new: row_of(k, &model::initial_row()).iter().map(|v| text(v)).collect() }).collect();
         a.apply_entries(&[cs(pos, "branch0", T0, d.clone(), initial)]).await.unwrap();
         a.commit().await.unwrap();
-        let mut mains = vec![model::Main { row: model::initial_row(), held: Held { node: "branch0".into(), stamp: T0, inserted_by: "branch0".into() }, baseline: false }; KEYS];
+        let mut mains = vec![model::written(Held { node: "branch0".into(), stamp: T0, inserted_by: "branch0".into() }, false); KEYS];
         let mut conflicts = 0;
         let mut left = arrivals.as_slice();
         while !left.is_empty() {
@@ -787,9 +823,9 @@ async fn r7_the_mains_sql_paths_decide_every_row_as_the_pure_merge_does() {
             a.commit().await.unwrap();
             for ch in group {
                 let main = &mut mains[ch.key];
-                // The model's "seen" is the row's version being the
+                // The model's "seen" is the column's version being the
                 // author's own, as here: no change carries a relay position.
-                conflicts += usize::from(!main.apply(ch, *rule).conflict_cols.is_empty());
+                conflicts += main.apply(ch, *rule).conflicts;
             }
         }
         let expected: Vec<String> = mains.iter().enumerate().map(|(k, m)| format!("({})", row_of(k, &m.row).join(","))).collect();

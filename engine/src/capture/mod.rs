@@ -1156,7 +1156,7 @@ impl Capturer {
                  FROM unnest($3::text[], $4::int8[], $5::int8[], $6::text[], {arrays}) AS u(key, stamp, ts, row, {aliases}) \
                  WHERE NOT EXISTS (SELECT 1 FROM {qt} t WHERE {conds}) \
                  ON CONFLICT (tbl, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = true, \
-                     ts = excluded.ts, local_ts = excluded.local_ts, row_data = excluded.row_data \
+                     ts = excluded.ts, local_ts = excluded.local_ts, row_data = excluded.row_data, base = NULL, cols = NULL \
                  WHERE rv.local_ts <= excluded.local_ts",
                 arrays = arrays.join(", "),
                 aliases = aliases.join(", "),

@@ -15,29 +15,28 @@
 //! * a column only the author changed (what is here is still `base`) takes
 //!   the author's value;
 //! * a column both changed to the same value needs nothing written, but the
-//!   row becomes the author's version if the rule says the author wins;
+//!   column becomes the author's version if the rule says the author wins;
 //! * a column both changed to different values is a clash: the author wins
-//!   if it had seen the version held here, else the table's rule decides
-//!   ([`super::incoming_wins`]), and an unseen clash is a conflict to record.
+//!   it if it had seen the column's version held here, else the table's
+//!   rule decides ([`super::incoming_wins`]) between that version and the
+//!   author's, and an unseen clash is a conflict to record.
 //!
-//! # What it guarantees, and what it does not
+//! Versions are kept per column: a column written since the row's last
+//! whole write (an insert, or a write at the main itself) carries the
+//! version of the change that wrote it, so a clash is decided against the
+//! column's last writer, not the row's. Kept per row, the outcome depended
+//! on arrival order: branch1 sets `a` (stamp 5); branch2 sets `b` (1), then
+//! `a` (2). Arriving branch1, branch2, branch2, the row became branch2's
+//! with its change of `b`, so its change of `a` counted as informed and won;
+//! arriving branch2, branch2, branch1, branch1's `a` won.
 //!
-//! Tested below over interleavings that keep each author's order: deltas
-//! add up exactly once, however many authors; a value is never discarded
-//! without a conflict naming its column (neither the incoming one nor the
-//! one it overwrites unseen); two concurrent changes end with the same row
-//! in either order under every rule.
+//! # What it guarantees
 //!
-//! Not guaranteed: the version is kept per row, not per column, so a clash
-//! is decided against the row's last writer, who may not be the column's.
-//! Two shops, lww: branch1 sets `a` (stamp 5); branch2 sets `b` (stamp 1),
-//! then `a` (stamp 2). Arriving as branch1, branch2, branch2, the row
-//! becomes branch2's with its change of `b`, so its change of `a` counts as
-//! informed and wins; arriving as branch2, branch2, branch1, branch1's `a`
-//! (5 > 2) wins. The main decides once and relays the result, so every site
-//! still holds the same row; which concurrent value survives can depend on
-//! the order in which the shops reached the main. Versions per column would
-//! close it (issue 14's next step).
+//! Tested below over interleavings that keep each author's order: every
+//! interleaving of several authors' several changes ends with the same row
+//! under every rule; deltas add up exactly once, however many authors; a
+//! value is never discarded without a conflict naming its column (neither
+//! the incoming one nor the one it overwrites unseen).
 
 use super::{incoming_wins, ConflictRule, Held};
 
@@ -64,20 +63,20 @@ pub struct Column<'a> {
     pub ours: Option<&'a str>,
     /// The author's new value.
     pub theirs: Option<&'a str>,
+    /// The version of the value held here: the column's own if it was
+    /// written since the row's last whole write, else the row's.
+    pub held: &'a Held,
+    /// Whether the incoming change's author had seen `held` (R15).
+    pub seen: bool,
 }
 
-/// Who wrote the row held here, who the incoming change is, and what the
-/// incoming change had seen.
+/// Who decides and who the incoming change is.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     /// The table's rule.
     pub rule: ConflictRule,
     /// The main's node name (for `main_wins`).
     pub main: &'a str,
-    /// The row's version held here.
-    pub held: &'a Held,
-    /// Whether the incoming change's author had seen `held` (R15).
-    pub seen: bool,
     /// The incoming change's author.
     pub author: &'a str,
     /// The incoming change's stamp.
@@ -98,7 +97,8 @@ pub enum Write<'a> {
     },
 }
 
-/// The row's version after the merge.
+/// The row's version after the merge (the version its delete, its owner
+/// and its relay verdict are decided by; columns carry their own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowVersion {
     /// Nothing written: the row keeps its version.
@@ -111,29 +111,68 @@ pub enum RowVersion {
     Held,
 }
 
+/// A column both sides changed to different values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clash<'a> {
+    /// The column.
+    pub column: &'a str,
+    /// The version of the value held here.
+    pub held: &'a Held,
+    /// Whether the incoming value won.
+    pub won: bool,
+    /// Whether the author had seen the value held here (then it is no
+    /// conflict: the author changed it knowingly).
+    pub seen: bool,
+}
+
+/// The conflicts of one merge to record: clashes the author had not seen,
+/// one per version met and outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictGroup<'a> {
+    /// The version the incoming change met.
+    pub held: &'a Held,
+    /// Whether the incoming change won these columns.
+    pub won: bool,
+    /// The columns.
+    pub columns: Vec<&'a str>,
+}
+
 /// The outcome of [`merge`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merged<'a> {
     /// Columns to write, in the order given.
     pub writes: Vec<(&'a str, Write<'a>)>,
     /// Columns both sides changed to different values.
-    pub clashes: Vec<&'a str>,
-    /// Whether the incoming change won its clashes (meaningless without).
-    pub incoming_won: bool,
-    /// Whether the clashes are a conflict to record (the incoming change
-    /// had not seen the held version).
-    pub conflict: bool,
+    pub clashes: Vec<Clash<'a>>,
+    /// Columns whose version is now the incoming change's: those it set,
+    /// and those both sides set alike where the rule gives it the column.
+    pub stamped: Vec<&'a str>,
     /// The row's version afterwards.
     pub version: RowVersion,
+}
+
+impl<'a> Merged<'a> {
+    /// The clashes to record as conflicts, grouped by the version met and
+    /// the outcome, in column order.
+    pub fn conflicts(&self) -> Vec<ConflictGroup<'a>> {
+        let mut out: Vec<ConflictGroup<'a>> = Vec::new();
+        for c in self.clashes.iter().filter(|c| !c.seen) {
+            match out.iter_mut().find(|g| g.won == c.won && g.held == c.held) {
+                Some(g) => g.columns.push(c.column),
+                None => out.push(ConflictGroup { held: c.held, won: c.won, columns: vec![c.column] }),
+            }
+        }
+        out
+    }
 }
 
 /// Merges the incoming change `columns` into the row held here (see the
 /// module's doc for the rules).
 pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     let mut writes = Vec::new();
-    // Columns both sides changed to different values, with the author's.
-    let mut clashes: Vec<(&'a str, Option<&'a str>)> = Vec::new();
-    let mut agreed = false;
+    let mut clashes = Vec::new();
+    let mut stamped = Vec::new();
+    let wins = |c: &Column<'_>| c.seen || incoming_wins(ctx.rule, ctx.main, c.held, ctx.author, ctx.stamp);
     for c in columns {
         if c.kind == ColumnKind::Delta {
             if let (Some(Some(old)), Some(new)) = (c.base, c.theirs) {
@@ -146,23 +185,33 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
         match c.base {
             // The author did not change it.
             Some(base) if c.theirs == base => {}
-            _ if c.theirs == c.ours => agreed |= c.base.is_some(),
+            // Both sides set the same value: nothing to write, but the rule
+            // still says whose version the column is now. Left the older
+            // writer's, a later change stamped between the two would win
+            // against it, and the result would depend on arrival order.
+            _ if c.theirs == c.ours => {
+                if c.base.is_some() && wins(c) {
+                    stamped.push(c.name);
+                }
+            }
             // Only the author changed it.
-            Some(base) if c.ours == base => writes.push((c.name, Write::Set(c.theirs))),
+            Some(base) if c.ours == base => {
+                writes.push((c.name, Write::Set(c.theirs)));
+                stamped.push(c.name);
+            }
             // Both changed it; without an old value, every difference.
-            _ => clashes.push((c.name, c.theirs)),
+            _ => {
+                let won = wins(c);
+                clashes.push(Clash { column: c.name, held: c.held, won, seen: c.seen });
+                if won {
+                    writes.push((c.name, Write::Set(c.theirs)));
+                    stamped.push(c.name);
+                }
+            }
         }
     }
-    let wins = ctx.seen || incoming_wins(ctx.rule, ctx.main, ctx.held, ctx.author, ctx.stamp);
-    // Both sides set the same value: nothing to write, but the rule still
-    // says whose version the row is now. Left the older writer's, a later
-    // change stamped between the two would win against it, and under lww the
-    // result would depend on which arrived first.
-    let agreed_wins = agreed && clashes.is_empty() && wins;
-    let lost = !clashes.is_empty() && !wins;
-    if !lost {
-        writes.extend(clashes.iter().map(|(c, v)| (*c, Write::Set(*v))));
-    }
+    let lost = clashes.iter().any(|c| !c.won);
+    let agreed_wins = clashes.is_empty() && stamped.iter().any(|s| !writes.iter().any(|(w, _)| w == s));
     let only_deltas = writes.iter().all(|(_, w)| matches!(w, Write::Add { .. }));
     let version = if writes.is_empty() && !agreed_wins {
         RowVersion::Unchanged
@@ -171,7 +220,7 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     } else {
         RowVersion::Incoming
     };
-    Merged { conflict: !clashes.is_empty() && !ctx.seen, incoming_won: wins, writes, clashes: clashes.into_iter().map(|(c, _)| c).collect(), version }
+    Merged { writes, clashes, stamped, version }
 }
 
 /// The main, modelled for tests: rows of three last-writer columns and a
@@ -184,7 +233,7 @@ pub(crate) mod model {
 
     use proptest::prelude::*;
 
-    use super::{merge, Column, ColumnKind, Context, RowVersion, Write};
+    use super::{merge, Column, ColumnKind, Context, Write};
     use crate::conflict::{ConflictRule, Held};
 
     /// The last-writer columns.
@@ -204,21 +253,23 @@ pub(crate) mod model {
         pub new: BTreeMap<&'static str, String>,
     }
 
-    /// One row at the main and its version.
+    /// One row at the main and its columns' versions.
     #[derive(Debug, Clone, PartialEq)]
     pub struct Main {
         pub row: BTreeMap<&'static str, String>,
-        pub held: Held,
-        /// Seen by everyone (the row from before init).
-        pub baseline: bool,
+        /// Each column's version, and whether everyone has seen it (the
+        /// row from before init).
+        pub held: BTreeMap<&'static str, (Held, bool)>,
     }
 
     /// What one arrival did: the columns whose incoming value was
-    /// discarded, the values here that were overwritten, and the columns a
-    /// recorded conflict names.
+    /// discarded, the values here that were overwritten without having been
+    /// seen, and the conflicts recorded (one per version met and outcome),
+    /// with the columns they name.
     pub struct Arrival {
         pub discarded: Vec<&'static str>,
-        pub overwritten: Vec<&'static str>,
+        pub overwritten_unseen: Vec<&'static str>,
+        pub conflicts: usize,
         pub conflict_cols: Vec<&'static str>,
     }
 
@@ -231,14 +282,19 @@ pub(crate) mod model {
 
     /// The initial row as the baseline everyone has seen.
     pub fn initial() -> Main {
-        Main { row: initial_row(), held: Held { node: String::new(), stamp: 0, inserted_by: "main".into() }, baseline: true }
+        written(Held { node: String::new(), stamp: 0, inserted_by: "main".into() }, true)
+    }
+
+    /// The initial row, written whole as `held`.
+    pub fn written(held: Held, baseline: bool) -> Main {
+        Main { row: initial_row(), held: COLS.iter().map(|c| (*c, (held.clone(), baseline))).collect() }
     }
 
     impl Main {
         /// Merges `ch` (whose author had seen nothing of the others).
         pub fn apply(&mut self, ch: &Change, rule: ConflictRule) -> Arrival {
-            let seen = self.baseline || self.held.node == ch.author;
             let (row, held) = (self.row.clone(), self.held.clone());
+            let seen = |c: &str| held[c].1 || held[c].0.node == ch.author;
             let cols: Vec<Column<'_>> = COLS
                 .iter()
                 .map(|name| Column {
@@ -247,13 +303,16 @@ pub(crate) mod model {
                     base: Some(Some(ch.base[name].as_str())),
                     ours: Some(row[name].as_str()),
                     theirs: Some(ch.new[name].as_str()),
+                    held: &held[name].0,
+                    seen: seen(name),
                 })
                 .collect();
-            let m = merge(&cols, &Context { rule, main: "main", held: &held, seen, author: ch.author, stamp: ch.stamp });
+            let m = merge(&cols, &Context { rule, main: "main", author: ch.author, stamp: ch.stamp });
             let written: BTreeMap<&str, Write<'_>> = m.writes.iter().cloned().collect();
             let discarded = LWW_COLS.iter().copied().filter(|c| ch.new[c] != ch.base[c] && ch.new[c] != row[c] && !written.contains_key(c)).collect();
-            let overwritten = LWW_COLS.iter().copied().filter(|c| row[c] != ch.base[c] && written.contains_key(c)).collect();
-            let conflict_cols = if m.conflict { LWW_COLS.iter().copied().filter(|c| m.clashes.contains(c)).collect() } else { Vec::new() };
+            let overwritten_unseen = LWW_COLS.iter().copied().filter(|c| row[c] != ch.base[c] && written.contains_key(c) && !seen(c)).collect();
+            let groups = m.conflicts();
+            let conflict_cols = groups.iter().flat_map(|g| g.columns.iter().copied()).filter_map(|c| LWW_COLS.iter().copied().find(|l| *l == c)).collect();
             let mut next = row.clone();
             for name in COLS {
                 match written.get(name) {
@@ -268,11 +327,13 @@ pub(crate) mod model {
                 }
             }
             self.row = next;
-            if m.version == RowVersion::Incoming {
-                self.held = Held { node: ch.author.into(), stamp: ch.stamp, inserted_by: self.held.inserted_by.clone() };
-                self.baseline = false;
+            for c in &m.stamped {
+                if let Some(name) = COLS.iter().copied().find(|n| n == c) {
+                    let inserted_by = self.held[name].0.inserted_by.clone();
+                    self.held.insert(name, (Held { node: ch.author.into(), stamp: ch.stamp, inserted_by }, false));
+                }
             }
-            Arrival { discarded, overwritten, conflict_cols }
+            Arrival { discarded, overwritten_unseen, conflicts: groups.len(), conflict_cols }
         }
     }
 
@@ -342,64 +403,80 @@ mod tests {
         Held { node: node.into(), stamp, inserted_by: "main".into() }
     }
 
-    fn ctx<'a>(held: &'a Held, seen: bool, author: &'a str, stamp: u64) -> Context<'a> {
-        Context { rule: ConflictRule::Lww, main: "main", held, seen, author, stamp }
+    fn ctx<'a>(author: &'a str, stamp: u64) -> Context<'a> {
+        Context { rule: ConflictRule::Lww, main: "main", author, stamp }
     }
 
-    fn lww<'a>(name: &'a str, base: Option<&'a str>, ours: Option<&'a str>, theirs: Option<&'a str>) -> Column<'a> {
-        Column { name, kind: ColumnKind::Lww, base: Some(base), ours, theirs }
+    fn lww<'a>(name: &'a str, base: Option<&'a str>, ours: Option<&'a str>, theirs: Option<&'a str>, held: &'a Held, seen: bool) -> Column<'a> {
+        Column { name, kind: ColumnKind::Lww, base: Some(base), ours, theirs, held, seen }
     }
 
     #[test]
     fn a_column_only_the_author_changed_takes_its_value_and_the_row_its_version() {
         let h = held("branch2", 9);
-        let m = merge(&[lww("price", Some("1"), Some("1"), Some("2")), lww("name", Some("a"), Some("b"), Some("a"))], &ctx(&h, false, "branch1", 5));
+        let m = merge(&[lww("price", Some("1"), Some("1"), Some("2"), &h, false), lww("name", Some("a"), Some("b"), Some("a"), &h, false)], &ctx("branch1", 5));
         assert_eq!(m.writes, vec![("price", Write::Set(Some("2")))]);
-        assert!(m.clashes.is_empty() && !m.conflict);
+        assert_eq!(m.stamped, vec!["price"], "the column is the author's now; name keeps branch2's version");
+        assert!(m.clashes.is_empty() && m.conflicts().is_empty());
         assert_eq!(m.version, RowVersion::Incoming);
     }
 
     #[test]
     fn an_unseen_clash_is_a_conflict_decided_by_the_rule_and_a_seen_one_is_not() {
         let h = held("branch2", 9);
-        let cols = [lww("price", Some("1"), Some("3"), Some("2"))];
-        let lost = merge(&cols, &ctx(&h, false, "branch1", 5));
-        assert!(lost.writes.is_empty() && lost.conflict && !lost.incoming_won);
+        let lost = merge(&[lww("price", Some("1"), Some("3"), Some("2"), &h, false)], &ctx("branch1", 5));
+        assert!(lost.writes.is_empty() && lost.stamped.is_empty());
+        assert_eq!(lost.conflicts(), vec![ConflictGroup { held: &h, won: false, columns: vec!["price"] }]);
         assert_eq!(lost.version, RowVersion::Unchanged, "nothing written, the row stays the held version");
-        let won = merge(&cols, &ctx(&h, false, "branch1", 10));
-        assert_eq!((won.writes.clone(), won.conflict, won.version), (vec![("price", Write::Set(Some("2")))], true, RowVersion::Incoming));
-        let seen = merge(&cols, &ctx(&h, true, "branch1", 5));
-        assert_eq!((seen.writes.clone(), seen.conflict, seen.version), (vec![("price", Write::Set(Some("2")))], false, RowVersion::Incoming));
+        let won = merge(&[lww("price", Some("1"), Some("3"), Some("2"), &h, false)], &ctx("branch1", 10));
+        assert_eq!((won.writes.clone(), won.conflicts().len(), won.version), (vec![("price", Write::Set(Some("2")))], 1, RowVersion::Incoming));
+        let seen = merge(&[lww("price", Some("1"), Some("3"), Some("2"), &h, true)], &ctx("branch1", 5));
+        assert_eq!((seen.writes.clone(), seen.conflicts().len(), seen.version), (vec![("price", Write::Set(Some("2")))], 0, RowVersion::Incoming));
+    }
+
+    #[test]
+    fn each_clash_is_decided_against_its_columns_own_version() {
+        // `a` was last written by branch1 at 5, `b` by branch3 at 1: branch2's
+        // change at 2 loses `a` and wins `b`, two conflicts.
+        let (a, b) = (held("branch1", 5), held("branch3", 1));
+        let m = merge(&[lww("a", Some("a0"), Some("a1"), Some("a2"), &a, false), lww("b", Some("b0"), Some("b3"), Some("b2"), &b, false)], &ctx("branch2", 2));
+        assert_eq!(m.writes, vec![("b", Write::Set(Some("b2")))]);
+        assert_eq!(m.stamped, vec!["b"]);
+        assert_eq!(m.conflicts(), vec![ConflictGroup { held: &a, won: false, columns: vec!["a"] }, ConflictGroup { held: &b, won: true, columns: vec!["b"] }]);
+        assert_eq!(m.version, RowVersion::Held, "a column lost: the row stays the held version");
     }
 
     #[test]
     fn a_delta_adds_the_authors_difference_even_when_the_rest_loses() {
         let h = held("branch2", 9);
-        let cols = [Column { name: "qty", kind: ColumnKind::Delta, base: Some(Some("10")), ours: Some("7"), theirs: Some("8") }, lww("note", Some("a"), Some("b"), Some("c"))];
-        let m = merge(&cols, &ctx(&h, false, "branch1", 5));
+        let cols = [
+            Column { name: "qty", kind: ColumnKind::Delta, base: Some(Some("10")), ours: Some("7"), theirs: Some("8"), held: &h, seen: false },
+            lww("note", Some("a"), Some("b"), Some("c"), &h, false),
+        ];
+        let m = merge(&cols, &ctx("branch1", 5));
         assert_eq!(m.writes, vec![("qty", Write::Add { new: "8", old: "10" })]);
-        assert_eq!((m.conflict, m.version), (true, RowVersion::Held));
-        let only = merge(&cols[..1], &ctx(&h, false, "branch1", 50));
-        assert_eq!(only.version, RowVersion::Held, "a counter never makes the row its author's");
+        assert_eq!((m.conflicts().len(), m.version), (1, RowVersion::Held));
+        let only = merge(&cols[..1], &ctx("branch1", 50));
+        assert_eq!((only.version, only.stamped.len()), (RowVersion::Held, 0), "a counter never makes the row or the column its author's");
     }
 
     #[test]
     fn without_an_old_row_every_difference_is_a_clash() {
         let h = held("branch2", 9);
-        let c = Column { name: "price", kind: ColumnKind::Lww, base: None, ours: Some("1"), theirs: Some("2") };
+        let c = Column { name: "price", kind: ColumnKind::Lww, base: None, ours: Some("1"), theirs: Some("2"), held: &h, seen: false };
         let same = Column { theirs: Some("1"), ..c };
-        let m = merge(&[c, Column { name: "name", ..same }], &ctx(&h, false, "branch1", 10));
-        assert_eq!((m.clashes, m.writes), (vec!["price"], vec![("price", Write::Set(Some("2")))]));
+        let m = merge(&[c, Column { name: "name", ..same }], &ctx("branch1", 10));
+        assert_eq!(m.clashes.iter().map(|c| c.column).collect::<Vec<_>>(), vec!["price"]);
+        assert_eq!(m.writes, vec![("price", Write::Set(Some("2")))]);
     }
 
     #[test]
-    fn the_same_value_on_both_sides_makes_the_row_the_winners_version_without_a_write() {
+    fn the_same_value_on_both_sides_makes_the_column_the_winners_version_without_a_write() {
         let h = held("branch2", 9);
-        let cols = [lww("price", Some("1"), Some("2"), Some("2"))];
-        let later = merge(&cols, &ctx(&h, false, "branch1", 10));
-        assert_eq!((later.writes.is_empty(), later.conflict, later.version), (true, false, RowVersion::Incoming));
-        let earlier = merge(&cols, &ctx(&h, false, "branch1", 5));
-        assert_eq!(earlier.version, RowVersion::Unchanged);
+        let later = merge(&[lww("price", Some("1"), Some("2"), Some("2"), &h, false)], &ctx("branch1", 10));
+        assert_eq!((later.writes.is_empty(), later.conflicts().len(), later.stamped.clone(), later.version), (true, 0, vec!["price"], RowVersion::Incoming));
+        let earlier = merge(&[lww("price", Some("1"), Some("2"), Some("2"), &h, false)], &ctx("branch1", 5));
+        assert_eq!((earlier.version, earlier.stamped.len()), (RowVersion::Unchanged, 0));
     }
 
     use super::model::{authors, initial, interleave, moved, Change, DELTA_COL};
@@ -408,28 +485,48 @@ mod tests {
         prop_oneof![Just(ConflictRule::Lww), Just(ConflictRule::MainWins), Just(ConflictRule::BranchWins)]
     }
 
+    /// The row the main holds once `order` has arrived.
+    fn run(order: &[Change], rule: ConflictRule) -> std::collections::BTreeMap<&'static str, String> {
+        let mut main = initial();
+        for ch in order {
+            main.apply(ch, rule);
+        }
+        main.row
+    }
+
+    /// The example in the module's doc: decided against the row's last
+    /// writer, branch1's `a` survived in one order and branch2's in the
+    /// other; against the column's, branch1's (stamp 5 > 2) in both.
+    #[test]
+    fn the_documented_example_ends_alike_in_both_orders() {
+        let change = |author: &'static str, stamp: u64, base: &std::collections::BTreeMap<&'static str, String>, col: &'static str, v: &str| {
+            let mut new = base.clone();
+            new.insert(col, v.into());
+            Change { author, stamp, key: 0, base: base.clone(), new }
+        };
+        let b1 = change("branch1", 5, &model::initial_row(), "a", "a1");
+        let b2b = change("branch2", 1, &model::initial_row(), "b", "b2");
+        let b2a = change("branch2", 2, &b2b.new.clone(), "a", "a2");
+        let first = run(&[b1.clone(), b2b.clone(), b2a.clone()], ConflictRule::Lww);
+        assert_eq!(first, run(&[b2b, b2a, b1], ConflictRule::Lww));
+        assert_eq!((first["a"].as_str(), first["b"].as_str()), ("a1", "b2"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3_000))]
 
-        /// Two shops offline, each with a change to one row: the main ends
-        /// with the same row whichever arrives first, and the counter moved
-        /// by both.
+        /// Three shops offline, several changes each to one row: every
+        /// interleaving that keeps each shop's order ends with the same row,
+        /// and the counter moved by all of them.
         #[test]
-        fn two_concurrent_changes_end_with_the_same_row_in_either_order(
+        fn every_interleaving_of_the_authors_changes_ends_with_the_same_row(
             rule in any_rule(),
-            per_author in authors(&["branch1", "branch2"], 1, 1, 0),
-            picks in proptest::collection::vec(0usize..2, 8),
-            other in proptest::collection::vec(0usize..2, 8),
+            per_author in authors(&["branch1", "branch2", "branch3"], 1, 4, 0),
+            picks in proptest::collection::vec(0usize..3, 12),
+            other in proptest::collection::vec(0usize..3, 12),
         ) {
-            let run = |order: &[Change]| {
-                let mut main = initial();
-                for ch in order {
-                    main.apply(ch, rule);
-                }
-                main.row
-            };
-            let one = run(&interleave(&per_author, &picks));
-            prop_assert_eq!(&one, &run(&interleave(&per_author, &other)));
+            let one = run(&interleave(&per_author, &picks), rule);
+            prop_assert_eq!(&one, &run(&interleave(&per_author, &other), rule));
             prop_assert_eq!(one[DELTA_COL].parse::<i64>().unwrap(), 100 + moved(&per_author, 0));
         }
 
@@ -444,18 +541,14 @@ mod tests {
         ) {
             let mut main = initial();
             for ch in interleave(&per_author, &picks) {
-                let seen = main.baseline || main.held.node == ch.author;
                 let arrival = main.apply(&ch, rule);
-                for c in &arrival.discarded {
-                    prop_assert!(arrival.conflict_cols.contains(c), "{}'s value of {} discarded without a conflict", ch.author, c);
-                }
-                if !seen {
-                    for c in &arrival.overwritten {
-                        prop_assert!(arrival.conflict_cols.contains(c), "{} overwrote {} without a conflict", ch.author, c);
-                    }
+                for c in arrival.discarded.iter().chain(&arrival.overwritten_unseen) {
+                    prop_assert!(arrival.conflict_cols.contains(c), "{}'s change of {} discarded or overwrote a value without a conflict", ch.author, c);
                 }
             }
             prop_assert_eq!(main.row[DELTA_COL].parse::<i64>().unwrap(), 100 + moved(&per_author, 0));
         }
     }
+
+    use super::model;
 }
