@@ -210,6 +210,38 @@ fn check_server(f: &ServerFacts) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Judges whether a server whose `max_replication_slots` is `max`, with
+/// `others` replication origins of other tools, can track the origins of
+/// `authors` sites whose changes this node applies (one each, R3).
+fn check_origins(max: i32, others: i32, authors: usize) -> Result<(), EngineError> {
+    let want = others.saturating_add(i32::try_from(authors).unwrap_or(i32::MAX));
+    if max >= want {
+        return Ok(());
+    }
+    Err(misconfigured(
+        format!("max_replication_slots is {max} but this node applies the changes of {authors} sites"),
+        format!(
+            "PostgreSQL tracks at most max_replication_slots replication origins, and branchsync writes each site's changes under an origin of its own{}; a site past the limit could not be applied.",
+            if others > 0 { format!(" ({others} origins here belong to other tools)") } else { String::new() }
+        ),
+        format!("Set max_replication_slots = {want} or more in postgresql.conf (or ALTER SYSTEM SET max_replication_slots = {want}) and restart PostgreSQL; leave room for the branches you will add."),
+    ))
+}
+
+/// Checks that the server can track a replication origin for each of the
+/// `authors` sites whose changes this node applies (at the main: one per
+/// configured branch).
+pub async fn check_origin_capacity(client: &Client, authors: usize) -> Result<(), EngineError> {
+    let r = client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int,                     (SELECT count(*) FROM pg_catalog.pg_replication_origin WHERE roname NOT LIKE 'branchsync\\_%')::int",
+            &[],
+        )
+        .await
+        .map_err(EngineError::pg("reading the replication origins"))?;
+    check_origins(r.get(0), r.get(1), authors)
+}
+
 /// Checks that the server is configured the way branchsync needs:
 /// PostgreSQL 15 or later, `wal_level = logical`, `track_commit_timestamp =
 /// on`, a free replication slot (unless ours exists), and a role that is a
@@ -1046,6 +1078,25 @@ mod pg_tests {
          CREATE TABLE sales_1 PARTITION OF sales FOR VALUES FROM (0) TO (100);
          INSERT INTO orders (total) SELECT 1 FROM generate_series(1, 7);
          INSERT INTO local_cache (v) VALUES ('x');";
+
+    #[test]
+    fn a_main_with_more_branches_than_origins_it_can_track_is_refused_with_the_setting_to_raise() {
+        check_origins(10, 0, 10).unwrap();
+        let e = check_origins(10, 2, 49).unwrap_err().to_string();
+        for m in ["max_replication_slots is 10 but this node applies the changes of 49 sites", "2 origins here belong to other tools", "max_replication_slots = 51", "restart PostgreSQL"] {
+            assert!(e.contains(m), "{m:?} missing in:\n{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn origin_capacity_is_read_from_the_server() {
+        let pg = PgCluster::start_with(&["max_replication_slots = 4"]);
+        let c = pg.connect().await;
+        c.batch_execute("SELECT pg_replication_origin_create('other_tool'); SELECT pg_replication_origin_create('branchsync_branch1');").await.unwrap();
+        check_origin_capacity(&c, 3).await.unwrap();
+        let e = check_origin_capacity(&c, 4).await.unwrap_err().to_string();
+        assert!(e.contains("max_replication_slots is 4 but this node applies the changes of 4 sites") && e.contains("= 5 or more"), "{e}");
+    }
 
     #[tokio::test]
     async fn preflight_names_wal_level_and_the_fix() {

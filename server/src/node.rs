@@ -218,6 +218,11 @@ impl Node {
     pub async fn start(s: NodeSettings) -> Result<Node, EngineError> {
         let conn = pg::connect(&s.db_url, "branchsync startup").await?;
         branchsync_engine::setup::preflight(&conn.client).await?;
+        if s.role == Role::Main {
+            // One origin per branch whose stream the main applies.
+            let branches = s.admission.borrow().names().len();
+            branchsync_engine::setup::check_origin_capacity(&conn.client, branches).await?;
+        }
         let system_id = pg::system_identifier(&conn.client).await?;
         check_identity(&conn.client, &s, system_id).await?;
         std::fs::create_dir_all(&s.data_dir).map_err(|e| {

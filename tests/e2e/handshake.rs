@@ -401,3 +401,23 @@ async fn a_ddl_policy_or_tombstone_days_that_differ_from_the_mains_are_refused_a
     branch.start();
     wait_converged(&topo.sites(), &["orders"], Duration::from_secs(30)).await;
 }
+
+/// A main configured for more branches than its PostgreSQL can track
+/// replication origins for refuses to start, naming the setting and the
+/// value to set. Found by the fan-out benchmark: with PostgreSQL's default
+/// `max_replication_slots`, the session of every branch past the limit
+/// failed with SQLSTATE 53400 and was retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_main_with_more_branches_than_its_server_tracks_origins_for_refuses_to_start() {
+    let mut main = Site::with_cluster("main", 0, PgCluster::start_with(&["max_replication_slots = 4"]));
+    let names: Vec<(String, u32)> = (1..=5).map(|i| (format!("branch{i}"), i)).collect();
+    let refs: Vec<(&str, u32)> = names.iter().map(|(n, i)| (n.as_str(), *i)).collect();
+    main.write_main_config(free_port(), &refs, "");
+    main.init();
+    main.start();
+    let st = main.wait_exit(Duration::from_secs(60)).unwrap_or_else(|| panic!("the main must refuse to start\n{}", main.daemon_log()));
+    assert_eq!(st.code(), Some(3), "the status that tells a service manager not to restart it");
+    let log = main.daemon_log();
+    assert!(log.contains("max_replication_slots is 4 but this node applies the changes of 5 sites"), "{log}");
+    assert!(log.contains("max_replication_slots = 5 or more") && log.contains("restart PostgreSQL"), "{log}");
+}

@@ -974,9 +974,15 @@ impl Applier {
             )
             .await
             .map_err(EngineError::pg(format!("creating replication origin {origin}")))?;
-            c.execute("SELECT pg_replication_origin_session_setup($1)::text", &[&origin])
-                .await
-                .map_err(EngineError::pg(format!("setting up replication origin {origin}")))?;
+            c.execute("SELECT pg_replication_origin_session_setup($1)::text", &[&origin]).await.map_err(|e| {
+                // 53400: no free origin state; retried, but say what to change.
+                let hint = if e.code() == Some(&tokio_postgres::error::SqlState::CONFIGURATION_LIMIT_EXCEEDED) {
+                    " (max_replication_slots also caps the replication origins the server tracks, one per site whose changes this node applies: raise it and restart PostgreSQL)"
+                } else {
+                    ""
+                };
+                EngineError::pg(format!("setting up replication origin {origin}{hint}"))(e)
+            })?;
             self.session_origin = Some(origin);
         }
         Ok(())
