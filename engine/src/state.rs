@@ -420,7 +420,14 @@ pub const PUBLICATION: &str = "branchsync";
 /// Name of the logical replication slot `init` creates.
 pub const SLOT: &str = "branchsync";
 
-/// Replication origin name for changes authored by `node`.
+/// The replication origin a branch applies the relay under, whoever
+/// authored each ChangeSet: one origin lets a branch apply the ChangeSets of
+/// many shops in one transaction (the relay interleaves them), and a branch
+/// tells applied rows from its own only by their origin being not 0.
+pub const RELAY_ORIGIN: &str = "branchsync_relay";
+
+/// Replication origin name for changes authored by `node` (at the main,
+/// each branch's stream applies under its author's).
 pub fn origin_name(node: &str) -> String {
     format!("branchsync_{node}")
 }

@@ -842,7 +842,10 @@ impl Applier {
                     }
                     let budget_spent = t.started.elapsed() >= self.cfg.group_budget;
                     let held_rows = t.touched_existing;
-                    if t.author != e.header.author || budget_spent || careful || t.careful {
+                    // One transaction is one origin: at the main, one
+                    // author's; at a branch, the relay's, so the ChangeSets
+                    // of many shops share a commit.
+                    if self.origin_for(&t.author) != self.origin_for(&e.header.author) || budget_spent || careful || t.careful {
                         self.commit().await?;
                         if budget_spent && held_rows {
                             // A catch-up of changes to existing rows would
@@ -959,9 +962,18 @@ impl Applier {
         crate::marks::seal(&self.cfg.mark_key, prefix, self.xid, body)
     }
 
-    /// Sets the session's replication origin to the author's.
+    /// The replication origin a ChangeSet of `author` is applied under:
+    /// its author's at the main (R3), the relay's at a branch.
+    fn origin_for(&self, author: &str) -> String {
+        match self.cfg.role {
+            crate::Role::Main => origin_name(author),
+            crate::Role::Branch => crate::state::RELAY_ORIGIN.to_string(),
+        }
+    }
+
+    /// Sets the session's replication origin for a ChangeSet of `author`.
     async fn set_origin(&mut self, author: &str) -> Result<(), EngineError> {
-        let origin = origin_name(author);
+        let origin = self.origin_for(author);
         if self.session_origin.as_deref() != Some(origin.as_str()) {
             let c = &self.conn.client;
             if self.session_origin.is_some() {
