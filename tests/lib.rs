@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub use branchsync_engine::test_utils::{connect, eventually, faked_clock, free_port, pg_bin_dir, PgCluster};
-pub use branchsync_server::scenario::local::LinkProxy;
+pub use branchsync_scenario::local::LinkProxy;
 
 /// Path of the `branchsync` binary under test.
 pub fn branchsync_bin() -> PathBuf {

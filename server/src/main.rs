@@ -14,7 +14,8 @@ mod progress;
 mod report;
 mod status;
 
-use branchsync_server::{http, scenario, tls};
+use branchsync_scenario as scenario;
+use branchsync_server::{http, tls};
 
 use std::path::PathBuf;
 use std::sync::Arc;

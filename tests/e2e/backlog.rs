@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use branchsync_server::scenario::local::Direction;
+use branchsync_scenario::local::Direction;
 use branchsync_tests::*;
 
 fn schema() -> String {

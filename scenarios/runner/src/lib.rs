@@ -27,6 +27,7 @@
 
 mod checks;
 pub mod compose;
+mod http;
 pub mod local;
 mod run;
 pub mod spec;

@@ -25,11 +25,11 @@
 use serde::Deserialize;
 
 /// Built-in schemas a scenario can start from.
-pub const POS_SCHEMA: &str = include_str!("../../../scenarios/pos/schema.sql");
+pub const POS_SCHEMA: &str = include_str!("../../pos/schema.sql");
 /// The `[[tables]]` rules of [`POS_SCHEMA`].
-pub const POS_TABLE_RULES: &str = include_str!("../../../scenarios/pos/tables.toml");
+pub const POS_TABLE_RULES: &str = include_str!("../../pos/tables.toml");
 /// The scenario `branchsync demo` runs.
-pub const POS_OFFLINE: &str = include_str!("../../../scenarios/pos-offline.toml");
+pub const POS_OFFLINE: &str = include_str!("../../pos-offline.toml");
 
 /// A scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn shipped_scenarios_parse() {
         for f in ["pos-offline", "module-install", "flapping-link", "crash-recovery"] {
-            let path = format!("{}/../scenarios/{f}.toml", env!("CARGO_MANIFEST_DIR"));
+            let path = format!("{}/../{f}.toml", env!("CARGO_MANIFEST_DIR"));
             let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
             let s = Scenario::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(s.name, f);
