@@ -136,15 +136,28 @@ pub(super) async fn stream_loop(
     let mut offsets_loaded = Instant::now();
     let mut last_confirm = Instant::now().checked_sub(CONFIRM_GAP).unwrap_or_else(Instant::now);
     loop {
+        // Under load the stream always has the next event ready: shutdown
+        // and the writer's connection are checked without registering a
+        // waker for each event, the clock is read once per event, and the
+        // confirmation timer is armed only when the stream is idle (each
+        // cost a few percent of capture's CPU at 9,000 transactions/s).
+        if shutdown.has_changed().unwrap_or(true) {
+            return Ok(());
+        }
+        if writer_closed.has_changed().unwrap_or(true) {
+            return Err(EngineError::ConnectionLost { context: "writing tombstones".into() });
+        }
+        let now = Instant::now();
+        let confirm_at = last_confirm + CONFIRM_GAP;
         let next = tokio::select! {
             biased;
+            ev = client.recv() => Some(ev),
             _ = shutdown.changed() => return Ok(()),
             _ = writer_closed.changed() => return Err(EngineError::ConnectionLost { context: "writing tombstones".into() }),
-            ev = client.recv() => Some(ev),
             // Nothing waiting: make what was read durable now, or as soon
             // as the gap since the last confirmation has passed.
-            _ = std::future::ready(()), if pending.is_some() && last_confirm.elapsed() >= CONFIRM_GAP => None,
-            _ = tokio::time::sleep(CONFIRM_GAP.saturating_sub(last_confirm.elapsed())), if pending.is_some() => None,
+            _ = std::future::ready(()), if pending.is_some() && now >= confirm_at => None,
+            _ = tokio::time::sleep_until(confirm_at.into()), if pending.is_some() => None,
         };
         let ev = match next {
             None => {
@@ -214,12 +227,12 @@ pub(super) async fn stream_loop(
         if cap.tombstones.len() >= super::TOMBSTONE_BATCH_ROWS || cap.tombstone_bytes >= super::TOMBSTONE_BATCH_BYTES {
             cap.write_back_tombstones(&writer.client).await?;
         }
-        if pending.is_some_and(|p| p.1.elapsed() >= CONFIRM_EVERY) {
+        if pending.is_some_and(|p| now.saturating_duration_since(p.1) >= CONFIRM_EVERY) {
             confirm(cap, &client, &writer.client, &mut pending, server_end).await?;
             last_confirm = Instant::now();
             status.send_replace(cap.status.clone());
         }
-        if offsets_loaded.elapsed() >= Duration::from_secs(1) && cap.txn.is_none() {
+        if now.saturating_duration_since(offsets_loaded) >= Duration::from_secs(1) && cap.txn.is_none() {
             cap.load_offsets(&writer.client).await?;
             offsets_loaded = Instant::now();
         }
