@@ -204,23 +204,14 @@ impl Applier {
             let cur = if local {
                 // Written here by the ERP (or before init): its commit time on
                 // the main's clock is its version, for every column.
-                match cts {
-                    Some(ts) if ts >= self.init_ts_us => Current {
-                        values,
-                        held: Held { node: self.cfg.node.clone(), stamp: ts.max(0) as u64, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
-                        main_ts: ts,
-                        baseline: false,
-                        base: None,
-                        cols: HashMap::new(),
-                    },
-                    _ => Current {
-                        values,
-                        held: Held { node: String::new(), stamp: 0, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
-                        main_ts: 0,
-                        baseline: true,
-                        base: None,
-                        cols: HashMap::new(),
-                    },
+                let ColumnVersion(stamp, node, main_ts) = self.local_version(cts);
+                Current {
+                    values,
+                    held: Held { node, stamp, inserted_by: rv_ins.unwrap_or_else(|| self.cfg.node.clone()) },
+                    main_ts,
+                    baseline: main_ts == 0,
+                    base: None,
+                    cols: HashMap::new(),
                 }
             } else {
                 // Versions of columns written apart; a record that does not
@@ -251,9 +242,19 @@ impl Applier {
         Ok(out)
     }
 
-    /// Whether `h`'s author had seen the version `cur` (R15).
+    /// Whether `h`'s author had seen the version `cur` of the row (R15).
     fn had_seen(&self, h: &ChangeSetHeader, cur: &Current) -> bool {
-        cur.baseline || cur.held.node == h.author || (cur.main_ts > 0 && cur.main_ts <= h.seen_main_ts)
+        Self::had_seen_column(h, &cur.row_version())
+    }
+
+    /// The version of a row last written here (origin 0) and committed at
+    /// `ts` (µs, the main's clock): this node's, or the baseline when it is
+    /// from before `init` or its commit time is gone.
+    fn local_version(&self, ts: Option<i64>) -> ColumnVersion {
+        match ts {
+            Some(ts) if ts >= self.init_ts_us => ColumnVersion(ts.max(0) as u64, self.cfg.node.clone(), ts),
+            _ => ColumnVersion(0, String::new(), 0),
+        }
     }
 
     /// Whether `h`'s author had seen the column version `v` (R15).
@@ -412,6 +413,8 @@ impl Applier {
         let olds: Vec<Vec<Value>> = batch.iter().map(|i| old_of(&run[*i])).collect();
         let keys: Vec<Vec<Option<&str>>> = (0..ks.len()).map(|j| olds.iter().map(|o| o.get(ks[j]).and_then(Value::as_text)).collect()).collect();
         let cmp_vals: Vec<Vec<Option<&str>>> = cmp_src.iter().map(|c| olds.iter().map(|o| o.get(*c).and_then(Value::as_text)).collect()).collect();
+        // Each batched change's key as the statements return it.
+        let batch_keys: Vec<String> = (0..batch.len()).map(|n| key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>())).collect();
         let stamp = e.header.stamp as i64;
         let applied_keys: Vec<String>;
         if is_delete {
@@ -456,16 +459,15 @@ impl Applier {
                     RowChange::Update { old: Some(o), new, .. } => delta_only(&o.values, new),
                     _ => false,
                 })
-                .map(|(n, _)| key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>()))
+                .map(|(n, _)| batch_keys[n].clone())
                 .collect();
             let (kept, theirs): (Vec<&tokio_postgres::Row>, Vec<&tokio_postgres::Row>) = rows.iter().partition(|r| only_deltas.contains(&r.get::<_, String>(0)));
             if !theirs.is_empty() {
                 // The columns each row's change wrote take its version.
-                let mut changed: HashMap<String, Vec<&str>> = HashMap::new();
+                let mut changed: HashMap<&str, Vec<&str>> = HashMap::new();
                 for (n, i) in batch.iter().enumerate() {
                     let RowChange::Update { old: Some(o), new, .. } = &run[*i] else { continue };
-                    let k = key_text(&(0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect::<Vec<_>>());
-                    let cols = changed.entry(k).or_default();
+                    let cols = changed.entry(batch_keys[n].as_str()).or_default();
                     for (j, name) in set_src.iter().zip(&set_names) {
                         if o.values.get(*j) != new.get(*j) && !cols.contains(name) {
                             cols.push(name);
@@ -479,12 +481,8 @@ impl Applier {
                     let (origin, ts): (Option<i64>, Option<i64>) = (r.get(1), r.get(2));
                     // A row that was this node's own (or the baseline): its
                     // other columns keep that version.
-                    let local = match (origin, ts) {
-                        (Some(0), Some(ts)) if ts >= self.init_ts_us => Some(ColumnVersion(ts.max(0) as u64, self.cfg.node.clone(), ts)),
-                        (Some(0), _) => Some(ColumnVersion(0, String::new(), 0)),
-                        _ => None,
-                    };
-                    tch.push(serde_json::to_string(changed.get(&k).map(Vec::as_slice).unwrap_or_default()).unwrap_or_default());
+                    let local = (origin == Some(0)).then(|| self.local_version(ts));
+                    tch.push(serde_json::to_string(changed.get(k.as_str()).map(Vec::as_slice).unwrap_or_default()).unwrap_or_default());
                     tlb.push(local.map(|v| serde_json::to_string(&v).unwrap_or_default()));
                     tx.push(r.get::<_, Option<i64>>(3));
                     tk.push(k);
@@ -503,8 +501,7 @@ impl Applier {
         }
         let applied: std::collections::HashSet<String> = applied_keys.into_iter().collect();
         for (n, i) in batch.iter().enumerate() {
-            let k: Vec<&str> = (0..ks.len()).map(|j| keys[j][n].unwrap_or("")).collect();
-            if applied.contains(&key_text(&k)) {
+            if applied.contains(&batch_keys[n]) {
                 done[*i] = true;
             }
         }
@@ -613,7 +610,6 @@ impl Applier {
         // Serialising strings and numbers cannot fail.
         let base = serde_json::to_string(&cur.base_version()).unwrap_or_default();
         let cols = serde_json::to_string(&cur.cols).unwrap_or_default();
-        let stamped: Vec<&str> = stamped.to_vec();
         let st = self
             .stmt(
                 &sql::upsert_decided_version(incoming),

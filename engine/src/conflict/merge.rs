@@ -172,6 +172,8 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
     let mut writes = Vec::new();
     let mut clashes = Vec::new();
     let mut stamped = Vec::new();
+    // A column both sides set alike that the incoming change won.
+    let mut agreed_won = false;
     let wins = |c: &Column<'_>| c.seen || incoming_wins(ctx.rule, ctx.main, c.held, ctx.author, ctx.stamp);
     for c in columns {
         if c.kind == ColumnKind::Delta {
@@ -192,6 +194,7 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
             _ if c.theirs == c.ours => {
                 if c.base.is_some() && wins(c) {
                     stamped.push(c.name);
+                    agreed_won = true;
                 }
             }
             // Only the author changed it.
@@ -211,7 +214,7 @@ pub fn merge<'a>(columns: &[Column<'a>], ctx: &Context<'_>) -> Merged<'a> {
         }
     }
     let lost = clashes.iter().any(|c| !c.won);
-    let agreed_wins = clashes.is_empty() && stamped.iter().any(|s| !writes.iter().any(|(w, _)| w == s));
+    let agreed_wins = clashes.is_empty() && agreed_won;
     let only_deltas = writes.iter().all(|(_, w)| matches!(w, Write::Add { .. }));
     let version = if writes.is_empty() && !agreed_wins {
         RowVersion::Unchanged
