@@ -150,7 +150,7 @@ impl Applier {
     /// come replays the group change by change
     /// ([`EngineError::QueuedRowMissing`]), where it is decided.
     pub(super) fn deltas_queueable(&self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> bool {
-        if self.cfg.role != crate::Role::Main || e.part != 0 || !e.last {
+        if !self.wing.decides() || e.part != 0 || !e.last {
             return false;
         }
         let mut any = false;
@@ -182,7 +182,7 @@ impl Applier {
         let lock = self.stmt(&sql::lock_rows(t), &vec![Type::TEXT_ARRAY; key_arrays.len()]).await?;
         let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
         types.push(Type::TEXT);
-        let read = self.stmt(&sql::read_current(t, self.packed), &types).await?;
+        let read = self.stmt(&sql::read_current(t, self.wing.packed()), &types).await?;
         let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         self.conn.client.execute(&lock, &params).await.map_err(EngineError::pg(format!("locking rows of {}", t.name)))?;
         params.push(&t.name);
@@ -488,7 +488,7 @@ impl Applier {
                     tk.push(k);
                 }
                 let vst = self
-                    .stmt(&sql::upsert_changed_versions(self.packed), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY])
+                    .stmt(&sql::upsert_changed_versions(self.wing.packed()), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY])
                     .await?;
                 self.conn
                     .client
@@ -904,7 +904,9 @@ impl Applier {
                 )
                 .await
                 .map_err(EngineError::pg("recording a merged key"))?;
-            self.merged_tables.insert(m.table.name.clone());
+            if let Some(d) = self.wing.decider_mut() {
+                d.merged_tables.insert(m.table.name.clone());
+            }
         }
         if verdicts {
             self.emit_verdict(e, m, desc, &ks, &key_vals, None).await?;
@@ -954,9 +956,9 @@ impl Applier {
     /// returns the re-pointed entry and which of its changes changed (the
     /// author gets them back in the echo).
     pub(super) async fn repoint_merged(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<Option<(LogEntry, Vec<usize>)>, EngineError> {
-        if self.merged_tables.is_empty() || self.cfg.role != crate::Role::Main {
+        let Some(merged) = self.wing.decider().filter(|_| self.wing.repoints()).map(|d| d.merged_tables.clone()) else {
             return Ok(None);
-        }
+        };
         let mut out = e.clone();
         let mut touched = Vec::new();
         let mut cache: HashMap<(String, String), Option<Vec<String>>> = HashMap::new();
@@ -967,7 +969,7 @@ impl Applier {
             };
             let Some(m) = maps.get(t as usize).and_then(|m| m.as_ref()) else { continue };
             for fk in &m.table.parents {
-                if !self.merged_tables.contains(&fk.parent_name) {
+                if !merged.contains(&fk.parent_name) {
                     continue;
                 }
                 let idx: Option<Vec<usize>> = fk.column_names.iter().map(|c| m.targets.iter().position(|t| t.as_deref() == Some(c.as_str()))).collect();
@@ -1010,7 +1012,7 @@ impl Applier {
         key_vals: &[String],
         row: Option<&HashMap<String, Option<String>>>,
     ) -> Result<(), EngineError> {
-        if self.cfg.role != crate::Role::Main {
+        if !self.wing.decides() {
             return Ok(());
         }
         let mut key = vec![Value::Null; desc.columns.len()];
@@ -1060,7 +1062,7 @@ impl Applier {
             .map_err(EngineError::pg("recording a conflict"))?;
         self.stats.conflicts += 1;
         tracing::info!(stream = %self.stream, table = %c.tbl, kind = c.kind.as_str(), rule = c.rule, winner = ?c.winner, loser = ?c.loser, "conflict recorded");
-        if self.cfg.role == crate::Role::Main {
+        if self.wing.decides() {
             let rec = ConflictRecord {
                 id: row.get(0),
                 table: c.tbl.to_string(),

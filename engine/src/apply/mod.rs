@@ -43,6 +43,14 @@
 //! own changes). One ChangeSet spanning many fragments is one long local
 //! transaction: that is unavoidable, and documented.
 //!
+//! # Roles
+//!
+//! The session is the same at every node; what the main and a branch do
+//! differently is their [`role::Wing`], chosen once when the session opens:
+//! the main's `Decider` (checks what a branch sends, decides, tells the
+//! chain) or a branch's `Obeyer` (takes the relay as the main wrote it).
+//! Role-specific state lives there, not in the session.
+//!
 //! # Error handling
 //!
 //! Any error ends the apply session and rolls back the open transaction;
@@ -59,52 +67,9 @@ mod decide;
 mod obey;
 mod park;
 mod pipeline;
+mod role;
 mod sql;
 mod table;
-/// What a branch can have seen of the main's relay ([`Applier::cap_seen_main`]).
-struct SeenMainCap {
-    relay: Arc<crate::log::ChangeLog>,
-    sent: Arc<AtomicU64>,
-    /// `(position, its relay time)` last read.
-    known: (u64, i64),
-}
-
-impl SeenMainCap {
-    /// The relay time of the newest entry in the relay log; no bound when
-    /// unknown (a log that has written nothing since it was upgraded).
-    fn newest(&self) -> i64 {
-        self.relay.seen_main_ts().ok().filter(|t| *t > 0).unwrap_or(i64::MAX)
-    }
-
-    /// The relay time of the newest relay entry sent (relay times never
-    /// decrease along the log, so it bounds every entry sent before). Read
-    /// from the relay log only when `claim` exceeds what is known: at most
-    /// one entry decoded per advance of the sent position. When that entry
-    /// cannot be read, the relay time of the newest entry in the log bounds
-    /// it instead (looser, still above every honest claim).
-    fn limit(&mut self, claim: i64) -> i64 {
-        let pos = self.sent.load(Ordering::SeqCst);
-        if pos == self.known.0 || claim <= self.known.1 {
-            return if pos == self.known.0 { self.known.1 } else { claim };
-        }
-        if pos == 0 {
-            self.known = (0, 0);
-            return 0;
-        }
-        match self.relay.read_after(pos - 1, 1) {
-            // The entry at `pos`, or (reclaimed) the next one: at least as late.
-            Ok(v) => match v.first() {
-                Some(e) => {
-                    self.known = (pos, e.relay_ts_us);
-                    e.relay_ts_us
-                }
-                None => self.newest(),
-            },
-            Err(_) => self.newest(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;
 
@@ -125,10 +90,10 @@ use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
 use crate::error::{pg_error_is_data_error, pg_error_is_transient};
 use crate::pg::{fmt_lsn, PgConn};
 use crate::scope::Scope;
-use crate::state::origin_name;
 use crate::{failpoints, EngineError};
 pub use table::Mapping;
 use crate::catalog::{change_json, LocalTable};
+use role::Wing;
 use table::CachedMapping;
 
 /// Default time budget of one grouped apply transaction.
@@ -272,21 +237,10 @@ pub struct Applier {
     /// When this node was initialised (µs): local rows committed before are
     /// the baseline every peer has seen.
     init_ts_us: i64,
-    /// `branchsync.echo_settled` is there to write (a branch's database
-    /// initialised by this release or later): echoes equal to the row here
-    /// are left unwritten.
-    settle: bool,
-    /// `branchsync.insert_versions` is there to read and write (a main's
-    /// database initialised by this release or later): the versions of rows
-    /// the pipeline inserts are packed there, not written row by row.
-    packed: bool,
-    /// Tables with rows folded into others (`on_unique_conflict = "merge"`).
-    merged_tables: HashSet<String>,
+    /// The main's decider or a branch's obeyer, chosen once ([`role`]).
+    wing: Wing,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
-    /// Main: the digest of a ChangeSet's rows as sent goes into its apply
-    /// mark (see [`crate::marks::RowsDigest`]).
-    row_hasher: Option<crate::marks::RowHasher>,
     /// Entries applied since the last commit (while they are few), for a
     /// retry after lock contention.
     uncommitted: Vec<Arc<LogEntry>>,
@@ -303,20 +257,9 @@ pub struct Applier {
     /// Header of the last ChangeSet received (a fragment that does not
     /// decode is accounted to it).
     last_header: Option<ChangeSetHeader>,
-    /// At the main, for a branch's stream: the index and cluster the
-    /// handshake authenticated. Every entry must name exactly them (a
-    /// branch speaks only for itself, never as the main or another shop).
-    expected_author: Option<(u32, u64)>,
     /// Entries (by position) whose body did not decode or check: the raw
     /// bytes and why, recorded as quarantined when their position applies.
     undecodable: HashMap<u64, (Vec<u8>, String)>,
-    /// Main: a branch's stamp may be at most this far ahead of the main's
-    /// clock on receipt (µs).
-    max_stamp_ahead_us: Option<i64>,
-    /// Stamps clamped on receipt, by position: (the stamp sent, the one kept).
-    clamped: HashMap<u64, (u64, u64)>,
-    /// Main: what of the relay this branch can have seen.
-    seen_main_cap: Option<SeenMainCap>,
     /// Changes removed from entries because they do not fit their table:
     /// recorded as quarantined when their position applies.
     invalid: HashMap<u64, Vec<(RowChange, String)>>,
@@ -340,7 +283,7 @@ impl Applier {
         let committed = crate::state::read_progress(&conn.client, stream).await?;
         let stats = ApplyStats { committed_pos: committed, ..Default::default() };
         let (progress_tx, progress_rx) = watch::channel(stats.clone());
-        let row_hasher = (cfg.role == crate::Role::Main).then(|| crate::marks::RowHasher::new(&cfg.mark_key));
+        let wing = Wing::new(cfg.role, &cfg.mark_key);
         let mut applier = Applier {
                 conn,
                 url: url.to_string(),
@@ -357,22 +300,15 @@ impl Applier {
                 noted_skips: HashSet::new(),
                 schema_version: None,
                 init_ts_us: 0,
-                settle: false,
-                packed: false,
-                merged_tables: HashSet::new(),
+                wing,
                 queue: pipeline::Queue::default(),
-                row_hasher,
                 uncommitted: Vec::new(),
                 uncommitted_rows: 0,
                 uncommitted_bytes: 0,
                 unbuffered: 0,
                 received: committed,
                 last_header: None,
-                expected_author: None,
                 undecodable: HashMap::new(),
-                max_stamp_ahead_us: None,
-                clamped: HashMap::new(),
-                seen_main_cap: None,
                 invalid: HashMap::new(),
                 committed,
                 seen: committed,
@@ -398,9 +334,7 @@ impl Applier {
             .await
             .map_err(EngineError::pg("reading the node"))?;
         applier.init_ts_us = row.get(0);
-        applier.merged_tables = row.get::<_, Vec<String>>(1).into_iter().collect();
-        applier.settle = row.get(2);
-        applier.packed = row.get(3);
+        applier.wing.loaded(row.get::<_, Vec<String>>(1).into_iter().collect(), row.get(2), row.get(3));
         applier.progress_tx.send_replace(applier.stats.clone());
         Ok((applier, progress_rx))
     }
@@ -633,15 +567,18 @@ impl Applier {
     /// decided, recorded and relayed with the clamped stamp, so one
     /// far-future stamp cannot win every later decision (a record of kind
     /// `stamp_clamped` keeps what was sent).
+    ///
+    /// Only the main takes a branch's stream: at a branch this does nothing.
     pub fn expect_author(&mut self, index: u32, system_id: u64, max_ahead: Duration) {
-        self.expected_author = Some((index, system_id));
-        self.max_stamp_ahead_us = Some(i64::try_from(max_ahead.as_micros()).unwrap_or(i64::MAX));
+        if let Some(d) = self.wing.decider_mut() {
+            d.expect_author(index, system_id, i64::try_from(max_ahead.as_micros()).unwrap_or(i64::MAX));
+        }
     }
 
     /// Whether this applier takes a branch's stream at the main
     /// ([`Applier::expect_author`] was called).
     pub fn expects_author(&self) -> bool {
-        self.expected_author.is_some()
+        self.wing.decider().is_some_and(|d| d.expects_author())
     }
 
     /// At the main: a branch's `seen_main_ts` (how much of the main's relay
@@ -651,7 +588,9 @@ impl Applier {
     /// position the session has sent (or the branch held before it), read
     /// in `relay`. A claim beyond it is capped, with a warning.
     pub fn cap_seen_main(&mut self, relay: Arc<crate::log::ChangeLog>, sent: Arc<AtomicU64>) {
-        self.seen_main_cap = Some(SeenMainCap { relay, sent, known: (u64::MAX, 0) });
+        if let Some(d) = self.wing.decider_mut() {
+            d.cap_seen_main(relay, sent);
+        }
     }
 
     /// Takes entries off the wire: each must follow the last without a gap
@@ -692,18 +631,8 @@ impl Applier {
             let e = match decoded {
                 Ok(mut e) => {
                     drop(w.body);
-                    if let Some((index, system_id)) = self.expected_author {
-                        let h = &e.header;
-                        if h.author != self.stream || h.author_index != index || h.system_id != system_id {
-                            return Err(EngineError::Impersonation {
-                                stream: self.stream.clone(),
-                                pos: e.pos,
-                                detail: format!(
-                                    "the entry names author \"{}\" (index {}, cluster {}), but the session authenticated \"{}\" (index {index}, cluster {system_id}): a node speaks only for itself",
-                                    h.author, h.author_index, h.system_id, self.stream
-                                ),
-                            });
-                        }
+                    if let Some(d) = self.wing.decider_mut() {
+                        d.admit(&self.stream, self.last_header.as_ref(), &mut e)?;
                     }
                     let bad = e.check();
                     if !bad.is_empty() {
@@ -718,26 +647,6 @@ impl Applier {
                         e.changes = keep;
                         tracing::warn!(stream = %self.stream, pos = e.pos, changes = quarantined.len(), "changes that do not fit their table are quarantined");
                         self.invalid.insert(e.pos, quarantined);
-                    }
-                    if let Some(ahead) = self.max_stamp_ahead_us {
-                        let now = u64::try_from(crate::clock::now_us()).unwrap_or(0);
-                        if e.header.stamp > now.saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX)) {
-                            // Every fragment of a ChangeSet keeps the clamp of its first.
-                            let kept = match &self.last_header {
-                                Some(h) if e.part > 0 && h.commit_lsn == e.header.commit_lsn => h.stamp,
-                                _ => now,
-                            };
-                            tracing::warn!(stream = %self.stream, pos = e.pos, ahead_s = (e.header.stamp - now) / 1_000_000, "a stamp far ahead of this node's clock is clamped to the time it arrived");
-                            self.clamped.insert(e.pos, (e.header.stamp, kept));
-                            e.header.stamp = kept;
-                        }
-                    }
-                    if let Some(cap) = self.seen_main_cap.as_mut() {
-                        let limit = cap.limit(e.header.seen_main_ts);
-                        if e.header.seen_main_ts > limit {
-                            tracing::warn!(stream = %self.stream, pos = e.pos, "a change claims to have seen more of the main's relay than was sent to its author; capped");
-                            e.header.seen_main_ts = limit;
-                        }
                     }
                     self.last_header = Some(e.header.clone());
                     e
@@ -762,7 +671,7 @@ impl Applier {
     /// Records what [`Applier::receive`] set aside at `e`'s position, in the
     /// open transaction (so it commits with the progress past it).
     async fn record_set_aside(&mut self, e: &LogEntry) -> Result<(), EngineError> {
-        if let Some((sent, kept)) = self.clamped.get(&e.pos).copied() {
+        if let Some((sent, kept)) = self.wing.decider().and_then(|d| d.clamped_at(e.pos)) {
             if e.part == 0 {
                 let detail = format!(
                     "ChangeSet at position {} of stream {} was stamped {} s ahead of this node's clock on arrival; it is decided and relayed with the time it arrived",
@@ -863,7 +772,7 @@ impl Applier {
                 }
                 // A ChangeSet of one fragment that only inserts: what the
                 // main writes for it is compared with what was sent.
-                let sent = self.row_hasher.as_ref().filter(|_| e.last).and_then(|h| crate::marks::RowsDigest::of_inserts(h, e));
+                let sent = self.wing.decider().filter(|_| e.last).and_then(|d| crate::marks::RowsDigest::of_inserts(&d.row_hasher, e));
                 let mark = crate::state::ApplyMark { header: e.header.clone(), relay_ts_us: e.relay_ts_us, sent };
                 self.queue_apply_message(mark).await?;
                 if let Some(t) = self.txn.as_mut() {
@@ -962,13 +871,10 @@ impl Applier {
         crate::marks::seal(&self.cfg.mark_key, prefix, self.xid, body)
     }
 
-    /// The replication origin a ChangeSet of `author` is applied under:
-    /// its author's at the main (R3), the relay's at a branch.
+    /// The replication origin a ChangeSet of `author` is applied under
+    /// ([`Wing::origin_for`]).
     fn origin_for(&self, author: &str) -> String {
-        match self.cfg.role {
-            crate::Role::Main => origin_name(author),
-            crate::Role::Branch => crate::state::RELAY_ORIGIN.to_string(),
-        }
+        self.wing.origin_for(author)
     }
 
     /// Sets the session's replication origin for a ChangeSet of `author`.
@@ -1036,7 +942,9 @@ impl Applier {
         self.uncommitted_rows = self.uncommitted.iter().map(|e| e.changes.len()).sum();
         self.uncommitted_bytes = self.uncommitted.iter().map(|e| e.approx_bytes()).sum();
         self.undecodable.retain(|p, _| *p > pos);
-        self.clamped.retain(|p, _| *p > pos);
+        if let Some(d) = self.wing.decider_mut() {
+            d.committed(pos);
+        }
         self.invalid.retain(|p, _| *p > pos);
         self.state.failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|p, _| *p > pos);
         self.stats.committed_pos = pos;
@@ -1386,13 +1294,13 @@ impl Applier {
                 }
                 RowChange::Verdict(v) => {
                     self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
-                    if self.cfg.role == crate::Role::Branch {
+                    if self.wing.obeys() {
                         self.obey_verdict(e, maps, v).await?;
                     }
                     i += 1;
                 }
                 RowChange::Conflict(r) => {
-                    if self.cfg.role == crate::Role::Branch {
+                    if self.wing.obeys() {
                         let origin = self.stream.clone();
                         self.obey_conflict(&origin, r).await?;
                     }
@@ -1442,7 +1350,7 @@ impl Applier {
     async fn apply_keyed_run(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], run: &[RowChange]) -> Result<(), EngineError> {
         let Some(t) = change_table(&run[0]) else { return Ok(()) };
         let Some(m) = maps[t as usize].clone() else { return Ok(()) };
-        if self.cfg.role == crate::Role::Branch {
+        if self.wing.obeys() {
             return self.obey_run(e, maps, run).await;
         }
         if m.key_src.is_none() {
@@ -1487,7 +1395,7 @@ impl Applier {
             .execute("DELETE FROM branchsync.row_version WHERE tbl = ANY($1)", &[&names])
             .await
             .map_err(EngineError::pg("forgetting the row versions of truncated tables"))?;
-        if self.packed {
+        if self.wing.packed() {
             self.conn
                 .client
                 .execute("DELETE FROM branchsync.insert_versions WHERE tbl = ANY($1)", &[&names])
@@ -1537,7 +1445,7 @@ impl Applier {
     async fn apply_one_carefully(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], i: usize, ch: &RowChange) -> Result<(), EngineError> {
         // A row folded into another by an earlier change of this very
         // fragment is followed here, change by change.
-        if !self.merged_tables.is_empty() && self.cfg.role == crate::Role::Main && matches!(ch, RowChange::Insert { .. } | RowChange::Update { .. }) {
+        if self.wing.repoints() && matches!(ch, RowChange::Insert { .. } | RowChange::Update { .. }) {
             let one = LogEntry { changes: vec![ch.clone()], ..e.clone() };
             if let Some((re, _)) = self.repoint_merged(&one, maps).await? {
                 if let Some(rch) = re.changes.first() {
@@ -1551,8 +1459,8 @@ impl Applier {
     async fn apply_one_carefully_repointed(&mut self, e: &LogEntry, maps: &[Option<Arc<Mapping>>], _i: usize, ch: &RowChange) -> Result<(), EngineError> {
         match ch {
             RowChange::Truncate { tables, restart_identity, .. } => return self.apply_truncate(e, maps, tables, *restart_identity).await,
-            RowChange::Verdict(v) if self.cfg.role == crate::Role::Branch => return self.obey_verdict(e, maps, v).await,
-            RowChange::Conflict(r) if self.cfg.role == crate::Role::Branch => {
+            RowChange::Verdict(v) if self.wing.obeys() => return self.obey_verdict(e, maps, v).await,
+            RowChange::Conflict(r) if self.wing.obeys() => {
                 let origin = self.stream.clone();
                 return self.obey_conflict(&origin, r).await;
             }
@@ -1563,7 +1471,7 @@ impl Applier {
         let desc = &e.tables[t as usize];
         self.conn.client.batch_execute("SAVEPOINT branchsync_change").await.map_err(EngineError::pg("setting a savepoint"))?;
         let r = match ch {
-            RowChange::Insert { new, .. } if self.cfg.role == crate::Role::Branch && m.key_src.is_some() => self.obey_insert(e, &m, desc, new).await,
+            RowChange::Insert { new, .. } if self.wing.obeys() && m.key_src.is_some() => self.obey_insert(e, &m, desc, new).await,
             RowChange::Insert { new, .. } => self.insert_or_resolve_row(e, &m, desc, new, true).await,
             RowChange::Truncate { tables, restart_identity, .. } => self.apply_truncate(e, maps, tables, *restart_identity).await,
             RowChange::Ddl(_) | RowChange::Verdict(_) | RowChange::Conflict(_) => Ok(()),
@@ -1587,7 +1495,7 @@ impl Applier {
                 self.record(&m.table.name, key, ConflictKind::Quarantined, &e.header, None, Some(change_json(desc, ch)), Some(detail)).await?;
                 // The author holds a change the main does not: tell it what
                 // the main holds instead.
-                if let (crate::Role::Main, Some(ks)) = (self.cfg.role, m.key_src.clone()) {
+                if let (true, Some(ks)) = (self.wing.decides(), m.key_src.clone()) {
                     let vals = match ch {
                         RowChange::Insert { new, .. } | RowChange::Update { new, .. } => new,
                         RowChange::Delete { old, .. } => &old.values,

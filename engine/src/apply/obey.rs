@@ -61,6 +61,7 @@ use branchsync_proto::{ConflictRecord, LogEntry, RowChange, TableDesc, Value, Ve
 use tokio_postgres::types::{ToSql, Type};
 
 use super::sql::Guard;
+use super::role::Wing;
 use super::{change_table, park, sql, Applier, Mapping};
 use crate::catalog::key_text;
 use crate::pg::{fmt_lsn, parse_lsn};
@@ -73,7 +74,7 @@ const CAPTURE_WAIT: Duration = Duration::from_secs(30);
 impl Applier {
     /// `true` when `e` is the main's echo of a change made here.
     pub(super) fn is_echo(&self, e: &LogEntry) -> bool {
-        self.cfg.role == crate::Role::Branch && e.header.author == self.cfg.node
+        self.wing.obeys() && e.header.author == self.cfg.node
     }
 
     /// `true` when `e` is the echo of a change made here that the main
@@ -83,23 +84,23 @@ impl Applier {
     /// an echo equal to the row here is (where that table is missing, the
     /// rows are compared as before).
     pub(super) fn takes_as_sent(&self, e: &LogEntry) -> bool {
-        e.echo_as_sent && self.settle && e.part == 0 && e.last && self.is_echo(e)
+        e.echo_as_sent && self.wing.settles() && e.part == 0 && e.last && self.is_echo(e)
     }
 
     /// The guard for writing `e`'s rows here, and the parameter holding its
     /// commit time when it is an echo (`next_param` is that parameter's number).
     pub(super) fn guard_for(&self, e: &LogEntry, next_param: usize) -> Guard {
-        match (self.cfg.role, self.is_echo(e)) {
-            (crate::Role::Main, _) => Guard::None,
-            (crate::Role::Branch, true) if self.settle => Guard::EchoSettle(next_param),
-            (crate::Role::Branch, true) => Guard::Echo(next_param),
-            (crate::Role::Branch, false) => self.others_guard(),
+        match &self.wing {
+            Wing::Decider(_) => Guard::None,
+            Wing::Obeyer(o) if self.is_echo(e) && o.settle => Guard::EchoSettle(next_param),
+            Wing::Obeyer(_) if self.is_echo(e) => Guard::Echo(next_param),
+            Wing::Obeyer(_) => self.others_guard(),
         }
     }
 
     /// The guard for other nodes' changes.
     pub(super) fn others_guard(&self) -> Guard {
-        Guard::Others { init_us: self.init_ts_us, settled: self.settle }
+        Guard::Others { init_us: self.init_ts_us, settled: self.wing.settles() }
     }
 
     /// An echo without what was only ever ours: schema changes, TRUNCATE and

@@ -301,19 +301,19 @@ impl Applier {
 
     /// The insert plan of `m` under `guard`, built on first use.
     fn insert_plan(&self, m: &Mapping, table: &(String, String), guard: sql::Guard) -> std::sync::Arc<InsertPlan> {
-        let key = (guard, self.settle);
+        let key = (guard, self.wing.settles());
         let mut plans = m.plans.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
             return p.clone();
         }
         let cols: Vec<usize> = (0..m.targets.len()).filter(|i| m.targets[*i].is_some()).collect();
         let names: Vec<&str> = cols.iter().map(|i| m.targets[*i].as_deref().unwrap_or_default()).collect();
-        let text = if self.cfg.role == crate::Role::Branch { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
+        let text = if self.wing.obeys() { sql::upsert(&m.table, &names, guard) } else { sql::insert(&m.table, &names, false) };
         let mut types = vec![Type::TEXT_ARRAY; cols.len()];
         if guard.takes_ts() {
             types.push(Type::INT8);
         }
-        let echo = if guard.takes_ts() { sql::echo_update(&m.table, &names, self.settle).zip(sql::echo_insert(&m.table, &names)) } else { None };
+        let echo = if guard.takes_ts() { sql::echo_update(&m.table, &names, self.wing.settles()).zip(sql::echo_insert(&m.table, &names)) } else { None };
         let fk_srcs = m
             .table
             .parents
@@ -442,8 +442,8 @@ impl Applier {
             if let Some(ks) = m.key_src.as_ref() {
                 let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
                 // Row versions are for deciding, which only the main does.
-                if self.cfg.role == crate::Role::Main {
-                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.packed && !plan.owned)).or_default();
+                if self.wing.decides() {
+                    let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.wing.packed() && !plan.owned)).or_default();
                     for k in &keys {
                         v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
                         v.1.push(stamp);
@@ -514,7 +514,7 @@ impl Applier {
         staged.map_err(EngineError::pg(format!("staging a large row of {}", m.table.name)))?;
         let guard = self.guard_for(e, 1).for_row(chunk_bytes(&[row], cols));
         let source = sql::staging(n);
-        let text = if self.cfg.role == crate::Role::Branch { sql::upsert_from(&m.table, names, guard, &source) } else { sql::insert_from(&m.table, names, false, &source) };
+        let text = if self.wing.obeys() { sql::upsert_from(&m.table, names, guard, &source) } else { sql::insert_from(&m.table, names, false, &source) };
         let ts = e.header.commit_ts_us;
         let params: Vec<&(dyn ToSql + Sync)> = if guard.takes_ts() { vec![&ts] } else { Vec::new() };
         let c = &self.conn.client;
@@ -541,7 +541,7 @@ impl Applier {
         };
         let vst = self.stmt(&sql::upsert_versions_many(), &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::TEXT, Type::INT8_ARRAY]).await?;
         // Prepared only where the table is (never queued packed otherwise).
-        let pst = match self.packed {
+        let pst = match self.wing.packed() {
             true => Some(self.stmt(&sql::insert_packed_versions(), &[Type::TEXT, Type::TEXT, Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8_ARRAY]).await?),
             false => None,
         };
