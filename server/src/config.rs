@@ -106,6 +106,16 @@ pub struct DatabaseSection {
     /// once and streams it) or `"peek"` (polls `pg_logical_slot_peek_binary_changes`).
     #[serde(default)]
     pub capture: CaptureMode,
+    /// The scheduling priority (`nice`, 0 to 19) of capture's thread: the
+    /// sales at the site come before their capture when its processors are
+    /// all busy; capture catches up when they are not. 0 runs it as the
+    /// rest of the daemon.
+    #[serde(default = "default_capture_nice")]
+    pub capture_nice: i32,
+}
+
+fn default_capture_nice() -> i32 {
+    10
 }
 
 /// `[database] capture`.
@@ -567,6 +577,9 @@ impl Config {
         if !plain {
             return Err(self.invalid("database.daemon_role", format!("\"{r}\" is not a plain role name (lowercase letters, digits and _, at most 63)")));
         }
+        if !(0..=19).contains(&self.database.capture_nice) {
+            return Err(self.invalid("database.capture_nice", format!("{} is not between 0 and 19", self.database.capture_nice)));
+        }
         if self.sync.reconnect_max_ms < 100 {
             return Err(self.invalid("sync.reconnect_max_ms", format!("{} is below 100", self.sync.reconnect_max_ms)));
         }
@@ -744,6 +757,7 @@ mod tests {
         assert_eq!(c.node.index, 1);
         assert_eq!(c.database.schemas, vec!["public"]);
         assert_eq!(c.sync.apply_group_ms, DEFAULT_APPLY_GROUP_MS);
+        assert_eq!(c.database.capture_nice, 10, "capture yields to the site's sales by default");
         assert_eq!(c.token(), Some("s3cret"));
         assert!(!format!("{c:?}").contains("s3cret"), "secrets never print");
     }
@@ -763,6 +777,8 @@ mod tests {
             (format!("{BRANCH}\n[bogus]\nx = 1\n"), "bogus"),
             (BRANCH.replace("role = \"branch\"", "role = \"main\"").replace("index = 1", "index = 1"), "node.index"),
             (BRANCH.replace("[node]", "[node"), "c.toml"),
+            (BRANCH.replace("exclude = [", "capture_nice = 20\nexclude = ["), "database.capture_nice"),
+            (BRANCH.replace("exclude = [", "capture_nice = -5\nexclude = ["), "database.capture_nice"),
         ] {
             let e = load(&text, &[]).unwrap_err().to_string();
             assert!(e.contains(key), "error must name {key}: {e}");

@@ -681,6 +681,7 @@ fn settings(cfg: &Config, admission: &watch::Receiver<Arc<Admission>>) -> anyhow
         fragment_bytes: cfg.log.fragment_bytes,
         max_row_bytes: cfg.log.max_row_bytes,
         capture_stream: cfg.database.capture == config::CaptureMode::Stream,
+        capture_nice: cfg.database.capture_nice,
         audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,

@@ -82,6 +82,8 @@ pub struct NodeSettings {
     pub max_row_bytes: usize,
     /// Capture streams the slot (else it peeks).
     pub capture_stream: bool,
+    /// `nice` of capture's thread (`database.capture_nice`).
+    pub capture_nice: i32,
     /// `[ddl]`: whose schema changes replay here, and as which role.
     pub ddl: DdlPolicy,
     /// `[[tables]]`: per-table rules.
@@ -289,7 +291,7 @@ impl Node {
                     let mut paused_wait = Duration::from_secs(1);
                     status.update(|st| st.capture_state = "running".into());
                     loop {
-                        let r = run_capture(cfg.clone(), url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await;
+                        let r = capture_on_own_thread(cfg.clone(), s.capture_nice, url.clone(), log.clone(), shutdown.clone(), cap_tx.clone()).await;
                         let (state, wait) = match r {
                             Ok(()) => return ("capture", Ok(())),
                             Err(e) if e.is_disk_full() => {
@@ -658,4 +660,68 @@ impl Node {
             None => Ok(()),
         }
     }
+}
+
+/// Runs one capture session on a thread of its own with a single-threaded
+/// runtime at scheduling priority `nice`, and returns how it ended.
+///
+/// Capture is a tight loop over a stream that always has the next event
+/// ready: the replication client's reader task hands each event to it
+/// through a channel. On the daemon's multi-threaded runtime the two tasks
+/// ran on different workers, and every event cost a wake-up across threads
+/// (a futex call each way at thousands of transactions a second, taken from
+/// the site's own PostgreSQL on a small machine). On one thread they take
+/// turns instead. The session's connections are spawned on this runtime and
+/// end with it; the log and the status channels are shared with the rest
+/// of the daemon as before.
+///
+/// The thread runs at a lower priority (`database.capture_nice`, 10 by
+/// default): on a shop's PC whose processors are all busy, a cashier's
+/// transaction comes before its capture, which catches up as soon as they
+/// are not (the slot keeps the WAL meanwhile, and nothing is confirmed
+/// before it is in the log). Only this thread is lowered: apply, the link
+/// and the log's `fdatasync` (on the blocking pool) keep their priority.
+async fn capture_on_own_thread(
+    cfg: CaptureConfig,
+    nice: i32,
+    url: String,
+    log: Arc<ChangeLog>,
+    shutdown: watch::Receiver<bool>,
+    status: watch::Sender<CaptureStatus>,
+) -> Result<(), EngineError> {
+    let span = tracing::Span::current();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new().name("branchsync-capture".into()).spawn(move || {
+        if nice != 0 {
+            // On Linux a thread id names one thread for setpriority.
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+                tracing::warn!(nice, error = %e, "could not lower capture's scheduling priority; it runs at the daemon's");
+            }
+        }
+        let ended = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(run_capture(cfg, url, log, shutdown, status).instrument(span)),
+            Err(e) => Err(EngineError::Stopped {
+                message: format!("could not start capture's runtime: {e}"),
+                detail: String::new(),
+                hint: "The system refused a thread or a timer; check the daemon's limits (ulimit -u, open files).".into(),
+            }),
+        };
+        // The receiver is gone only when the daemon is shutting down.
+        let _ = done_tx.send(ended);
+    });
+    if let Err(e) = started {
+        return Err(EngineError::Stopped {
+            message: format!("could not start capture's thread: {e}"),
+            detail: String::new(),
+            hint: "The system refused a thread; check the daemon's limits (ulimit -u).".into(),
+        });
+    }
+    done_rx.await.unwrap_or_else(|_| {
+        Err(EngineError::Stopped {
+            message: "capture's thread ended without a result".into(),
+            detail: "It panicked; the daemon's log holds the panic message.".into(),
+            hint: "Report it with the log. Capture is started again in 10 s.".into(),
+        })
+    })
 }

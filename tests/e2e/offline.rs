@@ -56,3 +56,49 @@ async fn a_branch_sells_a_thousand_orders_offline_and_catches_up() {
     let conflicts: i64 = main.query_one("SELECT count(*) FROM branchsync.conflicts", &[]).await.unwrap().get(0);
     assert_eq!(conflicts, 0, "inserts of striped keys never conflict");
 }
+
+/// The nice value of a daemon's capture thread, read from /proc.
+fn capture_thread_nice(site: &Site) -> Option<i64> {
+    let pid = site.pid()?;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "branchsync-capt" {
+            continue;
+        }
+        // Fields after the command's closing parenthesis; nice is field 19.
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split(' ').nth(16).and_then(|n| n.parse().ok());
+    }
+    None
+}
+
+/// A shop's PC serves its cashiers before their capture: the branch's
+/// capture thread runs at `database.capture_nice` (10 by default), the
+/// main's as configured (0 here: the daemon's own priority), and a cut-off
+/// branch's sales are still captured at the lowered priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_runs_on_its_own_thread_at_the_configured_priority() {
+    let mut topo = Topology::prepare(1, POS_SCHEMA).await;
+    edit_config(&topo.main, "[database]\n", "[database]\ncapture_nice = 0\n");
+    topo.start_all();
+    stock_the_shelves(&topo).await;
+    wait_converged(&topo.sites(), &["products"], Duration::from_secs(30)).await;
+    let branch_nice = eventually("the branch's capture thread", Duration::from_secs(20), || async { capture_thread_nice(&topo.branches[0]) }).await;
+    let main_nice = eventually("the main's capture thread", Duration::from_secs(20), || async { capture_thread_nice(&topo.main) }).await;
+    assert_eq!((branch_nice, main_nice), (10, 0), "capture threads' nice values (branch, main)");
+
+    topo.proxies[0].cut();
+    let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(20), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
+    let b1 = topo.branches[0].db().await;
+    for _ in 0..50 {
+        sell(&b1, "branch1", 3).await;
+    }
+    wait_status(&topo.branches[0], "the cut-off branch captured its 50 sales", Duration::from_secs(60), |s| {
+        s["captured_transactions"].as_i64().unwrap_or(0) >= before + 50
+    })
+    .await;
+    topo.proxies[0].heal();
+    wait_converged(&topo.sites(), &["orders", "order_lines"], Duration::from_secs(60)).await;
+}

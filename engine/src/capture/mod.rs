@@ -418,6 +418,9 @@ pub struct Capturer {
     cfg: CaptureConfig,
     log: Arc<ChangeLog>,
     relations: HashMap<u32, Relation>,
+    /// Whether each relation is replicated (the scope's patterns matched
+    /// once per relation message, not once per row).
+    in_scope: HashMap<u32, bool>,
     captured_lsn: u64,
     last_stamp: u64,
     /// Branch: the relay time of the last relay entry applied here, in
@@ -475,6 +478,7 @@ impl Capturer {
             cfg,
             log,
             relations: HashMap::new(),
+            in_scope: HashMap::new(),
             captured_lsn,
             last_stamp,
             seen_main_ts,
@@ -560,6 +564,7 @@ impl Capturer {
                 });
             }
             PgOutputMessage::Relation(r) => {
+                self.in_scope.insert(r.oid, self.cfg.scope.includes(&r.namespace, &r.name));
                 self.relations.insert(r.oid, r);
             }
             PgOutputMessage::Type(_) => {}
@@ -694,7 +699,7 @@ impl Capturer {
                 let rel_of = |oid: u32| -> Result<&Relation, EngineError> {
                     self.relations.get(&oid).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
                 };
-                let in_scope = |r: &Relation| self.cfg.scope.includes(&r.namespace, &r.name);
+                let in_scope = |r: &Relation| self.in_scope.get(&r.oid).copied().unwrap_or_else(|| self.cfg.scope.includes(&r.namespace, &r.name));
                 // In an apply group, an insert belongs to the first
                 // ChangeSet still expecting a row of its table; anything
                 // else, and a row beyond every count, to the last one.
