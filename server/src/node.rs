@@ -679,8 +679,9 @@ impl Node {
 /// default): on a shop's PC whose processors are all busy, a cashier's
 /// transaction comes before its capture, which catches up as soon as they
 /// are not (the slot keeps the WAL meanwhile, and nothing is confirmed
-/// before it is in the log). Only this thread is lowered: apply, the link
-/// and the log's `fdatasync` (on the blocking pool) keep their priority.
+/// before it is in the log). Threads it starts inherit it (the runtime's
+/// blocking threads that run the log's `fdatasync`, whose I/O priority the
+/// kernel derives from it); apply and the link keep the daemon's.
 async fn capture_on_own_thread(
     cfg: CaptureConfig,
     nice: i32,
