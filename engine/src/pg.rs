@@ -19,6 +19,23 @@ pub struct PgConn {
     pub closed: watch::Receiver<bool>,
 }
 
+/// A [`PgConn`] whose client statements still in flight can hold: apply
+/// sends a group's statements and reads their answers from a task of their
+/// own while it prepares the next ([`crate::apply`]). Still owned by one
+/// task, which alone sends on it.
+pub struct SharedConn {
+    /// The client; only the owning task sends on it.
+    pub client: std::sync::Arc<Client>,
+    /// Becomes `true` when the connection ends.
+    pub closed: watch::Receiver<bool>,
+}
+
+impl From<PgConn> for SharedConn {
+    fn from(c: PgConn) -> SharedConn {
+        SharedConn { client: std::sync::Arc::new(c.client), closed: c.closed }
+    }
+}
+
 /// Session settings pinned on every branchsync connection (R10).
 pub const PINNED_SETTINGS: &str =
     "SET DateStyle = 'ISO'; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'";

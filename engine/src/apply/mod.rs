@@ -79,7 +79,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, WireEntry};
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
@@ -88,7 +87,7 @@ use crate::conflict;
 use crate::conflict_log::ConflictKind;
 use crate::ddl::{self, parse, DdlMessage, DdlPolicy};
 use crate::error::{pg_error_is_data_error, pg_error_is_transient};
-use crate::pg::{fmt_lsn, PgConn};
+use crate::pg::{fmt_lsn, SharedConn};
 use crate::scope::Scope;
 use crate::{failpoints, EngineError};
 pub use table::Mapping;
@@ -187,10 +186,10 @@ pub struct ApplyStats {
     /// Branch: echoes the main wrote exactly as this node sent them
     /// ([`LogEntry::echo_as_sent`]), taken without reading their rows.
     pub echoes_as_sent: u64,
+    /// Queues sent ahead, executed while the next rows were queued
+    /// ([`pipeline`]).
+    pub sent_ahead: u64,
 }
-
-/// Boxed future on the apply connection, sent but not yet awaited.
-type Pending<'a> = BoxFuture<'a, Result<u64, tokio_postgres::Error>>;
 
 struct OpenTxn {
     started: Instant,
@@ -212,7 +211,7 @@ const REOPEN_AFTER_BYTES: usize = 64 * 1024 * 1024;
 
 /// Applies one incoming stream; owns its connection.
 pub struct Applier {
-    conn: PgConn,
+    conn: SharedConn,
     /// Where `conn` connects (for [`Applier::reopen`]).
     url: String,
     /// Open the connection anew after the next commit.
@@ -241,6 +240,9 @@ pub struct Applier {
     wing: Wing,
     /// Statements of insert-only ChangeSets not sent yet.
     queue: pipeline::Queue,
+    /// Statements sent ahead whose answers are still awaited
+    /// ([`pipeline::InFlight`]).
+    in_flight: Option<pipeline::InFlight>,
     /// Entries applied since the last commit (while they are few), for a
     /// retry after lock contention.
     uncommitted: Vec<Arc<LogEntry>>,
@@ -302,6 +304,7 @@ impl Applier {
                 init_ts_us: 0,
                 wing,
                 queue: pipeline::Queue::default(),
+                in_flight: None,
                 uncommitted: Vec::new(),
                 uncommitted_rows: 0,
                 uncommitted_bytes: 0,
@@ -348,8 +351,8 @@ impl Applier {
     /// each ChangeSet updates a few rows: the hot-row backlog). The generic
     /// plan reads the target rows by key for any array length; the
     /// insert-only backlogs ran as fast with it.
-    async fn open_session(url: &str, cfg: &ApplyConfig, stream: &str) -> Result<PgConn, EngineError> {
-        let conn = crate::pg::connect(url, &format!("branchsync apply {stream}")).await?;
+    async fn open_session(url: &str, cfg: &ApplyConfig, stream: &str) -> Result<SharedConn, EngineError> {
+        let conn = SharedConn::from(crate::pg::connect(url, &format!("branchsync apply {stream}")).await?);
         conn.client
             .batch_execute(&format!(
                 "SET session_replication_role = replica; SET lock_timeout = {}; SET synchronous_commit = on; SET statement_timeout = 0; \
@@ -462,6 +465,11 @@ impl Applier {
             if r.is_ok() && self.txn.as_ref().is_some_and(|t| !t.mid_changeset) && !more_waiting() {
                 r = self.commit().await;
             }
+            if let Err(e) = r {
+                // A statement sent ahead that failed aborted the
+                // transaction: what failed after it says only that.
+                r = Err(self.in_flight_error().await.unwrap_or(e));
+            }
             match r {
                 Ok(()) => break,
                 // R8: a lock timeout or deadlock (a cashier, or
@@ -516,6 +524,8 @@ impl Applier {
         // What the rolled-back attempt counted did not happen.
         self.stats = ApplyStats { committed_pos: self.committed, ..self.committed_stats.clone() };
         self.queue = pipeline::Queue::default();
+        // Its answers are read to the end by their task and dropped.
+        self.in_flight = None;
         self.seen = self.committed;
         self.attempting = self.committed;
         // What the rolled-back transaction parked or recorded is gone too.
@@ -912,6 +922,7 @@ impl Applier {
         let Some(t) = self.txn.take() else { return Ok(()) };
         let Some((pos, header)) = t.last else {
             self.queue = pipeline::Queue::default();
+            self.in_flight = None;
             self.conn.client.batch_execute("ROLLBACK").await.map_err(EngineError::pg("ending an empty transaction"))?;
             return Ok(());
         };

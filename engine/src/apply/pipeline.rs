@@ -36,12 +36,23 @@
 //! ChangeSets the row travels with; the author takes it with the echo of
 //! the last one, which is no older than its own changes of the row.
 //!
+//! While a catch-up fills the queue, it is sent ahead every
+//! [`DRAIN_ROWS`] rows ([`Applier::drain_ahead`]): the statements go out in
+//! order at once, a task of their own reads their answers, and apply
+//! decodes and queues the next rows while the server executes these (the
+//! daemon and the apply backend worked in turns before: each half idle
+//! while the other ran). At most one queue is in flight; its answers are
+//! read (and its parent checks run, parking orphans) before the next queue
+//! is sent, and before anything that must see its rows.
+//!
 //! # Correctness
 //!
 //! Every statement still runs inside the open apply transaction, so the
 //! queue changes *when* statements are sent, never *what* commits: the
 //! transaction commits (with its progress) only after [`Applier::drain`]
-//! returned without error. Anything that must see earlier rows — a lock
+//! returned without error; a queue sent ahead is answered before that, and
+//! when it failed, its error is the transaction's (a statement sent after
+//! it fails only because the transaction is aborted). Anything that must see earlier rows — a lock
 //! before an update or delete, careful replay, the commit — drains first.
 //! Inserts only ever queue behind inserts; among inserts with distinct keys
 //! the order of tables does not change the result, and a key or constraint
@@ -56,7 +67,8 @@
 //! beyond every count and belong to the last ChangeSet, which they do: a new
 //! mark is never queued while such rows wait ([`Queue::unmarked`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use branchsync_proto::{LogEntry, RowChange, Value};
 use futures::future::FutureExt;
@@ -64,21 +76,23 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use super::table::InsertPlan;
-use super::{sql, Applier, Mapping, Pending};
+use super::{sql, Applier, Mapping};
 use crate::catalog::{key_text, LocalTable};
 use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
 
-/// Queued rows after which the queue is sent even mid-group.
-const DRAIN_ROWS: usize = 20_000;
+/// Queued rows after which the queue is sent ahead, mid-group: the server
+/// executes them while apply decodes and queues the next ones.
+const DRAIN_ROWS: usize = 4_000;
 /// Queued statements after which the queue is sent even mid-group.
 const DRAIN_STATEMENTS: usize = 512;
 /// Queued ChangeSets after which the queue is sent even mid-group (their
 /// marks travel in one apply message; ChangeSets whose rows all went
 /// elsewhere, parked or out of scope, add marks without rows).
 const DRAIN_MARKS: usize = 10_000;
-/// Queued bytes of values after which the queue is sent even mid-group.
-const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+/// Queued bytes of values after which the queue is sent even mid-group
+/// (one queue is in flight while the next fills: twice this at most).
+const DRAIN_BYTES: usize = 8 * 1024 * 1024;
 
 /// Rows larger than this are staged with `COPY` instead of bound.
 const STAGE_ABOVE_BYTES: usize = 16 * 1024 * 1024;
@@ -245,7 +259,7 @@ impl Applier {
         }
         self.queue_buckets(e, maps, buckets).await?;
         if self.queue.rows >= DRAIN_ROWS || self.queue.batches.len() + self.queue.deltas.len() >= DRAIN_STATEMENTS || self.queue.bytes >= DRAIN_BYTES || self.queue.marks.len() >= DRAIN_MARKS {
-            self.drain().await?;
+            self.drain_ahead().await?;
         }
         Ok(())
     }
@@ -523,19 +537,66 @@ impl Applier {
         Ok(())
     }
 
-    /// Sends everything queued: the marks of the queued ChangeSets as one
-    /// apply message, then each batch, then the accumulated row versions
-    /// and parent checks. Errors leave the transaction aborted; the caller
+    /// Sends everything queued and waits for the answers: the marks of the
+    /// queued ChangeSets as one apply message, then each batch, then the
+    /// accumulated row versions and parent checks. Statements sent ahead
+    /// are answered first. Errors leave the transaction aborted; the caller
     /// rolls back.
     pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
+        self.settle_in_flight().await?;
         if self.queue.is_empty() {
             return Ok(());
         }
         let q = std::mem::take(&mut self.queue);
-        let group = if q.marks.is_empty() {
+        let sent = self.send(q).await?;
+        self.settle(sent).await
+    }
+
+    /// Sends everything queued without waiting for the answers, so that
+    /// the server executes these rows while apply decodes and queues the
+    /// next ones. The statements sent ahead before are answered first: the
+    /// parent checks of one send run before the rows of the next, as they
+    /// would in one drain.
+    pub(super) async fn drain_ahead(&mut self) -> Result<(), EngineError> {
+        self.settle_in_flight().await?;
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let q = std::mem::take(&mut self.queue);
+        self.in_flight = Some(self.send(q).await?);
+        self.stats.sent_ahead += 1;
+        Ok(())
+    }
+
+    /// Waits for the answers of the statements sent ahead, if any.
+    pub(super) async fn settle_in_flight(&mut self) -> Result<(), EngineError> {
+        match self.in_flight.take() {
+            Some(sent) => self.settle(sent).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The error of the statements sent ahead, if they failed (waiting for
+    /// their answers): a statement sent after them in the same transaction
+    /// fails only because they did.
+    pub(super) async fn in_flight_error(&mut self) -> Option<EngineError> {
+        let sent = self.in_flight.take()?;
+        match sent.answers.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(EngineError::pg(SENT_CONTEXT)(e)),
+            Err(e) => Some(EngineError::Corrupt(format!("the task reading apply's answers ended: {e}"))),
+        }
+    }
+
+    /// Sends the statements of `q` in order and hands their answers to a
+    /// task of their own, which reads them as they come (the connection
+    /// reads nothing more until a statement's answer is taken).
+    async fn send(&mut self, q: Queue) -> Result<InFlight, EngineError> {
+        let Queue { marks, batches, versions, parents, fk_values, deltas, header, settle, .. } = q;
+        let group = if marks.is_empty() {
             None
         } else {
-            let body = rmp_serde::to_vec(&ApplyGroup { tag: ApplyGroup::TAG.into(), marks: q.marks })
+            let body = rmp_serde::to_vec(&ApplyGroup { tag: ApplyGroup::TAG.into(), marks })
                 .map_err(|err| EngineError::Corrupt(format!("cannot encode the apply mark: {err}")))?;
             Some((self.stmt(sql::EMIT_APPLY_MESSAGE, &[Type::TEXT, Type::BYTEA]).await?, self.seal(APPLY_MESSAGE_PREFIX, &body)))
         };
@@ -546,7 +607,7 @@ impl Applier {
             false => None,
         };
         let mut park = Vec::new();
-        for (tbl, (t, _)) in &q.parents {
+        for (tbl, (t, _)) in &parents {
             let mut types = vec![Type::TEXT_ARRAY; t.pk.len()];
             types.extend([Type::TEXT, Type::TEXT, Type::BYTEA]);
             park.push((tbl.clone(), self.stmt(&sql::park_orphans(t), &types).await?));
@@ -554,83 +615,174 @@ impl Applier {
         // Parents first checked on the distinct foreign-key values sent: a
         // table whose values all have their parents needs no check per row.
         let mut prechecks = Vec::new();
-        for (tbl, (t, _)) in &q.parents {
-            let Some(Some(values)) = q.fk_values.get(tbl) else { continue };
-            for (f, cols) in t.parents.iter().zip(values) {
-                let types = vec![Type::TEXT_ARRAY; cols.len()];
-                prechecks.push((tbl.clone(), self.stmt(&sql::missing_parents(t, f), &types).await?, cols));
+        for (tbl, (t, _)) in &parents {
+            let Some(Some(values)) = fk_values.get(tbl) else { continue };
+            for (i, f) in t.parents.iter().enumerate().take(values.len()) {
+                let types = vec![Type::TEXT_ARRAY; f.columns.len()];
+                prechecks.push((tbl.clone(), self.stmt(&sql::missing_parents(t, f), &types).await?, i));
             }
         }
-        let settle = match q.settle {
+        let settle = match settle {
             Some(ts) => Some((self.stmt(sql::SETTLE_ECHOES, &[Type::INT8]).await?, ts)),
             None => None,
         };
-        let client = &self.conn.client;
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(q.batches.len() + q.versions.len() + 1);
-        if let Some((st, body)) = &group {
-            pending.push(async move { client.execute(st, &[&APPLY_MESSAGE_PREFIX, body]).await }.boxed());
+        let client = self.conn.client.clone();
+        let batches = Arc::new(batches);
+        let deltas = Arc::new(deltas);
+        let fk_values = Arc::new(fk_values);
+        let mut steps: Vec<Step> = Vec::with_capacity(batches.len() + versions.len() + deltas.len() + prechecks.len() + 2);
+        if let Some((st, body)) = group {
+            let c = client.clone();
+            steps.push(async move { c.execute(&st, &[&APPLY_MESSAGE_PREFIX, &body]).await.map(|_| Answer::Done) }.boxed());
         }
-        for b in &q.batches {
-            let params = move || {
-                let mut p: Vec<&(dyn ToSql + Sync)> = b.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                match (&b.echo_ts, &b.echo_insert) {
-                    (Some(ts), _) => p.push(ts),
-                    (None, Some(_)) => p.push(&b.ts),
-                    (None, None) => {}
+        for i in 0..batches.len() {
+            for echo_insert in [false, true] {
+                if echo_insert && batches[i].echo_insert.is_none() {
+                    continue;
                 }
-                p
-            };
-            pending.push(async move { client.execute(&b.st, &params()).await }.boxed());
-            if let Some(ins) = &b.echo_insert {
-                pending.push(async move { client.execute(ins, &params()).await }.boxed());
+                let (c, batches) = (client.clone(), batches.clone());
+                steps.push(
+                    async move {
+                        let b = &batches[i];
+                        let mut p: Vec<&(dyn ToSql + Sync)> = b.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                        match (&b.echo_ts, &b.echo_insert) {
+                            (Some(ts), _) => p.push(ts),
+                            (None, Some(_)) => p.push(&b.ts),
+                            (None, None) => {}
+                        }
+                        let st = match (&b.echo_insert, echo_insert) {
+                            (Some(ins), true) => ins,
+                            _ => &b.st,
+                        };
+                        c.execute(st, &p).await.map(|_| Answer::Done)
+                    }
+                    .boxed(),
+                );
             }
         }
-        for ((tbl, author, packed), (keys, stamps, ts)) in &q.versions {
-            if let (true, Some(pst)) = (*packed, &pst) {
-                for ((keys, stamps), ts) in keys.chunks(PACKED_VERSION_KEYS).zip(stamps.chunks(PACKED_VERSION_KEYS)).zip(ts.chunks(PACKED_VERSION_KEYS)) {
-                    pending.push(async move { client.execute(pst, &[tbl, author, &keys, &stamps, &ts]).await }.boxed());
+        let versions = Arc::new(versions.into_iter().collect::<Vec<_>>());
+        for i in 0..versions.len() {
+            let ((_, _, packed), (keys, _, _)) = &versions[i];
+            match (*packed, &pst) {
+                (true, Some(pst)) => {
+                    for at in (0..keys.len()).step_by(PACKED_VERSION_KEYS) {
+                        let (c, versions, pst) = (client.clone(), versions.clone(), pst.clone());
+                        steps.push(
+                            async move {
+                                let ((tbl, author, _), (keys, stamps, ts)) = &versions[i];
+                                let end = (at + PACKED_VERSION_KEYS).min(keys.len());
+                                let (keys, stamps, ts) = (&keys[at..end], &stamps[at..end], &ts[at..end]);
+                                c.execute(&pst, &[tbl, author, &keys, &stamps, &ts]).await.map(|_| Answer::Done)
+                            }
+                            .boxed(),
+                        );
+                    }
                 }
-            } else {
-                let vst = &vst;
-                pending.push(async move { client.execute(vst, &[tbl, keys, stamps, author, ts]).await }.boxed());
+                _ => {
+                    let (c, versions, vst) = (client.clone(), versions.clone(), vst.clone());
+                    steps.push(
+                        async move {
+                            let ((tbl, author, _), (keys, stamps, ts)) = &versions[i];
+                            c.execute(&vst, &[tbl, keys, stamps, author, ts]).await.map(|_| Answer::Done)
+                        }
+                        .boxed(),
+                    );
+                }
             }
         }
-        if let Some((st, ts)) = &settle {
+        if let Some((st, ts)) = settle {
             // After the batches: pipelined statements run in order.
-            pending.push(async move { client.execute(st, &[ts]).await }.boxed());
+            let c = client.clone();
+            steps.push(async move { c.execute(&st, &[&ts]).await.map(|_| Answer::Done) }.boxed());
         }
         // After the batches (a change of a row inserted in the group finds
         // it): the queued changes of delta columns, with their answers.
-        let deltas = q.deltas.iter().map(|d| {
-            async move {
-                let params: Vec<&(dyn ToSql + Sync)> = d.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                client.query(&d.st, &params).await
+        for i in 0..deltas.len() {
+            let (c, deltas) = (client.clone(), deltas.clone());
+            steps.push(
+                async move {
+                    let d = &deltas[i];
+                    let params: Vec<&(dyn ToSql + Sync)> = d.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                    c.query(&d.st, &params).await.map(Answer::Rows)
+                }
+                .boxed(),
+            );
+        }
+        for (tbl, st, fk) in &prechecks {
+            let (c, fk_values, tbl, st, fk) = (client.clone(), fk_values.clone(), tbl.clone(), st.clone(), *fk);
+            steps.push(
+                async move {
+                    let cols: &[Vec<Option<String>>] = match fk_values.get(&tbl) {
+                        Some(Some(values)) => &values[fk],
+                        _ => &[],
+                    };
+                    let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                    c.query_one(&st, &params).await.map(|r| Answer::Missing(r.get(0)))
+                }
+                .boxed(),
+            );
+        }
+        // Each statement is sent when its future is first polled: here, in
+        // order, before anything else this task sends.
+        let mut started: Vec<Started> = Vec::with_capacity(steps.len());
+        std::future::poll_fn(|cx| {
+            for mut f in steps.drain(..) {
+                started.push(match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => Started::Answered(r),
+                    std::task::Poll::Pending => Started::Waiting(f),
+                });
             }
-            .boxed()
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let answers = tokio::spawn(async move {
+            let mut out = Vec::with_capacity(started.len());
+            for s in started {
+                out.push(match s {
+                    Started::Answered(r) => r?,
+                    Started::Waiting(f) => f.await?,
+                });
+            }
+            Ok(out)
         });
-        let (_, delta_rows) = futures::future::try_join(futures::future::try_join_all(pending), futures::future::try_join_all(deltas))
+        let all_there: BTreeSet<String> = fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();
+        Ok(InFlight { answers, deltas, prechecks: prechecks.into_iter().map(|(t, _, _)| t).collect(), all_there, park, parents, header: header.unwrap_or_default() })
+    }
+
+    /// Reads the answers of statements sent by [`Applier::send`]: a row
+    /// missing for a change of delta columns fails the group; rows whose
+    /// parents are missing are parked (R9).
+    async fn settle(&mut self, sent: InFlight) -> Result<(), EngineError> {
+        let InFlight { answers, deltas, prechecks, mut all_there, park, parents, header } = sent;
+        let answers = answers
             .await
-            .map_err(EngineError::pg("applying a batch of inserts and changes of delta columns"))?;
-        for (d, rows) in q.deltas.iter().zip(&delta_rows) {
+            .map_err(|e| EngineError::Corrupt(format!("the task reading apply's answers ended: {e}")))?
+            .map_err(EngineError::pg(SENT_CONTEXT))?;
+        let mut delta_rows = Vec::with_capacity(deltas.len());
+        let mut missing = Vec::with_capacity(prechecks.len());
+        for a in answers {
+            match a {
+                Answer::Done => {}
+                Answer::Rows(rows) => delta_rows.push(rows),
+                Answer::Missing(m) => missing.push(m),
+            }
+        }
+        for (d, rows) in deltas.iter().zip(&delta_rows) {
             if rows.len() < d.keys.len() {
                 return Err(EngineError::QueuedRowMissing { table: d.table.clone(), missing: d.keys.len() - rows.len(), rows: d.keys.len() });
             }
         }
-        let mut all_there: std::collections::BTreeSet<String> = q.fk_values.iter().filter(|(_, v)| v.is_some()).map(|(t, _)| t.clone()).collect();
-        for (tbl, st, cols) in &prechecks {
-            let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            let missing: bool = client.query_one(st, &params).await.map_err(EngineError::pg(format!("checking the parents of rows in {tbl}")))?.get(0);
-            if missing {
+        for (tbl, m) in prechecks.iter().zip(missing) {
+            if m {
                 all_there.remove(tbl);
             }
         }
         // Parent checks after every row of the batch is in (R9).
-        let header = q.header.unwrap_or_default();
         for (tbl, st) in park {
             if all_there.contains(&tbl) {
                 continue;
             }
-            let Some((t, keys)) = q.parents.get(&tbl) else { continue };
+            let Some((t, keys)) = parents.get(&tbl) else { continue };
             let arrays: Vec<Vec<&str>> = (0..t.pk.len()).map(|j| keys.iter().map(|k| k[j].as_str()).collect()).collect();
             let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             params.push(&self.stream);
@@ -647,11 +799,49 @@ impl Applier {
         }
         // Rows whose version was a local commit keep it on record (their
         // xmin is now apply's).
-        for (d, rows) in q.deltas.iter().zip(&delta_rows) {
+        for (d, rows) in deltas.iter().zip(&delta_rows) {
             self.keep_local_versions(&d.table, rows).await?;
         }
         Ok(())
     }
+}
+
+/// What the statements of a drain failed doing.
+const SENT_CONTEXT: &str = "applying a batch of inserts and changes of delta columns";
+
+/// One statement of a drain: sent when first polled.
+type Step = futures::future::BoxFuture<'static, Result<Answer, tokio_postgres::Error>>;
+
+/// A statement of a drain after its first poll.
+enum Started {
+    /// Answered at once (it failed before anything was sent).
+    Answered(Result<Answer, tokio_postgres::Error>),
+    /// Sent; the answer is awaited.
+    Waiting(Step),
+}
+
+/// What a statement of a drain answered that [`Applier::settle`] reads.
+enum Answer {
+    Done,
+    /// The rows a change of delta columns wrote.
+    Rows(Vec<tokio_postgres::Row>),
+    /// Whether a foreign key's values lack a parent.
+    Missing(bool),
+}
+
+/// The statements of one drain, sent; their answers come from a task of
+/// their own. Dropping it leaves that task to read the answers and drop
+/// them (after a rollback).
+pub(super) struct InFlight {
+    answers: tokio::task::JoinHandle<Result<Vec<Answer>, tokio_postgres::Error>>,
+    deltas: Arc<Vec<QueuedDelta>>,
+    /// The table of each parent pre-check, in the order sent.
+    prechecks: Vec<String>,
+    /// Tables whose rows' parents may all be there (no pre-check failed yet).
+    all_there: BTreeSet<String>,
+    park: Vec<(String, Statement)>,
+    parents: BTreeMap<String, (Arc<LocalTable>, Vec<Vec<String>>)>,
+    header: Vec<u8>,
 }
 
 #[cfg(test)]
