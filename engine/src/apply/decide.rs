@@ -956,7 +956,7 @@ impl Applier {
     /// returns the re-pointed entry and which of its changes changed (the
     /// author gets them back in the echo).
     pub(super) async fn repoint_merged(&mut self, e: &LogEntry, maps: &[Option<std::sync::Arc<Mapping>>]) -> Result<Option<(LogEntry, Vec<usize>)>, EngineError> {
-        let Some(merged) = self.wing.decider().map(|d| &d.merged_tables).filter(|m| !m.is_empty()) else {
+        let Some(merged) = self.wing.merged_tables() else {
             return Ok(None);
         };
         let mut out = e.clone();

@@ -63,6 +63,7 @@
 //! by the rule, and a change that still fails is quarantined in
 //! `branchsync.conflicts` with its error, while the rest flows on.
 
+mod column;
 mod decide;
 mod obey;
 mod park;

@@ -75,6 +75,7 @@ use futures::future::FutureExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
+use super::column::TextColumn;
 use super::table::InsertPlan;
 use super::{sql, Applier, Mapping};
 use crate::catalog::{key_text, LocalTable};
@@ -146,7 +147,7 @@ struct Batch {
     table: (String, String),
     text: String,
     st: Statement,
-    arrays: Vec<Vec<Option<String>>>,
+    arrays: Vec<TextColumn>,
     /// The echo guard's commit time: such a batch holds the rows of one
     /// ChangeSet only.
     echo_ts: Option<i64>,
@@ -183,7 +184,7 @@ pub(super) struct Queue {
     /// The values the queued rows hold in each foreign key's columns, per
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
-    fk_values: BTreeMap<String, Option<Vec<Vec<Vec<Option<String>>>>>>,
+    fk_values: BTreeMap<String, Option<Vec<Vec<TextColumn>>>>,
     /// Changes of delta columns (the main), folded into one statement per
     /// table, sent after the batches.
     deltas: Vec<QueuedDelta>,
@@ -219,7 +220,7 @@ struct QueuedDelta {
     key_src: Vec<usize>,
     delta_src: Vec<usize>,
     /// The key columns, then the new and the old value of each delta column.
-    arrays: Vec<Vec<Option<String>>>,
+    arrays: Vec<TextColumn>,
     /// The distinct keys: the statement updates each once.
     keys: std::collections::HashSet<Vec<Option<String>>>,
 }
@@ -287,7 +288,7 @@ impl Applier {
                         st,
                         key_src: ks.clone(),
                         delta_src,
-                        arrays: vec![Vec::new(); ks.len() + 2 * names.len()],
+                        arrays: vec![TextColumn::default(); ks.len() + 2 * names.len()],
                         keys: std::collections::HashSet::new(),
                     });
                     self.queue.deltas.len() - 1
@@ -296,12 +297,12 @@ impl Applier {
             let d = &mut self.queue.deltas[at];
             let key: Vec<Option<String>> = d.key_src.iter().map(|k| o.values.get(*k).and_then(Value::as_text).map(str::to_string)).collect();
             for (j, k) in key.iter().enumerate() {
-                d.arrays[j].push(k.clone());
+                d.arrays[j].push(k.as_deref());
             }
             let nk = d.key_src.len();
             for (j, c) in d.delta_src.iter().enumerate() {
-                d.arrays[nk + 2 * j].push(new.get(*c).and_then(Value::as_text).map(str::to_string));
-                d.arrays[nk + 2 * j + 1].push(o.values.get(*c).and_then(Value::as_text).map(str::to_string));
+                d.arrays[nk + 2 * j].push(new.get(*c).and_then(Value::as_text));
+                d.arrays[nk + 2 * j + 1].push(o.values.get(*c).and_then(Value::as_text));
             }
             d.keys.insert(key);
             self.queue.rows += 1;
@@ -433,7 +434,7 @@ impl Applier {
                             table: table.clone(),
                             text: text.to_string(),
                             st: batch_st.clone(),
-                            arrays: vec![Vec::new(); cols.len()],
+                            arrays: vec![TextColumn::default(); cols.len()],
                             echo_ts,
                             echo_insert: echo_insert.clone(),
                             ts: Vec::new(),
@@ -445,7 +446,9 @@ impl Applier {
                     }
                 };
                 for (a, c) in batch.arrays.iter_mut().zip(cols) {
-                    a.extend(chunk.iter().map(|r| r.get(*c).and_then(|v| v.as_text()).map(str::to_string)));
+                    for r in chunk.iter() {
+                        a.push(r.get(*c).and_then(|v| v.as_text()));
+                    }
                 }
                 if each {
                     batch.ts.extend(std::iter::repeat_n(e.header.commit_ts_us, chunk.len()));
@@ -478,12 +481,14 @@ impl Applier {
                     // and the main checks again (R9) before its result
                     // comes back here.
                     let srcs = plan.fk_srcs.as_ref();
-                    let entry = self.queue.fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![Vec::new(); f.columns.len()]).collect()));
+                    let entry = self.queue.fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![TextColumn::default(); f.columns.len()]).collect()));
                     match (srcs, entry.as_mut()) {
                         (Some(srcs), Some(values)) if values.len() == srcs.len() => {
                             for (fk, cols) in values.iter_mut().zip(srcs) {
                                 for (arr, c) in fk.iter_mut().zip(cols) {
-                                    arr.extend(rows.iter().map(|r| r.get(*c).and_then(Value::as_text).map(str::to_string)));
+                                    for r in &rows {
+                                        arr.push(r.get(*c).and_then(Value::as_text));
+                                    }
                                 }
                             }
                         }
@@ -712,7 +717,7 @@ impl Applier {
             let (c, fk_values, tbl, st, fk) = (client.clone(), fk_values.clone(), tbl.clone(), st.clone(), *fk);
             steps.push(
                 async move {
-                    let cols: &[Vec<Option<String>>] = match fk_values.get(&tbl) {
+                    let cols: &[TextColumn] = match fk_values.get(&tbl) {
                         Some(Some(values)) => &values[fk],
                         _ => &[],
                     };

@@ -155,10 +155,17 @@ impl Wing {
         }
     }
 
-    /// `true` when rows of `e` may reference rows folded into others and
-    /// must be re-pointed first (only the main folds rows).
+    /// The tables holding rows folded into others, when there are any:
+    /// rows referencing them must be re-pointed first (only the main folds
+    /// rows).
+    pub(super) fn merged_tables(&self) -> Option<&HashSet<String>> {
+        self.decider().map(|d| &d.merged_tables).filter(|m| !m.is_empty())
+    }
+
+    /// `true` when rows may reference rows folded into others
+    /// ([`Wing::merged_tables`]).
     pub(super) fn repoints(&self) -> bool {
-        self.decider().is_some_and(|d| !d.merged_tables.is_empty())
+        self.merged_tables().is_some()
     }
 
     /// Whether the packed insert versions are kept (main only).

@@ -417,10 +417,10 @@ struct Txn {
 pub struct Capturer {
     cfg: CaptureConfig,
     log: Arc<ChangeLog>,
-    relations: HashMap<u32, Relation>,
-    /// Whether each relation is replicated (the scope's patterns matched
-    /// once per relation message, not once per row).
-    in_scope: HashMap<u32, bool>,
+    /// Each relation announced by the stream, with whether it is
+    /// replicated (the scope's patterns matched once per relation message,
+    /// not once per row).
+    relations: HashMap<u32, (Relation, bool)>,
     captured_lsn: u64,
     last_stamp: u64,
     /// Branch: the relay time of the last relay entry applied here, in
@@ -478,7 +478,6 @@ impl Capturer {
             cfg,
             log,
             relations: HashMap::new(),
-            in_scope: HashMap::new(),
             captured_lsn,
             last_stamp,
             seen_main_ts,
@@ -564,8 +563,8 @@ impl Capturer {
                 });
             }
             PgOutputMessage::Relation(r) => {
-                self.in_scope.insert(r.oid, self.cfg.scope.includes(&r.namespace, &r.name));
-                self.relations.insert(r.oid, r);
+                let in_scope = self.cfg.scope.includes(&r.namespace, &r.name);
+                self.relations.insert(r.oid, (r, in_scope));
             }
             PgOutputMessage::Type(_) => {}
             PgOutputMessage::Origin(o) => {
@@ -697,9 +696,9 @@ impl Capturer {
                     return Ok(None);
                 }
                 let rel_of = |oid: u32| -> Result<&Relation, EngineError> {
-                    self.relations.get(&oid).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
+                    self.relations.get(&oid).map(|(r, _)| r).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
                 };
-                let in_scope = |r: &Relation| self.in_scope.get(&r.oid).copied().unwrap_or_else(|| self.cfg.scope.includes(&r.namespace, &r.name));
+                let in_scope = |r: &Relation| self.relations.get(&r.oid).is_some_and(|(_, s)| *s);
                 // In an apply group, an insert belongs to the first
                 // ChangeSet still expecting a row of its table; anything
                 // else, and a row beyond every count, to the last one.
