@@ -180,7 +180,8 @@ pub(super) struct Queue {
     /// local change) to `branchsync.row_version`, a row each.
     versions: BTreeMap<(String, String, bool), QueuedVersions>,
     /// Keys to check for missing parents, per table with foreign keys.
-    parents: BTreeMap<String, (std::sync::Arc<LocalTable>, Vec<Vec<String>>)>,
+    /// (one array per key column).
+    parents: BTreeMap<String, (std::sync::Arc<LocalTable>, Vec<TextColumn>)>,
     /// The values the queued rows hold in each foreign key's columns, per
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
@@ -457,18 +458,25 @@ impl Applier {
                 batch.bytes += bytes;
             }
             if let Some(ks) = m.key_src.as_ref() {
-                let keys: Vec<Vec<String>> = rows.iter().map(|r| ks.iter().map(|k| r.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect()).collect();
+                fn key<'a>(r: &'a [Value], k: &usize) -> &'a str {
+                    r.get(*k).and_then(Value::as_text).unwrap_or("")
+                }
                 // Row versions are for deciding, which only the main does.
                 if self.wing.decides() {
                     let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.wing.packed() && !plan.owned)).or_default();
-                    for k in &keys {
-                        v.0.push(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()));
+                    for r in &rows {
+                        v.0.push(key_text(&ks.iter().map(|k| key(r, k)).collect::<Vec<_>>()));
                         v.1.push(stamp);
                         v.2.push(e.header.commit_ts_us);
                     }
                 }
                 if !m.table.parents.is_empty() {
-                    self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), Vec::new())).1.extend(keys);
+                    let keys = &mut self.queue.parents.entry(m.table.name.clone()).or_insert_with(|| (m.table.clone(), vec![TextColumn::default(); ks.len()])).1;
+                    for r in &rows {
+                        for (col, k) in keys.iter_mut().zip(ks) {
+                            col.push(Some(key(r, k)));
+                        }
+                    }
                 }
                 if !m.table.parents.is_empty() {
                     // The foreign-key values as sent, so the parents can be
@@ -787,9 +795,8 @@ impl Applier {
             if all_there.contains(&tbl) {
                 continue;
             }
-            let Some((t, keys)) = parents.get(&tbl) else { continue };
-            let arrays: Vec<Vec<&str>> = (0..t.pk.len()).map(|j| keys.iter().map(|k| k[j].as_str()).collect()).collect();
-            let mut params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            let Some((_, keys)) = parents.get(&tbl) else { continue };
+            let mut params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             params.push(&self.stream);
             params.push(&tbl);
             params.push(&header);
@@ -845,7 +852,7 @@ pub(super) struct InFlight {
     /// Tables whose rows' parents may all be there (no pre-check failed yet).
     all_there: BTreeSet<String>,
     park: Vec<(String, Statement)>,
-    parents: BTreeMap<String, (Arc<LocalTable>, Vec<Vec<String>>)>,
+    parents: BTreeMap<String, (Arc<LocalTable>, Vec<TextColumn>)>,
     header: Vec<u8>,
 }
 
