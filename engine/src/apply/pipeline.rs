@@ -556,13 +556,10 @@ impl Applier {
     /// are answered first. Errors leave the transaction aborted; the caller
     /// rolls back.
     pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
-        self.settle_in_flight().await?;
-        if self.queue.is_empty() {
-            return Ok(());
+        match self.send_queue().await? {
+            Some(sent) => self.settle(sent).await,
+            None => Ok(()),
         }
-        let q = std::mem::take(&mut self.queue);
-        let sent = self.send(q).await?;
-        self.settle(sent).await
     }
 
     /// Sends everything queued without waiting for the answers, so that
@@ -571,14 +568,21 @@ impl Applier {
     /// parent checks of one send run before the rows of the next, as they
     /// would in one drain.
     pub(super) async fn drain_ahead(&mut self) -> Result<(), EngineError> {
+        self.in_flight = self.send_queue().await?;
+        if self.in_flight.is_some() {
+            self.stats.sent_ahead += 1;
+        }
+        Ok(())
+    }
+
+    /// Answers the statements sent ahead, then sends the queue, if any.
+    async fn send_queue(&mut self) -> Result<Option<InFlight>, EngineError> {
         self.settle_in_flight().await?;
         if self.queue.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let q = std::mem::take(&mut self.queue);
-        self.in_flight = Some(self.send(q).await?);
-        self.stats.sent_ahead += 1;
-        Ok(())
+        self.send(q).await.map(Some)
     }
 
     /// Waits for the answers of the statements sent ahead, if any.

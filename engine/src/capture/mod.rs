@@ -695,16 +695,16 @@ impl Capturer {
                 if txn.duplicate || txn.applied_here {
                     return Ok(None);
                 }
-                let rel_of = |oid: u32| -> Result<&Relation, EngineError> {
-                    self.relations.get(&oid).map(|(r, _)| r).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
+                // A relation and whether it is replicated, in one lookup.
+                let rel_of = |oid: u32| -> Result<(&Relation, bool), EngineError> {
+                    self.relations.get(&oid).map(|(r, s)| (r, *s)).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
                 };
-                let in_scope = |r: &Relation| self.relations.get(&r.oid).is_some_and(|(_, s)| *s);
                 // In an apply group, an insert belongs to the first
                 // ChangeSet still expecting a row of its table; anything
                 // else, and a row beyond every count, to the last one.
                 let mut target = None;
                 if let PgOutputMessage::Insert(i) = &change {
-                    let r = rel_of(i.rel)?;
+                    let (r, _) = rel_of(i.rel)?;
                     let cursor = txn.held_cursors.iter().position(|c| c.0 == r.namespace && c.1 == r.name);
                     let start = cursor.map_or(0, |c| txn.held_cursors[c].2.saturating_sub(txn.held_popped));
                     target = txn.held.iter_mut().skip(start).position(|h| take_row(&mut h.rows_left, &r.namespace, &r.name)).map(|p| p + start);
@@ -725,15 +725,15 @@ impl Capturer {
                 };
                 let pushed = match change {
                     PgOutputMessage::Insert(i) => {
-                        let r = rel_of(i.rel)?;
-                        in_scope(r).then(|| {
+                        let (r, in_scope) = rel_of(i.rel)?;
+                        in_scope.then(|| {
                             let t = seg.table(r);
                             RowChange::Insert { table: t, new: i.new }
                         })
                     }
                     PgOutputMessage::Update(u) => {
-                        let r = rel_of(u.rel)?;
-                        in_scope(r).then(|| {
+                        let (r, in_scope) = rel_of(u.rel)?;
+                        in_scope.then(|| {
                             let t = seg.table(r);
                             let old = u.old.map(|o| old_row(o));
                             let mut new = u.new;
@@ -751,8 +751,8 @@ impl Capturer {
                         })
                     }
                     PgOutputMessage::Delete(d) => {
-                        let r = rel_of(d.rel)?;
-                        in_scope(r).then(|| {
+                        let (r, in_scope) = rel_of(d.rel)?;
+                        in_scope.then(|| {
                             let t = seg.table(r);
                             RowChange::Delete { table: t, old: old_row(d.old) }
                         })
@@ -760,8 +760,8 @@ impl Capturer {
                     PgOutputMessage::Truncate(t) => {
                         let mut tables = Vec::new();
                         for oid in &t.rels {
-                            let r = rel_of(*oid)?;
-                            if in_scope(r) {
+                            let (r, in_scope) = rel_of(*oid)?;
+                            if in_scope {
                                 tables.push(seg.table(r));
                             }
                         }
