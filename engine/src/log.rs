@@ -1045,7 +1045,7 @@ impl ChangeLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use branchsync_proto::{ChangeSetHeader, RowChange, TableDesc, Value};
+    use branchsync_proto::{ChangeSetHeader, RowChange, TableDef, TableDesc, Value};
     use std::io::Write;
 
     fn entry(log: &ChangeLog, part: u32, last: bool) -> LogEntry {
@@ -1066,13 +1066,13 @@ mod tests {
             },
             part,
             last,
-            tables: vec![TableDesc {
+            tables: vec![TableDesc::from(TableDef {
                 schema: "public".into(),
                 name: "t".into(),
                 columns: vec!["id".into()],
                 key: vec![true],
                 identity_full: false,
-            }],
+            })],
             changes: vec![RowChange::Insert { table: 0, new: vec![Value::Text(body)] }],
             relay_ts_us: 0,
             echo_as_sent: false,

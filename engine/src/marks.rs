@@ -233,10 +233,10 @@ mod tests {
     /// name, the table, a row more, or the key.
     #[test]
     fn a_rows_digest_is_a_keyed_multiset_of_the_rows() {
-        use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
+        use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDef, TableDesc, Value};
         let entry = |name: &str, column: &str, rows: &[Option<&str>]| {
             let header = ChangeSetHeader { author: "b".into(), author_index: 1, system_id: 1, commit_lsn: 1, commit_ts_us: 1, stamp: 1, seen_main_ts: 0 };
-            let table = TableDesc { schema: "public".into(), name: name.into(), columns: vec!["id".into(), column.into()], key: vec![true, false], identity_full: false };
+            let table = TableDesc::from(TableDef { schema: "public".into(), name: name.into(), columns: vec!["id".into(), column.into()], key: vec![true, false], identity_full: false });
             let changes = rows.iter().enumerate().map(|(i, v)| RowChange::Insert { table: 0, new: vec![Value::Text(i.to_string()), v.map_or(Value::Null, |t| Value::Text(t.into()))] }).collect();
             LogEntry { pos: 1, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0, echo_as_sent: false }
         };

@@ -521,7 +521,7 @@ pub async fn emit_repairs(client: &Client, mark_key: &[u8], main_node: &str, to:
         });
     }
     let key_flags: Vec<bool> = columns.iter().map(|c| shape.key.contains(c)).collect();
-    let desc = branchsync_proto::TableDesc { schema: table.schema.clone(), name: table.name.clone(), columns: columns.clone(), key: key_flags.clone(), identity_full: false };
+    let desc = branchsync_proto::TableDesc::from(branchsync_proto::TableDef { schema: table.schema.clone(), name: table.name.clone(), columns: columns.clone(), key: key_flags.clone(), identity_full: false });
     let origin = crate::state::origin_name(main_node);
     client
         .batch_execute("BEGIN; SET LOCAL lock_timeout = '1s'")

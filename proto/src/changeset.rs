@@ -43,8 +43,19 @@ pub struct ChangeSetHeader {
 }
 
 /// A table as the author saw it: columns are matched by name at the receiver.
+///
+/// Every entry carries the descriptions of its tables, and a catch-up
+/// decodes hundreds of thousands of entries of the same few tables: a
+/// description is shared ([`TableDef`] behind an `Arc`, cloned without
+/// copying), and one decoded from the wire is looked up among those this
+/// thread decoded before (by name, then compared field by field) instead of
+/// being allocated again. Equality and the encoding are the [`TableDef`]'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDesc(std::sync::Arc<TableDef>);
+
+/// The fields of a [`TableDesc`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableDesc {
+pub struct TableDef {
     /// Schema name.
     pub schema: String,
     /// Table name.
@@ -61,6 +72,129 @@ impl TableDesc {
     /// `schema.name`, quoted for SQL.
     pub fn qualified(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// The fields, to change this description alone (copied first when
+    /// it is shared).
+    pub fn def_mut(&mut self) -> &mut TableDef {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<TableDef> for TableDesc {
+    fn from(def: TableDef) -> TableDesc {
+        TableDesc(std::sync::Arc::new(def))
+    }
+}
+
+impl std::ops::Deref for TableDesc {
+    type Target = TableDef;
+    fn deref(&self) -> &TableDef {
+        &self.0
+    }
+}
+
+impl Serialize for TableDesc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TableDesc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TableDesc, D::Error> {
+        let wire = intern::WireDef::deserialize(d)?;
+        Ok(intern::table(wire))
+    }
+}
+
+/// The descriptions this thread decoded, by table name.
+mod intern {
+    use std::borrow::Cow;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use serde::{Deserialize, Deserializer};
+
+    use super::{TableDef, TableDesc};
+
+    /// At most this many descriptions are kept per thread (then the cache
+    /// starts over): a schema's tables and their recent shapes fit.
+    const KEPT: usize = 4096;
+
+    thread_local! {
+        static SEEN: RefCell<(usize, HashMap<String, Vec<TableDesc>>)> = RefCell::new((0, HashMap::new()));
+    }
+
+    /// A name as it is on the wire: borrowed from the input when it can be.
+    pub(super) struct Name<'a>(Cow<'a, str>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name<'a>, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Name<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a name")
+                }
+                fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(v.to_string())))
+                }
+                fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(v)))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// A [`TableDef`] as decoded, before it is looked up.
+    #[derive(Deserialize)]
+    pub(super) struct WireDef<'a> {
+        #[serde(borrow)]
+        schema: Name<'a>,
+        #[serde(borrow)]
+        name: Name<'a>,
+        #[serde(borrow)]
+        columns: Vec<Name<'a>>,
+        key: Vec<bool>,
+        identity_full: bool,
+    }
+
+    impl WireDef<'_> {
+        fn is(&self, d: &TableDef) -> bool {
+            d.schema == *self.schema.0
+                && d.identity_full == self.identity_full
+                && d.key == self.key
+                && d.columns.len() == self.columns.len()
+                && d.columns.iter().zip(&self.columns).all(|(a, b)| *a == *b.0)
+        }
+    }
+
+    /// The description `wire` decodes to: one seen before on this thread,
+    /// or a new one (then kept).
+    pub(super) fn table(wire: WireDef<'_>) -> TableDesc {
+        SEEN.with(|seen| {
+            let mut seen = seen.borrow_mut();
+            if let Some(d) = seen.1.get(&*wire.name.0).and_then(|v| v.iter().find(|d| wire.is(d))) {
+                return d.clone();
+            }
+            let d = TableDesc::from(TableDef {
+                schema: wire.schema.0.into_owned(),
+                name: wire.name.0.to_string(),
+                columns: wire.columns.into_iter().map(|c| c.0.into_owned()).collect(),
+                key: wire.key,
+                identity_full: wire.identity_full,
+            });
+            if seen.0 >= KEPT {
+                *seen = (0, HashMap::new());
+            }
+            seen.0 += 1;
+            seen.1.entry(d.name.clone()).or_default().push(d.clone());
+            d
+        })
     }
 }
 
@@ -409,6 +543,29 @@ impl RowChange {
 mod tests {
     use super::*;
 
+    /// Entries of one table decoded on one thread share one description;
+    /// a table of another shape, or another table, gets its own; what is
+    /// decoded equals what was encoded, from MessagePack and from JSON
+    /// (whose escaped names cannot be borrowed from the input).
+    #[test]
+    fn decoded_entries_share_the_description_of_their_table() {
+        let a = LogEntry::decode(&sample_entry(1).encode().unwrap()).unwrap();
+        let b = LogEntry::decode(&sample_entry(2).encode().unwrap()).unwrap();
+        assert_eq!(a.tables, sample_entry(1).tables);
+        assert!(std::sync::Arc::ptr_eq(&a.tables[0].0, &b.tables[0].0), "the second entry reused the first one's description");
+        let mut other = sample_entry(3);
+        other.tables[0].def_mut().columns[2] = "remark".into();
+        let c = LogEntry::decode(&other.encode().unwrap()).unwrap();
+        assert_eq!(c.tables[0].columns[2], "remark");
+        assert!(!std::sync::Arc::ptr_eq(&a.tables[0].0, &c.tables[0].0));
+        assert_eq!(LogEntry::decode(&sample_entry(4).encode().unwrap()).unwrap().tables[0].columns[2], "note", "the other shape did not replace the first");
+        let mut quoted = sample_entry(5).tables[0].clone();
+        quoted.def_mut().name = "say \"hi\"\n".into();
+        let json = serde_json::to_string(&quoted).unwrap();
+        let back: TableDesc = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, quoted);
+    }
+
     pub(crate) fn sample_entry(pos: u64) -> LogEntry {
         LogEntry {
             pos,
@@ -423,13 +580,13 @@ mod tests {
             },
             part: 0,
             last: true,
-            tables: vec![TableDesc {
+            tables: vec![TableDesc::from(TableDef {
                 schema: "public".into(),
                 name: "order line".into(),
                 columns: vec!["id".into(), "qty".into(), "note".into()],
                 key: vec![true, false, false],
                 identity_full: false,
-            }],
+            })],
             changes: vec![
                 RowChange::Insert {
                     table: 0,
@@ -517,7 +674,7 @@ mod tests {
         let n = e.changes.len();
         assert_eq!(bad, vec![Some(n - 4), Some(n - 3), Some(n - 2), Some(n - 1)]);
         assert!(e.check()[0].reason.contains("out of range"), "{:?}", e.check());
-        e.tables[0].key.pop();
+        e.tables[0].def_mut().key.pop();
         assert!(e.check().iter().any(|i| i.change.is_none() && i.reason.contains("malformed")));
     }
 

@@ -20,6 +20,6 @@ pub mod frame;
 pub mod inspect;
 pub mod message;
 
-pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, EntryError, Invalid, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict, ENTRY_FORMAT_VERSION, MAX_ENTRY_BYTES};
+pub use changeset::{ChangeSetHeader, ConflictRecord, DdlChange, EntryError, Invalid, LogEntry, OldRow, RowChange, TableDef, TableDesc, Value, Verdict, ENTRY_FORMAT_VERSION, MAX_ENTRY_BYTES};
 pub use frame::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME};
 pub use message::{EntryChunk, Hello, Message, Refusal, RefusalReason, Welcome, WireEntry, PROTOCOL_VERSION};

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use branchsync_proto::{ChangeSetHeader, LogEntry, Message, RowChange, TableDesc, Value, WireEntry};
+use branchsync_proto::{ChangeSetHeader, LogEntry, Message, RowChange, TableDef, TableDesc, Value, WireEntry};
 use branchsync_tests::*;
 use futures::{SinkExt, StreamExt};
 
@@ -45,13 +45,13 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn desc(name: &str, columns: &[&str]) -> TableDesc {
-    TableDesc {
+    TableDesc::from(TableDef {
         schema: "public".into(),
         name: name.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
         key: columns.iter().map(|c| *c == "id").collect(),
         identity_full: true,
-    }
+    })
 }
 
 /// Sale `k` of shop `index`: its order key and its lines' keys, in the

@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
-use branchsync_proto::{ChangeSetHeader, LogEntry, Message, RefusalReason, RowChange, TableDesc, Value, WireEntry};
+use branchsync_proto::{ChangeSetHeader, LogEntry, Message, RefusalReason, RowChange, TableDef, TableDesc, Value, WireEntry};
 use branchsync_tests::*;
 
 const SCHEMA: &str = "CREATE TABLE orders (id int PRIMARY KEY, shop text NOT NULL);";
 
 fn orders_desc() -> TableDesc {
-    TableDesc { schema: "public".into(), name: "orders".into(), columns: vec!["id".into(), "shop".into()], key: vec![true, false], identity_full: true }
+    TableDesc::from(TableDef { schema: "public".into(), name: "orders".into(), columns: vec!["id".into(), "shop".into()], key: vec![true, false], identity_full: true })
 }
 
 fn entry(pos: u64, sid: u64, changes: Vec<RowChange>) -> LogEntry {

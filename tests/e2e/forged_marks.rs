@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use branchsync_engine::state::ApplyMark;
-use branchsync_proto::{ChangeSetHeader, ConflictRecord, TableDesc, Value, Verdict};
+use branchsync_proto::{ChangeSetHeader, ConflictRecord, TableDef, TableDesc, Value, Verdict};
 use branchsync_tests::*;
 
 const SCHEMA: &str = "
@@ -40,7 +40,7 @@ fn well_formed(prefix: &str, author: &str) -> Vec<u8> {
             return t;
         }
         "branchsync.verdict" => {
-            let desc = TableDesc { schema: "public".into(), name: "products".into(), columns: vec!["id".into(), "name".into()], key: vec![true, false], identity_full: true };
+            let desc = TableDesc::from(TableDef { schema: "public".into(), name: "products".into(), columns: vec!["id".into(), "name".into()], key: vec![true, false], identity_full: true });
             rmp_serde::to_vec(&(desc, Verdict { table: 0, key: vec![Value::Text("1".into()), Value::Null], row: None, for_commit_ts: 0, to: None })).unwrap()
         }
         _ => rmp_serde::to_vec(&ConflictRecord {

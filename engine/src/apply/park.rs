@@ -410,7 +410,7 @@ mod tests {
     //! author's origin, once the order arrives.
     use std::sync::Arc;
 
-    use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
+    use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDef, TableDesc, Value};
 
     use crate::apply::{Applier, ApplyConfig, StreamState, DEFAULT_GROUP_BUDGET};
     use crate::scope::Scope;
@@ -434,7 +434,7 @@ mod tests {
     }
 
     fn desc(name: &str, cols: &[&str]) -> TableDesc {
-        TableDesc { schema: "public".into(), name: name.into(), columns: cols.iter().map(|c| c.to_string()).collect(), key: cols.iter().map(|c| *c == "id").collect(), identity_full: false }
+        TableDesc::from(TableDef { schema: "public".into(), name: name.into(), columns: cols.iter().map(|c| c.to_string()).collect(), key: cols.iter().map(|c| *c == "id").collect(), identity_full: false })
     }
 
     async fn parked(c: &tokio_postgres::Client) -> Vec<(String, String)> {
@@ -505,7 +505,7 @@ mod missing_table_tests {
     //! and apply in their order once the table exists.
     use std::sync::Arc;
 
-    use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
+    use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDef, TableDesc, Value};
 
     use crate::apply::{Applier, ApplyConfig, StreamState, DEFAULT_GROUP_BUDGET};
     use crate::scope::Scope;
@@ -514,7 +514,7 @@ mod missing_table_tests {
 
     fn entry(pos: u64, changes: Vec<RowChange>) -> LogEntry {
         let header = ChangeSetHeader { author: "main".into(), author_index: 0, system_id: 7, commit_lsn: 0x2000 + pos, commit_ts_us: 1_700_000_000_000_000, stamp: 1_700_000_000_000_000 + pos , seen_main_ts: 0};
-        let table = TableDesc { schema: "public".into(), name: "loyalty".into(), columns: vec!["id".into(), "points".into()], key: vec![true, false], identity_full: false };
+        let table = TableDesc::from(TableDef { schema: "public".into(), name: "loyalty".into(), columns: vec!["id".into(), "points".into()], key: vec![true, false], identity_full: false });
         LogEntry { pos, header, part: 0, last: true, tables: vec![table], changes, relay_ts_us: 0, echo_as_sent: false }
     }
 

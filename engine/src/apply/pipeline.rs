@@ -78,7 +78,7 @@ use tokio_postgres::Statement;
 use super::column::TextColumn;
 use super::table::InsertPlan;
 use super::{sql, Applier, Mapping};
-use crate::catalog::{key_text, LocalTable};
+use crate::catalog::{key_text_of, LocalTable};
 use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
 
@@ -465,7 +465,7 @@ impl Applier {
                 if self.wing.decides() {
                     let v = self.queue.versions.entry((m.table.name.clone(), e.header.author.clone(), self.wing.packed() && !plan.owned)).or_default();
                     for r in &rows {
-                        v.0.push(key_text(&ks.iter().map(|k| key(r, k)).collect::<Vec<_>>()));
+                        v.0.push(key_text_of(ks.iter().map(|k| key(r, k))));
                         v.1.push(stamp);
                         v.2.push(e.header.commit_ts_us);
                     }

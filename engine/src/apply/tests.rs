@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
+use branchsync_proto::{ChangeSetHeader, DdlChange, LogEntry, OldRow, RowChange, TableDef, TableDesc, Value, Verdict};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 
@@ -152,13 +152,13 @@ fn text(s: &str) -> Value {
 }
 
 fn desc(name: &str, cols: &[&str], key: &[&str]) -> TableDesc {
-    TableDesc {
+    TableDesc::from(TableDef {
         schema: "public".into(),
         name: name.into(),
         columns: cols.iter().map(|c| c.to_string()).collect(),
         key: cols.iter().map(|c| key.contains(c)).collect(),
         identity_full: key.is_empty(),
-    }
+    })
 }
 
 /// A whole ChangeSet in one fragment (part 0, last) at stream position `pos`.

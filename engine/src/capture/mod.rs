@@ -61,7 +61,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use branchsync_proto::{ChangeSetHeader, ConflictRecord, DdlChange, LogEntry, OldRow, RowChange, TableDesc, Value, Verdict};
+use branchsync_proto::{ChangeSetHeader, ConflictRecord, DdlChange, LogEntry, OldRow, RowChange, TableDef, TableDesc, Value, Verdict};
 use futures::TryStreamExt;
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -264,7 +264,9 @@ impl Segment {
         (self.tables.len() - 1) as u32
     }
 
-    fn table(&mut self, rel: &Relation) -> u32 {
+    /// Index of `rel`'s description (`desc`, built from it) in this
+    /// ChangeSet.
+    fn table(&mut self, rel: &Relation, desc: &TableDesc) -> u32 {
         if let Some(i) = self.table_index.get(&rel.oid) {
             // The same table changed shape within this ChangeSet (DDL between
             // its rows): later rows get a description of their own.
@@ -276,13 +278,7 @@ impl Segment {
             }
         }
         let i = self.tables.len() as u32;
-        self.tables.push(TableDesc {
-            schema: rel.namespace.clone(),
-            name: rel.name.clone(),
-            columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
-            key: rel.columns.iter().map(|c| c.is_key()).collect(),
-            identity_full: rel.replica_identity == ReplicaIdentity::Full,
-        });
+        self.tables.push(desc.clone());
         self.table_index.insert(rel.oid, i);
         i
     }
@@ -420,7 +416,7 @@ pub struct Capturer {
     /// Each relation announced by the stream, with whether it is
     /// replicated (the scope's patterns matched once per relation message,
     /// not once per row).
-    relations: HashMap<u32, (Relation, bool)>,
+    relations: HashMap<u32, (Relation, bool, TableDesc)>,
     captured_lsn: u64,
     last_stamp: u64,
     /// Branch: the relay time of the last relay entry applied here, in
@@ -564,7 +560,16 @@ impl Capturer {
             }
             PgOutputMessage::Relation(r) => {
                 let in_scope = self.cfg.scope.includes(&r.namespace, &r.name);
-                self.relations.insert(r.oid, (r, in_scope));
+                // Described once per relation message: every ChangeSet of
+                // the table shares the description.
+                let desc = TableDesc::from(TableDef {
+                    schema: r.namespace.clone(),
+                    name: r.name.clone(),
+                    columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+                    key: r.columns.iter().map(|c| c.is_key()).collect(),
+                    identity_full: r.replica_identity == ReplicaIdentity::Full,
+                });
+                self.relations.insert(r.oid, (r, in_scope, desc));
             }
             PgOutputMessage::Type(_) => {}
             PgOutputMessage::Origin(o) => {
@@ -696,15 +701,15 @@ impl Capturer {
                     return Ok(None);
                 }
                 // A relation and whether it is replicated, in one lookup.
-                let rel_of = |oid: u32| -> Result<(&Relation, bool), EngineError> {
-                    self.relations.get(&oid).map(|(r, s)| (r, *s)).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
+                let rel_of = |oid: u32| -> Result<(&Relation, bool, &TableDesc), EngineError> {
+                    self.relations.get(&oid).map(|(r, s, d)| (r, *s, d)).ok_or_else(|| EngineError::Corrupt(format!("row change for unknown relation {oid}")))
                 };
                 // In an apply group, an insert belongs to the first
                 // ChangeSet still expecting a row of its table; anything
                 // else, and a row beyond every count, to the last one.
                 let mut target = None;
                 if let PgOutputMessage::Insert(i) = &change {
-                    let (r, _) = rel_of(i.rel)?;
+                    let (r, _, _) = rel_of(i.rel)?;
                     let cursor = txn.held_cursors.iter().position(|c| c.0 == r.namespace && c.1 == r.name);
                     let start = cursor.map_or(0, |c| txn.held_cursors[c].2.saturating_sub(txn.held_popped));
                     target = txn.held.iter_mut().skip(start).position(|h| take_row(&mut h.rows_left, &r.namespace, &r.name)).map(|p| p + start);
@@ -725,16 +730,16 @@ impl Capturer {
                 };
                 let pushed = match change {
                     PgOutputMessage::Insert(i) => {
-                        let (r, in_scope) = rel_of(i.rel)?;
+                        let (r, in_scope, desc) = rel_of(i.rel)?;
                         in_scope.then(|| {
-                            let t = seg.table(r);
+                            let t = seg.table(r, desc);
                             RowChange::Insert { table: t, new: i.new }
                         })
                     }
                     PgOutputMessage::Update(u) => {
-                        let (r, in_scope) = rel_of(u.rel)?;
+                        let (r, in_scope, desc) = rel_of(u.rel)?;
                         in_scope.then(|| {
-                            let t = seg.table(r);
+                            let t = seg.table(r, desc);
                             let old = u.old.map(|o| old_row(o));
                             let mut new = u.new;
                             // With the whole old row at hand (REPLICA
@@ -751,18 +756,18 @@ impl Capturer {
                         })
                     }
                     PgOutputMessage::Delete(d) => {
-                        let (r, in_scope) = rel_of(d.rel)?;
+                        let (r, in_scope, desc) = rel_of(d.rel)?;
                         in_scope.then(|| {
-                            let t = seg.table(r);
+                            let t = seg.table(r, desc);
                             RowChange::Delete { table: t, old: old_row(d.old) }
                         })
                     }
                     PgOutputMessage::Truncate(t) => {
                         let mut tables = Vec::new();
                         for oid in &t.rels {
-                            let (r, in_scope) = rel_of(*oid)?;
+                            let (r, in_scope, desc) = rel_of(*oid)?;
                             if in_scope {
-                                tables.push(seg.table(r));
+                                tables.push(seg.table(r, desc));
                             }
                         }
                         (!tables.is_empty()).then(|| RowChange::Truncate { tables, cascade: t.cascade(), restart_identity: t.restart_identity() })
@@ -1717,7 +1722,7 @@ mod tests {
     /// The digest apply puts in the mark of a ChangeSet that sent these
     /// `(table, value)` inserts (tables as [`main_capturer`] knows them).
     fn sent(c: &Capturer, rows: &[(&str, &str)]) -> Option<crate::marks::RowsDigest> {
-        let desc = |name: &str| TableDesc { schema: "public".into(), name: name.into(), columns: vec!["id".into()], key: vec![true], identity_full: true };
+        let desc = |name: &str| TableDesc::from(TableDef { schema: "public".into(), name: name.into(), columns: vec!["id".into()], key: vec![true], identity_full: true });
         let tables = vec![desc("orders"), desc("order_lines")];
         let changes = rows.iter().map(|(t, v)| RowChange::Insert { table: u32::from(*t == "order_lines"), new: vec![Value::Text(v.to_string())] }).collect();
         let e = LogEntry { pos: 1, header: mark(0).header, part: 0, last: true, tables, changes, relay_ts_us: 0, echo_as_sent: false };
