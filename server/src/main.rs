@@ -5,6 +5,7 @@
 //! logging), then runs the command and turns its outcome into an exit code
 //! with a PostgreSQL-style report. `anyhow` is used only here, at the edge.
 
+mod alloc;
 mod config;
 mod inspect;
 mod link;
@@ -253,15 +254,9 @@ enum KeepArg {
     Remote,
 }
 
-/// With the `mimalloc` feature (off by default): the daemon allocates and
-/// frees many small values per ChangeSet, and glibc's allocator took about a
-/// third of the daemons' CPU in a catch-up of small transactions (`perf`,
-/// README's Performance section), mimalloc a fraction of that. It grows a
-/// huge block by copying it, though, where glibc remaps it: a daemon
-/// carrying a 200 MB value then breaks R24's memory bound.
-#[cfg(feature = "mimalloc")]
+/// mimalloc for small blocks, glibc for large ones ([`alloc`]).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Split = alloc::Split;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
