@@ -183,7 +183,7 @@ mod intern {
             }
             let d = TableDesc::from(TableDef {
                 schema: wire.schema.0.into_owned(),
-                name: wire.name.0.to_string(),
+                name: wire.name.0.into_owned(),
                 columns: wire.columns.into_iter().map(|c| c.0.into_owned()).collect(),
                 key: wire.key,
                 identity_full: wire.identity_full,

@@ -264,15 +264,13 @@ impl Segment {
         (self.tables.len() - 1) as u32
     }
 
-    /// Index of `rel`'s description (`desc`, built from it) in this
-    /// ChangeSet.
+    /// Index of `rel`'s description (`desc`, built from its latest
+    /// relation message) in this ChangeSet.
     fn table(&mut self, rel: &Relation, desc: &TableDesc) -> u32 {
         if let Some(i) = self.table_index.get(&rel.oid) {
             // The same table changed shape within this ChangeSet (DDL between
             // its rows): later rows get a description of their own.
-            let same = self.tables.get(*i as usize).is_some_and(|d| {
-                d.schema == rel.namespace && d.name == rel.name && d.columns.len() == rel.columns.len() && d.columns.iter().zip(&rel.columns).all(|(a, b)| *a == b.name)
-            });
+            let same = self.tables.get(*i as usize).is_some_and(|d| d == desc);
             if same {
                 return *i;
             }
