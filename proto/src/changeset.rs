@@ -117,12 +117,23 @@ mod intern {
 
     use super::{TableDef, TableDesc};
 
-    /// At most this many descriptions are kept per thread (then the cache
-    /// starts over): a schema's tables and their recent shapes fit.
-    const KEPT: usize = 4096;
+    /// At most this many bytes of descriptions are kept per thread (then
+    /// the cache starts over): a schema's tables and their recent shapes
+    /// fit, and a peer sending ever new descriptions cannot make a thread
+    /// hold more.
+    pub(super) const KEPT_BYTES: usize = 4 << 20;
+
+    /// A description larger than this is not kept (it is decoded each
+    /// time, as before): no table has one, a forged entry may.
+    const KEPT_ONE_BYTES: usize = 64 << 10;
 
     thread_local! {
-        static SEEN: RefCell<(usize, HashMap<String, Vec<TableDesc>>)> = RefCell::new((0, HashMap::new()));
+        pub(super) static SEEN: RefCell<(usize, HashMap<String, Vec<TableDesc>>)> = RefCell::new((0, HashMap::new()));
+    }
+
+    /// About how many bytes `d` holds.
+    fn bytes(d: &TableDef) -> usize {
+        64 + d.schema.len() + d.name.len() + d.columns.iter().map(|c| 24 + c.len()).sum::<usize>() + d.key.len()
     }
 
     /// A name as it is on the wire: borrowed from the input when it can be.
@@ -188,10 +199,14 @@ mod intern {
                 key: wire.key,
                 identity_full: wire.identity_full,
             });
-            if seen.0 >= KEPT {
+            let size = bytes(&d);
+            if size > KEPT_ONE_BYTES {
+                return d;
+            }
+            if seen.0 + size > KEPT_BYTES {
                 *seen = (0, HashMap::new());
             }
-            seen.0 += 1;
+            seen.0 += size;
             seen.1.entry(d.name.clone()).or_default().push(d.clone());
             d
         })
@@ -564,6 +579,27 @@ mod tests {
         let json = serde_json::to_string(&quoted).unwrap();
         let back: TableDesc = serde_json::from_str(&json).unwrap();
         assert_eq!(back, quoted);
+    }
+
+    /// A peer sending ever new descriptions, or huge ones, cannot make a
+    /// thread keep more than the cache's bound: a huge description is
+    /// decoded each time, not kept; many distinct ones start the cache over.
+    #[test]
+    fn the_descriptions_a_thread_keeps_are_bounded_in_bytes() {
+        let mut huge = sample_entry(1);
+        huge.tables[0].def_mut().columns = (0..20_000).map(|i| format!("column_{i}")).collect();
+        huge.tables[0].def_mut().key = vec![false; 20_000];
+        let a = LogEntry::decode(&huge.encode().unwrap()).unwrap();
+        let b = LogEntry::decode(&huge.encode().unwrap()).unwrap();
+        assert_eq!(a.tables, b.tables);
+        assert!(!std::sync::Arc::ptr_eq(&a.tables[0].0, &b.tables[0].0), "a huge description is not kept");
+        for i in 0..20_000 {
+            let mut e = sample_entry(i);
+            e.tables[0].def_mut().name = format!("table_{i}");
+            LogEntry::decode(&e.encode().unwrap()).unwrap();
+            let kept = intern::SEEN.with(|s| s.borrow().0);
+            assert!(kept <= intern::KEPT_BYTES, "{kept} bytes kept after {i} tables");
+        }
     }
 
     pub(crate) fn sample_entry(pos: u64) -> LogEntry {
