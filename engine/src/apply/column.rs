@@ -47,7 +47,6 @@ impl TextColumn {
     }
 
     /// Values held.
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.len
     }

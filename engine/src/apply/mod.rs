@@ -190,6 +190,9 @@ pub struct ApplyStats {
     /// Queues sent ahead, executed while the next rows were queued
     /// ([`pipeline`]).
     pub sent_ahead: u64,
+    /// Parent checks sent for queued rows (one per foreign key and send;
+    /// none where every value points at a row queued in the same send).
+    pub parent_checks: u64,
 }
 
 struct OpenTxn {

@@ -67,9 +67,10 @@
 //! beyond every count and belong to the last ChangeSet, which they do: a new
 //! mark is never queued while such rows wait ([`Queue::unmarked`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use branchsync_proto::changeset::quote_ident;
 use branchsync_proto::{LogEntry, RowChange, Value};
 use futures::future::FutureExt;
 use tokio_postgres::types::{ToSql, Type};
@@ -78,7 +79,7 @@ use tokio_postgres::Statement;
 use super::column::TextColumn;
 use super::table::InsertPlan;
 use super::{sql, Applier, Mapping};
-use crate::catalog::{key_text_of, LocalTable};
+use crate::catalog::{key_text_of, ForeignKey, LocalTable};
 use crate::state::{ApplyGroup, ApplyMark, GroupedRows, APPLY_MESSAGE_PREFIX, PACKED_VERSION_KEYS};
 use crate::EngineError;
 
@@ -186,6 +187,10 @@ pub(super) struct Queue {
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
     fk_values: BTreeMap<String, Option<Vec<Vec<TextColumn>>>>,
+    /// The main: the keys of the rows queued into each table that other
+    /// tables reference. A queued row whose foreign key points at one of
+    /// them needs no parent check (see [`ParentsQueued`]).
+    parents_queued: HashMap<String, ParentsQueued>,
     /// Changes of delta columns (the main), folded into one statement per
     /// table, sent after the batches.
     deltas: Vec<QueuedDelta>,
@@ -209,6 +214,56 @@ impl Queue {
     /// A settled mark waits to be written.
     pub(super) fn settling(&self) -> bool {
         self.settle.is_some()
+    }
+}
+
+/// The keys of the rows queued into one referenced table, at the main.
+///
+/// The main inserts every queued row as sent (no `ON CONFLICT`: a clash
+/// fails the whole send, which is replayed change by change), and the
+/// parent checks of a send run after its batches. So a foreign-key value
+/// equal to the key of a row queued in the same send always finds its
+/// parent, and apply leaves it out of the values it checks: the order lines
+/// of a catch-up of sales, whose orders travel with them, need no probe.
+/// What counts as equal is narrow on purpose: the foreign key references
+/// exactly the table's primary key, its columns have the key's types, and
+/// the texts (as the author sent them) are the same. Anything else is
+/// checked as before. A parent parked as an orphan later in the same
+/// settle leaves its children applied, as it did when the check found it.
+struct ParentsQueued {
+    /// The primary key's columns, quoted, in key order.
+    columns: Vec<String>,
+    /// Their types.
+    types: Vec<String>,
+    /// The queued rows' keys ([`key_text_of`]).
+    keys: HashSet<String>,
+}
+
+impl ParentsQueued {
+    fn of(t: &LocalTable) -> ParentsQueued {
+        ParentsQueued {
+            columns: t.pk.iter().map(|c| quote_ident(c)).collect(),
+            types: t.pk.iter().map(|c| t.columns.get(c).map(|c| c.type_name.clone()).unwrap_or_default()).collect(),
+            keys: HashSet::new(),
+        }
+    }
+
+    /// Where each key column sits in `f`'s columns, if `f` references
+    /// exactly this key with columns of the same types in `child`.
+    fn order_in(&self, f: &ForeignKey, child: &LocalTable) -> Option<Vec<usize>> {
+        if f.parent_columns.len() != self.columns.len() {
+            return None;
+        }
+        let mut order = Vec::with_capacity(self.columns.len());
+        for (col, ty) in self.columns.iter().zip(&self.types) {
+            let j = f.parent_columns.iter().position(|p| p == col)?;
+            let child_type = f.column_names.get(j).and_then(|c| child.columns.get(c)).map(|c| c.type_name.as_str());
+            if ty.is_empty() || child_type != Some(ty.as_str()) {
+                return None;
+            }
+            order.push(j);
+        }
+        Some(order)
     }
 }
 
@@ -456,6 +511,17 @@ impl Applier {
                 }
                 batch.rows += chunk.len();
                 batch.bytes += bytes;
+                // Only rows queued in this send: a row sent before a drain
+                // may have been parked by its parent check since.
+                if let (true, false, Some(ks)) = (self.wing.decides(), m.table.children.is_empty(), m.key_src.as_ref()) {
+                    let q = self.queue.parents_queued.entry(m.table.name.clone()).or_insert_with(|| ParentsQueued::of(&m.table));
+                    for r in chunk.iter() {
+                        let parts: Option<Vec<&str>> = ks.iter().map(|k| r.get(*k).and_then(Value::as_text)).collect();
+                        if let Some(parts) = parts {
+                            q.keys.insert(key_text_of(parts));
+                        }
+                    }
+                }
             }
             if let Some(ks) = m.key_src.as_ref() {
                 fn key<'a>(r: &'a [Value], k: &usize) -> &'a str {
@@ -488,14 +554,25 @@ impl Applier {
                     // this database's foreign keys checked at its commit
                     // and the main checks again (R9) before its result
                     // comes back here.
+                    // The main leaves out values whose parent row is
+                    // queued in this send ([`ParentsQueued`]).
                     let srcs = plan.fk_srcs.as_ref();
-                    let entry = self.queue.fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![TextColumn::default(); f.columns.len()]).collect()));
+                    let Queue { fk_values, parents_queued, .. } = &mut self.queue;
+                    let entry = fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![TextColumn::default(); f.columns.len()]).collect()));
                     match (srcs, entry.as_mut()) {
                         (Some(srcs), Some(values)) if values.len() == srcs.len() => {
-                            for (fk, cols) in values.iter_mut().zip(srcs) {
-                                for (arr, c) in fk.iter_mut().zip(cols) {
-                                    for r in &rows {
-                                        arr.push(r.get(*c).and_then(Value::as_text));
+                            for ((fk, cols), f) in values.iter_mut().zip(srcs).zip(&m.table.parents) {
+                                let queued = parents_queued.get(&f.parent_name).and_then(|q| Some((q.order_in(f, &m.table)?, &q.keys)));
+                                for r in &rows {
+                                    let value: Vec<Option<&str>> = cols.iter().map(|c| r.get(*c).and_then(Value::as_text)).collect();
+                                    if let Some((order, keys)) = &queued {
+                                        let parts: Option<Vec<&str>> = order.iter().map(|j| value.get(*j).copied().flatten()).collect();
+                                        if parts.is_some_and(|p| keys.contains(&key_text_of(p))) {
+                                            continue;
+                                        }
+                                    }
+                                    for (arr, v) in fk.iter_mut().zip(&value) {
+                                        arr.push(*v);
                                     }
                                 }
                             }
@@ -635,8 +712,13 @@ impl Applier {
         for (tbl, (t, _)) in &parents {
             let Some(Some(values)) = fk_values.get(tbl) else { continue };
             for (i, f) in t.parents.iter().enumerate().take(values.len()) {
+                if values[i].first().is_none_or(|c| c.len() == 0) {
+                    // Every value's parent was queued with it.
+                    continue;
+                }
                 let types = vec![Type::TEXT_ARRAY; f.columns.len()];
                 prechecks.push((tbl.clone(), self.stmt(&sql::missing_parents(t, f), &types).await?, i));
+                self.stats.parent_checks += 1;
             }
         }
         let settle = match settle {

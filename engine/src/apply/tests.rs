@@ -1652,3 +1652,71 @@ async fn a_catch_up_sent_ahead_in_pieces_parks_orphans_and_replays_a_failing_pie
     let q = site.rows("SELECT kind, key FROM branchsync.conflicts").await;
     assert_eq!(q, ["(quarantined,\"[\"\"170000\"\"]\")"]);
 }
+
+/// At the main, a foreign-key value that points at a row queued in the same
+/// send needs no parent check (`pipeline::ParentsQueued`): sales whose
+/// orders travel with their lines are applied without one. Only the
+/// primary key counts, in whatever column order the foreign key names it:
+/// a line pointing at an order's unique code that happens to read like a
+/// queued order's id, or at a composite key no queued row has, is still
+/// checked and parked.
+#[tokio::test]
+async fn lines_whose_orders_are_queued_with_them_skip_the_parent_check_and_nothing_else_does() {
+    let site = Site::new(
+        "CREATE TABLE orders (id int PRIMARY KEY, code int UNIQUE);
+         CREATE TABLE lines (id int PRIMARY KEY, order_id int REFERENCES orders(id));
+         CREATE TABLE slots (shop text, day int, PRIMARY KEY (shop, day));
+         CREATE TABLE bookings (id int PRIMARY KEY, d int, s text, FOREIGN KEY (d, s) REFERENCES slots (day, shop));
+         CREATE TABLE notes (id int PRIMARY KEY, order_code int REFERENCES orders(code));",
+        &[],
+    )
+    .await;
+    let orders = desc("orders", &["id", "code"], &["id"]);
+    let lines = desc("lines", &["id", "order_id"], &["id"]);
+    let slots = desc("slots", &["shop", "day"], &["shop", "day"]);
+    let bookings = desc("bookings", &["id", "d", "s"], &["id"]);
+    let notes = desc("notes", &["id", "order_code"], &["id"]);
+    let tables = vec![orders, lines, slots, bookings, notes];
+    let insert = |t: u32, vs: &[&str]| RowChange::Insert { table: t, new: vals(vs) };
+    // 300 sales: an order (code = id + 100,000), three lines, a slot and a
+    // booking of it named in the other column order.
+    let sale = |i: u64| {
+        let (o, code) = (i.to_string(), (i + 100_000).to_string());
+        let mut changes = vec![insert(0, &[&o, &code])];
+        for l in 0..3 {
+            changes.push(insert(1, &[&(i * 10 + l).to_string(), &o]));
+        }
+        changes.push(insert(2, &["shop", &o]));
+        changes.push(insert(3, &[&o, &o, "shop"]));
+        cs_tables(i, "branch1", i, tables.clone(), changes)
+    };
+    let entries: Vec<LogEntry> = (1..=300).map(sale).collect();
+    let stats = site.run(&entries).await.unwrap();
+    assert_eq!((stats.committed_pos, stats.parked), (300, 0), "{stats:?}");
+    assert_eq!(stats.parent_checks, 0, "every line and booking pointed at a queued row: {stats:?}");
+    assert_eq!(site.rows("SELECT count(*) FROM lines").await, ["(900)"]);
+    assert_eq!(site.rows("SELECT count(*) FROM bookings").await, ["(300)"]);
+    // A note pointing at code 301 (no order has it; order 301 is queued
+    // with it), a booking of a slot whose columns are swapped (no such
+    // slot), and a good line: the first two are parked, the line applied.
+    let odd = cs_tables(
+        301,
+        "branch1",
+        301,
+        tables.clone(),
+        vec![
+            insert(0, &["301", "100301"]),
+            insert(2, &["shop", "301"]),
+            insert(4, &["1", "301"]),
+            insert(3, &["3011", "301", "nowhere"]),
+            insert(1, &["3010", "301"]),
+        ],
+    );
+    let all: Vec<LogEntry> = entries.iter().cloned().chain([odd]).collect();
+    let stats = site.run(&all).await.unwrap();
+    assert_eq!((stats.committed_pos, stats.parked), (301, 2), "{stats:?}");
+    assert_eq!(stats.parent_checks, 2, "the note's and the booking's foreign keys were checked, the line's was not: {stats:?}");
+    let parked = site.rows("SELECT tbl, key, reason FROM branchsync.parked ORDER BY tbl").await;
+    assert_eq!(parked, ["(public.bookings,\"[\"\"3011\"\"]\",orphan)", "(public.notes,\"[\"\"1\"\"]\",orphan)"]);
+    assert_eq!(site.rows("SELECT count(*) FROM lines").await, ["(901)"]);
+}
