@@ -187,6 +187,10 @@ pub(super) struct Queue {
     /// table (one array per column, per foreign key in [`LocalTable::parents`]
     /// order); `None` once a row came without one of those columns.
     fk_values: BTreeMap<String, Option<Vec<Vec<TextColumn>>>>,
+    /// The foreign-key values in [`Queue::fk_values`], per table and
+    /// foreign key (the text of a one-column value, [`key_text_of`] of
+    /// more): each is sent once.
+    fk_seen: HashMap<String, Vec<HashSet<String>>>,
     /// The main: the keys of the rows queued into each table that other
     /// tables reference. A queued row whose foreign key points at one of
     /// them needs no parent check (see [`ParentsQueued`]).
@@ -554,25 +558,33 @@ impl Applier {
                     // this database's foreign keys checked at its commit
                     // and the main checks again (R9) before its result
                     // comes back here.
-                    // The main leaves out values whose parent row is
-                    // queued in this send ([`ParentsQueued`]).
+                    // Each distinct value once per send, and none with a
+                    // NULL (MATCH SIMPLE: no parent needed). The main
+                    // leaves out values whose parent row is queued in this
+                    // send ([`ParentsQueued`]).
                     let srcs = plan.fk_srcs.as_ref();
-                    let Queue { fk_values, parents_queued, .. } = &mut self.queue;
+                    let Queue { fk_values, fk_seen, parents_queued, .. } = &mut self.queue;
                     let entry = fk_values.entry(m.table.name.clone()).or_insert_with(|| Some(m.table.parents.iter().map(|f| vec![TextColumn::default(); f.columns.len()]).collect()));
+                    let seen = fk_seen.entry(m.table.name.clone()).or_insert_with(|| vec![HashSet::new(); m.table.parents.len()]);
                     match (srcs, entry.as_mut()) {
-                        (Some(srcs), Some(values)) if values.len() == srcs.len() => {
-                            for ((fk, cols), f) in values.iter_mut().zip(srcs).zip(&m.table.parents) {
+                        (Some(srcs), Some(values)) if values.len() == srcs.len() && seen.len() == srcs.len() => {
+                            for (((fk, cols), f), seen) in values.iter_mut().zip(srcs).zip(&m.table.parents).zip(seen.iter_mut()) {
                                 let queued = parents_queued.get(&f.parent_name).and_then(|q| Some((q.order_in(f, &m.table)?, &q.keys)));
                                 for r in &rows {
-                                    let value: Vec<Option<&str>> = cols.iter().map(|c| r.get(*c).and_then(Value::as_text)).collect();
+                                    let Some(value) = cols.iter().map(|c| r.get(*c).and_then(Value::as_text)).collect::<Option<Vec<&str>>>() else { continue };
                                     if let Some((order, keys)) = &queued {
-                                        let parts: Option<Vec<&str>> = order.iter().map(|j| value.get(*j).copied().flatten()).collect();
-                                        if parts.is_some_and(|p| keys.contains(&key_text_of(p))) {
+                                        if keys.contains(&key_text_of(order.iter().filter_map(|j| value.get(*j).copied()))) {
                                             continue;
                                         }
                                     }
-                                    for (arr, v) in fk.iter_mut().zip(&value) {
-                                        arr.push(*v);
+                                    let fresh = match value.as_slice() {
+                                        [one] => !seen.contains(*one) && seen.insert(one.to_string()),
+                                        more => seen.insert(key_text_of(more.iter().copied())),
+                                    };
+                                    if fresh {
+                                        for (arr, v) in fk.iter_mut().zip(&value) {
+                                            arr.push(Some(v));
+                                        }
                                     }
                                 }
                             }

@@ -685,12 +685,12 @@ pub fn park_orphans(t: &LocalTable) -> String {
 }
 
 /// Whether any of the foreign-key values given (one `text[]` per column of
-/// `f`, row by row) lacks its parent: checked on the distinct values, so a
-/// batch of many rows pointing at few parents costs few probes.
+/// `f`, row by row) lacks its parent. Apply sends each value once, none
+/// with a NULL ([`super::pipeline`]), so a batch of many rows pointing at
+/// few parents costs few probes.
 pub fn missing_parents(t: &LocalTable, f: &crate::catalog::ForeignKey) -> String {
     let arrays: Vec<String> = (1..=f.columns.len()).map(|j| format!("${j}::text[]")).collect();
     let aliases: Vec<String> = (0..f.columns.len()).map(|j| format!("c{j}")).collect();
-    let set: Vec<String> = aliases.iter().map(|a| format!("u.{a} IS NOT NULL")).collect();
     let eq: Vec<String> = f
         .parent_columns
         .iter()
@@ -699,10 +699,9 @@ pub fn missing_parents(t: &LocalTable, f: &crate::catalog::ForeignKey) -> String
         .map(|(j, (p, c))| format!("p.{p} = u.c{j}::{}", t.columns.get(c).map_or("text", |col| col.type_name.as_str())))
         .collect();
     format!(
-        "SELECT EXISTS (SELECT 1 FROM (SELECT DISTINCT {aliases} FROM unnest({arrays}) AS v({aliases})) u WHERE {set} AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {eq}))",
+        "SELECT EXISTS (SELECT 1 FROM unnest({arrays}) AS u({aliases}) WHERE NOT EXISTS (SELECT 1 FROM {parent} p WHERE {eq}))",
         aliases = aliases.join(", "),
         arrays = arrays.join(", "),
-        set = set.join(" AND "),
         parent = f.parent,
         eq = eq.join(" AND "),
     )
