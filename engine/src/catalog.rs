@@ -56,6 +56,12 @@ pub struct LocalTable {
     pub order: Vec<String>,
     /// Column renames made here, oldest first: `(old, new)` (R20).
     pub renames: Vec<(String, String)>,
+    /// Application code fires here when apply inserts a row: a trigger on
+    /// `INSERT` enabled `ALWAYS` or `REPLICA`, or a rule on `INSERT` (both
+    /// run under `session_replication_role = replica`). Such code may drop
+    /// the row, change its key or delete it again, so apply cannot assume a
+    /// row it inserted is there as sent.
+    pub insert_runs_code: bool,
 }
 
 /// A foreign key of a local table.
@@ -223,6 +229,20 @@ impl LocalTable {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        // tgtype bit 4 is INSERT; rules: ev_type '3' is INSERT, and a rule
+        // fires under the replica role unless it is disabled or ORIGIN only.
+        let insert_runs_code: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+                                  AND t.tgenabled IN ('A', 'R') AND (t.tgtype & 4) <> 0) \
+                     OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type = '3' \
+                                  AND r.ev_enabled IN ('A', 'R')) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(EngineError::pg(format!("reading the triggers and rules of {schema}.{name}")))?
+            .get(0);
         Ok(Some(LocalTable {
             qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             name: format!("{schema}.{name}"),
@@ -232,6 +252,7 @@ impl LocalTable {
             children,
             order,
             renames,
+            insert_runs_code,
         }))
     }
 

@@ -517,7 +517,9 @@ impl Applier {
                 batch.bytes += bytes;
                 // Only rows queued in this send: a row sent before a drain
                 // may have been parked by its parent check since.
-                if let (true, false, Some(ks)) = (self.wing.decides(), m.table.children.is_empty(), m.key_src.as_ref()) {
+                // Not where code fires on insert: it may drop the row or
+                // change its key ([`LocalTable::insert_runs_code`]).
+                if let (true, false, false, Some(ks)) = (self.wing.decides(), m.table.children.is_empty(), m.table.insert_runs_code, m.key_src.as_ref()) {
                     let q = self.queue.parents_queued.entry(m.table.name.clone()).or_insert_with(|| ParentsQueued::of(&m.table));
                     for r in chunk.iter() {
                         let parts: Option<Vec<&str>> = ks.iter().map(|k| r.get(*k).and_then(Value::as_text)).collect();
@@ -572,16 +574,19 @@ impl Applier {
                                 let queued = parents_queued.get(&f.parent_name).and_then(|q| Some((q.order_in(f, &m.table)?, &q.keys)));
                                 for r in &rows {
                                     let Some(value) = cols.iter().map(|c| r.get(*c).and_then(Value::as_text)).collect::<Option<Vec<&str>>>() else { continue };
-                                    if let Some((order, keys)) = &queued {
-                                        if keys.contains(&key_text_of(order.iter().filter_map(|j| value.get(*j).copied()))) {
-                                            continue;
-                                        }
-                                    }
-                                    let fresh = match value.as_slice() {
-                                        [one] => !seen.contains(*one) && seen.insert(one.to_string()),
-                                        more => seen.insert(key_text_of(more.iter().copied())),
+                                    let text = match value.as_slice() {
+                                        [one] if seen.contains(*one) => continue,
+                                        [one] => one.to_string(),
+                                        more => key_text_of(more.iter().copied()),
                                     };
-                                    if fresh {
+                                    if seen.contains(&text) {
+                                        continue;
+                                    }
+                                    // A value is looked up among the queued
+                                    // parents once, as it is sent once.
+                                    let queued_parent = queued.as_ref().is_some_and(|(order, keys)| keys.contains(&key_text_of(order.iter().filter_map(|j| value.get(*j).copied()))));
+                                    seen.insert(text);
+                                    if !queued_parent {
                                         for (arr, v) in fk.iter_mut().zip(&value) {
                                             arr.push(Some(v));
                                         }

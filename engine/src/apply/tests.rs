@@ -1720,3 +1720,34 @@ async fn lines_whose_orders_are_queued_with_them_skip_the_parent_check_and_nothi
     assert_eq!(parked, ["(public.bookings,\"[\"\"3011\"\"]\",orphan)", "(public.notes,\"[\"\"1\"\"]\",orphan)"]);
     assert_eq!(site.rows("SELECT count(*) FROM lines").await, ["(901)"]);
 }
+
+/// The shortcut above holds only when the main inserts every queued row as
+/// sent. A parent table whose application code fires under apply (here a
+/// trigger enabled `ALWAYS` that drops order 2) may not keep the row: its
+/// children are checked, and the line of the dropped order is parked.
+#[tokio::test]
+async fn a_parent_whose_insert_runs_code_is_checked_even_when_queued() {
+    let site = Site::new(
+        "CREATE TABLE orders (id int PRIMARY KEY);
+         CREATE TABLE lines (id int PRIMARY KEY, order_id int REFERENCES orders(id));
+         CREATE FUNCTION drop_order_2() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.id = 2 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER drop_order_2 BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION drop_order_2();
+         ALTER TABLE orders ENABLE ALWAYS TRIGGER drop_order_2;",
+        &[],
+    )
+    .await;
+    let tables = vec![desc("orders", &["id"], &["id"]), desc("lines", &["id", "order_id"], &["id"])];
+    let insert = |t: u32, vs: &[&str]| RowChange::Insert { table: t, new: vals(vs) };
+    let entries: Vec<LogEntry> = (1..=3u64)
+        .map(|i| {
+            let o = i.to_string();
+            cs_tables(i, "branch1", i, tables.clone(), vec![insert(0, &[&o]), insert(1, &[&(i * 10).to_string(), &o])])
+        })
+        .collect();
+    let stats = site.run(&entries).await.unwrap();
+    assert_eq!((stats.committed_pos, stats.parked), (3, 1), "{stats:?}");
+    assert!(stats.parent_checks > 0, "the lines' orders were checked: {stats:?}");
+    assert_eq!(site.rows("SELECT tbl, key, reason FROM branchsync.parked").await, ["(public.lines,\"[\"\"20\"\"]\",orphan)"]);
+    assert_eq!(site.rows("SELECT id FROM lines ORDER BY id").await, ["(10)", "(30)"]);
+}
