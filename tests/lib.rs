@@ -350,6 +350,24 @@ CREATE TABLE local_cache (k text PRIMARY KEY, v text);
 /// Tables of [`POS_SCHEMA`] that replicate.
 pub const POS_TABLES: &[&str] = &["products", "orders", "order_lines", "audit_log"];
 
+/// Sells at `url` (an order of the `orders` table and two `order_lines`
+/// a transaction, every 10 ms) until `stop`, counting the sales in `sold`.
+pub fn seller(url: String, shop: &'static str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, sold: std::sync::Arc<std::sync::atomic::AtomicU64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = connect(&url).await;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            c.batch_execute(&format!(
+                "WITH o AS (INSERT INTO orders (shop, total) VALUES ('{shop}', 5) RETURNING id) \
+                 INSERT INTO order_lines (order_id, product_id, qty) SELECT o.id, p, 1 FROM o, generate_series(1, 2) p"
+            ))
+            .await
+            .expect("sell");
+            sold.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
 /// Sells one order with `lines` lines at a site; returns the order id.
 pub async fn sell(c: &tokio_postgres::Client, shop: &str, lines: i32) -> i32 {
     let tx_sql = format!(

@@ -39,6 +39,7 @@ pub mod conflict_log;
 pub mod ddl;
 pub mod error;
 pub mod failpoints;
+pub mod join;
 pub mod keys;
 pub mod log;
 pub(crate) mod marks;

@@ -886,6 +886,32 @@ impl ChangeLog {
         Ok(self.lock().completion.seen_main_ts)
     }
 
+    /// The visible position that holds exactly the transactions captured
+    /// with a commit LSN below `lsn`: the `visible` of the last completion
+    /// record whose `captured_lsn` is below it (completions follow commit
+    /// order). `Some(0)` when no transaction before `lsn` was ever logged;
+    /// `None` when that point was reclaimed. Reads the segments from the
+    /// newest back, outside the lock (a caller keeps them from being
+    /// reclaimed meanwhile, as `join` does by pinning its peer's
+    /// acknowledgement first).
+    pub fn visible_before_lsn(&self, lsn: u64) -> Result<Option<u64>, EngineError> {
+        let (segs, floor) = {
+            let st = self.lock();
+            (st.segs.iter().rev().map(|(k, s)| (*k, s.file.clone(), s.path.clone())).collect::<Vec<_>>(), st.meta.floor)
+        };
+        for (k, file, path) in segs {
+            let recs = scan_segment(&file, k).map_err(EngineError::log(format!("reading {}", path.display())))?;
+            let found = recs.iter().rev().find_map(|(r, _)| match r {
+                Rec::Completion { visible, c } if c.captured_lsn < lsn => Some(*visible),
+                _ => None,
+            });
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok((floor == 0).then_some(0))
+    }
+
     /// Every position up to and including this one was reclaimed.
     pub fn floor(&self) -> Result<u64, EngineError> {
         Ok(self.lock().meta.floor)
@@ -1161,6 +1187,20 @@ mod tests {
         assert_eq!(log.reclaim_through(10).unwrap(), 0);
         assert_eq!(log.floor().unwrap(), 0);
         assert_eq!(log.read_after(0, 1 << 20).unwrap().len(), 10, "a restored peer can be refilled from them");
+    }
+
+    #[test]
+    fn the_visible_position_before_an_lsn_is_the_last_transaction_committed_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ChangeLog::open(dir.path()).unwrap();
+        assert_eq!(log.visible_before_lsn(5).unwrap(), Some(0), "nothing logged yet");
+        for lsn in [10, 20, 30] {
+            complete(&log, lsn);
+        }
+        assert_eq!(log.visible_before_lsn(10).unwrap(), Some(0), "the transaction at 10 is not before 10");
+        assert_eq!(log.visible_before_lsn(11).unwrap(), Some(1));
+        assert_eq!(log.visible_before_lsn(30).unwrap(), Some(2));
+        assert_eq!(log.visible_before_lsn(u64::MAX).unwrap(), Some(3));
     }
 
     fn complete(log: &ChangeLog, lsn: u64) {

@@ -54,6 +54,9 @@ impl std::fmt::Debug for Ask {
             Ask::Probe => f.write_str("Probe"),
             Ask::Applied { pos, wait_ms } => f.debug_struct("Applied").field("pos", pos).field("wait_ms", wait_ms).finish(),
             Ask::Repair { table, keys } => f.debug_struct("Repair").field("table", table).field("keys", &keys.len()).finish(),
+            Ask::JoinBegin => f.write_str("JoinBegin"),
+            Ask::JoinCopy { table } => f.debug_struct("JoinCopy").field("table", table).finish(),
+            Ask::JoinEnd => f.write_str("JoinEnd"),
         }
     }
 }
@@ -151,6 +154,65 @@ pub enum Ask {
     /// (or their absence) as verdicts addressed to this branch, in its own
     /// stream, recorded in its `branchsync.conflicts` (kind `repaired`).
     Repair { table: TableName, keys: Vec<String> },
+    /// `branchsync join`: hold a snapshot of the main's replicated tables
+    /// whose relay position is exact, and describe it ([`JoinPoint`]). The
+    /// main forgets its progress in this branch's stream (the joining branch
+    /// starts a new log). A snapshot the main still holds for this branch
+    /// from an earlier, interrupted join is described again, not replaced.
+    JoinBegin,
+    /// The rows of `table` in the held snapshot, in `COPY` text format:
+    /// answered with [`Answer::CopyData`] pieces, then [`Answer::CopyDone`].
+    JoinCopy { table: TableName },
+    /// The branch has every table: the main lets the snapshot go.
+    JoinEnd,
+}
+
+/// Where a joining branch starts: the main's snapshot and the relay
+/// position that follows it exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinPoint {
+    /// The snapshot's consistent point in the main's WAL: every transaction
+    /// that committed before it is in the snapshot, none after.
+    pub snapshot_lsn: u64,
+    /// The last relay position whose transaction committed before
+    /// `snapshot_lsn`: the branch follows the relay after it.
+    pub relay_pos: u64,
+    /// Commit LSN (the author's) of the entry at `relay_pos`, 0 for none.
+    pub relay_lsn: u64,
+    /// Identity of the main's relay log.
+    pub relay_epoch: u64,
+    /// The main's cluster.
+    pub main_system_id: u64,
+    /// The main's schema as of the snapshot (`pg_dump --schema-only`, the
+    /// `branchsync` schema and its event triggers left out), to create at a
+    /// branch whose database is empty.
+    pub schema_sql: String,
+    /// The replicated tables, with the columns copied.
+    pub tables: Vec<JoinTable>,
+    /// The snapshot was held from an earlier run of this branch's join.
+    pub resumed: bool,
+}
+
+/// A table to copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTable {
+    /// The table.
+    pub table: TableName,
+    /// Columns copied (not generated ones), in the order of the data.
+    pub columns: Vec<String>,
+    /// The main's estimate of its rows and bytes (for progress).
+    pub rows_estimate: u64,
+    pub bytes_estimate: u64,
+}
+
+/// Rows in `COPY` text format (never printed).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyBytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for CopyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CopyBytes({} bytes)", self.0.len())
+    }
 }
 
 /// The main's answer.
@@ -173,6 +235,14 @@ pub enum Answer {
     Applied { pos: u64 },
     /// [`Ask::Repair`]: verdicts sent (rows the main has, and rows it has not).
     Repaired { present: u64, absent: u64 },
+    /// [`Ask::JoinBegin`].
+    JoinReady(Box<JoinPoint>),
+    /// A piece of a table's rows ([`Ask::JoinCopy`]).
+    CopyData(CopyBytes),
+    /// The table is whole: rows and bytes sent.
+    CopyDone { rows: u64, bytes: u64 },
+    /// [`Ask::JoinEnd`].
+    JoinEnded,
     /// The main could not answer (PostgreSQL style: message, detail, hint).
     Failed { message: String, detail: String, hint: String },
 }
@@ -191,6 +261,7 @@ mod tests {
             Message::Ask(Ask::Applied { pos: 9, wait_ms: 100 }),
             Message::Answer(Answer::Rows(vec![KeyRows { key: "{\"id\": 77}".into(), hash: -5, count: 1, row: Some("{\"price\": 991}".into()) }])),
             Message::Answer(Answer::Buckets(vec![BucketSum { bucket: 1, rows: 2, sum: "18446744073709551615".into() }])),
+            Message::Answer(Answer::CopyData(CopyBytes(b"77\t991\n".to_vec()))),
         ];
         for m in msgs {
             let b = rmp_serde::to_vec(&m).unwrap();

@@ -80,6 +80,7 @@ pub(crate) async fn serve(
     mut writer: Writer,
     settings: &LinkSettings,
     admitted: &Admission,
+    log: Arc<branchsync_engine::log::ChangeLog>,
     status: Arc<NodeStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
@@ -116,21 +117,26 @@ pub(crate) async fn serve(
     let node = hello.node;
     link::set_frame_limit(&mut reader, &mut writer, settings.max_frame);
     let conn = pg::connect(&settings.db_url, "branchsync verify (main)").await?;
-    tracing::info!(peer = %node, "verify session opened");
+    tracing::info!(peer = %node, "inspection session opened (verify or join)");
     writer.send(Message::Answer(Answer::Ready { main_node: settings.node.clone() })).await?;
+    let mut join = crate::join::JoinSession::default();
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             m = tokio::time::timeout(IDLE, futures::StreamExt::next(&mut reader)) => match m {
                 Err(_) => return Err(LinkError::Timeout(IDLE)),
                 Ok(None) => {
-                    tracing::info!(peer = %node, "verify session closed");
+                    tracing::info!(peer = %node, "inspection session closed");
                     return Ok(());
                 }
                 Ok(Some(m)) => m?,
             },
         };
         let Message::Ask(ask) = msg else { return Err(LinkError::Violation(format!("expected Ask, got {}", msg.kind()))) };
+        if matches!(ask, Ask::JoinBegin | Ask::JoinCopy { .. } | Ask::JoinEnd) {
+            crate::join::serve_ask(&mut join, ask, &conn, &node, settings, &log, &status, &mut writer).await?;
+            continue;
+        }
         let answer = match answer(&conn.client, &node, settings, &status, ask).await {
             Ok(a) => a,
             Err(e) => {
@@ -177,6 +183,11 @@ async fn answer(client: &Client, node: &str, settings: &LinkSettings, status: &N
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        Ask::JoinBegin | Ask::JoinCopy { .. } | Ask::JoinEnd => Answer::Failed {
+            message: "join questions are answered by the join session".into(),
+            detail: String::new(),
+            hint: String::new(),
+        },
         Ask::Repair { table, keys } => {
             let (present, absent) = verify::emit_repairs(client, &settings.apply.mark_key, &settings.node, node, &table, &keys).await?;
             Answer::Repaired { present, absent }
@@ -194,7 +205,7 @@ async fn answer(client: &Client, node: &str, settings: &LinkSettings, status: &N
     })
 }
 
-fn failed(e: &branchsync_engine::EngineError) -> Answer {
+pub(crate) fn failed(e: &branchsync_engine::EngineError) -> Answer {
     let text = e.to_string();
     let mut lines = text.lines();
     let message = lines.next().unwrap_or_default().to_string();
@@ -221,7 +232,7 @@ fn too_large(a: &Answer, max_frame: usize) -> bool {
 
 /// A probe: everything committed here before it is logged once capture
 /// has read it; its LSN.
-async fn probe(client: &Client) -> Result<u64, branchsync_engine::EngineError> {
+pub(crate) async fn probe(client: &Client) -> Result<u64, branchsync_engine::EngineError> {
     let lsn: String = client
         .query_one("SELECT pg_logical_emit_message(false, $1, ''::bytea)::text", &[&branchsync_engine::state::PROBE_PREFIX])
         .await
@@ -247,7 +258,7 @@ pub struct Dial {
 /// The main's copy, asked over an inspection session.
 pub struct RemoteMain {
     reader: Reader,
-    writer: Writer,
+    pub(crate) writer: Writer,
     /// The main's node name.
     pub main_node: String,
 }
@@ -268,8 +279,13 @@ impl RemoteMain {
         Ok(RemoteMain { reader, writer, main_node })
     }
 
-    async fn ask(&mut self, a: Ask) -> Result<Answer, VerifyError> {
+    pub(crate) async fn ask(&mut self, a: Ask) -> Result<Answer, VerifyError> {
         self.writer.send(Message::Ask(a)).await.map_err(|e| VerifyError::Link(e.to_string()))?;
+        self.next_answer().await
+    }
+
+    /// The main's next answer.
+    pub(crate) async fn next_answer(&mut self) -> Result<Answer, VerifyError> {
         // Scans of large tables take a while: no handshake timeout here.
         let m = tokio::time::timeout(IDLE, futures::StreamExt::next(&mut self.reader))
             .await

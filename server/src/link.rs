@@ -1331,7 +1331,7 @@ async fn main_connection(
             // `branchsync verify` at a branch: its own session, apart from
             // the branch's stream.
             let admitted = admission.borrow().clone();
-            return crate::inspect::serve(i, cert.as_ref(), permit, reader, writer, &settings, &admitted, status, shutdown).await.map_err(|e| (None, e));
+            return crate::inspect::serve(i, cert.as_ref(), permit, reader, writer, &settings, &admitted, log, status, shutdown).await.map_err(|e| (None, e));
         }
         Ok(other) => {
             return refuse(&mut writer, refusal(RefusalReason::Other, format!("expected Hello, got {}", other.kind()), String::new(), "Connect with a branchsync branch."))

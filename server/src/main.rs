@@ -8,6 +8,7 @@
 mod alloc;
 mod config;
 mod inspect;
+mod join;
 mod link;
 mod node;
 mod operator;
@@ -169,6 +170,23 @@ enum Command {
         /// stream, recorded in its branchsync.conflicts (kind repaired).
         #[arg(long)]
         repair: bool,
+    },
+    /// At a new shop (its daemon stopped): copy the main's schema and
+    /// replicated tables from one consistent snapshot while every site
+    /// keeps selling, then prepare the database as init does; start the
+    /// daemon afterwards. Run it again after an interruption: it resumes.
+    /// Exit status 0 joined, 1 failed, 2 refused (the database holds data
+    /// of its own).
+    Join {
+        /// Node configuration (TOML) of the shop; or set BRANCHSYNC_CONFIG.
+        #[arg(long, env = "BRANCHSYNC_CONFIG")]
+        config: PathBuf,
+        /// Replace what this database and data directory hold (listed
+        /// first; the old log is moved aside, never deleted): re-seeds a
+        /// shop whose data directory was lost or whose database was
+        /// restored from an old backup.
+        #[arg(long)]
+        discard_local: bool,
     },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
@@ -379,6 +397,28 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { config, tables, json, settle_timeout, repair } => {
             let cfg = Config::load(&config)?;
             verify(&cfg, &tables, json, Duration::from_secs(settle_timeout), repair).await
+        }
+        Command::Join { config, discard_local } => {
+            let cfg = Config::load(&config)?;
+            if cfg.node.role != branchsync_engine::Role::Branch {
+                eprintln!("branchsync join: run it at a shop, with the shop's configuration: it copies the main into that shop's database");
+                return Ok(ExitCode::from(2));
+            }
+            let (_tx, admission_rx) = watch::channel(Arc::new(admission(&cfg)));
+            let dial = inspect::Dial {
+                node: cfg.node.name.clone(),
+                token: cfg.token().unwrap_or_default().to_string(),
+                main_addr: cfg.sync.main.clone().unwrap_or_default(),
+                tls: link_tls(&cfg, &admission_rx)?,
+                max_frame: cfg.sync.max_frame_bytes,
+            };
+            match join::join(&cfg, &dial, discard_local, &progress::Shown::new("join")).await {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("branchsync join: {}", describe(&e));
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Conflicts { config, action } => {
             let config = config.context("the configuration file is required: --config FILE or BRANCHSYNC_CONFIG")?;

@@ -17,6 +17,7 @@ mod ddl;
 mod forged_marks;
 mod handshake;
 mod http;
+mod join;
 mod long_transaction;
 mod lost_state;
 mod offline;

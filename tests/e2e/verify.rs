@@ -28,23 +28,6 @@ ALTER TABLE tags REPLICA IDENTITY FULL;
 INSERT INTO tags SELECT 't' || (g % 10), g % 10 FROM generate_series(1, 100) g;
 ";
 
-/// Sells at `url` (an order and two lines a transaction) until `stop`.
-fn seller(url: String, shop: &'static str, stop: Arc<AtomicBool>, sold: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let c = connect(&url).await;
-        while !stop.load(Ordering::Relaxed) {
-            c.batch_execute(&format!(
-                "WITH o AS (INSERT INTO orders (shop, total) VALUES ('{shop}', 5) RETURNING id) \
-                 INSERT INTO order_lines (order_id, product_id, qty) SELECT o.id, p, 1 FROM o, generate_series(1, 2) p"
-            ))
-            .await
-            .expect("sell");
-            sold.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-}
-
 /// `branchsync verify` at `site`, off the test's threads.
 async fn verify(site: &Site, args: &[&str]) -> Output {
     let (config, args): (PathBuf, Vec<String>) = (site.config_path(), args.iter().map(|a| a.to_string()).collect());

@@ -74,7 +74,7 @@ use crate::pg::{self, fmt_lsn};
 use crate::pgoutput::{self, OldTuple, PgOutputMessage, Relation, ReplicaIdentity};
 use crate::scope::Scope;
 
-mod stream;
+pub(crate) mod stream;
 use crate::state::{origin_name, ApplyGroup, GroupedRows, APPLY_MESSAGE_PREFIX, PROBE_PREFIX, CONFLICT_MESSAGE_PREFIX, VERDICT_MESSAGE_PREFIX};
 use crate::{failpoints, EngineError, Role};
 

@@ -69,7 +69,7 @@ const MAX_MESSAGE_BYTES: usize = 1 << 30;
 /// The replication connection's settings, from the database URL (the
 /// daemon's role, password and TLS settings; the same session settings as
 /// every branchsync connection, R10).
-fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig, EngineError> {
+pub(crate) fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig, EngineError> {
     let misconfigured = |message: String, hint: &str| EngineError::Misconfigured { message, detail: String::new(), hint: hint.into() };
     let (rest, root_cert) = pg::split_root_cert(url);
     let cfg: tokio_postgres::Config = rest.parse().map_err(EngineError::pg("parsing the database URL"))?;
