@@ -380,7 +380,7 @@ async fn adopt_node(tx: &Transaction<'_>, p: &InitParams, system_id: u64) -> Res
                 return Err(misconfigured(
                     format!("node \"{name}\" was initialised with index {index}, role {role}, stride {stride}"),
                     format!("The configuration now says index {}, role {}, stride {}.", p.index, p.role, p.stride),
-                    "A node's index, role and stride cannot change in place: its ids and streams depend on them. Restore the old values in the configuration, or re-seed this node from a fresh copy of the main's database and run branchsync init there.".into(),
+                    "A node's index, role and stride cannot change in place: its ids and streams depend on them. Restore the old values in the configuration, or re-seed this branch with branchsync join --discard-local.".into(),
                 ));
             }
         } else {
@@ -675,7 +675,7 @@ pub async fn restored(client: &Client, log: &crate::log::ChangeLog, node: &str, 
         return Err(misconfigured(
             "init --restored is for the main".into(),
             "A branch whose database was restored from a backup is behind what the main already has from it.".into(),
-            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there with an empty data directory.".into(),
+            "Re-seed the branch: stop its daemon and run branchsync join --discard-local there.".into(),
         ));
     }
     let wal = pg::current_wal_lsn(client).await?;

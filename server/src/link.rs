@@ -1068,7 +1068,7 @@ async fn branch_session(
                     epoch_text(e),
                     epoch_text(welcome.relay_epoch)
                 ),
-                "Re-seed this branch from a fresh copy of the main's database and run branchsync init here (with an empty data directory).",
+                "Re-seed this branch: stop its daemon and run branchsync join --discard-local here (it copies the main while the chain keeps selling).",
             );
             return refuse(&mut writer, r).await.map(|_| SessionEnd::Shutdown);
         }
@@ -1089,7 +1089,7 @@ async fn branch_session(
                 epoch_text(welcome.stream_epoch),
                 epoch_text(log.epoch())
             ),
-            "Re-seed this branch from a fresh copy of the main's database, run branchsync init here with an empty data directory, and at the main run: DELETE FROM branchsync.progress WHERE stream = '<this branch>'.",
+            "Re-seed this branch: stop its daemon and run branchsync join --discard-local here (the main then forgets the old stream).",
         ))
     } else if r < floor {
         Some((
@@ -1105,7 +1105,7 @@ async fn branch_session(
             RefusalReason::WentBackInTime,
             format!("branch \"{}\" went back in time", settings.node),
             format!("The main has applied this branch's changes up to log position {r}, but this branch's log ends at {}. The branch's database or data directory was restored to an earlier state.", log.visible()),
-            "Changes made here after the restore point would be skipped. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
+            "Changes made here after the restore point would be skipped. Re-seed this branch: stop its daemon and run branchsync join --discard-local here.",
         ))
     } else if r > floor && welcome.resume_lsn != 0 && log.read_after(r - 1, 1)?.first().is_none_or(|e| e.pos != r || e.header.commit_lsn != welcome.resume_lsn) {
         Some((
@@ -1115,7 +1115,7 @@ async fn branch_session(
                 "The main has applied this branch's changes up to log position {r} (commit LSN {}), but this branch's log does not hold that transaction there.",
                 fmt_lsn(welcome.resume_lsn)
             ),
-            "The branch's database or data directory was restored to an earlier state. Re-seed this branch from a fresh copy of the main's database, then run branchsync init.",
+            "The branch's database or data directory was restored to an earlier state. Re-seed this branch: stop its daemon and run branchsync join --discard-local here.",
         ))
     } else {
         None
@@ -1517,7 +1517,7 @@ async fn main_session(
             RefusalReason::WentBackInTime,
             format!("branch \"{name}\" went back in time"),
             detail,
-            "Changes made at the branch after its restore point would be skipped. Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
+            "Changes made at the branch after its restore point would be skipped. Re-seed the branch: stop its daemon and run branchsync join --discard-local there.",
         )
     };
     let relay_entry_lsn = if hello.relay_applied > log.floor()? && hello.relay_applied <= log.visible() {
@@ -1530,7 +1530,7 @@ async fn main_session(
             RefusalReason::SystemIdChanged,
             format!("branch \"{name}\" connected with another database cluster"),
             format!("First seen with system identifier {}, now {}.", known.clone().unwrap_or_default(), hello.system_id),
-            "If the branch's database was re-created or restored from a dump, re-seed it from a fresh copy of the main's database and run branchsync init; to replace the branch for good, remove its row from branchsync.progress at the main.",
+            "If the branch's database was re-created or restored from a dump, re-seed it with branchsync join --discard-local there; to replace the branch for good, remove its row from branchsync.progress at the main.",
         ))
     } else if known_epoch.is_some_and(|e| e != hello.log_epoch) {
         Some(refusal(
@@ -1541,7 +1541,7 @@ async fn main_session(
                 epoch_text(known_epoch.unwrap_or(0)),
                 epoch_text(hello.log_epoch)
             ),
-            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there with an empty data directory; then, at the main: DELETE FROM branchsync.progress WHERE stream = '<branch>'.",
+            "Re-seed the branch: stop its daemon and run branchsync join --discard-local there (the main then forgets the old stream).",
         ))
     } else if hello.relay_epoch != 0 && hello.relay_epoch != log.epoch() {
         Some(refusal(
@@ -1553,7 +1553,7 @@ async fn main_session(
                 hello.relay_applied,
                 epoch_text(log.epoch())
             ),
-            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
+            "Re-seed the branch: stop its daemon and run branchsync join --discard-local there.",
         ))
     } else if applied > hello.log_newest {
         Some(went_back(format!("The main has applied this branch's log up to position {applied}, but the branch's log ends at {}.", hello.log_newest)))
@@ -1566,14 +1566,14 @@ async fn main_session(
                 hello.relay_applied,
                 log.floor()? + 1
             ),
-            "The branch was away longer than the main keeps its log, or its database was restored to an earlier state. Re-seed the branch from a fresh copy of the main's database and run branchsync init there.",
+            "The branch was away longer than the main keeps its log, or its database was restored to an earlier state. Re-seed the branch: stop its daemon and run branchsync join --discard-local there.",
         ))
     } else if let Some(away) = away_too_long(&applier, settings.retention).await? {
         Some(refusal(
             RefusalReason::MustReseed,
             format!("branch \"{name}\" must be re-seeded"),
             format!("The branch was last connected {away} ago; the main keeps what its changes are decided against (tombstones) for {}.", human(settings.retention)),
-            "Re-seed the branch from a fresh copy of the main's database and run branchsync init there, or raise [conflicts] tombstone_days at every node.",
+            "Re-seed the branch: stop its daemon and run branchsync join --discard-local there, or raise [conflicts] tombstone_days at every node.",
         ))
     } else if hello.relay_applied > log.visible() {
         Some(refusal(

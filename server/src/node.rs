@@ -185,7 +185,7 @@ async fn check_log_identity(client: &tokio_postgres::Client, s: &NodeSettings, l
     let ours = format!("{:016x}", log.epoch());
     let procedure = match s.role {
         Role::Main => "Restore the data directory from a backup. If it is lost for good: run branchsync init --accept-new-log --config FILE here (a new relay log starts), then re-seed every branch, whose relay progress belongs to the lost log.",
-        Role::Branch => "Restore the data directory from a backup. If it is lost for good, re-seed this branch: a fresh copy of the main's database, branchsync init, an empty data directory; then, at the main: DELETE FROM branchsync.progress WHERE stream = '<this branch>'.",
+        Role::Branch => "Restore the data directory from a backup. If it is lost for good, re-seed this branch: run branchsync join --discard-local --config FILE here (it copies the main while the chain keeps selling; the main then forgets the old stream).",
     };
     match recorded {
         None if log.is_empty() || log.identity_new() => {
@@ -238,7 +238,7 @@ impl Node {
         if wal < captured {
             let hint = match s.role {
                 Role::Main => "The main's database was restored from a backup. Make sure nothing writes to it, then run branchsync init --restored --config FILE: the relay log goes on, and each branch re-sends what the main lost from the changes it keeps ([log] keep_acked). Changes made at the main itself after the backup are lost at the main.",
-                Role::Branch => "This branch's database was restored to an earlier state. Re-seed it from a fresh copy of the main's database, run branchsync init, and start with an empty data directory.",
+                Role::Branch => "This branch's database was restored to an earlier state. Re-seed it: stop its daemon and run branchsync join --discard-local here.",
             };
             return Err(EngineError::Diverged {
                 message: "database went back in time".into(),
