@@ -108,6 +108,11 @@ pub(crate) async fn serve_ask(
 ) -> Result<(), LinkError> {
     let answer = match ask {
         Ask::JoinBegin => match begin(session, conn, node, settings, log, status).await {
+            Ok(p) if p.schema_sql.len() + p.tables.iter().map(|t| 64 + t.columns.iter().map(|c| c.len() + 8).sum::<usize>()).sum::<usize>() + 1024 > settings.max_frame => Answer::Failed {
+                message: "the main's schema does not fit in a frame".into(),
+                detail: format!("The schema script is {} bytes; sync.max_frame_bytes is {}.", p.schema_sql.len(), settings.max_frame),
+                hint: "Raise sync.max_frame_bytes at the main and at the joining shop, then run branchsync join again.".into(),
+            },
             Ok(p) => Answer::JoinReady(Box::new(p)),
             Err(e) => failed(&e),
         },
@@ -157,11 +162,27 @@ async fn begin(session: &mut JoinSession, conn: &PgConn, node: &str, settings: &
         });
     }
     let mut held = HELD.lock().await;
-    let point = match held.get_mut(node) {
-        Some(h) => {
-            h.last_used = Instant::now();
-            JoinPoint { resumed: true, ..h.point.clone() }
+    if let Some(h) = held.get_mut(node) {
+        h.last_used = Instant::now();
+        let (point, name) = (JoinPoint { resumed: true, ..h.point.clone() }, h.snapshot.name.clone());
+        match engine_join::begin_in_snapshot(&conn.client, &name).await {
+            Ok(()) => {
+                session.point = Some(point.clone());
+                return Ok(point);
+            }
+            Err(e) => {
+                // Its session ended (the main's PostgreSQL restarted, say):
+                // a new snapshot, and the shop copies everything again.
+                tracing::warn!(peer = %node, error = %e, "the snapshot held for a joining shop is gone; taking a new one");
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+                if let Some(h) = held.remove(node) {
+                    h.snapshot.release();
+                }
+            }
         }
+    }
+    let point = match held.get_mut(node) {
+        Some(h) => JoinPoint { resumed: true, ..h.point.clone() },
         None => {
             // Pinned before the snapshot: every entry after the head of now
             // comes after the snapshot's relay position too.
@@ -181,11 +202,7 @@ async fn begin(session: &mut JoinSession, conn: &PgConn, node: &str, settings: &
             point
         }
     };
-    let name = held.get(node).map(|h| h.snapshot.name.clone()).unwrap_or_default();
     drop(held);
-    if point.resumed {
-        engine_join::begin_in_snapshot(&conn.client, &name).await?;
-    }
     session.point = Some(point.clone());
     Ok(point)
 }
@@ -281,7 +298,7 @@ pub(crate) async fn join(cfg: &Config, dial: &Dial, discard_local: bool, progres
         }
         if old_log {
             what.push(match unsent {
-                Some(n) => format!("{} holds {n} change set(s) captured here; those the main has not applied are lost", log_dir.display()),
+                Some(n) => format!("{} holds {n} change set(s) captured here that the main has not acknowledged: they are lost", log_dir.display()),
                 None => format!("{} holds a log of an earlier node", log_dir.display()),
             });
         }
@@ -358,11 +375,12 @@ pub(crate) async fn join(cfg: &Config, dial: &Dial, discard_local: bool, progres
     crate::init(cfg, false, false).await
 }
 
-/// Change sets in an old log (its newest position less its floor), if it
-/// opens.
+/// Change sets in an old log that the main has not acknowledged (as far
+/// as this log knows), if it opens.
 fn unsent_changes(dir: &std::path::Path) -> Option<u64> {
     let log = ChangeLog::open(dir).ok()?;
-    Some(log.count_after(log.floor().ok()?))
+    let acked = log.peer_ack(branchsync_engine::state::RELAY_STREAM).ok()?.max(log.floor().ok()?);
+    Some(log.count_after(acked))
 }
 
 /// Every copied column must exist here (a schema created by hand or by the

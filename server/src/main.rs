@@ -581,7 +581,7 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
             }
         }
     }
-    println!("initialised node \"{}\" ({} , index {}) on cluster {}", cfg.node.name, cfg.node.role, cfg.node.index, report.system_id);
+    println!("initialised node \"{}\" ({}, index {}) on cluster {}", cfg.node.name, cfg.node.role, cfg.node.index, report.system_id);
     if let Some(from) = &report.seeded_from {
         println!("  found state copied from node \"{from}\": cleared it; this node resumes the main's relay where the copy was taken");
     }

@@ -272,3 +272,291 @@ async fn a_shop_joins_from_an_empty_database_while_every_site_sells_and_a_killed
         figures.join(", ")
     );
 }
+
+// ------------------------------------------------ a shop joins again
+
+/// Issue 15, done-when 4: a shop that lost its state (its `data_dir`, or
+/// its database restored from an old backup) is refused, as before; `join
+/// --discard-local` brings it back from the main's copy while the others
+/// sell. A smaller shop schema than [`SCHEMA`] (no `history`): here the
+/// copy only has to be right, not slow. `order_lines.price` may be NULL so
+/// that both [`seller`] (two lines a sale) and [`SELL_MANY`] (four lines a
+/// sale) sell into it.
+const SHOP_SCHEMA: &str = "
+CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL);
+INSERT INTO products SELECT g, 'p' || g, g FROM generate_series(1, 8) g;
+CREATE TABLE orders (id serial PRIMARY KEY, shop text NOT NULL, total numeric(12,2) NOT NULL DEFAULT 0);
+CREATE TABLE order_lines (id bigserial PRIMARY KEY, order_id integer NOT NULL REFERENCES orders(id), product_id integer NOT NULL REFERENCES products(id), qty integer NOT NULL, price numeric(10,2));
+CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, city text);
+INSERT INTO customers SELECT g, 'c' || g, 'city ' || (g % 7) FROM generate_series(1, 3000) g;
+CREATE TABLE local_cache (k text PRIMARY KEY, v text);
+";
+
+/// The replicated tables of [`SHOP_SCHEMA`].
+const SHOP_TABLES: &[&str] = &["products", "orders", "order_lines", "customers"];
+
+/// Runs `branchsync join <extra> --config FILE` at `site` to completion
+/// (off the runtime's workers, the sellers keep going); its exit status,
+/// stdout and stderr.
+async fn join_at(site: &Site, extra: &[&str]) -> (ExitStatus, String, String) {
+    let mut c = Command::new(branchsync_bin());
+    c.arg("join").args(extra).arg("--config").arg(site.config_path()).stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || c.output()).await.expect("join task").expect("run branchsync join");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Names of the entries in `site`'s data directory that start with
+/// `log.discarded-` (old logs moved aside by `--discard-local`).
+fn discarded_logs(site: &Site) -> Vec<String> {
+    match std::fs::read_dir(site.dir.path().join("data")) {
+        Ok(dir) => dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("log.discarded-")).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Waits until the main has applied `n` sales of `shop`.
+async fn main_has(main: &tokio_postgres::Client, shop: &str, n: i64) {
+    eventually(&format!("the main holds {n} sales of {shop}"), Duration::from_secs(60), || async { (sales_of(main, shop).await.0 == n).then_some(()) }).await;
+}
+
+/// Rows of `branchsync.conflicts` at `c`.
+async fn conflicts(c: &tokio_postgres::Client) -> i64 {
+    count(c, "SELECT count(*) FROM branchsync.conflicts").await
+}
+
+/// Every site holds every shop's sales as counted by its seller (two lines
+/// a sale), and the sales of the `lost` shop nowhere; no conflict, no order
+/// off its shop's stripe.
+async fn every_sale_once(sites: &[&Site], sold: &[(&str, i64, i64)], lost: &str) {
+    for s in sites {
+        let c = s.db().await;
+        for (shop, orders, lines) in sold {
+            assert_eq!(sales_of(&c, shop).await, (*orders, *lines), "{shop}'s sales at {}", s.name);
+        }
+        assert_eq!(sales_of(&c, lost).await, (0, 0), "the sales the main never applied are gone, at {} too", s.name);
+        assert_eq!(conflicts(&c).await, 0, "{}: nothing applied twice or decided against itself", s.name);
+    }
+    let main = sites[0].db().await;
+    let total: i64 = sold.iter().map(|(_, n, _)| n).sum();
+    assert_eq!(count(&main, "SELECT count(*) FROM orders").await, total, "the main holds every sale and nothing else");
+    assert_eq!(
+        count(&main, "SELECT count(*) FROM orders WHERE id % 100 <> CASE WHEN shop = 'main' THEN 0 WHEN shop LIKE 'branch1%' THEN 1 ELSE 2 END").await,
+        0,
+        "every order id carries its shop's stripe, the rejoined shop's new ones too"
+    );
+}
+
+/// Done-when 4a: branch1's `data_dir` is deleted while every site sells.
+/// The daemon refuses to start (exit 3); `join` without `--discard-local`
+/// refuses too (exit 2) and changes nothing; with it, the old log goes
+/// aside, branch1 gets the main's copy (its own sales the main applied come
+/// back, those it never sent are gone), starts, sells again, and every site
+/// converges with every sale exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shop_whose_data_dir_was_lost_rejoins_with_discard_local_while_the_chain_sells() {
+    let mut topo = Topology::prepare(2, &format!("{SHOP_SCHEMA}{SELL_MANY}")).await;
+    topo.start_all();
+    for b in ["branch1", "branch2"] {
+        wait_status(&topo.main, &format!("{b} connected"), Duration::from_secs(60), |s| s["peers"][b]["connected"] == true).await;
+    }
+    let main_db = topo.main.db().await;
+
+    // 1. Every site sells; branch1 for a while only.
+    let shops = ["main", "branch2", "branch1", "branch1-after"];
+    let sold: Vec<Arc<AtomicU64>> = shops.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_b1 = Arc::new(AtomicBool::new(false));
+    let sellers = vec![seller(topo.main.pg.url(), "main", stop.clone(), sold[0].clone()), seller(topo.branches[1].pg.url(), "branch2", stop.clone(), sold[1].clone())];
+    let b1_seller = seller(topo.branches[0].pg.url(), "branch1", stop_b1.clone(), sold[2].clone());
+    eventually("every site sells", Duration::from_secs(30), || {
+        let sold = sold.clone();
+        async move { sold[..3].iter().all(|s| s.load(Ordering::Relaxed) > 20).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_b1.store(true, Ordering::Relaxed);
+    b1_seller.await.unwrap();
+    let sold_b1 = sold[2].load(Ordering::Relaxed) as i64;
+    main_has(&main_db, "branch1", sold_b1).await;
+    println!("branch1 sold {sold_b1}, all at the main");
+
+    // 2. The daemon stops; branch1 sells 5 more that nobody captures (the
+    //    slot keeps them, the log that would number them is lost next);
+    //    the data directory is deleted. The daemon refuses to start.
+    let b1_db = topo.branches[0].db().await;
+    {
+        let branch = &mut topo.branches[0];
+        branch.stop();
+        b1_db.batch_execute("CALL sell_many(5, 'branch1-lost')").await.unwrap();
+        std::fs::remove_dir_all(branch.dir.path().join("data")).expect("delete branch1's data directory");
+        branch.start();
+        let st = branch.wait_exit(Duration::from_secs(60)).unwrap_or_else(|| panic!("branch1 must refuse to start without its log\n{}", branch.daemon_log()));
+        assert_eq!(st.code(), Some(3), "branch1 exits with the status that tells a service manager not to restart it");
+        let log = branch.daemon_log();
+        assert!(log.contains("is new, but this database has replicated with another log"), "the refusal says what happened:\n{log}");
+    }
+    let data_dir: Vec<String> = std::fs::read_dir(topo.branches[0].dir.path().join("data")).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    println!("branch1 refused to start; its data directory now holds {data_dir:?}");
+
+    // 3. join without --discard-local: refused, nothing changed.
+    let (st, out, err) = join_at(&topo.branches[0], &[]).await;
+    println!("join without --discard-local ({st}):\n--- stdout:\n{out}--- stderr:\n{err}");
+    assert_eq!(st.code(), Some(2), "join refuses a shop that holds data of its own");
+    assert!(err.contains("holds data of its own"), "the refusal says why:\n{err}");
+    assert!(err.contains("orders"), "the refusal lists the tables with rows:\n{err}");
+    assert_eq!(sales_of(&b1_db, "branch1").await, (sold_b1, 2 * sold_b1), "the refused join left branch1's sales alone");
+    assert_eq!(sales_of(&b1_db, "branch1-lost").await, (5, 20), "the refused join left branch1's unsent sales alone");
+    assert_eq!(count(&b1_db, "SELECT count(*) FROM branchsync.node").await, 1, "the refused join left branch1's identity alone");
+    assert!(discarded_logs(&topo.branches[0]).is_empty(), "the refused join moved no log aside");
+    assert_eq!(sales_of(&main_db, "branch1").await, (sold_b1, 2 * sold_b1), "the main's copy of branch1's sales is untouched");
+    assert_eq!(sales_of(&main_db, "branch1-lost").await, (0, 0));
+    assert_eq!(count(&main_db, "SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1'").await, 1, "the main still holds its progress in branch1's stream");
+
+    // 4. join --discard-local, while the main and branch2 sell.
+    let started = Instant::now();
+    let (st, out, err) = join_at(&topo.branches[0], &["--discard-local"]).await;
+    println!("join --discard-local ({st}) in {:.1} s:\n--- stdout:\n{out}--- stderr:\n{err}", started.elapsed().as_secs_f64());
+    assert!(st.success(), "join --discard-local failed ({st})");
+    assert!(out.contains("discarding what this shop holds"), "join says what it discards:\n{out}");
+    let aside = discarded_logs(&topo.branches[0]);
+    println!("old logs moved aside: {aside:?}");
+    if out.contains("the old log was moved to") {
+        assert_eq!(aside.len(), 1, "the log join says it moved aside is there");
+    }
+    assert_eq!(sales_of(&b1_db, "branch1").await, (sold_b1, 2 * sold_b1), "branch1's sales the main applied come back in the copy");
+    assert_eq!(sales_of(&b1_db, "branch1-lost").await, (0, 0), "branch1's sales the main never applied are discarded");
+    println!(
+        "after the join: branch1 holds {} orders; the main's progress rows of branch1: {}",
+        count(&b1_db, "SELECT count(*) FROM orders").await,
+        count(&main_db, "SELECT count(*) FROM branchsync.progress WHERE stream = 'branch1'").await
+    );
+
+    // 5. branch1 runs again, follows the relay and sells.
+    rejoined_shop_sells(&mut topo, sellers, &stop, &sold[3]).await;
+
+    // 6. Every site holds every sale exactly once.
+    let converging = Instant::now();
+    wait_converged(&topo.sites(), SHOP_TABLES, Duration::from_secs(120)).await;
+    let figures: Vec<(&str, i64, i64)> = shops.iter().zip(&sold).map(|(shop, n)| (*shop, n.load(Ordering::Relaxed) as i64, 2 * n.load(Ordering::Relaxed) as i64)).collect();
+    println!("converged {:.1} s after the sales stopped; sold: {figures:?}, 5 lost", converging.elapsed().as_secs_f64());
+    every_sale_once(&topo.sites(), &figures, "branch1-lost").await;
+}
+
+/// Done-when 4b: branch1's database is restored from an old backup (its
+/// `data_dir` is not): the daemon is refused ("went back in time"); `join
+/// --discard-local` brings the sales the main applied since the backup
+/// back from the main's copy, while the main and branch2 sell; branch1
+/// starts, sells, and every site converges with every sale exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shop_restored_from_an_old_backup_rejoins_with_discard_local_while_the_chain_sells() {
+    let mut topo = Topology::prepare(2, &format!("{SHOP_SCHEMA}{SELL_MANY}")).await;
+    topo.start_all();
+    for b in ["branch1", "branch2"] {
+        wait_status(&topo.main, &format!("{b} connected"), Duration::from_secs(60), |s| s["peers"][b]["connected"] == true).await;
+    }
+    let main_db = topo.main.db().await;
+
+    // The main and branch2 sell throughout.
+    let shops = ["main", "branch2", "branch1-after"];
+    let sold: Vec<Arc<AtomicU64>> = shops.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sellers = vec![seller(topo.main.pg.url(), "main", stop.clone(), sold[0].clone()), seller(topo.branches[1].pg.url(), "branch2", stop.clone(), sold[1].clone())];
+
+    // 1. branch1 sells; then its cluster is backed up (cold), and it sells
+    //    more, all of it applied at the main.
+    const N1: i64 = 20;
+    const N2: i64 = 30;
+    topo.branches[0].db().await.batch_execute(&format!("CALL sell_many({N1}, 'branch1')")).await.unwrap();
+    main_has(&main_db, "branch1", N1).await;
+    let backup = {
+        let branch = &mut topo.branches[0];
+        branch.stop();
+        branch.pg.stop_fast();
+        let backup = branch.pg.snapshot_data("old");
+        branch.pg.start_server();
+        branch.start();
+        backup
+    };
+    topo.branches[0].db().await.batch_execute(&format!("CALL sell_many({N2}, 'branch1')")).await.unwrap();
+    main_has(&main_db, "branch1", N1 + N2).await;
+    println!("branch1 sold {N1} before its backup and {N2} after, all at the main");
+
+    // 2. The shop's disk fails; its database comes back from the backup
+    //    (branchsync's data directory survived). It sells 4 sales that the
+    //    main will never apply; the daemon is refused.
+    {
+        let branch = &mut topo.branches[0];
+        branch.stop();
+        branch.pg.stop_fast();
+        branch.pg.restore_data(&backup);
+        branch.pg.start_server();
+    }
+    let b1_db = topo.branches[0].db().await;
+    assert_eq!(sales_of(&b1_db, "branch1").await, (N1, 4 * N1), "the backup holds the first sales only");
+    b1_db.batch_execute("CALL sell_many(4, 'branch1-lost')").await.unwrap();
+    topo.branches[0].start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refusal = loop {
+        let branch = &mut topo.branches[0];
+        if !branch.running() {
+            let st = branch.wait_exit(Duration::from_secs(5));
+            let log = branch.daemon_log();
+            assert_eq!(st.and_then(|s| s.code()), Some(3), "branch1 exits with the status that tells a service manager not to restart it:\n{log}");
+            assert!(log.contains("went back in time"), "the refusal says what happened:\n{log}");
+            break format!("the daemon refused to start ({})", log.lines().filter(|l| l.contains("went back in time")).last().unwrap_or_default());
+        }
+        if let Some(s) = http_status(branch.http_port).await {
+            if let Some(e) = s["peers"]["main"]["last_error"].as_str().filter(|e| e.contains("went back in time") || e.contains("re-seed")) {
+                break format!("refused at the handshake: {e}");
+            }
+        }
+        assert!(Instant::now() < deadline, "branch1, restored from an old backup, is neither refused at start nor at the handshake within 60 s\n{}", diagnostics(&topo.sites()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("branch1 restored: {refusal}");
+    assert_eq!(sales_of(&main_db, "branch1").await, (N1 + N2, 4 * (N1 + N2)), "the main keeps what it applied");
+    assert_eq!(sales_of(&main_db, "branch1-lost").await, (0, 0), "nothing of the restored shop reached the main");
+
+    // 3. join --discard-local (the daemon stopped), while the others sell.
+    topo.branches[0].stop();
+    let started = Instant::now();
+    let (st, out, err) = join_at(&topo.branches[0], &["--discard-local"]).await;
+    println!("join --discard-local ({st}) in {:.1} s:\n--- stdout:\n{out}--- stderr:\n{err}", started.elapsed().as_secs_f64());
+    assert!(st.success(), "join --discard-local failed ({st})");
+    assert!(out.contains("discarding what this shop holds"), "join says what it discards:\n{out}");
+    let aside = discarded_logs(&topo.branches[0]);
+    println!("old logs moved aside: {aside:?}");
+    assert_eq!(aside.len(), 1, "the shop's old log is moved aside, not deleted");
+    assert_eq!(sales_of(&b1_db, "branch1").await, (N1 + N2, 4 * (N1 + N2)), "the sales lost with the disk come back from the main");
+    assert_eq!(sales_of(&b1_db, "branch1-lost").await, (0, 0), "the sales the main never applied are discarded");
+
+    // 4. branch1 runs again and sells.
+    rejoined_shop_sells(&mut topo, sellers, &stop, &sold[2]).await;
+
+    // 5. Every site: branch1's N1 + N2, every other sale exactly once.
+    let converging = Instant::now();
+    wait_converged(&topo.sites(), SHOP_TABLES, Duration::from_secs(120)).await;
+    let mut figures: Vec<(&str, i64, i64)> = shops.iter().zip(&sold).map(|(shop, n)| (*shop, n.load(Ordering::Relaxed) as i64, 2 * n.load(Ordering::Relaxed) as i64)).collect();
+    figures.push(("branch1", N1 + N2, 4 * (N1 + N2)));
+    println!("converged {:.1} s after the sales stopped; sold: {figures:?}, 4 lost", converging.elapsed().as_secs_f64());
+    every_sale_once(&topo.sites(), &figures, "branch1-lost").await;
+}
+
+/// branch1's daemon starts again after its join, connects, and branch1
+/// sells as `branch1-after` (counted in `sold_after`) for a while; then
+/// every seller stops.
+async fn rejoined_shop_sells(topo: &mut Topology, mut sellers: Vec<tokio::task::JoinHandle<()>>, stop: &Arc<AtomicBool>, sold_after: &Arc<AtomicU64>) {
+    topo.branches[0].start();
+    wait_status(&topo.main, "branch1 connected again", Duration::from_secs(60), |s| s["peers"]["branch1"]["connected"] == true).await;
+    sellers.push(seller(topo.branches[0].pg.url(), "branch1-after", stop.clone(), sold_after.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually("the rejoined shop sells", Duration::from_secs(30), || {
+        let sold_after = sold_after.clone();
+        async move { (sold_after.load(Ordering::Relaxed) > 10).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for s in sellers {
+        s.await.unwrap();
+    }
+}
