@@ -465,8 +465,49 @@ pub struct Config {
     /// `[tls]`.
     #[serde(default)]
     pub tls: TlsSection,
+    /// `[preset]`: an ERP's exclude list and `[[tables]]` entries, shipped
+    /// with the binary ([`Preset`]).
+    #[serde(default)]
+    pub preset: Option<PresetSection>,
+    /// The version of the preset applied at load, if any.
+    #[serde(skip)]
+    pub preset_version: Option<String>,
     #[serde(skip)]
     path: PathBuf,
+}
+
+/// `[preset]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresetSection {
+    /// `"tryton"` or `"odoo"` ([`PRESETS`]).
+    pub erp: String,
+}
+
+/// The presets shipped with the binary: name and text (every entry
+/// explained in a comment).
+pub const PRESETS: &[(&str, &str)] = &[("tryton", include_str!("../presets/tryton.toml")), ("odoo", include_str!("../presets/odoo.toml"))];
+
+/// A preset: what one ERP needs in every site's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// Told at the handshake, so that sites on different releases of a
+    /// preset are named as such.
+    pub version: String,
+    /// Tables that stay at each site (added to `database.exclude`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Table rules, after the site's own `[[tables]]`.
+    #[serde(default)]
+    pub tables: Vec<TableEntry>,
+}
+
+impl Preset {
+    /// The shipped preset `erp`, parsed.
+    pub fn shipped(erp: &str) -> Option<Result<Preset, String>> {
+        PRESETS.iter().find(|(n, _)| *n == erp).map(|(_, text)| toml::from_str(text).map_err(|e| e.to_string()))
+    }
 }
 
 impl Config {
@@ -512,6 +553,22 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         cfg.path = path.to_path_buf();
+        if let Some(section) = cfg.preset.clone() {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            let preset = match Preset::shipped(&section.erp) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => return Err(cfg.invalid("preset.erp", format!("the shipped preset \"{}\" does not parse: {e}", section.erp))),
+                None => return Err(cfg.invalid("preset.erp", format!("no preset \"{}\"; shipped: {}", section.erp, names.join(", ")))),
+            };
+            // The site's own entries first: they override the preset's.
+            for x in preset.exclude {
+                if !cfg.database.exclude.contains(&x) {
+                    cfg.database.exclude.push(x);
+                }
+            }
+            cfg.tables.extend(preset.tables);
+            cfg.preset_version = Some(preset.version);
+        }
         if let Some(url) = env("BRANCHSYNC_DATABASE_URL") {
             cfg.database.url = url;
         }
@@ -749,6 +806,37 @@ mod tests {
         assert!(e.contains("tables[0].match"), "{e}");
         let e = load(&format!("{BRANCH}[[tables]]\nmatch = \"x\"\nrule = \"coin_flip\"\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("coin_flip"), "{e}");
+    }
+
+    /// A preset adds its local tables and its rules after the site's own
+    /// (which win: first match), and names its version; an unknown one is
+    /// refused naming the key and the shipped presets.
+    #[test]
+    fn a_preset_adds_its_tables_and_rules_after_the_sites_own() {
+        let c = load(&format!("{BRANCH}[[tables]]\nmatch = \"account_journal_period\"\nrule = \"main_wins\"\n[preset]\nerp = \"tryton\"\n"), &[]).unwrap();
+        assert_eq!(c.preset_version.as_deref(), Some("tryton-1"));
+        assert_eq!(c.database.exclude.iter().filter(|x| *x == "ir_cache").count(), 1, "the site's own entry is not doubled: {:?}", c.database.exclude);
+        assert!(c.database.exclude.iter().any(|x| x == "ir_session") && c.database.exclude.iter().any(|x| x == "res_user_login_attempt"), "{:?}", c.database.exclude);
+        assert!(!c.scope().unwrap().includes("public", "ir_session"), "the preset's local tables are out of scope");
+        let rules = c.table_rules().unwrap();
+        let r = rules.for_table("public", "account_journal_period");
+        assert_eq!(r.rule, branchsync_engine::conflict::ConflictRule::MainWins, "the site's own entry wins over the preset's");
+        assert_eq!(c.tables.len(), 2, "the preset's entry follows the site's");
+        let e = load(&format!("{BRANCH}[preset]\nerp = \"sap\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("preset.erp") && e.contains("tryton") && e.contains("odoo"), "{e}");
+    }
+
+    /// Every shipped preset parses, and a configuration that uses it
+    /// validates (its globs and column names hold).
+    #[test]
+    fn every_shipped_preset_loads_into_a_configuration() {
+        for (name, _) in PRESETS {
+            let p = Preset::shipped(name).unwrap().unwrap_or_else(|e| panic!("preset {name}: {e}"));
+            assert!(p.version.starts_with(name), "{name}: version {}", p.version);
+            let c = load(&format!("{BRANCH}[preset]\nerp = \"{name}\"\n"), &[]).unwrap_or_else(|e| panic!("preset {name}: {e}"));
+            c.table_rules().unwrap_or_else(|e| panic!("preset {name}: {e}"));
+            assert_eq!(c.preset_version, Some(p.version));
+        }
     }
 
     #[test]

@@ -1390,6 +1390,19 @@ async fn main_connection(
     let admitted = peer.clone();
     let certificate_now = certificate.clone();
     let fail = |e: LinkError| (Some(name.clone()), e);
+    let preset_of = |rules: &[String]| rules.first().and_then(|r| r.strip_prefix("preset ")).map(str::to_string);
+    let (theirs, ours) = (preset_of(&hello.table_rules), preset_of(&settings.table_rules));
+    if theirs != ours {
+        let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+        return refuse(&mut writer, refusal(
+            RefusalReason::ConfigMismatch,
+            format!("node \"{}\" uses preset {}, the main uses preset {}", hello.node, name(&theirs), name(&ours)),
+            "A preset brings tables that stay local and conflict rules; sites on different presets or preset releases would decide differently.".into(),
+            "Run the same branchsync release with the same [preset] at every node.",
+        ))
+        .await
+        .map_err(fail);
+    }
     if hello.table_rules != settings.table_rules {
         return refuse(&mut writer, refusal(
             RefusalReason::ConfigMismatch,

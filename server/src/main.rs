@@ -188,6 +188,12 @@ enum Command {
         #[arg(long)]
         discard_local: bool,
     },
+    /// The ERP presets shipped with the binary (tables that stay local,
+    /// conflict rules): show one, or list them.
+    Preset {
+        #[command(subcommand)]
+        action: PresetAction,
+    },
     /// Look at and settle recorded conflicts (branchsync.conflicts).
     Conflicts {
         /// Node configuration (TOML); or set BRANCHSYNC_CONFIG.
@@ -218,6 +224,18 @@ enum ScenarioAction {
         #[arg(long)]
         compose_file: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum PresetAction {
+    /// Print a shipped preset, every entry explained (`[preset] erp = NAME`
+    /// brings it into a configuration).
+    Show {
+        /// The ERP: tryton or odoo.
+        erp: String,
+    },
+    /// List the shipped presets and their versions.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -397,6 +415,26 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { config, tables, json, settle_timeout, repair } => {
             let cfg = Config::load(&config)?;
             verify(&cfg, &tables, json, Duration::from_secs(settle_timeout), repair).await
+        }
+        Command::Preset { action: PresetAction::Show { erp } } => match config::PRESETS.iter().find(|(n, _)| *n == erp) {
+            Some((_, text)) => {
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                let names: Vec<&str> = config::PRESETS.iter().map(|(n, _)| *n).collect();
+                eprintln!("branchsync preset show: no preset \"{erp}\"\nHINT: Shipped presets: {}.", names.join(", "));
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Preset { action: PresetAction::List } => {
+            for (name, _) in config::PRESETS {
+                match config::Preset::shipped(name) {
+                    Some(Ok(p)) => println!("{name:<8} version {:<10} {} local tables, {} [[tables]] entries", p.version, p.exclude.len(), p.tables.len()),
+                    _ => println!("{name:<8} (does not parse)"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Join { config, discard_local } => {
             let cfg = Config::load(&config)?;
@@ -603,6 +641,14 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
     for t in &role_report.row_security {
         println!("  WARNING: row-level security is enabled on {t}: its policies would hide rows from branchsync's role, so apply refuses its changes. Disable it, or exempt the role (ALTER ROLE {} BYPASSRLS).", cfg.database.daemon_role);
     }
+    let looks_local: Vec<&String> = report.tables.iter().filter(|t| looks_site_local(t)).collect();
+    if !looks_local.is_empty() {
+        println!("  WARNING: replicated tables that look like a cache, a session store or a queue (one site's server, not the business):");
+        for t in looks_local {
+            println!("    {t}");
+        }
+        println!("  Add them to database.exclude at every site unless they must replicate (an ERP's [preset] lists its own).");
+    }
     if !report.apply_time_code.is_empty() {
         println!("  WARNING: application code runs inside apply on replicated tables, with branchsync's database rights (SECURITY.md):");
         for c in &report.apply_time_code {
@@ -610,6 +656,13 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
         }
     }
     init_tls(cfg)
+}
+
+/// A table name that usually holds one site's state: caches, sessions,
+/// queues, locks, the web bus.
+fn looks_site_local(table: &str) -> bool {
+    let name = table.rsplit('.').next().unwrap_or(table).to_ascii_lowercase();
+    ["cache", "session", "queue", "lock", "bus_bus", "presence", "login_attempt"].iter().any(|w| name.contains(w))
 }
 
 /// The link's credentials at `init`: the main creates the chain's CA and
@@ -720,6 +773,7 @@ fn settings(cfg: &Config, admission: &watch::Receiver<Arc<Admission>>) -> anyhow
         audit_interval: Duration::from_millis(cfg.keys.audit_interval_ms.max(100)),
         ddl: branchsync_engine::ddl::DdlPolicy { from_any: cfg.ddl.from == config::DdlFrom::Any, run_as: cfg.ddl.run_as.clone() },
         tables: cfg.table_rules()?,
+        preset: cfg.preset_version.clone(),
         retention: Duration::from_secs(u64::from(cfg.conflicts.tombstone_days) * 86_400),
         tls: link_tls(cfg, admission)?,
         max_stamp_ahead: Duration::from_secs(cfg.sync.max_stamp_ahead_s),
@@ -960,6 +1014,16 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::{describe, Config};
+
+    #[test]
+    fn tables_that_look_like_one_sites_state_are_named() {
+        for t in ["public.ir_cache", "public.ir_session_wizard", "public.bus_bus", "public.res_user_login_attempt", "public.ir_queue"] {
+            assert!(super::looks_site_local(t), "{t}");
+        }
+        for t in ["public.sale_order", "public.account_move", "public.stock_move", "public.party_party"] {
+            assert!(!super::looks_site_local(t), "{t}");
+        }
+    }
 
     #[test]
     fn a_reload_names_what_waits_for_a_restart_and_nothing_else() {

@@ -88,6 +88,8 @@ pub struct NodeSettings {
     pub ddl: DdlPolicy,
     /// `[[tables]]`: per-table rules.
     pub tables: branchsync_engine::conflict::TableRules,
+    /// The `[preset]`'s version, told at the handshake with the rules.
+    pub preset: Option<String>,
     /// How long tombstones are kept, and how long a branch may be away.
     pub retention: Duration,
     /// Period of the sequence stripe audit.
@@ -366,7 +368,7 @@ impl Node {
             reconnect_max: s.reconnect_max,
             max_frame: s.max_frame,
             window: s.window,
-            table_rules: s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect(),
+            table_rules: s.preset.iter().map(|v| format!("preset {v}")).chain(s.tables.rules().iter().map(|r| serde_json::to_string(r).unwrap_or_default())).collect(),
             retention: s.retention,
             tls: s.tls.clone(),
             max_stamp_ahead: s.max_stamp_ahead,

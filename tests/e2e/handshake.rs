@@ -421,3 +421,33 @@ async fn a_main_with_more_branches_than_its_server_tracks_origins_for_refuses_to
     assert!(log.contains("max_replication_slots is 4 but this node applies the changes of 5 sites"), "{log}");
     assert!(log.contains("max_replication_slots = 5 or more") && log.contains("restart PostgreSQL"), "{log}");
 }
+
+/// A preset (issue 16) brings local tables and conflict rules: a branch on
+/// another preset (here none) than the main's is refused with a message
+/// that names both, before the lists it changes are compared; with the
+/// same preset (and `init` run again for the scope it changes) it syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_on_another_preset_than_the_mains_is_refused_naming_both() {
+    let mut topo = Topology::prepare(1, ORDERS).await;
+    let with_preset = |site: &Site| {
+        let mut text = std::fs::read_to_string(site.config_path()).unwrap();
+        text.push_str("\n[preset]\nerp = \"tryton\"\n");
+        std::fs::write(site.config_path(), text).unwrap();
+        site.init();
+    };
+    with_preset(&topo.main);
+    topo.start_all();
+    let st = wait_status(&topo.branches[0], "branch1 reports the refusal", Duration::from_secs(30), |s| {
+        s["peers"]["main"]["last_error"].as_str().is_some_and(|e| e.contains("preset"))
+    })
+    .await;
+    let e = st["peers"]["main"]["last_error"].as_str().unwrap_or_default().to_string();
+    eprintln!("preset: branch1 says {e}");
+    assert!(e.contains("uses preset none, the main uses preset tryton-1"), "the refusal names both presets: {e}");
+
+    let branch = &mut topo.branches[0];
+    branch.stop();
+    with_preset(branch);
+    branch.start();
+    wait_status(&topo.main, "branch1 connected with the same preset", Duration::from_secs(30), |s| s["peers"]["branch1"]["connected"] == true).await;
+}
