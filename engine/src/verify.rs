@@ -157,7 +157,7 @@ impl TableReport {
 type Seen = Option<(i64, i64)>;
 
 /// Compares `table` between `branch` and `main`.
-pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle: &mut impl Settle, table: &TableName, rows_estimate: i64) -> Result<TableReport, VerifyError> {
+pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle: &mut impl Settle, table: &TableName, rows_estimate: i64, local: &[String]) -> Result<TableReport, VerifyError> {
     let started = Instant::now();
     let mut report = TableReport {
         table: table.to_string(),
@@ -190,7 +190,8 @@ pub async fn compare_table(branch: &mut impl Site, main: &mut impl Site, settle:
     let (bc, mc): (BTreeSet<&String>, BTreeSet<&String>) = (b.columns.iter().collect(), m.columns.iter().collect());
     report.columns_only_branch = bc.difference(&mc).map(|c| c.to_string()).collect();
     report.columns_only_main = mc.difference(&bc).map(|c| c.to_string()).collect();
-    let columns: Vec<String> = bc.intersection(&mc).map(|c| c.to_string()).collect();
+    // Site-local columns (a table rule's `local`) differ by design.
+    let columns: Vec<String> = bc.intersection(&mc).filter(|c| b.key.contains(c) || !local.contains(c)).map(|c| c.to_string()).collect();
     let scan = Scan { table: table.clone(), columns, key: b.key.clone(), buckets: bucket_count(rows_estimate) };
     report.buckets = scan.buckets;
 
@@ -282,12 +283,13 @@ pub async fn compare_tables(
     main: &mut impl Site,
     settle: &mut impl Settle,
     tables: &[(TableName, i64)],
+    local: &dyn Fn(&TableName) -> Vec<String>,
     progress: &dyn Progress,
 ) -> Result<Vec<TableReport>, VerifyError> {
     let mut out = Vec::new();
     progress.phase("comparing tables", tables.len() as u64);
     for (t, estimate) in tables {
-        let r = compare_table(branch, main, settle, t, *estimate).await;
+        let r = compare_table(branch, main, settle, t, *estimate, &local(t)).await;
         match r {
             Ok(r) => {
                 tracing::info!(table = %t, rows = r.rows_branch.max(r.rows_main), differences = r.differences.len(), seconds = r.seconds, "table compared");
@@ -672,7 +674,7 @@ mod tests {
     async fn compare(branch: &Client, main: &Client) -> Vec<TableReport> {
         let (mut b, mut m) = (TableReader::new(branch, "branchsync"), TableReader::new(main, "branchsync"));
         let tables = b.tables().await.unwrap();
-        compare_tables(&mut b, &mut m, &mut AlreadySettled, &tables, &Silent).await.unwrap()
+        compare_tables(&mut b, &mut m, &mut AlreadySettled, &tables, &|_| Vec::new(), &Silent).await.unwrap()
     }
 
     fn differences(reports: &[TableReport]) -> Vec<(String, String, Difference)> {
@@ -732,7 +734,7 @@ mod tests {
         let mut b = TableReader::new(&branch, "branchsync");
         let mut m = TableReader::new(&main, "branchsync");
         let t = TableName { schema: "public".into(), name: "local_only".into() };
-        let r = compare_table(&mut b, &mut m, &mut AlreadySettled, &t, 0).await.unwrap();
+        let r = compare_table(&mut b, &mut m, &mut AlreadySettled, &t, 0, &[]).await.unwrap();
         assert_eq!(r.schema_difference.as_deref(), Some("this branch does not replicate the table"));
     }
 

@@ -356,6 +356,10 @@ pub struct TableEntry {
     /// Replicate `TRUNCATE` of these tables (default false, R21).
     #[serde(default)]
     pub truncate: bool,
+    /// Site-local columns: each site keeps and advances its own value
+    /// (document counters and their per-site prefix).
+    #[serde(default)]
+    pub local: Vec<String>,
 }
 
 impl TableEntry {
@@ -368,6 +372,7 @@ impl TableEntry {
             on_delete_conflict: self.on_delete_conflict,
             on_unique_conflict: self.on_unique_conflict,
             truncate: self.truncate,
+            local: self.local.clone(),
         }
     }
 }
@@ -721,6 +726,9 @@ impl Config {
             if let Some(c) = t.delta.iter().find(|c| c.trim().is_empty()) {
                 return Err(self.invalid(&format!("tables[{i}].delta"), format!("\"{c}\" is not a column name")));
             }
+            if let Some(c) = t.local.iter().find(|c| c.trim().is_empty() || t.delta.contains(c)) {
+                return Err(self.invalid(&format!("tables[{i}].local"), format!("\"{c}\" is not a column name, or is a delta column too (a column is one or the other)")));
+            }
         }
         Ok(())
     }
@@ -821,7 +829,8 @@ mod tests {
         let rules = c.table_rules().unwrap();
         let r = rules.for_table("public", "account_journal_period");
         assert_eq!(r.rule, branchsync_engine::conflict::ConflictRule::MainWins, "the site's own entry wins over the preset's");
-        assert_eq!(c.tables.len(), 2, "the preset's entry follows the site's");
+        assert_eq!(c.tables.len(), 3, "the preset's two entries follow the site's");
+        assert_eq!(rules.for_table("public", "ir_sequence_strict").local, ["prefix", "number_next_internal", "last_timestamp"]);
         let e = load(&format!("{BRANCH}[preset]\nerp = \"sap\"\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("preset.erp") && e.contains("tryton") && e.contains("odoo"), "{e}");
     }

@@ -451,6 +451,7 @@ pub(crate) async fn verify(
     only: &[String],
     settle_timeout: Duration,
     repair: bool,
+    rules: &branchsync_engine::conflict::TableRules,
     progress: &dyn branchsync_engine::progress::Progress,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
@@ -479,7 +480,8 @@ pub(crate) async fn verify(
     }
     tables.sort();
     let mut streams = Streams { branch_db, main: settle_session, http: http.0, http_token: http.1, timeout: settle_timeout, rounds: 0 };
-    let reports = verify::compare_tables(&mut branch, &mut main, &mut streams, &tables, progress).await?;
+    let local = |t: &TableName| rules.for_table(&t.schema, &t.name).local.clone();
+    let reports = verify::compare_tables(&mut branch, &mut main, &mut streams, &tables, &local, progress).await?;
     let repair = if repair { Some(send_repairs(&mut main, &reports).await?) } else { None };
     let rows_compared: i64 = reports.iter().map(|r| r.rows_branch.max(r.rows_main)).sum();
     let seconds = started.elapsed().as_secs_f64();

@@ -957,7 +957,8 @@ async fn verify(cfg: &Config, tables: &[String], json: bool, settle_timeout: Dur
     };
     let conn = connect_as_daemon(cfg, "branchsync verify").await?;
     let shown = progress::Shown::new("verify");
-    let r = inspect::verify(&dial, &conn.client, (http_addr, cfg.http.token().map(str::to_string)), tables, settle_timeout, repair, &shown).await;
+    let rules = cfg.table_rules()?;
+    let r = inspect::verify(&dial, &conn.client, (http_addr, cfg.http.token().map(str::to_string)), tables, settle_timeout, repair, &rules, &shown).await;
     match r {
         Ok(report) => {
             if json {

@@ -20,6 +20,7 @@ mod http;
 mod join;
 mod long_transaction;
 mod lost_state;
+mod numbering;
 mod offline;
 mod pg_restart;
 mod pgbench;

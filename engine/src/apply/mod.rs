@@ -1018,7 +1018,8 @@ impl Applier {
             }
             self.tables.insert(key.clone(), t.map(Arc::new));
         }
-        Ok(self.tables[&key].clone().map(|t| Arc::new(Mapping::new(desc, t))))
+        let local = &self.cfg.tables.for_table(&desc.schema, &desc.name).local;
+        Ok(self.tables[&key].clone().map(|t| Arc::new(Mapping::new(desc, t, local))))
     }
 
     async fn apply_fragment(&mut self, e: &LogEntry, careful: bool) -> Result<(), EngineError> {

@@ -58,14 +58,17 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `desc` onto `table` by column name.
-    pub fn new(desc: &TableDesc, table: std::sync::Arc<LocalTable>) -> Mapping {
+    /// Maps `desc` onto `table` by column name; the site-local columns
+    /// `local` (a table rule's) are never written from another site, like
+    /// generated ones.
+    pub fn new(desc: &TableDesc, table: std::sync::Arc<LocalTable>, local: &[String]) -> Mapping {
         let mut targets = Vec::with_capacity(desc.columns.len());
         let mut skipped = Vec::new();
         for c in &desc.columns {
             let c = &table.resolve(c, &desc.columns);
             match table.columns.get(c) {
-                Some(lc) if !lc.generated => targets.push(Some(c.clone())),
+                // A key column is never site-local: rows are found by it.
+                Some(lc) if !lc.generated && (table.pk.contains(c) || !local.contains(c)) => targets.push(Some(c.clone())),
                 Some(_) => targets.push(None),
                 None => {
                     skipped.push(c.clone());

@@ -99,6 +99,12 @@ pub struct TableRule {
     /// `TRUNCATE` of the table replicates (R21; off by default: it would
     /// discard rows its author never saw).
     pub truncate: bool,
+    /// Site-local columns (a document counter, its prefix): every site
+    /// keeps and advances its own value. Apply never writes them, never
+    /// compares them with the author's old row, never decides on them; a
+    /// row inserted from another site takes the column's default here.
+    #[serde(default)]
+    pub local: Vec<String>,
 }
 
 /// Every node's per-table rules, first match wins; evaluated identically at
