@@ -117,6 +117,14 @@ where
     });
 }
 
+/// As libpq: a URL without a password takes `PGPASSWORD`'s (the operator's
+/// `PGPASSWORD=… branchsync init`); one in the URL wins.
+fn password_from_env(cfg: &mut tokio_postgres::Config, env: Option<String>) {
+    if let (None, Some(pw)) = (cfg.get_password(), env.filter(|p| !p.is_empty())) {
+        cfg.password(pw);
+    }
+}
+
 /// Connects, spawns the connection future, and pins the session settings.
 /// `sslmode=require` (or `prefer` with `sslrootcert`) connects with TLS,
 /// the server verified against `sslrootcert` ([`split_root_cert`]).
@@ -124,6 +132,7 @@ pub async fn connect(url: &str, application_name: &str) -> Result<PgConn, Engine
     let (url, root_cert) = split_root_cert(url);
     let mut cfg: tokio_postgres::Config = url.parse().map_err(EngineError::pg("parsing the database URL"))?;
     cfg.application_name(application_name);
+    password_from_env(&mut cfg, std::env::var("PGPASSWORD").ok());
     let (tx, rx) = watch::channel(false);
     // prefer (tokio-postgres's default) without sslrootcert stays plaintext:
     // nothing to verify the server against.
@@ -183,6 +192,18 @@ pub const CURRENT_XID: &str = "SELECT (pg_current_xact_id()::text::int8 % 429496
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pgpassword_fills_a_url_without_a_password_and_never_overrides_one() {
+        let with = |url: &str, env: &str| {
+            let mut c: tokio_postgres::Config = url.parse().unwrap();
+            super::password_from_env(&mut c, Some(env.to_string()));
+            c.get_password().map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        assert_eq!(with("host=x user=postgres", "s3cret").as_deref(), Some("s3cret"));
+        assert_eq!(with("host=x user=postgres password=given", "s3cret").as_deref(), Some("given"));
+        assert_eq!(with("host=x", ""), None);
+    }
+
     #[test]
     fn lsn_prints_like_postgres() {
         assert_eq!(super::fmt_lsn(0x16_B374_D848), "16/B374D848");
