@@ -625,7 +625,7 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
     }
     println!("  replicated tables: {}", report.tables.len());
     for t in &report.identity_full {
-        println!("  REPLICA IDENTITY FULL set on {t} (no primary key)");
+        println!("  REPLICA IDENTITY FULL set on {t} (every change carries its whole old row: the main decides against it)");
     }
     let changed = report.sequences.iter().filter(|s| s.changed).count();
     println!("  sequences striped: {} changed, {} already on stripe {} mod {}", changed, report.sequences.len() - changed, cfg.node.index, cfg.keys.stride);
