@@ -245,9 +245,16 @@ async fn copy_out(conn: &PgConn, t: &JoinTable, node: &str, log: &ChangeLog, max
             Some(Ok(data)) => {
                 rows += data.iter().filter(|b| **b == b'\n').count() as u64;
                 bytes += data.len() as u64;
-                buf.extend_from_slice(&data);
-                if buf.len() >= piece {
-                    writer.send(Message::Answer(Answer::CopyData(CopyBytes(std::mem::take(&mut buf))))).await?;
+                // A row may be far larger than a frame (COPY's text
+                // stream may be cut anywhere: the shop only concatenates).
+                let mut rest: &[u8] = &data;
+                while !rest.is_empty() {
+                    let n = (piece - buf.len()).min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    if buf.len() >= piece {
+                        writer.send(Message::Answer(Answer::CopyData(CopyBytes(std::mem::take(&mut buf))))).await?;
+                    }
                 }
                 if touched.elapsed() > Duration::from_secs(10) {
                     touched = Instant::now();

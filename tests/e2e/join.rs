@@ -35,10 +35,13 @@ INSERT INTO tags SELECT 't' || (g % 10), g % 10 FROM generate_series(1, 100) g;
 CREATE TABLE history (id bigint PRIMARY KEY, note text NOT NULL);
 INSERT INTO history SELECT g, repeat('x', 200) FROM generate_series(1, 400000) g;
 CREATE TABLE local_cache (k text PRIMARY KEY, v text);
+CREATE TABLE attachments (id int PRIMARY KEY, body text NOT NULL);
+INSERT INTO attachments VALUES (1, repeat('scan', 7500000)), (2, 'small');
 ";
 
-/// The replicated tables of [`SCHEMA`] (`local_cache` is excluded).
-const TABLES: &[&str] = &["products", "orders", "order_lines", "customers", "tags", "history"];
+/// The replicated tables of [`SCHEMA`] (`local_cache` is excluded;
+/// `attachments` holds a 30 MB value, far larger than a frame).
+const TABLES: &[&str] = &["products", "orders", "order_lines", "customers", "tags", "history", "attachments"];
 
 /// A `branchsync join` running in the background; killed if the test ends
 /// first, so that a failed test leaves no join behind.
@@ -206,7 +209,7 @@ async fn a_shop_joins_from_an_empty_database_while_every_site_sells_and_a_killed
     // 6. The copy is one snapshot of the main: the tables nobody changes
     //    are identical, and no sale is half there (an order and its two
     //    lines are one transaction).
-    for t in ["products", "customers", "tags", "history"] {
+    for t in ["products", "customers", "tags", "history", "attachments"] {
         assert_eq!(table_checksum(&b3, t).await, table_checksum(&main_db, t).await, "{t} copied as the main holds it");
     }
     assert_eq!(count(&b3, "SELECT count(*) FROM history").await, HISTORY_ROWS);
