@@ -114,7 +114,7 @@ async fn a_shop_joins_from_an_empty_database_while_every_site_sells_and_a_killed
     let shops = ["main", "branch1", "branch2", "branch3"];
     let stop = Arc::new(AtomicBool::new(false));
     let sold: Vec<Arc<AtomicU64>> = shops.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut sellers = vec![
+    let sellers = vec![
         seller(topo.main.pg.url(), "main", stop.clone(), sold[0].clone()),
         seller(topo.branches[0].pg.url(), "branch1", stop.clone(), sold[1].clone()),
         seller(topo.branches[1].pg.url(), "branch2", stop.clone(), sold[2].clone()),
@@ -228,21 +228,7 @@ async fn a_shop_joins_from_an_empty_database_while_every_site_sells_and_a_killed
     println!("the shop got {copied_orders} orders in its copy");
 
     // 7. The shop's daemon follows the relay; later the shop sells too.
-    branch3.start();
-    wait_status(&topo.main, "branch3 connected", Duration::from_secs(60), |s| s["peers"]["branch3"]["connected"] == true).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    sellers.push(seller(branch3.pg.url(), "branch3", stop.clone(), sold[3].clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let sold3 = sold[3].clone();
-    eventually("the joined shop sells", Duration::from_secs(30), || {
-        let sold3 = sold3.clone();
-        async move { (sold3.load(Ordering::Relaxed) > 10).then_some(()) }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for s in sellers {
-        s.await.unwrap();
-    }
+    joined_shop_sells(&topo.main, &mut branch3, "branch3", Duration::from_secs(3), sellers, &stop, &sold[3]).await;
 
     // 8. Every site holds the same rows, with every sale exactly once.
     let sites = [&topo.main, &topo.branches[0], &topo.branches[1], &branch3];
@@ -435,7 +421,7 @@ async fn a_shop_whose_data_dir_was_lost_rejoins_with_discard_local_while_the_cha
     );
 
     // 5. branch1 runs again, follows the relay and sells.
-    rejoined_shop_sells(&mut topo, sellers, &stop, &sold[3]).await;
+    joined_shop_sells(&topo.main, &mut topo.branches[0], "branch1-after", Duration::ZERO, sellers, &stop, &sold[3]).await;
 
     // 6. Every site holds every sale exactly once.
     let converging = Instant::now();
@@ -534,7 +520,7 @@ async fn a_shop_restored_from_an_old_backup_rejoins_with_discard_local_while_the
     assert_eq!(sales_of(&b1_db, "branch1-lost").await, (0, 0), "the sales the main never applied are discarded");
 
     // 4. branch1 runs again and sells.
-    rejoined_shop_sells(&mut topo, sellers, &stop, &sold[2]).await;
+    joined_shop_sells(&topo.main, &mut topo.branches[0], "branch1-after", Duration::ZERO, sellers, &stop, &sold[2]).await;
 
     // 5. Every site: branch1's N1 + N2, every other sale exactly once.
     let converging = Instant::now();
@@ -545,15 +531,17 @@ async fn a_shop_restored_from_an_old_backup_rejoins_with_discard_local_while_the
     every_sale_once(&topo.sites(), &figures, "branch1-lost").await;
 }
 
-/// branch1's daemon starts again after its join, connects, and branch1
-/// sells as `branch1-after` (counted in `sold_after`) for a while; then
-/// every seller stops.
-async fn rejoined_shop_sells(topo: &mut Topology, mut sellers: Vec<tokio::task::JoinHandle<()>>, stop: &Arc<AtomicBool>, sold_after: &Arc<AtomicU64>) {
-    topo.branches[0].start();
-    wait_status(&topo.main, "branch1 connected again", Duration::from_secs(60), |s| s["peers"]["branch1"]["connected"] == true).await;
-    sellers.push(seller(topo.branches[0].pg.url(), "branch1-after", stop.clone(), sold_after.clone()));
+/// `shop`'s daemon starts after its join and connects to `main`; once the
+/// relay has flowed for `settle`, the shop sells as `sells_as` (counted in
+/// `sold_after`) for a while; then every seller stops.
+async fn joined_shop_sells(main: &Site, shop: &mut Site, sells_as: &'static str, settle: Duration, mut sellers: Vec<tokio::task::JoinHandle<()>>, stop: &Arc<AtomicBool>, sold_after: &Arc<AtomicU64>) {
+    shop.start();
+    let name = shop.name.clone();
+    wait_status(main, &format!("{name} connected after its join"), Duration::from_secs(60), |s| s["peers"][name.as_str()]["connected"] == true).await;
+    tokio::time::sleep(settle).await;
+    sellers.push(seller(shop.pg.url(), sells_as, stop.clone(), sold_after.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    eventually("the rejoined shop sells", Duration::from_secs(30), || {
+    eventually("the joined shop sells", Duration::from_secs(30), || {
         let sold_after = sold_after.clone();
         async move { (sold_after.load(Ordering::Relaxed) > 10).then_some(()) }
     })
