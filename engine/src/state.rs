@@ -48,6 +48,10 @@
 //! * `node.log_epoch` — the identity of the log in `data_dir` that belongs to
 //!   this database (R26); `progress.epoch` — the identity of the sender's
 //!   log a stream's progress counts in.
+//! * `retired_log` — at the main: the logs a `branchsync join` replaced
+//!   (stream, epoch, when). The main refuses a branch that sends from one
+//!   again, so a join run with a shop's stolen credentials cannot make the
+//!   real shop's old log be applied a second time from its start.
 //! * `mark_key` — the key the event triggers seal their DDL marks with
 //!   (R25), readable only by its owner; a copy of another node's database
 //!   gets a new one at `init`.
@@ -195,6 +199,12 @@ CREATE TABLE IF NOT EXISTS branchsync.schema_version (
 INSERT INTO branchsync.schema_version (n) VALUES (0) ON CONFLICT DO NOTHING;
 ALTER TABLE branchsync.node ADD COLUMN IF NOT EXISTS log_epoch text;
 ALTER TABLE branchsync.progress ADD COLUMN IF NOT EXISTS epoch text;
+CREATE TABLE IF NOT EXISTS branchsync.retired_log (
+    stream text NOT NULL,
+    epoch text NOT NULL,
+    retired_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, epoch)
+);
 ALTER TABLE branchsync.conflicts ADD COLUMN IF NOT EXISTS entry bytea;
 CREATE TABLE IF NOT EXISTS branchsync.mark_key (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -273,6 +283,36 @@ pub async fn progress_list(client: &tokio_postgres::Client) -> Result<Vec<(Strin
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
+}
+
+/// At the main, when a shop's join ends: forgets the main's progress in
+/// the shop's old stream (the shop starts a new log) and retires the old
+/// log's identity, in one statement. A branch that later sends from the
+/// retired log is refused ([`retired_at`]) instead of being replayed from
+/// position 0.
+pub async fn retire_stream(client: &tokio_postgres::Client, stream: &str) -> Result<(), crate::EngineError> {
+    client
+        .execute(
+            "WITH gone AS (DELETE FROM branchsync.progress WHERE stream = $1 RETURNING stream, epoch) \
+             INSERT INTO branchsync.retired_log (stream, epoch) SELECT stream, epoch FROM gone WHERE epoch IS NOT NULL ON CONFLICT DO NOTHING",
+            &[&stream],
+        )
+        .await
+        .map_err(crate::EngineError::pg("retiring the shop's old stream"))?;
+    Ok(())
+}
+
+/// At the main: when a join retired `stream`'s log `epoch` (as text), or
+/// `None` when it never did.
+pub async fn retired_at(client: &tokio_postgres::Client, stream: &str, epoch: u64) -> Result<Option<String>, crate::EngineError> {
+    let row = client
+        .query_opt(
+            "SELECT to_char(retired_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' FROM branchsync.retired_log WHERE stream = $1 AND epoch = $2",
+            &[&stream, &format!("{epoch:016x}")],
+        )
+        .await
+        .map_err(crate::EngineError::pg("reading the retired logs"))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// At the main: records the last log position capture reached

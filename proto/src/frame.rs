@@ -44,7 +44,7 @@ pub enum ProtoError {
     #[error("could not encode message")]
     Encode(#[from] rmp_serde::encode::Error),
     /// The socket failed.
-    #[error("connection error")]
+    #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
 }
 

@@ -136,12 +136,15 @@ pub(crate) async fn serve_ask(
             // transaction, which ends here).
             let _ = conn.client.batch_execute("ROLLBACK").await;
             session.point = None;
-            match conn.client.execute("DELETE FROM branchsync.progress WHERE stream = $1", &[&node]).await {
-                Ok(_) => {
-                    tracing::info!(peer = %node, "join finished: the shop's snapshot let go, its stream starts anew");
+            // The old log is retired, not just forgotten: a daemon that
+            // sends from it again (the real shop, when these credentials
+            // were used elsewhere) is refused rather than replayed from 0.
+            match branchsync_engine::state::retire_stream(&conn.client, node).await {
+                Ok(()) => {
+                    tracing::warn!(peer = %node, "join finished: the shop's snapshot let go, its old log is retired and its stream starts anew");
                     Answer::JoinEnded
                 }
-                Err(e) => failed(&EngineError::pg("forgetting the shop's old stream")(e)),
+                Err(e) => failed(&e),
             }
         }
         _ => Answer::Failed { message: "not a join question".into(), detail: String::new(), hint: String::new() },

@@ -1525,6 +1525,7 @@ async fn main_session(
     let applied = applier.committed();
     let known = applier.stream_system_id().await?;
     let known_epoch = applier.stream_epoch().await?;
+    let retired = applier.log_retired_at(hello.log_epoch).await?;
     let went_back = |detail: String| {
         refusal(
             RefusalReason::WentBackInTime,
@@ -1538,7 +1539,17 @@ async fn main_session(
     } else {
         None
     };
-    let refusal = if known.as_deref().is_some_and(|k| k != hello.system_id.to_string()) {
+    let refusal = if let Some(at) = retired {
+        Some(refusal(
+            RefusalReason::LogRecreated,
+            format!("branch \"{name}\" sends from a log that a join replaced"),
+            format!(
+                "branchsync join for this branch finished at the main at {at}; its log {} was retired then, and the main follows only the log the joined shop started. Changes in the retired log that the main had not applied are not applied.",
+                epoch_text(hello.log_epoch)
+            ),
+            "If this shop was joined, start its daemon with the data directory that join wrote. If no one joined this shop, its credentials were used elsewhere: list the certificate's fingerprint in the main's [tls] revoked, issue the shop new credentials and a new token, then re-seed this shop with branchsync join --discard-local.",
+        ))
+    } else if known.as_deref().is_some_and(|k| k != hello.system_id.to_string()) {
         Some(refusal(
             RefusalReason::SystemIdChanged,
             format!("branch \"{name}\" connected with another database cluster"),

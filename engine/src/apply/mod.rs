@@ -1696,6 +1696,11 @@ impl Applier {
         Ok(row.and_then(|r| r.get::<_, Option<String>>(0)).and_then(|e| u64::from_str_radix(&e, 16).ok()))
     }
 
+    /// When a join retired the sender's log `epoch` for this stream.
+    pub async fn log_retired_at(&self, epoch: u64) -> Result<Option<String>, EngineError> {
+        crate::state::retired_at(&self.conn.client, &self.stream, epoch).await
+    }
+
     /// Records the identity of the sender's log for this stream.
     pub async fn set_stream_epoch(&self, epoch: u64) -> Result<(), EngineError> {
         self.conn
