@@ -477,6 +477,11 @@ BEGIN
 END
 $p$;";
 
+/// The first column of every row `sql` returns, as text (the query casts).
+pub async fn texts(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| r.get(0)).collect()
+}
+
 /// `(orders, order lines)` of `shop` at a site.
 pub async fn sales_of(c: &tokio_postgres::Client, shop: &str) -> (i64, i64) {
     let r = c

@@ -16,6 +16,19 @@ cd "$(dirname "$0")/.."
 . scripts/prerequisites.sh
 prerequisites "tests/run.sh" faketime browser
 
+# Tryton 8.2 with its point of sale, from PyPI into target/tryton-venv when
+# missing: tests/e2e/tryton.rs runs a head office and two shops on it.
+tryton_venv="$PWD/target/tryton-venv"
+if ! "$tryton_venv/bin/python3" -c 'import trytond.modules.sale_point, proteus, psycopg' 2>/dev/null; then
+  echo "tests/run.sh: installing Tryton 8.2 with sale_point from PyPI into target/tryton-venv (tests/e2e/tryton.rs sells through it)" >&2
+  if ! python3 -m venv "$tryton_venv" 2>/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$tryton_venv"
+  fi
+  "$tryton_venv/bin/pip" install -q 'trytond[postgresql]==8.2.1' 'trytond-sale-point==8.2.0' 'proteus==8.2.0'
+fi
+export BRANCHSYNC_TRYTON_BIN="$tryton_venv/bin"
+
 features="branchsync-server/failpoints"
 cargo build --workspace --bins --features "$features"
 # Two test threads: every end-to-end test runs its own clusters and daemons.

@@ -746,6 +746,31 @@ pub async fn restored(client: &Client, log: &crate::log::ChangeLog, node: &str, 
 /// --accept-new-log`): the next daemon start binds it to the log in the
 /// data directory. What the old log held and peers had not received is
 /// lost to replication.
+/// Site-local columns (`[[tables]] local`) of the replicated `tables`
+/// (`schema.table`) that have no default here, as `schema.table.column`: a
+/// row created at another site arrives without them and takes NULL, which
+/// an ERP's counter cannot number from.
+pub async fn local_columns_without_default(client: &Client, tables: &[String], rules: &crate::conflict::TableRules) -> Result<Vec<String>, EngineError> {
+    let mut out = Vec::new();
+    for t in tables {
+        let Some((schema, name)) = t.split_once('.') else { continue };
+        let local = &rules.for_table(schema, name).local;
+        if local.is_empty() {
+            continue;
+        }
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = ANY($3) AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.atthasdef ORDER BY a.attnum",
+                &[&schema, &name, local],
+            )
+            .await
+            .map_err(EngineError::pg("reading the defaults of site-local columns"))?;
+        out.extend(rows.iter().map(|r| format!("{t}.{}", r.get::<_, String>(0))));
+    }
+    Ok(out)
+}
+
 pub async fn accept_new_log(client: &Client) -> Result<Option<String>, EngineError> {
     let row = client
         .query_one("UPDATE branchsync.node SET log_epoch = NULL RETURNING (SELECT log_epoch FROM branchsync.node)", &[])

@@ -822,7 +822,7 @@ mod tests {
     #[test]
     fn a_preset_adds_its_tables_and_rules_after_the_sites_own() {
         let c = load(&format!("{BRANCH}[[tables]]\nmatch = \"account_journal_period\"\nrule = \"main_wins\"\n[preset]\nerp = \"tryton\"\n"), &[]).unwrap();
-        assert_eq!(c.preset_version.as_deref(), Some("tryton-1"));
+        assert_eq!(c.preset_version.as_deref(), Some("tryton-2"));
         assert_eq!(c.database.exclude.iter().filter(|x| *x == "ir_cache").count(), 1, "the site's own entry is not doubled: {:?}", c.database.exclude);
         assert!(c.database.exclude.iter().any(|x| x == "ir_session") && c.database.exclude.iter().any(|x| x == "res_user_login_attempt"), "{:?}", c.database.exclude);
         assert!(!c.scope().unwrap().includes("public", "ir_session"), "the preset's local tables are out of scope");
@@ -830,7 +830,7 @@ mod tests {
         let r = rules.for_table("public", "account_journal_period");
         assert_eq!(r.rule, branchsync_engine::conflict::ConflictRule::MainWins, "the site's own entry wins over the preset's");
         assert_eq!(c.tables.len(), 3, "the preset's two entries follow the site's");
-        assert_eq!(rules.for_table("public", "ir_sequence_strict").local, ["prefix", "number_next_internal", "last_timestamp"]);
+        assert_eq!(rules.for_table("public", "ir_sequence_strict").local, ["prefix", "number_next_internal", "last_timestamp", "write_date", "write_uid"]);
         let e = load(&format!("{BRANCH}[preset]\nerp = \"sap\"\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("preset.erp") && e.contains("tryton") && e.contains("odoo"), "{e}");
     }

@@ -649,6 +649,17 @@ async fn init(cfg: &Config, restored: bool, accept_new_log: bool) -> anyhow::Res
         }
         println!("  Add them to database.exclude at every site unless they must replicate (an ERP's [preset] lists its own).");
     }
+    match setup::local_columns_without_default(&conn.client, &report.tables, &cfg.table_rules()?).await {
+        Ok(cols) if !cols.is_empty() => {
+            println!("  NOTE: site-local columns without a default here (a row created at another site arrives with NULL in them; fine for a time stamp or an author, not for a counter):");
+            for c in cols {
+                println!("    {c}");
+            }
+            println!("  Give a counter its start value (ALTER TABLE … ALTER COLUMN … SET DEFAULT 1, at the main: it reaches every site), and at each shop a prefix that shop's own (it stays there; at the main leave it, it would replicate).");
+        }
+        Ok(_) => {}
+        Err(e) => println!("  WARNING: {e}"),
+    }
     if !report.apply_time_code.is_empty() {
         println!("  WARNING: application code runs inside apply on replicated tables, with branchsync's database rights (SECURITY.md):");
         for c in &report.apply_time_code {

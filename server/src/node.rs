@@ -279,6 +279,7 @@ impl Node {
                 batch_changes: 20_000,
                 ddl_local_only: s.role == Role::Branch && !s.ddl.from_any,
                 stream: s.capture_stream,
+                tables: s.tables.clone(),
             };
             let (url, log, mut shutdown, status) = (s.db_url.clone(), log.clone(), shutdown_rx.clone(), status.clone());
             tasks.spawn(

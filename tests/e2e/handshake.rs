@@ -443,7 +443,7 @@ async fn a_branch_on_another_preset_than_the_mains_is_refused_naming_both() {
     .await;
     let e = st["peers"]["main"]["last_error"].as_str().unwrap_or_default().to_string();
     eprintln!("preset: branch1 says {e}");
-    assert!(e.contains("uses preset none, the main uses preset tryton-1"), "the refusal names both presets: {e}");
+    assert!(e.contains("uses preset none, the main uses preset tryton-2"), "the refusal names both presets: {e}");
 
     let branch = &mut topo.branches[0];
     branch.stop();

@@ -31,5 +31,6 @@ mod restore;
 mod scenarios;
 mod soak;
 mod tls;
+mod tryton;
 mod verify;
 mod web;

@@ -114,6 +114,9 @@ pub struct CaptureConfig {
     /// Read the slot over the streaming replication protocol ([`stream`])
     /// instead of peeking at it.
     pub stream: bool,
+    /// The table rules: an update that changed only site-local columns
+    /// (`[[tables]] local`) is not captured.
+    pub tables: crate::conflict::TableRules,
 }
 
 /// Counters for status.
@@ -133,6 +136,9 @@ pub struct CaptureStatus {
     pub ddl_captured: u64,
     /// Local DDL kept local (`[ddl] from = "main"` at a branch): schema drift.
     pub ddl_kept_local: u64,
+    /// Updates not captured because they changed only site-local columns
+    /// (a document counter taking a number).
+    pub local_only_updates: u64,
     /// DDL that ran but cannot be replicated (inside a function called by a
     /// query, or a string the parser rejects); see the log for which.
     pub ddl_unreplicable: u64,
@@ -415,6 +421,8 @@ pub struct Capturer {
     /// replicated (the scope's patterns matched once per relation message,
     /// not once per row).
     relations: HashMap<u32, (Relation, bool, TableDesc)>,
+    /// Per relation with site-local columns: which columns are local.
+    local_masks: HashMap<u32, Vec<bool>>,
     captured_lsn: u64,
     last_stamp: u64,
     /// Branch: the relay time of the last relay entry applied here, in
@@ -472,6 +480,7 @@ impl Capturer {
             cfg,
             log,
             relations: HashMap::new(),
+            local_masks: HashMap::new(),
             captured_lsn,
             last_stamp,
             seen_main_ts,
@@ -567,6 +576,12 @@ impl Capturer {
                     key: r.columns.iter().map(|c| c.is_key()).collect(),
                     identity_full: r.replica_identity == ReplicaIdentity::Full,
                 });
+                let local = &self.cfg.tables.for_table(&r.namespace, &r.name).local;
+                if in_scope && !local.is_empty() {
+                    self.local_masks.insert(r.oid, r.columns.iter().map(|c| local.contains(&c.name)).collect());
+                } else {
+                    self.local_masks.remove(&r.oid);
+                }
                 self.relations.insert(r.oid, (r, in_scope, desc));
             }
             PgOutputMessage::Type(_) => {}
@@ -750,8 +765,24 @@ impl Capturer {
                                     }
                                 }
                             }
-                            RowChange::Update { table: t, old, new }
+                            // Only site-local columns changed (a counter
+                            // took a number): nothing another site keeps
+                            // changed, so nothing travels. Sent, it would
+                            // lock the row at every receiver, where the
+                            // ERP takes its numbers with NOWAIT.
+                            let local_only = match (self.local_masks.get(&u.rel), old.as_ref().filter(|o| o.full)) {
+                                (Some(mask), Some(o)) if o.values.len() == new.len() && mask.len() == new.len() => {
+                                    new.iter().zip(&o.values).zip(mask).all(|((n, v), local)| *local || n == v)
+                                }
+                                _ => false,
+                            };
+                            if local_only {
+                                self.status.local_only_updates += 1;
+                                return None;
+                            }
+                            Some(RowChange::Update { table: t, old, new })
                         })
+                        .flatten()
                     }
                     PgOutputMessage::Delete(d) => {
                         let (r, in_scope, desc) = rel_of(d.rel)?;
@@ -1499,6 +1530,7 @@ mod tests {
             batch_changes: 1_000,
             ddl_local_only: false,
             stream: false,
+            tables: Default::default(),
         };
         let mut c = Capturer::new(cfg, log).unwrap();
         let column = Column { flags: 1, name: "id".into(), type_oid: 23, type_modifier: -1 };
@@ -1794,5 +1826,34 @@ mod tests {
         assert_eq!(times, vec![5_000, 5_000, 5_000, 6_000]);
         let commit_times: Vec<i64> = entries.iter().map(|e| e.header.commit_ts_us - PG_EPOCH_OFFSET_US).collect();
         assert_eq!(commit_times, vec![5_000, 4_000, 4_500, 6_000], "the commit times themselves are kept");
+    }
+
+    /// A document counter taking a number changes only its site-local
+    /// columns: that update is not captured (nothing another site keeps
+    /// changed); one that also changes a replicated column is, whole.
+    #[tokio::test]
+    async fn an_update_of_site_local_columns_only_is_not_captured() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ChangeLog::open(dir.path()).unwrap());
+        let mut c = main_capturer(log.clone());
+        c.cfg.tables = crate::conflict::TableRules::new(vec![crate::conflict::TableRule { pattern: "counters".into(), local: vec!["next".into(), "prefix".into()], ..Default::default() }]).unwrap();
+        let col = |n: &str| Column { flags: u8::from(n == "id"), name: n.into(), type_oid: 25, type_modifier: -1 };
+        let rel = Relation { oid: 16_390, namespace: "public".into(), name: "counters".into(), replica_identity: ReplicaIdentity::Full, columns: vec![col("id"), col("name"), col("prefix"), col("next")] };
+        c.handle(PgOutputMessage::Relation(rel)).unwrap();
+        let row = |name: &str, prefix: &str, next: &str| vec![Value::Text("1".into()), Value::Text(name.into()), Value::Text(prefix.into()), Value::Text(next.into())];
+        let update = |old: Vec<Value>, new: Vec<Value>| PgOutputMessage::Update(crate::pgoutput::Update { rel: 16_390, old: Some(OldTuple::Full(old)), new });
+        c.handle(PgOutputMessage::Begin(Begin { final_lsn: 100, commit_ts: 10, xid: 100 })).unwrap();
+        c.handle(update(row("moves", "S1/", "7"), row("moves", "S1/", "8"))).unwrap();
+        c.handle(update(row("moves", "S1/", "8"), row("moves", "S2/", "8"))).unwrap();
+        c.handle(update(row("moves", "S2/", "8"), row("moves 2026", "S2/", "9"))).unwrap();
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 100, end_lsn: 101, commit_ts: 10 })).unwrap();
+        log.flush().await.unwrap();
+        let entries = log.read_after(0, usize::MAX).unwrap();
+        let updates: Vec<Vec<Value>> = entries.iter().flat_map(|e| e.changes.iter()).filter_map(|ch| match ch {
+            RowChange::Update { new, .. } => Some(new.clone()),
+            _ => None,
+        }).collect();
+        assert_eq!(updates, vec![row("moves 2026", "S2/", "9")], "only the update that renamed the counter is captured");
+        assert_eq!(c.status.local_only_updates, 2);
     }
 }
