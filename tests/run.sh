@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: `bash tests/run.sh`.
 # On a fresh machine it installs what is missing (PostgreSQL server binaries,
-# libclang, faketime, headless Chromium; a Rust toolchain check), builds the branchsync binary
+# libclang, faketime, headless Chromium; Tryton from PyPI into
+# target/tryton-venv; a Rust toolchain check), builds the branchsync binary
 # with failpoints, runs every test of the workspace against throwaway
 # PostgreSQL clusters, then builds the Docker images and runs two scenarios
 # on the docker-compose stack (see the end of this file).

@@ -96,7 +96,11 @@ impl HeldSnapshot {
     /// (and prepared ones): after `wait` it gives up and names them,
     /// read through `observer`.
     pub async fn create(url: &str, slot: &str, wait: Duration, observer: &Client) -> Result<HeldSnapshot, EngineError> {
-        let cfg = crate::capture::stream::replication_config(url, slot, PUBLICATION)?.with_application_name("branchsync join");
+        // Named after the slot, so that a session left waiting by an
+        // earlier attempt can be told apart from another shop's join.
+        let app = format!("branchsync join {slot}");
+        end_sessions(observer, &app, slot).await?;
+        let cfg = crate::capture::stream::replication_config(url, slot, PUBLICATION)?.with_application_name(app.clone());
         let mut session = pgwire_replication::ReplicationClient::connect_gated(cfg)
             .await
             .map_err(|e| EngineError::ConnectionLost { context: format!("opening a replication session for join: {e}") })?;
@@ -105,13 +109,21 @@ impl HeldSnapshot {
         let rows = match tokio::time::timeout(wait, create).await {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => {
+                session.abort();
                 return Err(EngineError::Misconfigured {
                     message: format!("cannot create the snapshot of the main for a joining branch: {e}"),
                     detail: "join creates a temporary logical replication slot that exports its snapshot.".into(),
                     hint: "The daemon's role needs the REPLICATION attribute (branchsync init gives it) and a free slot (max_replication_slots).".into(),
                 })
             }
-            Err(_) => return Err(blocked(observer, wait).await),
+            Err(_) => {
+                // The server goes on waiting for those transactions (and
+                // would then create the slot) until its session is ended.
+                let why = blocked(observer, wait).await;
+                session.abort();
+                end_sessions(observer, &app, slot).await?;
+                return Err(why);
+            }
         };
         let text = |i: usize| rows.first().and_then(|r| r.get(i)).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
         let lsn = text(1).and_then(|l| parse_lsn(&l)).ok_or_else(|| EngineError::Corrupt("CREATE_REPLICATION_SLOT answered no consistent point".into()))?;
@@ -127,6 +139,32 @@ impl HeldSnapshot {
     }
 }
 
+/// Ends the replication sessions named `app` (an earlier attempt's,
+/// still waiting to create the slot or holding it) and waits, at most 10 s,
+/// until the temporary slot `slot` is gone with them.
+async fn end_sessions(observer: &Client, app: &str, slot: &str) -> Result<(), EngineError> {
+    observer
+        .execute("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'walsender' AND application_name = $1", &[&app])
+        .await
+        .map_err(EngineError::pg("ending an earlier join's replication session"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = observer
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'walsender' AND application_name = $1) \
+                      + (SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = $2 AND temporary)",
+                &[&app, &slot],
+            )
+            .await
+            .map_err(EngineError::pg("waiting for an earlier join's replication session to end"))?
+            .get(0);
+        if left == 0 || std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Why slot creation did not finish: the transactions it waits for.
 async fn blocked(observer: &Client, wait: Duration) -> EngineError {
     let mut who = Vec::new();
@@ -139,7 +177,10 @@ async fn blocked(observer: &Client, wait: Duration) -> EngineError {
         .await
     {
         for r in rows {
-            who.push(format!("pid {} (role \"{}\", application \"{}\") in a transaction since {}", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, String>(3)));
+            // Another role's start time is hidden from the daemon's role.
+            let since = r.get::<_, String>(3);
+            let since = if since.is_empty() { String::new() } else { format!(" since {since}") };
+            who.push(format!("pid {} (role \"{}\", application \"{}\") in a transaction{since}", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2)));
         }
     }
     if let Ok(rows) = observer.query("SELECT gid, prepared::text FROM pg_catalog.pg_prepared_xacts ORDER BY prepared LIMIT 10", &[]).await {
@@ -148,7 +189,7 @@ async fn blocked(observer: &Client, wait: Duration) -> EngineError {
         }
     }
     EngineError::Misconfigured {
-        message: format!("the main's snapshot for the joining branch waited {} s for transactions to end", wait.as_secs()),
+        message: format!("the main's snapshot for the joining branch waited {:.0} s for transactions to end", wait.as_secs_f64()),
         detail: if who.is_empty() { "No transaction was found running any more; run join again.".into() } else { format!("Waiting for: {}.", who.join("; ")) },
         hint: "End those transactions (a till or a session left in a transaction; COMMIT PREPARED or ROLLBACK PREPARED for a prepared one), then run branchsync join again.".into(),
     }

@@ -47,8 +47,12 @@ use crate::status::NodeStatus;
 /// ended (a join killed and run again resumes from it). A held snapshot
 /// keeps VACUUM from removing rows deleted after it at the main.
 const HOLD: Duration = Duration::from_secs(15 * 60);
-/// How long creating the snapshot may wait for running transactions.
-const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+/// How long creating the snapshot may wait for running transactions:
+/// 60 s, or `BRANCHSYNC_JOIN_SNAPSHOT_WAIT_MS` in the main's daemon's
+/// environment.
+fn snapshot_wait() -> Duration {
+    std::env::var("BRANCHSYNC_JOIN_SNAPSHOT_WAIT_MS").ok().and_then(|v| v.parse().ok()).map_or(Duration::from_secs(60), Duration::from_millis)
+}
 /// How long the main waits for its capture to pass the snapshot.
 const CAPTURE_WAIT: Duration = Duration::from_secs(120);
 /// Largest piece of a table sent at once.
@@ -191,7 +195,7 @@ async fn begin(session: &mut JoinSession, conn: &PgConn, node: &str, settings: &
             // comes after the snapshot's relay position too.
             log.set_peer_ack(node, log.visible())?;
             log.touch_peer(node);
-            let snapshot = HeldSnapshot::create(&settings.db_url, &slot_name(node), SNAPSHOT_WAIT, &conn.client).await?;
+            let snapshot = HeldSnapshot::create(&settings.db_url, &slot_name(node), snapshot_wait(), &conn.client).await?;
             let point = match describe(&snapshot, conn, settings, log, status).await {
                 Ok(p) => p,
                 Err(e) => {

@@ -1331,7 +1331,17 @@ async fn main_connection(
             // `branchsync verify` at a branch: its own session, apart from
             // the branch's stream.
             let admitted = admission.borrow().clone();
-            return crate::inspect::serve(i, cert.as_ref(), permit, reader, writer, &settings, &admitted, log, status, shutdown).await.map_err(|e| (None, e));
+            let node = i.node.clone();
+            return match crate::inspect::serve(i, cert.as_ref(), permit, reader, writer, &settings, &admitted, log, status, shutdown).await {
+                Ok(()) => Ok(()),
+                Err(e @ LinkError::Refused(_)) => Err((None, e)),
+                // Not a handshake that failed: a verify or join session
+                // (authenticated or not) that ended with an error.
+                Err(e) => {
+                    tracing::info!(peer = %node, error = %e, "inspection session (verify or join) ended");
+                    Ok(())
+                }
+            };
         }
         Ok(other) => {
             return refuse(&mut writer, refusal(RefusalReason::Other, format!("expected Hello, got {}", other.kind()), String::new(), "Connect with a branchsync branch."))

@@ -609,3 +609,35 @@ async fn a_join_with_a_shops_stolen_credentials_retires_its_log_and_the_real_sho
     assert_eq!(sales_of(&main_db, "branch1-offline").await, (0, 0), "nothing from the retired log is applied");
     assert_eq!(conflicts(&main_db).await, 0);
 }
+
+/// A till at the main left in a transaction holds up the snapshot a join
+/// needs: after the main's wait (3 s here) `join` stops, names the till's
+/// session, and leaves the shop's database as it was; once the till
+/// commits, `join` run again completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_held_up_by_a_till_left_in_a_transaction_at_the_main_names_it_and_changes_nothing() {
+    let mut topo = Topology::prepare(1, SHOP_SCHEMA).await;
+    topo.main.write_main_config(topo.main_port, &[("branch1", 1), ("branch2", 2)], "");
+    topo.main.env.push(("BRANCHSYNC_JOIN_SNAPSHOT_WAIT_MS".into(), "3000".into()));
+    topo.start_all();
+    wait_status(&topo.main, "branch1 connected", Duration::from_secs(60), |s| s["peers"]["branch1"]["connected"] == true).await;
+
+    let till = topo.main.db().await;
+    till.batch_execute("SET application_name = 'till 7'; BEGIN; INSERT INTO customers VALUES (9001, 'walk-in', NULL)").await.unwrap();
+    let branch2 = Site::new("branch2", 2);
+    branch2.write_branch_config(topo.main_port, "");
+    branch2.issue_credentials(&topo.main);
+    let b2 = branch2.db().await;
+    let (st, out, err) = join_at(&branch2, &[]).await;
+    println!("join while the till is in a transaction ({st}):\n--- stdout:\n{out}--- stderr:\n{err}");
+    assert_eq!(st.code(), Some(1), "join fails");
+    assert!(err.contains("waited 3 s for transactions to end"), "join says what it waited for:\n{err}");
+    assert!(err.contains("application \"till 7\""), "join names the till's session:\n{err}");
+    assert_eq!(count(&b2, "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')").await, 0, "the shop's database is as it was");
+
+    till.batch_execute("COMMIT").await.unwrap();
+    let (st, out, err) = join_at(&branch2, &[]).await;
+    println!("join once the till committed ({st}):\n--- stdout:\n{out}--- stderr:\n{err}");
+    assert!(st.success(), "join completes once the till committed");
+    assert_eq!(count(&b2, "SELECT count(*) FROM customers WHERE id = 9001").await, 1, "the till's sale is in the copy");
+}
