@@ -741,6 +741,9 @@ impl Capturer {
                     Some(i) => &mut txn.held[i].segment,
                     None => &mut txn.segment,
                 };
+                // This node's own change (not one apply made for a peer,
+                // which the relay carries as it was sent).
+                let own = seg.header.author == self.cfg.node;
                 let pushed = match change {
                     PgOutputMessage::Insert(i) => {
                         let (r, in_scope, desc) = rel_of(i.rel)?;
@@ -771,7 +774,7 @@ impl Capturer {
                             // lock the row at every receiver, where the
                             // ERP takes its numbers with NOWAIT.
                             let local_only = match (self.local_masks.get(&u.rel), old.as_ref().filter(|o| o.full)) {
-                                (Some(mask), Some(o)) if o.values.len() == new.len() && mask.len() == new.len() => {
+                                (Some(mask), Some(o)) if own && o.values.len() == new.len() && mask.len() == new.len() => {
                                     new.iter().zip(&o.values).zip(mask).all(|((n, v), local)| *local || n == v)
                                 }
                                 _ => false,
@@ -1847,13 +1850,18 @@ mod tests {
         c.handle(update(row("moves", "S1/", "8"), row("moves", "S2/", "8"))).unwrap();
         c.handle(update(row("moves", "S2/", "8"), row("moves 2026", "S2/", "9"))).unwrap();
         c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 100, end_lsn: 101, commit_ts: 10 })).unwrap();
+        // What apply wrote for branch1 is relayed as it was sent.
+        begin_applied_for_branch1(&mut c, 200, 6_000);
+        c.handle(group_message(&c, 200, vec![(mark(1), rows(0, 0))])).unwrap();
+        c.handle(update(row("moves 2026", "S2/", "9"), row("moves 2026", "S2/", "10"))).unwrap();
+        c.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: 6_000, end_lsn: 6_001, commit_ts: 10 })).unwrap();
         log.flush().await.unwrap();
         let entries = log.read_after(0, usize::MAX).unwrap();
         let updates: Vec<Vec<Value>> = entries.iter().flat_map(|e| e.changes.iter()).filter_map(|ch| match ch {
             RowChange::Update { new, .. } => Some(new.clone()),
             _ => None,
         }).collect();
-        assert_eq!(updates, vec![row("moves 2026", "S2/", "9")], "only the update that renamed the counter is captured");
+        assert_eq!(updates, vec![row("moves 2026", "S2/", "9"), row("moves 2026", "S2/", "10")], "of this node's own updates, only the one that renamed the counter is captured; branch1's is relayed");
         assert_eq!(c.status.local_only_updates, 2);
     }
 }
