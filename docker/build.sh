@@ -22,7 +22,14 @@
 #   MIRROR                 Debian mirror for debootstrap (default: the one apt uses).
 #   SUITE                  Debian suite (default bookworm).
 #
-# Options: --base-only, --no-cargo (use target/release/branchsync as it is).
+#   3. With --erp, also the Tryton image branchsync-tryton:local (the compose
+#      stack's "erp" profile) from docker/tryton/Dockerfile: FROM the base,
+#      Python from the Debian mirror, Tryton 8.2 with sale_point from wheels
+#      fetched from PyPI on this host (`pip wheel`, into docker/tryton/wheels;
+#      this host's python3 must be the base's, 3.11).
+#
+# Options: --base-only, --no-cargo (use target/release/branchsync as it is),
+#          --erp (also build branchsync-tryton:local).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -33,11 +40,14 @@ BASE=${BRANCHSYNC_BASE_IMAGE:-$LOCAL_BASE}
 IMAGE=${BRANCHSYNC_IMAGE:-branchsync:local}
 base_only=0
 use_cargo=1
+erp=0
+TRYTON_IMAGE=${BRANCHSYNC_TRYTON_IMAGE:-branchsync-tryton:local}
 for a in "$@"; do
   case "$a" in
     --base-only) base_only=1 ;;
     --no-cargo) use_cargo=0 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --erp) erp=1 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown option $a (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -148,23 +158,46 @@ install -m 755 "$here/entrypoint.sh" "$here/bin/branchsync-entrypoint"
 install -m 755 "$here/healthcheck.sh" "$here/bin/branchsync-healthcheck"
 say "binary: $("$here/bin/branchsync" --version) ($(du -m "$here/bin/branchsync" | cut -f1) MB, from $bin_src)"
 
-# ---------------------------------------------------------------- daemon image
+# ---------------------------------------------------------------- images
 # The legacy builder: the Docker CLI here has no buildx plugin, and the
-# Dockerfile needs nothing BuildKit-specific.
-old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-t0=$(date +%s)
-say "docker build -t $IMAGE --build-arg BASE=$BASE $here"
+# Dockerfiles need nothing BuildKit-specific.
 export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
-if ! docker build -t "$IMAGE" --build-arg BASE="$BASE" "$here" 2>&1 \
-  | { grep -v -e 'DEPRECATED: The legacy builder' -e 'BuildKit is currently disabled' -e 'environment-variable\.$' \
-              -e 'Install the buildx component' -e 'docs.docker.com/go/buildx' -e '^ *$' || true; } \
-  | sed 's/^/    /'; then
-  die "docker build failed"
+build_image() {  # $1 = tag, $2 = context, $3 = what
+  local old_id new_id t0
+  old_id=$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)
+  t0=$(date +%s)
+  say "docker build -t $1 --build-arg BASE=$BASE $2"
+  if ! docker build -t "$1" --build-arg BASE="$BASE" "$2" 2>&1 \
+    | { grep -v -e 'DEPRECATED: The legacy builder' -e 'BuildKit is currently disabled' -e 'environment-variable\.$' \
+                -e 'Install the buildx component' -e 'docs.docker.com/go/buildx' -e '^ *$' || true; } \
+    | sed 's/^/    /'; then
+    die "docker build of $1 failed"
+  fi
+  new_id=$(docker image inspect -f '{{.Id}}' "$1")
+  if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    # The previous build, now untagged; kept if a container still uses it.
+    docker rmi "$old_id" >/dev/null 2>&1 && say "removed the previous $1 (${old_id:7:12})" || true
+  fi
+  say "$3 $1 built in $(( $(date +%s) - t0 ))s ($(docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%d MB", $1/1000000}'))"
+}
+build_image "$IMAGE" "$here" "daemon image"
+
+if [ "$erp" = 1 ]; then
+  tryton=$here/tryton
+  pkgs=('trytond[postgresql]==8.2.1' 'trytond-sale-point==8.2.0' 'proteus==8.2.0')
+  if [ ! -f "$tryton/wheels/.complete" ]; then
+    command -v python3 >/dev/null || die "--erp needs python3 with pip on this host (it fetches Tryton's wheels from PyPI)"
+    t0=$(date +%s)
+    say "pip wheel ${pkgs[*]} -> $tryton/wheels (from PyPI)"
+    rm -rf "$tryton/wheels"
+    python3 -m pip wheel -q --disable-pip-version-check -w "$tryton/wheels" "${pkgs[@]}" >&2 \
+      || die "cannot fetch Tryton's wheels from PyPI (pip wheel failed)"
+    touch "$tryton/wheels/.complete"
+    say "$(ls "$tryton/wheels" | grep -c '\.whl$') wheels in $(( $(date +%s) - t0 ))s"
+  fi
+  mkdir -p "$tryton/bin"
+  install -m 755 "$tryton/tryton-site.sh" "$tryton/bin/tryton-site"
+  install -m 644 "$repo/tests/tryton/pos.py" "$tryton/bin/pos.py"
+  build_image "$TRYTON_IMAGE" "$tryton" "Tryton image"
 fi
-new_id=$(docker image inspect -f '{{.Id}}' "$IMAGE")
-if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
-  # The previous build, now untagged; kept if a container still uses it.
-  docker rmi "$old_id" >/dev/null 2>&1 && say "removed the previous $IMAGE (${old_id:7:12})" || true
-fi
-say "daemon image $IMAGE built in $(( $(date +%s) - t0 ))s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1000000}'))"
 say "done in $(( $(date +%s) - t_start ))s"

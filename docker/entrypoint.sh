@@ -125,6 +125,12 @@ write_config() {
     fi
     echo "[keys]"
     echo "stride = $stride"
+    # An ERP preset (branchsync preset list): its local tables, counters,
+    # merge rules and site-local numbering columns.
+    if [ -n "${BRANCHSYNC_PRESET:-}" ]; then
+      echo "[preset]"
+      echo "erp = \"$BRANCHSYNC_PRESET\""
+    fi
     # Sections the variables do not cover ([[tables]] rules, [ddl]),
     # appended as they are.
     if [ -n "${BRANCHSYNC_EXTRA_CONFIG_FILE:-}" ]; then

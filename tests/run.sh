@@ -4,7 +4,7 @@
 # libclang, faketime, headless Chromium; Tryton from PyPI into
 # target/tryton-venv; a Rust toolchain check), builds the branchsync binary
 # with failpoints, runs every test of the workspace against throwaway
-# PostgreSQL clusters, then builds the Docker images and runs two scenarios
+# PostgreSQL clusters, then builds the Docker images and runs three scenarios
 # on the docker-compose stack (see the end of this file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,8 @@ BRANCHSYNC_TEST_CAPTURE=peek cargo test -p branchsync-tests --features "$feature
   --test-threads="${TEST_THREADS:-2}" pg_restart:: convergence::main_and forged_marks::
 
 # The compose target: the images (no registry needed) and the scenarios
-# pos-offline and flapping-link against the docker-compose stack, with real
-# network disconnects. Needs root (debootstrap) and a Docker engine; skipped
+# pos-offline, flapping-link and tryton-offline against the docker-compose
+# stack, with real network disconnects. Needs root (debootstrap) and a Docker engine; skipped
 # with a note where those are missing, unless BRANCHSYNC_REQUIRE_COMPOSE=1
 # (CI). BRANCHSYNC_SKIP_COMPOSE=1 skips it.
 if [ "${BRANCHSYNC_SKIP_COMPOSE:-0}" = 1 ]; then
@@ -66,9 +66,12 @@ if [ -n "$why_not" ]; then
   exit 0
 fi
 # The image takes the binary just built and tested (without debug info):
-# a release build would add minutes and test a different build.
-BRANCHSYNC_BINARY="$PWD/target/debug/branchsync" bash docker/build.sh
-for s in pos-offline flapping-link; do
+# a release build would add minutes and test a different build. --erp also
+# builds the Tryton image of the erp profile (wheels from PyPI on this host).
+BRANCHSYNC_BINARY="$PWD/target/debug/branchsync" bash docker/build.sh --erp
+# tryton-offline: a Tryton server per site (the erp profile), selling through
+# its point of sale while a shop is cut off.
+for s in pos-offline flapping-link tryton-offline; do
   echo "tests/run.sh: scenario $s on the compose target"
   ./target/debug/branchsync scenario run "scenarios/$s.toml" --target compose
 done

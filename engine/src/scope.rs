@@ -50,11 +50,20 @@ impl Scope {
     /// `true` if `schema.table` is replicated. A glob matches the bare table
     /// name or `schema.table`.
     pub fn includes(&self, schema: &str, table: &str) -> bool {
-        if schema == STATE_SCHEMA || !self.schemas.iter().any(|s| s == schema) {
+        if !self.schema_follows(schema) {
             return false;
         }
         let qualified = format!("{schema}.{table}");
         !self.exclude.iter().any(|p| p.matches(table) || p.matches(&qualified))
+    }
+
+    /// Whether schema changes of relations in `schema` replicate: every
+    /// relation of a replicated schema, excluded tables too (their rows stay
+    /// local; their schema follows the main's, as `join` creates them, so
+    /// that an ERP's session or cache table changed by a module upgrade
+    /// changes at every site).
+    pub fn schema_follows(&self, schema: &str) -> bool {
+        schema != STATE_SCHEMA && self.schemas.iter().any(|s| s == schema)
     }
 }
 
@@ -71,6 +80,8 @@ mod tests {
         assert!(!s.includes("branchsync", "conflicts"), "own state is never replicated (R2)");
         assert!(!s.includes("other", "sale_order"));
         assert!(s.includes("public", "tmp_x"), "schema-qualified glob only matches its schema");
+        assert!(s.schema_follows("public"), "an excluded table's schema still follows the main's");
+        assert!(!s.schema_follows("branchsync") && !s.schema_follows("other"));
     }
 
     #[test]

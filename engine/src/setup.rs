@@ -612,12 +612,16 @@ pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &S
         owners.insert(r.clone());
     }
     // Roles granted CREATE on a replicated schema (and its owner): the roles
-    // that can make new tables there, whose DDL this node replays.
+    // that can make new tables there, whose DDL this node replays. A grant
+    // to `pg_database_owner` (PostgreSQL 15's own `public` schema: the
+    // database's owner, the ERP's role in a usual installation) is the
+    // database owner's.
     let creators = tx
         .query(
             "SELECT DISTINCT r.rolname::text FROM pg_catalog.pg_namespace n \
              CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a \
-             JOIN pg_catalog.pg_roles r ON r.oid = a.grantee \
+             JOIN pg_catalog.pg_roles r ON r.oid = CASE WHEN a.grantee = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'pg_database_owner') \
+                  THEN (SELECT datdba FROM pg_catalog.pg_database WHERE datname = current_database()) ELSE a.grantee END \
              WHERE n.nspname = ANY($1) AND a.privilege_type = 'CREATE' AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\\_%'",
             &[&scope.schemas().to_vec()],
         )

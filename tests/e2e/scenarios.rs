@@ -121,6 +121,7 @@ fn the_demo_passes_and_tells_the_story() {
         "while offline",
         "branch1: link to the main restored",
         "ok     converged",
+        "ok     verified",
         "ok     sales_at_main",
         "ok     stock",
         "ok     key_stripes",

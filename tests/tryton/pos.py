@@ -4,7 +4,13 @@ e2e test `tests/e2e/tryton.rs` (issue 16).
 Runs Tryton in-process through proteus: the same RPC entry points, access
 checks and transaction retries as a client, without the per-call password
 hashing of XML-RPC. The database is the site's PostgreSQL (database
-`postgres`), set through TRYTOND_DATABASE__URI by the caller.
+TRYTON_DB, default `postgres`), set through TRYTOND_DATABASE__URI by the
+caller. With TRYTON_URL set (`http://host:8000/DB/rpc/`) it goes through
+that Tryton server's XML-RPC instead, logged in once as TRYTON_USER
+(admin) with TRYTON_PASSWORD, as a till does: the compose stack's
+`tryton-site sell` (docker/tryton/tryton-site.sh).
+The seed creates one POS per name in TRYTON_SITES (comma-separated;
+default main,shop1,shop2).
 
     pos.py seed YEAR              the head office: company, chart, fiscal
                                   year YEAR, tax, two products, one POS per
@@ -19,18 +25,28 @@ hashing of XML-RPC. The database is the site's PostgreSQL (database
 Any failure ends with a traceback and a non-zero exit status.
 """
 
+import contextlib
 import datetime
+import os
 import sys
 from decimal import Decimal
 
 from proteus import Model, config as proteus_config
 
-DB = 'postgres'
-SITES = ['main', 'shop1', 'shop2']
+DB = os.environ.get('TRYTON_DB', 'postgres')
+SITES = os.environ.get('TRYTON_SITES', 'main,shop1,shop2').split(',')
 
 
-def connect():
-    proteus_config.set_trytond(DB)
+@contextlib.contextmanager
+def connected():
+    if os.environ.get('TRYTON_URL'):
+        with proteus_config.set_xmlrpc_session(
+                os.environ['TRYTON_URL'], os.environ.get('TRYTON_USER', 'admin'),
+                os.environ.get('TRYTON_PASSWORD')):
+            yield
+    else:
+        proteus_config.set_trytond(DB)
+        yield
 
 
 def seed(year):
@@ -136,22 +152,23 @@ def new_year(year, prefix):
 
 
 def main(argv):
-    connect()
-    if argv[:1] == ['seed'] and len(argv) == 2:
-        seed(int(argv[1]))
-    elif argv[:1] == ['sell'] and len(argv) in (3, 4):
-        date = datetime.date.fromisoformat(argv[3]) if len(argv) == 4 else None
-        if date:
-            # Numbers take the year of the sale's date (the context's
-            # date), as for a till whose sales are dated that day.
-            with proteus_config.get_config().set_context(date=date):
+    with connected():
+        if argv[:1] == ['seed'] and len(argv) == 2:
+            seed(int(argv[1]))
+        elif argv[:1] == ['sell'] and len(argv) in (3, 4):
+            date = (datetime.date.fromisoformat(argv[3])
+                if len(argv) == 4 else None)
+            if date:
+                # Numbers take the year of the sale's date (the context's
+                # date), as for a till whose sales are dated that day.
+                with proteus_config.get_config().set_context(date=date):
+                    sell(argv[1], int(argv[2]), date)
+            else:
                 sell(argv[1], int(argv[2]), date)
+        elif argv[:1] == ['new-year'] and len(argv) == 3:
+            new_year(int(argv[1]), argv[2])
         else:
-            sell(argv[1], int(argv[2]), date)
-    elif argv[:1] == ['new-year'] and len(argv) == 3:
-        new_year(int(argv[1]), argv[2])
-    else:
-        sys.exit(__doc__)
+            sys.exit(__doc__)
 
 
 if __name__ == '__main__':

@@ -1326,7 +1326,13 @@ impl Applier {
                 _ => {
                     self.flush_inserts(e, maps, std::mem::take(&mut buckets)).await?;
                     // A run of updates or deletes on one table, without a
-                    // key repeated (a repeat must see the earlier change).
+                    // key repeated (a repeat must see the earlier change):
+                    // the key a change finds its row by, and the key an
+                    // update gives it. One statement matches every change
+                    // against the rows as they were before it, so an update
+                    // of a row whose key an earlier update of the run set
+                    // (an ERP giving a new record its parent's id, then
+                    // stamping it) would find nothing, and be lost.
                     let start = i;
                     let mut keys = HashSet::new();
                     let mut bytes = 0usize;
@@ -1337,10 +1343,11 @@ impl Applier {
                             break;
                         }
                         let m = maps[change_table(&e.changes[i]).unwrap_or(0) as usize].as_ref();
-                        if let Some(k) = m.and_then(|m| change_key(m, &e.changes[i])) {
-                            if !keys.insert(k) {
+                        if let Some(ks) = m.and_then(|m| change_keys(m, &e.changes[i])) {
+                            if ks.iter().any(|k| keys.contains(k)) {
                                 break;
                             }
+                            keys.extend(ks);
                         }
                         i += 1;
                     }
@@ -1577,15 +1584,28 @@ fn same_run(a: &RowChange, b: &RowChange) -> bool {
     }
 }
 
-fn change_key(m: &Mapping, c: &RowChange) -> Option<Vec<String>> {
+/// The keys a change touches: the one it finds its row by and, for an update
+/// that changes the key, the one it gives the row.
+fn change_keys(m: &Mapping, c: &RowChange) -> Option<Vec<Vec<String>>> {
     let ks = m.key_src.as_ref()?;
-    let vals = match c {
-        RowChange::Update { old: Some(o), .. } => &o.values,
-        RowChange::Update { new, .. } => new,
-        RowChange::Delete { old, .. } => &old.values,
+    let text = |vals: &[Value], k: usize| vals.get(k).and_then(|v| v.as_text()).unwrap_or("").to_string();
+    let (found_by, new) = match c {
+        RowChange::Update { old: Some(o), new, .. } => (&o.values, Some(new)),
+        RowChange::Update { new, .. } => (new, None),
+        RowChange::Delete { old, .. } => (&old.values, None),
         _ => return None,
     };
-    Some(ks.iter().map(|k| vals.get(*k).and_then(|v| v.as_text()).unwrap_or("").to_string()).collect())
+    let old_key: Vec<String> = ks.iter().map(|k| text(found_by, *k)).collect();
+    let mut keys = vec![old_key.clone()];
+    if let Some(new) = new {
+        // An unchanged (TOASTed) key value is the old one.
+        let new_key: Vec<String> =
+            ks.iter().zip(&old_key).map(|(k, o)| if matches!(new.get(*k), Some(Value::Unchanged)) { o.clone() } else { text(new, *k) }).collect();
+        if new_key != old_key {
+            keys.push(new_key);
+        }
+    }
+    Some(keys)
 }
 
 impl Applier {

@@ -34,7 +34,7 @@ use std::time::Duration;
 use branchsync_proto::{ChangeSetHeader, LogEntry, RowChange, TableDesc, Value};
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{change_key, change_table, sql, Applier, Mapping};
+use super::{change_keys, change_table, sql, Applier, Mapping};
 use crate::catalog::key_text;
 use crate::conflict_log::ConflictKind;
 use crate::error::pg_error_is_transient;
@@ -65,7 +65,7 @@ pub(super) fn held_key_of(m: &Mapping, ch: &RowChange) -> Option<String> {
     let ks = m.key_src.as_ref()?;
     let k: Vec<String> = match ch {
         RowChange::Insert { new, .. } => ks.iter().map(|k| new.get(*k).and_then(Value::as_text).unwrap_or("").to_string()).collect(),
-        _ => change_key(m, ch)?,
+        _ => change_keys(m, ch)?.into_iter().next()?,
     };
     Some(key_text(&k.iter().map(String::as_str).collect::<Vec<_>>()))
 }

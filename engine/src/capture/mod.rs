@@ -988,8 +988,7 @@ impl Capturer {
             .into_iter()
             .filter(|s| !s.temporary && !s.local)
             .filter(|s| {
-                s.relations.is_empty()
-                    || s.relations.iter().any(|r| scope.includes(r.schema.as_deref().unwrap_or(&default_schema), &r.name))
+                s.relations.is_empty() || s.relations.iter().any(|r| scope.schema_follows(r.schema.as_deref().unwrap_or(&default_schema)))
             })
             .map(|s| s.sql)
             .collect();

@@ -115,6 +115,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
 $fn$;
 
+-- Whether DDL on a relation replicates: every persistent relation of a
+-- replicated schema, excluded tables too. An excluded table's rows stay
+-- local, but its schema follows the main's like every other table's (as
+-- join creates it): a module upgrade that changes an ERP's session or cache
+-- table must reach every site, whose ERP uses it.
+CREATE OR REPLACE FUNCTION branchsync.ddl_in_scope(rel oid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.relpersistence = 'p' AND branchsync.schema_in_scope(n.nspname)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
+$fn$;
+
 -- Puts one sequence on this node's stripe (see engine::keys): increment =
 -- stride, next value ≡ index (mod stride), START on the stripe, above every
 -- value handed out or stored in a column that uses it. Sequences of excluded
@@ -289,10 +300,10 @@ BEGIN
     FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         IF r.in_extension OR r.schema_name IS NULL OR r.schema_name LIKE 'pg\_temp%' THEN CONTINUE; END IF;
         IF r.classid = 'pg_class'::regclass THEN
-            hit := hit OR coalesce(branchsync.rel_in_scope(r.objid), false);
+            hit := hit OR coalesce(branchsync.ddl_in_scope(r.objid), false);
         ELSIF r.classid = 'pg_constraint'::regclass THEN
             SELECT nullif(conrelid, 0) INTO tbl FROM pg_constraint WHERE oid = r.objid;
-            hit := hit OR CASE WHEN tbl IS NULL THEN branchsync.schema_in_scope(r.schema_name) ELSE coalesce(branchsync.rel_in_scope(tbl), false) END;
+            hit := hit OR CASE WHEN tbl IS NULL THEN branchsync.schema_in_scope(r.schema_name) ELSE coalesce(branchsync.ddl_in_scope(tbl), false) END;
         ELSE
             hit := hit OR branchsync.schema_in_scope(r.schema_name);
         END IF;
@@ -355,11 +366,8 @@ BEGIN
             DELETE FROM branchsync.known_columns WHERE relid = o.objid AND attnum = o.objsubid;
         END IF;
         IF NOT o.original OR o.is_temporary OR o.schema_name IS NULL THEN CONTINUE; END IF;
-        IF o.object_type IN ('table', 'table column', 'table constraint', 'trigger', 'rule', 'policy') THEN
-            hit := hit OR branchsync.in_scope(o.address_names[1], o.address_names[2]);
-        ELSE
-            hit := hit OR branchsync.schema_in_scope(o.schema_name);
-        END IF;
+        -- Excluded tables too (their schema follows the main's: ddl_in_scope).
+        hit := hit OR branchsync.schema_in_scope(o.schema_name);
     END LOOP;
     RETURN hit;
 END
@@ -679,7 +687,7 @@ mod pg_tests {
     }
 
     #[tokio::test]
-    async fn keyless_tables_get_full_identity_and_excluded_or_temporary_objects_stay_local() {
+    async fn keyless_tables_get_full_identity_excluded_ones_keep_their_rows_local_and_temporary_objects_stay_local() {
         let (_pg, admin, erp) = node().await;
         erp.batch_execute("CREATE TABLE audit (event text, at timestamptz)").await.unwrap();
         assert_eq!(one::<String>(&admin, "SELECT relreplident::text FROM pg_class WHERE relname = 'audit'").await, "f");
@@ -691,8 +699,10 @@ mod pg_tests {
         assert_eq!(seq(&admin, "local_tmp_id_seq").await.0, 1, "an excluded table's sequence is not striped");
         assert_eq!(one::<i64>(&admin, "SELECT count(*) FROM pg_publication_tables WHERE tablename LIKE 'local_%'").await, 0);
         let s = stream(&admin).await;
-        assert_eq!(s.len(), 1, "only CREATE TABLE audit reaches the stream: {s:#?}");
-        assert_eq!(ddl(&s[0])["tag"], "CREATE TABLE");
+        // The excluded tables' schema follows (their rows stay local); the
+        // temporary table's does not.
+        let tags: Vec<String> = s.iter().map(|m| ddl(m)["tag"].as_str().unwrap_or_default().to_string()).collect();
+        assert_eq!(tags, ["CREATE TABLE", "CREATE TABLE", "DROP TABLE", "ALTER TABLE"], "audit, then local_tmp and local_cache, not scratch: {s:#?}");
         erp.batch_execute("DROP TABLE audit").await.unwrap();
         let s = stream(&admin).await;
         assert_eq!(s.len(), 1);

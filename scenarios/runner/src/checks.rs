@@ -33,6 +33,81 @@ impl Checksums {
     }
 }
 
+/// What the sites leave out of replication, from their ERP preset: excluded
+/// tables (globs over the bare or schema-qualified name) and site-local
+/// columns per table. Empty without a preset. Comparisons leave both out,
+/// as `branchsync verify` does: each site holds its own values there.
+#[derive(Debug, Default)]
+pub struct Skip {
+    excluded: Vec<glob::Pattern>,
+    local: Vec<(glob::Pattern, Vec<String>)>,
+}
+
+impl Skip {
+    /// From the text of a preset (`branchsync preset show NAME`).
+    pub fn from_preset(text: &str) -> Result<Skip, String> {
+        #[derive(serde::Deserialize)]
+        struct Preset {
+            #[serde(default)]
+            exclude: Vec<String>,
+            #[serde(default)]
+            tables: Vec<Rule>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Rule {
+            #[serde(rename = "match")]
+            pattern: String,
+            #[serde(default)]
+            local: Vec<String>,
+        }
+        let p: Preset = toml::from_str(text).map_err(|e| format!("cannot read it: {e}"))?;
+        let glob = |g: &str| glob::Pattern::new(g).map_err(|e| format!("glob \"{g}\": {e}"));
+        let mut skip = Skip::default();
+        for g in &p.exclude {
+            skip.excluded.push(glob(g)?);
+        }
+        for r in p.tables {
+            if !r.local.is_empty() {
+                skip.local.push((glob(&r.pattern)?, r.local));
+            }
+        }
+        Ok(skip)
+    }
+
+    fn matches(p: &glob::Pattern, table: &str) -> bool {
+        p.matches(table) || p.matches(&format!("public.{table}"))
+    }
+
+    fn excluded(&self, table: &str) -> bool {
+        self.excluded.iter().any(|p| Skip::matches(p, table))
+    }
+
+    /// The site-local columns of `table` (the first matching rule's).
+    fn local(&self, table: &str) -> &[String] {
+        self.local.iter().find(|(p, _)| Skip::matches(p, table)).map(|(_, c)| c.as_slice()).unwrap_or(&[])
+    }
+
+    /// Row `x` of `table` as text, its site-local columns left out.
+    fn row(&self, table: &str) -> String {
+        let local = self.local(table);
+        if local.is_empty() {
+            "x::text".into()
+        } else {
+            format!("(to_jsonb(x){})::text", local.iter().map(|c| format!(" - {}", lit(c))).collect::<String>())
+        }
+    }
+}
+
+/// "orders (1,203), order_lines (3,410)"; beyond a dozen tables, their
+/// number and the rows in all.
+pub fn table_summary(sums: &Checksums) -> String {
+    if sums.tables.len() <= 12 {
+        return sums.tables.iter().map(|t| format!("{t} ({})", fmt_count(sums.rows(0, t)))).collect::<Vec<_>>().join(", ");
+    }
+    let rows: u64 = sums.tables.iter().map(|t| sums.rows(0, t)).sum();
+    format!("{} tables, {} rows", sums.tables.len(), fmt_count(rows))
+}
+
 /// `public."table"`.
 fn rel(table: &str) -> String {
     format!("public.{}", quote_ident(table))
@@ -45,15 +120,18 @@ fn key_text(key: &[String]) -> String {
 
 /// Replicated tables of the `public` schema at site `i` (not `local_*`).
 async fn tables_at(r: &mut Runner<'_>, i: usize) -> Vec<String> {
-    r.target
+    let all: Vec<String> = r
+        .target
         .query(i, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE 'local\\_%' ORDER BY 1")
         .await
         .map(|rows| rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    all.into_iter().filter(|t| !r.skip.excluded(t)).collect()
 }
 
-fn checksum_sql(t: &str) -> String {
-    format!("SELECT {}, count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {} x", lit(t), rel(t))
+fn checksum_sql(skip: &Skip, t: &str) -> String {
+    let row = skip.row(t);
+    format!("SELECT {}, count(*), md5(coalesce(string_agg({row}, '|' ORDER BY {row}), '')) FROM {} x", lit(t), rel(t))
 }
 
 /// Checksums of every replicated table at every site.
@@ -68,7 +146,7 @@ pub async fn checksums(r: &mut Runner<'_>) -> Checksums {
     for i in 0..r.names.len() {
         let mut m = BTreeMap::new();
         // One round trip for all tables; table by table when one is missing.
-        let all = tables.iter().map(|t| checksum_sql(t)).collect::<Vec<_>>().join(" UNION ALL ");
+        let all = tables.iter().map(|t| checksum_sql(&r.skip, t)).collect::<Vec<_>>().join(" UNION ALL ");
         match r.target.query(i, &all).await {
             Ok(rows) => {
                 for row in rows {
@@ -79,7 +157,8 @@ pub async fn checksums(r: &mut Runner<'_>) -> Checksums {
             }
             Err(_) => {
                 for t in &tables {
-                    let v = match r.target.query(i, &checksum_sql(t)).await {
+                    let sql = checksum_sql(&r.skip, t);
+                    let v = match r.target.query(i, &sql).await {
                         Ok(rows) => rows.first().and_then(|row| Some((row.get(1)?.as_deref()?.parse().unwrap_or(0), row.get(2)?.clone()?))).ok_or_else(|| "no answer".to_string()),
                         Err(e) => Err(e.to_string()),
                     };
@@ -127,8 +206,9 @@ async fn columns(r: &mut Runner<'_>, i: usize, table: &str) -> Vec<String> {
 
 /// Per key (or, without a key, per row text): md5 of the row's text.
 async fn row_digests(r: &mut Runner<'_>, i: usize, table: &str, key: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let k = if key.is_empty() { "x::text".to_string() } else { key_text(key) };
-    let rows = r.target.query(i, &format!("SELECT {k}, md5(x::text), count(*) OVER (PARTITION BY x::text) FROM {} x", rel(table))).await.map_err(|e| e.to_string())?;
+    let row = r.skip.row(table);
+    let k = if key.is_empty() { row.clone() } else { key_text(key) };
+    let rows = r.target.query(i, &format!("SELECT {k}, md5({row}), count(*) OVER (PARTITION BY {row}) FROM {} x", rel(table))).await.map_err(|e| e.to_string())?;
     let mut m = BTreeMap::new();
     for row in rows {
         let (Some(Some(k)), Some(Some(d)), Some(Some(n))) = (row.first(), row.get(1), row.get(2)) else { continue };
@@ -141,7 +221,8 @@ async fn row_digests(r: &mut Runner<'_>, i: usize, table: &str, key: &[String]) 
 
 /// The row with key text `k` at site `i`, as JSON.
 async fn row_json(r: &mut Runner<'_>, i: usize, table: &str, key: &[String], k: &str) -> Option<serde_json::Value> {
-    let sql = format!("SELECT to_jsonb(x)::text FROM {} x WHERE {} = {}", rel(table), key_text(key), lit(k));
+    let local: String = r.skip.local(table).iter().map(|c| format!(" - {}", lit(c))).collect();
+    let sql = format!("SELECT (to_jsonb(x){local})::text FROM {} x WHERE {} = {}", rel(table), key_text(key), lit(k));
     let rows = r.target.query(i, &sql).await.ok()?;
     serde_json::from_str(rows.first()?.first()?.as_deref()?).ok()
 }
@@ -246,6 +327,9 @@ pub async fn run_checks(r: &mut Runner<'_>) -> Vec<CheckResult> {
             CheckKind::KeyStripes => key_stripes(r).await,
             CheckKind::NothingParked => per_site_count(r, "SELECT count(*) FROM branchsync.parked", "parked row(s)").await,
             CheckKind::NoConflicts => per_site_count(r, "SELECT count(*) FROM branchsync.conflicts WHERE kind <> 'columns_skipped'", "recorded conflict(s)").await,
+            CheckKind::TrytonSales => tryton_sales(r).await,
+            CheckKind::DocumentNumbers => document_numbers(r).await,
+            CheckKind::Verified => verified(r).await,
         };
         let mark = if passed { "ok    " } else { "FAILED" };
         let mut lines = detail.lines();
@@ -262,8 +346,7 @@ async fn converged(r: &mut Runner<'_>) -> (bool, String) {
     let sums = checksums(r).await;
     let differing = differing_tables(&sums, &[]);
     if differing.is_empty() {
-        let rows: Vec<String> = sums.tables.iter().map(|t| format!("{t} ({})", fmt_count(sums.rows(0, t)))).collect();
-        return (true, format!("{} identical at {}: {}", if rows.len() == 1 { "1 table" } else { "all tables" }, r.names.join(", "), rows.join(", ")));
+        return (true, format!("{} identical at {}: {}", if sums.tables.len() == 1 { "1 table" } else { "all tables" }, r.names.join(", "), table_summary(&sums)));
     }
     (false, explain_differences(r, &sums, &differing, &[]).await)
 }
@@ -406,9 +489,15 @@ async fn count_at(r: &mut Runner<'_>, i: usize, sql: &str) -> Option<u64> {
 pub async fn site_table(r: &mut Runner<'_>) -> Vec<serde_json::Value> {
     let sums = checksums(r).await;
     let mut out = Vec::new();
+    // Beyond a dozen tables (an ERP's hundreds), one column: rows in all.
+    let wide = sums.tables.len() > 12;
     let mut header = format!("\n  {:<9} {:<7} {:<10}", "site", "role", "link");
-    for t in &sums.tables {
-        header.push_str(&format!(" {:>w$}", t, w = t.len().max(8)));
+    if wide {
+        header.push_str(&format!(" {:>12}", format!("rows ({} t.)", sums.tables.len())));
+    } else {
+        for t in &sums.tables {
+            header.push_str(&format!(" {:>w$}", t, w = t.len().max(8)));
+        }
     }
     header.push_str(&format!(" {:>9} {:>6} {:>8}", "conflicts", "parked", "restarts"));
     r.n.raw("\nsites");
@@ -442,7 +531,13 @@ pub async fn site_table(r: &mut Runner<'_>) -> Vec<serde_json::Value> {
                     "missing".into()
                 }
             };
-            line.push_str(&format!(" {:>w$}", v, w = t.len().max(8)));
+            if !wide {
+                line.push_str(&format!(" {:>w$}", v, w = t.len().max(8)));
+            }
+        }
+        if wide {
+            let all: u64 = sums.tables.iter().map(|t| sums.rows(i, t)).sum();
+            line.push_str(&format!(" {:>12}", fmt_count(all)));
         }
         let f = |v: Option<u64>| v.map(fmt_count).unwrap_or_else(|| "?".into());
         // Daemons that exited by themselves and the local target restarted
@@ -453,4 +548,156 @@ pub async fn site_table(r: &mut Runner<'_>) -> Vec<serde_json::Value> {
         out.push(serde_json::json!({"site": site, "role": role, "link": link, "rows": tables, "conflicts": conflicts, "parked": parked, "daemon_restarts": restarts}));
     }
     out
+}
+
+/// The sales the runner made through Tryton, looked up at the main by
+/// their point of sale and receipt number: each there once, posted, with
+/// the move number it was given where it was made.
+async fn tryton_sales(r: &mut Runner<'_>) -> (bool, String) {
+    let sql = "SELECT p.name, s.number, m.number, s.state FROM sale_point_sale s JOIN sale_point p ON p.id = s.point LEFT JOIN account_move m ON m.id = s.move WHERE s.number IS NOT NULL";
+    let rows = match r.target.query(0, sql).await {
+        Ok(rows) => rows,
+        Err(e) => return (false, format!("cannot read the main's point-of-sale sales: {e}")),
+    };
+    let mut at_main: BTreeMap<(String, String), Vec<(Option<String>, String)>> = BTreeMap::new();
+    for row in rows {
+        if let [Some(pos), Some(receipt), mv, Some(state)] = &row[..] {
+            at_main.entry((pos.clone(), receipt.clone())).or_default().push((mv.clone(), state.clone()));
+        }
+    }
+    let mut wrong = Vec::new();
+    let mut per_site = vec![0u64; r.names.len()];
+    for s in &r.tally.tryton_sales {
+        per_site[s.site] += 1;
+        let pos = &r.names[s.site];
+        match at_main.get(&(pos.clone(), s.receipt.clone())).map(Vec::as_slice) {
+            None | Some([]) => wrong.push(format!("{pos} {}: not at the main", s.receipt)),
+            Some([(mv, state)]) if state != "posted" || mv.as_deref() != Some(s.move_number.as_str()) => {
+                wrong.push(format!("{pos} {}: at the main {state} with move {}, made with move {}", s.receipt, mv.as_deref().unwrap_or("none"), s.move_number))
+            }
+            Some([_]) => {}
+            Some(more) => wrong.push(format!("{pos} {}: {} times at the main", s.receipt, more.len())),
+        }
+    }
+    if r.tally.tryton_sales.is_empty() {
+        return (false, "no sale was made through Tryton".into());
+    }
+    if wrong.is_empty() {
+        let sites: Vec<String> = per_site.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| format!("{n} at {}", r.names[i])).collect();
+        (true, format!("all {} sales made through Tryton ({}) are at the main once, posted, with the move number each was given", r.tally.tryton_sales.len(), sites.join(", ")))
+    } else {
+        let n = wrong.len();
+        wrong.truncate(EXAMPLES * 3);
+        (false, format!("{n} sale(s) wrong at the main: {}", wrong.join("; ")))
+    }
+}
+
+/// Splits "S1/2026/7" into ("S1/2026/", 7); `None` when it does not end in
+/// a number.
+fn series_of(number: &str) -> Option<(String, u64)> {
+    let cut = number.rfind(|c: char| !c.is_ascii_digit()).map(|i| i + 1).unwrap_or(0);
+    let n = number[cut..].parse().ok()?;
+    Some((number[..cut].to_string(), n))
+}
+
+/// No account-move number twice across the chain, no receipt number twice
+/// per point of sale, each series (prefix and year) gapless from 1: at
+/// every site whose link is up (they hold the same rows once converged).
+async fn document_numbers(r: &mut Runner<'_>) -> (bool, String) {
+    let mut problems = Vec::new();
+    let mut summary = String::new();
+    for i in 0..r.names.len() {
+        if r.cut[i] {
+            continue;
+        }
+        let site = r.names[i].clone();
+        let moves = r.target.query(i, "SELECT number FROM account_move WHERE number IS NOT NULL").await;
+        let receipts = r.target.query(i, "SELECT p.name || ' ' || s.number FROM sale_point_sale s JOIN sale_point p ON p.id = s.point WHERE s.number IS NOT NULL").await;
+        let (moves, receipts) = match (moves, receipts) {
+            (Ok(m), Ok(s)) => (m, s),
+            (Err(e), _) | (_, Err(e)) => {
+                problems.push(format!("{site}: cannot read its documents: {e}"));
+                continue;
+            }
+        };
+        for (what, rows) in [("move", moves), ("receipt", receipts)] {
+            let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+            let mut series: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for v in rows.into_iter().filter_map(|row| row.into_iter().next().flatten()) {
+                *seen.entry(v.clone()).or_default() += 1;
+                match series_of(&v) {
+                    Some((p, n)) => series.entry(p).or_default().push(n),
+                    None => problems.push(format!("{site}: {what} number \"{v}\" does not end in a number")),
+                }
+            }
+            let twice: Vec<String> = seen.iter().filter(|(_, n)| **n > 1).map(|(v, n)| format!("{v} ({n} times)")).collect();
+            if !twice.is_empty() {
+                problems.push(format!("{site}: {} {what} number(s) issued more than once: {}", twice.len(), twice.iter().take(EXAMPLES * 2).cloned().collect::<Vec<_>>().join(", ")));
+            }
+            let mut shown = Vec::new();
+            for (p, mut ns) in series {
+                ns.sort_unstable();
+                ns.dedup();
+                let max = ns.last().copied().unwrap_or(0);
+                if ns.len() as u64 != max {
+                    let missing: Vec<String> = (1..=max).filter(|n| ns.binary_search(n).is_err()).take(EXAMPLES * 2).map(|n| format!("{p}{n}")).collect();
+                    problems.push(format!("{site}: {what} series {p}* has gaps: {} missing", missing.join(", ")));
+                }
+                shown.push(format!("{p}1…{max}"));
+            }
+            if i == 0 {
+                summary.push_str(&format!("{what}s {}; ", shown.join(", ")));
+            }
+        }
+    }
+    if problems.is_empty() {
+        (true, format!("no number issued twice, every series gapless at every site: {}", summary.trim_end_matches("; ")))
+    } else {
+        (false, problems.join("\n"))
+    }
+}
+
+/// `branchsync verify` at every branch whose link is up.
+async fn verified(r: &mut Runner<'_>) -> (bool, String) {
+    let mut said = Vec::new();
+    let mut ok = true;
+    for i in 1..r.names.len() {
+        if r.cut[i] {
+            continue;
+        }
+        match r.target.verify(i).await {
+            Ok((agrees, out)) => {
+                ok &= agrees;
+                let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                said.push(if agrees { format!("{}: {last}", r.names[i]) } else { format!("{}: verify failed:\n{out}", r.names[i]) });
+            }
+            Err(e) => {
+                ok = false;
+                said.push(format!("{}: {e}", r.names[i]));
+            }
+        }
+    }
+    (ok, said.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preset_says_what_the_comparisons_leave_out() {
+        let skip = Skip::from_preset("version = \"x-1\"\nexclude = [\"ir_cache\", \"ir_session*\"]\n[[tables]]\nmatch = \"ir_sequence_strict\"\nlocal = [\"prefix\", \"number_next_internal\"]\n[[tables]]\nmatch = \"account_journal_period\"\non_unique_conflict = \"merge\"\n").unwrap();
+        assert!(skip.excluded("ir_cache") && skip.excluded("ir_session_wizard"));
+        assert!(!skip.excluded("sale_sale"));
+        assert_eq!(skip.row("ir_sequence_strict"), "(to_jsonb(x) - 'prefix' - 'number_next_internal')::text");
+        assert_eq!(skip.row("account_journal_period"), "x::text");
+        assert!(Skip::from_preset("exclude = [\"[\"]").is_err());
+    }
+
+    #[test]
+    fn a_document_number_splits_into_its_series_and_serial() {
+        assert_eq!(series_of("S1/2026/17"), Some(("S1/2026/".into(), 17)));
+        assert_eq!(series_of("42"), Some((String::new(), 42)));
+        assert_eq!(series_of("S1/2026/"), None);
+    }
 }

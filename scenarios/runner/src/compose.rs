@@ -27,6 +27,9 @@ const PROJECT: &str = "branchsync-scenario";
 const SERVICES: [&str; 3] = ["main", "branch1", "branch2"];
 /// The image the stack runs.
 const IMAGE: &str = "branchsync:local";
+/// The erp profile's Tryton servers, in site order, and their image.
+const TRYTON_SERVICES: [&str; 3] = ["tryton-main", "tryton-branch1", "tryton-branch2"];
+const TRYTON_IMAGE: &str = "branchsync-tryton:local";
 /// psql's field, record and NULL markers (not in the scenarios' data).
 const FS: char = '\u{1f}';
 const RS: char = '\u{1e}';
@@ -39,6 +42,10 @@ pub struct ComposeTarget {
     project: String,
     env: Vec<(String, String)>,
     cids: Vec<String>,
+    /// The erp profile's Tryton containers, in site order (empty without).
+    tryton: Vec<String>,
+    /// `--profile erp` when the scenario runs an ERP.
+    profiles: Vec<String>,
     network: String,
     down: bool,
 }
@@ -99,14 +106,28 @@ impl ComposeTarget {
         if !img.status.success() {
             return Err(ScenarioError::Setup(format!("the image {IMAGE} does not exist\nHINT: Build it with docker/build.sh (no registry needed).")));
         }
+        let erp = sc.erp.is_some();
+        if erp {
+            let img = output("docker", &["image", "inspect", TRYTON_IMAGE], &[]).await.map_err(ScenarioError::Setup)?;
+            if !img.status.success() {
+                return Err(ScenarioError::Setup(format!("scenario {} runs Tryton, and the image {TRYTON_IMAGE} does not exist\nHINT: Build it with docker/build.sh --erp (no registry needed).", sc.name)));
+            }
+        }
         let project = std::env::var("BRANCHSYNC_COMPOSE_PROJECT").unwrap_or_else(|_| PROJECT.into());
         // Free published ports: a demo stack on the default ports may run.
-        let mut env: Vec<(String, String)> = ["MAIN_SYNC_PORT", "MAIN_HTTP_PORT", "MAIN_PG_PORT", "BRANCH1_HTTP_PORT", "BRANCH1_PG_PORT", "BRANCH2_HTTP_PORT", "BRANCH2_PG_PORT"]
+        let mut env: Vec<(String, String)> = ["MAIN_SYNC_PORT", "MAIN_HTTP_PORT", "MAIN_PG_PORT", "BRANCH1_HTTP_PORT", "BRANCH1_PG_PORT", "BRANCH2_HTTP_PORT", "BRANCH2_PG_PORT", "TRYTON_MAIN_PORT", "TRYTON_BRANCH1_PORT", "TRYTON_BRANCH2_PORT"]
             .iter()
             .map(|k| (k.to_string(), branchsync_engine::cluster::free_port().to_string()))
             .collect();
         env.extend([("BRANCHSYNC_HEARTBEAT_MS", "500"), ("BRANCHSYNC_PEER_TIMEOUT_MS", "3000"), ("BRANCHSYNC_RECONNECT_MAX_MS", "1000")].map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut t = ComposeTarget { compose, file, project, env, cids: Vec::new(), network: String::new(), down: false };
+        // The sites' ERP preset where the scenario runs an ERP; otherwise the
+        // stack's own default (the Tryton preset, which names only Tryton's
+        // tables: the point-of-sale scenarios run as `docker-compose up` does).
+        if let Some(erp) = &sc.erp {
+            env.push(("BRANCHSYNC_PRESET".into(), erp.clone()));
+        }
+        let profiles = if erp { vec!["--profile".to_string(), "erp".to_string()] } else { Vec::new() };
+        let mut t = ComposeTarget { compose, file, project, env, cids: Vec::new(), tryton: Vec::new(), profiles, network: String::new(), down: false };
         progress(format!("{} -p {} up -d ({})", t.compose.join(" "), t.project, t.file.display()));
         // Leftovers of an interrupted run of this project.
         let _ = t.compose_cmd(&["down", "-v", "--remove-orphans"]).await;
@@ -115,12 +136,14 @@ impl ComposeTarget {
             return Err(ScenarioError::Setup(format!("compose up failed:\n{}", text(&up))));
         }
         for s in SERVICES {
-            let o = t.compose_cmd(&["ps", "-q", s]).await.map_err(ScenarioError::Setup)?;
-            let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            if id.is_empty() {
-                return Err(ScenarioError::Setup(format!("compose started no container for service {s}\n{}", text(&o))));
-            }
+            let id = t.container_of(s).await?;
             t.cids.push(id);
+        }
+        if erp {
+            for s in TRYTON_SERVICES {
+                let id = t.container_of(s).await?;
+                t.tryton.push(id);
+            }
         }
         let o = output("docker", &["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &t.cids[1]], &[]).await.map_err(ScenarioError::Setup)?;
         t.network = String::from_utf8_lossy(&o.stdout).split_whitespace().find(|n| n.ends_with("_shops")).unwrap_or_default().to_string();
@@ -131,13 +154,99 @@ impl ComposeTarget {
         for i in 0..SERVICES.len() {
             t.wait_healthy(i, Duration::from_secs(sc.timeout_s.max(180))).await.map_err(|e| ScenarioError::Setup(e.to_string()))?;
         }
+        if erp {
+            progress("waiting until the three Tryton servers answer: the head office's installs Tryton and seeds it, branchsync carries schema and rows to the shops, each shop sets its numbering (a few minutes)".into());
+            for i in 0..TRYTON_SERVICES.len() {
+                t.wait_tryton(i, Duration::from_secs(1200), progress).await.map_err(|e| ScenarioError::Setup(e.to_string()))?;
+            }
+        }
         Ok(t)
+    }
+
+    async fn container_of(&self, service: &str) -> Result<String, ScenarioError> {
+        let o = self.compose_cmd(&["ps", "-q", service]).await.map_err(ScenarioError::Setup)?;
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if id.is_empty() {
+            return Err(ScenarioError::Setup(format!("compose started no container for service {service}\n{}", text(&o))));
+        }
+        Ok(id)
+    }
+
+    /// Waits until site `i`'s Tryton server is healthy, saying every 30 s
+    /// what its container last printed.
+    async fn wait_tryton(&self, i: usize, limit: Duration, progress: &(dyn Fn(String) + Sync)) -> Result<(), ScenarioError> {
+        let t = Instant::now();
+        let mut said = Instant::now();
+        loop {
+            let o = output("docker", &["inspect", "-f", "{{.RestartCount}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", &self.tryton[i]], &[]).await.map_err(|e| self.site_err(i, e))?;
+            let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let (restarts, st) = out.split_once(' ').map(|(n, st)| (n.parse::<u32>().unwrap_or(0), st.to_string())).unwrap_or((0, out.clone()));
+            if st == "running healthy" {
+                progress(format!("{} answers ({:.0} s)", TRYTON_SERVICES[i], t.elapsed().as_secs_f64()));
+                return Ok(());
+            }
+            let tail = || async { output("docker", &["logs", "--tail", "15", &self.tryton[i]], &[]).await.map(|o| text(&o)).unwrap_or_else(|e| e) };
+            // Its setup failed (the restart policy starts it again): twice
+            // is not chance.
+            if restarts >= 2 {
+                return Err(ScenarioError::Site { site: TRYTON_SERVICES[i].into(), message: format!("its setup failed {restarts} times; last lines:\n{}", tail().await) });
+            }
+            if st.starts_with("exited") || t.elapsed() > limit {
+                return Err(ScenarioError::Timeout { what: format!("{} is healthy", TRYTON_SERVICES[i]), secs: limit.as_secs(), detail: format!("container state: {st}\n{}", tail().await) });
+            }
+            if said.elapsed() >= Duration::from_secs(30) {
+                let last = tail().await;
+                progress(format!("{}: {st}; last said: {}", TRYTON_SERVICES[i], last.lines().last().unwrap_or("")));
+                said = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// `n` sales through site `i`'s Tryton server, dated `date`; per sale
+    /// its receipt and move numbers.
+    pub async fn tryton_sell(&mut self, i: usize, n: u32, date: Option<&str>) -> Result<Vec<(String, String)>, ScenarioError> {
+        let n = n.to_string();
+        let mut args = vec!["exec", self.tryton[i].as_str(), "tryton-site", "sell", n.as_str()];
+        if let Some(d) = date {
+            args.push(d);
+        }
+        let o = output("docker", &args, &[]).await.map_err(|e| self.site_err(i, e))?;
+        if !o.status.success() {
+            return Err(self.site_err(i, format!("selling through Tryton failed:\n{}", text(&o))));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("sale ")?.split(' ');
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect())
+    }
+
+    /// `branchsync verify` in site `i`'s container: whether it agrees, and
+    /// what it said.
+    pub async fn verify(&mut self, i: usize) -> Result<(bool, String), ScenarioError> {
+        let o = output("docker", &["exec", &self.cids[i], "branchsync", "verify"], &[]).await.map_err(|e| self.site_err(i, e))?;
+        // Its verdict is on stdout; stderr holds its progress log lines.
+        Ok((o.status.success(), if o.status.success() { String::from_utf8_lossy(&o.stdout).trim().to_string() } else { text(&o) }))
+    }
+
+    /// `branchsync preset show NAME` of the image's binary: the rules the
+    /// sites run with.
+    pub async fn preset(&self, name: &str) -> Result<String, ScenarioError> {
+        let o = output("docker", &["exec", &self.cids[0], "branchsync", "preset", "show", name], &[]).await.map_err(|e| self.site_err(0, e))?;
+        if !o.status.success() {
+            return Err(self.site_err(0, format!("branchsync preset show {name} failed: {}", text(&o))));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     async fn compose_cmd(&self, args: &[&str]) -> Result<std::process::Output, String> {
         let file = self.file.display().to_string();
         let mut all: Vec<&str> = self.compose[1..].iter().map(String::as_str).collect();
         all.extend(["-f", &file, "-p", &self.project]);
+        all.extend(self.profiles.iter().map(String::as_str));
         all.extend(args);
         output(&self.compose[0], &all, &self.env).await
     }
@@ -272,7 +381,7 @@ impl Drop for ComposeTarget {
         // Interrupted: remove the stack before the program exits.
         let file = self.file.display().to_string();
         let mut c = std::process::Command::new(&self.compose[0]);
-        c.args(&self.compose[1..]).args(["-f", &file, "-p", &self.project, "down", "-v", "--remove-orphans"]).stdout(Stdio::null()).stderr(Stdio::null());
+        c.args(&self.compose[1..]).args(["-f", &file, "-p", &self.project]).args(&self.profiles).args(["down", "-v", "--remove-orphans"]).stdout(Stdio::null()).stderr(Stdio::null());
         for (k, v) in &self.env {
             c.env(k, v);
         }

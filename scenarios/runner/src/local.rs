@@ -252,6 +252,35 @@ impl LocalTarget {
         self.sites[i].daemon_running()
     }
 
+    /// `branchsync verify` of site `i` (a branch), through its link.
+    pub async fn verify(&mut self, i: usize) -> Result<(bool, String), ScenarioError> {
+        let o = tokio::process::Command::new(&self.exe)
+            .arg("verify")
+            .arg("--config")
+            .arg(self.sites[i].config_path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| ScenarioError::Site { site: self.sites[i].name.clone(), message: format!("cannot run branchsync verify: {e}") })?;
+        // Its verdict is on stdout; stderr holds its progress log lines.
+        let said = if o.status.success() { String::from_utf8_lossy(&o.stdout).into_owned() } else { format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)) };
+        Ok((o.status.success(), said.trim().to_string()))
+    }
+
+    /// `branchsync preset show NAME` of this binary.
+    pub async fn preset(&self, name: &str) -> Result<String, ScenarioError> {
+        let o = tokio::process::Command::new(&self.exe)
+            .args(["preset", "show", name])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| ScenarioError::Setup(format!("cannot run branchsync preset show: {e}")))?;
+        if !o.status.success() {
+            return Err(ScenarioError::Setup(format!("branchsync preset show {name} failed: {}", String::from_utf8_lossy(&o.stderr).trim())));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
     /// The last `n` lines of site `i`'s daemon log.
     pub fn log_tail(&self, i: usize, n: usize) -> String {
         let text = std::fs::read_to_string(self.sites[i].log_path()).unwrap_or_default();

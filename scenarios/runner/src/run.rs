@@ -48,9 +48,22 @@ pub struct Sale {
     pub lines: u32,
 }
 
+/// One sale made through a site's Tryton server.
+#[derive(Debug, Clone)]
+pub struct TrytonSale {
+    /// The site (its point of sale has the site's name).
+    pub site: usize,
+    /// The receipt number Tryton gave it there.
+    pub receipt: String,
+    /// The number of its account move.
+    pub move_number: String,
+}
+
 /// Everything the runner did that the data must show.
 #[derive(Debug, Default)]
 pub struct Tally {
+    /// Sales made through Tryton, in order.
+    pub tryton_sales: Vec<TrytonSale>,
     /// Sales by tag (`orders.note`).
     pub sales: BTreeMap<String, Sale>,
     /// Per product: initial stock plus deliveries.
@@ -66,6 +79,9 @@ pub struct Runner<'a> {
     pub(super) target: Target,
     pub(super) names: Vec<String>,
     pub(super) tally: Tally,
+    /// What the sites leave out of replication (an ERP preset's excluded
+    /// tables and site-local columns): the comparisons leave it out too.
+    pub(super) skip: checks::Skip,
     rng: StdRng,
     /// Links cut by the scenario.
     pub(super) cut: Vec<bool>,
@@ -83,6 +99,11 @@ pub async fn run(sc: &Scenario, opts: &RunOptions, seed: u64, n: &Narrator) -> R
     n.say(None, &format!("setting up {} on the {} target", names.join(", "), format!("{:?}", opts.target).to_lowercase()));
     let progress = |s: String| n.say(None, &s);
     let setup = match opts.target {
+        TargetKind::Local if sc.erp.is_some() => Err(ScenarioError::Setup(format!(
+            "scenario {} runs {} at every site, which the local target cannot\nHINT: Run it with --target compose (docker/build.sh --erp builds the images).",
+            sc.name,
+            sc.erp.as_deref().unwrap_or_default()
+        ))),
         TargetKind::Local => LocalTarget::setup(sc, POS_SCHEMA, POS_TABLE_RULES, &progress).await.map(Target::Local),
         TargetKind::Compose => ComposeTarget::setup(sc, opts.compose_file.as_deref(), &progress).await.map(Target::Compose),
     };
@@ -94,6 +115,17 @@ pub async fn run(sc: &Scenario, opts: &RunOptions, seed: u64, n: &Narrator) -> R
         }
     };
     n.say(None, &format!("ready: {}", target.describe()));
+    let skip = match &sc.erp {
+        Some(erp) => match target.preset(erp).await.map_err(|e| e.to_string()).and_then(|text| checks::Skip::from_preset(&text)) {
+            Ok(s) => s,
+            Err(e) => {
+                n.raw(&format!("\ncannot run scenario {}: the {erp} preset: {e}", sc.name));
+                target.teardown().await;
+                return Report { verdict: Verdict::NotRun, failure: Some(e), checks: Vec::new(), sites: Vec::new() };
+            }
+        },
+        None => checks::Skip::default(),
+    };
     let k = names.len();
     let mut r = Runner {
         sc,
@@ -101,6 +133,7 @@ pub async fn run(sc: &Scenario, opts: &RunOptions, seed: u64, n: &Narrator) -> R
         target,
         names,
         tally: Tally::default(),
+        skip,
         rng: StdRng::seed_from_u64(seed),
         cut: vec![false; k],
         stopped: vec![false; k],
@@ -256,6 +289,26 @@ impl Runner<'_> {
                 self.target.exec(i, &format!("BEGIN; SET LOCAL ROLE {APP_ROLE};\n{sql}\n;COMMIT;")).await?;
                 let what = what.clone().unwrap_or_else(|| format!("SQL: {}", sql.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(60).collect::<String>()));
                 say(self, Some(i), &format!("{what} ({:.1} s)", t.elapsed().as_secs_f64()));
+            }
+            Step::TrytonSell { site, sales, date } => {
+                let i = self.site(site)?;
+                let t = Instant::now();
+                let sold = self.target.tryton_sell(i, *sales, date.as_deref()).await?;
+                if sold.len() != *sales as usize {
+                    return Err(ScenarioError::Site { site: site.clone(), message: format!("Tryton reported {} sale(s) of the {sales} asked for", sold.len()) });
+                }
+                let span = |v: Vec<&String>| match (v.first(), v.last()) {
+                    (Some(a), Some(b)) if a != b => format!("{a} … {b}"),
+                    (Some(a), _) => a.to_string(),
+                    _ => String::new(),
+                };
+                let receipts = span(sold.iter().map(|s| &s.0).collect());
+                let moves = span(sold.iter().map(|s| &s.1).collect());
+                for (receipt, move_number) in sold {
+                    self.tally.tryton_sales.push(TrytonSale { site: i, receipt, move_number });
+                }
+                let dated = date.as_deref().map(|d| format!(" dated {d}")).unwrap_or_default();
+                say(self, Some(i), &format!("{sales} sale(s){dated} through its Tryton server, paid and posted: receipts {receipts}, moves {moves} ({:.1} s)", t.elapsed().as_secs_f64()));
             }
             Step::Cut { site } => {
                 let i = self.site(site)?;
@@ -442,8 +495,7 @@ impl Runner<'_> {
             let sums = checks::checksums(self).await;
             let differing = checks::differing_tables(&sums, &left_out);
             if differing.is_empty() {
-                let rows: Vec<String> = sums.tables.iter().map(|t| format!("{} {}", t, fmt_count(sums.rows(0, t)))).collect();
-                self.n.say(None, &format!("{prefix}converged in {:.1} s: {}", t.elapsed().as_secs_f64(), rows.join(", ")));
+                self.n.say(None, &format!("{prefix}converged in {:.1} s: {}", t.elapsed().as_secs_f64(), checks::table_summary(&sums)));
                 return Ok(());
             }
             if t.elapsed() > limit {
@@ -455,7 +507,8 @@ impl Runner<'_> {
             }
             if last_said.elapsed() >= Duration::from_secs(3) {
                 let pending = self.pending_summary().await;
-                self.n.say(None, &format!("{prefix}still differing: {}; {pending}", differing.join(", ")));
+                let shown = if differing.len() > 8 { format!("{} and {} more tables", differing[..8].join(", "), differing.len() - 8) } else { differing.join(", ") };
+                self.n.say(None, &format!("{prefix}still differing: {shown}; {pending}"));
                 last_said = Instant::now();
             }
             self.supervise().await?;

@@ -48,6 +48,12 @@ pub struct Scenario {
     /// Seed of the workload's choices; the run prints it.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// An ERP server at every site: `"tryton"` runs the compose stack's
+    /// `erp` profile (one Tryton server with its point of sale per site, the
+    /// head office seeded by it, the sites on the Tryton preset). Compose
+    /// target only.
+    #[serde(default)]
+    pub erp: Option<String>,
     /// Default limit of the waits, seconds.
     #[serde(default = "d_timeout")]
     pub timeout_s: u64,
@@ -132,6 +138,20 @@ pub enum Step {
         #[serde(default)]
         what: Option<String>,
     },
+    /// Sales through the site's own Tryton server (its point of sale, by
+    /// XML-RPC, as a till does): `sales` sales of the seeded products, paid
+    /// cash and posted, so each takes a receipt and an account-move number.
+    /// Needs `erp = "tryton"`.
+    TrytonSell {
+        /// Where.
+        site: String,
+        /// How many sales.
+        sales: u32,
+        /// The sales' date (`YYYY-MM-DD`; default today): numbers take the
+        /// fiscal year of the sale's date.
+        #[serde(default)]
+        date: Option<String>,
+    },
     /// Cuts the site's link to the main (a branch).
     Cut {
         /// The branch.
@@ -207,6 +227,17 @@ pub enum CheckKind {
     NothingParked,
     /// No site recorded a conflict.
     NoConflicts,
+    /// Every sale made through Tryton is at the main exactly once, posted,
+    /// with the receipt and move numbers it was given where it was made.
+    TrytonSales,
+    /// No account-move number twice across the chain, no receipt number
+    /// twice per point of sale, and each site's series (its prefix and
+    /// year) gapless from 1, at every site.
+    DocumentNumbers,
+    /// `branchsync verify` at every branch: every replicated table agrees
+    /// with the main (site-local columns and excluded tables left out, as
+    /// the sites are configured).
+    Verified,
 }
 
 impl CheckKind {
@@ -219,6 +250,9 @@ impl CheckKind {
             CheckKind::KeyStripes => "key_stripes",
             CheckKind::NothingParked => "nothing_parked",
             CheckKind::NoConflicts => "no_conflicts",
+            CheckKind::TrytonSales => "tryton_sales",
+            CheckKind::DocumentNumbers => "document_numbers",
+            CheckKind::Verified => "verified",
         }
     }
 }
@@ -256,12 +290,22 @@ impl Scenario {
         if self.steps.is_empty() {
             return Err("it has no [[step]]".into());
         }
+        match self.erp.as_deref() {
+            None => {
+                if let Some(c) = self.checks.iter().find(|c| matches!(c, CheckKind::TrytonSales | CheckKind::DocumentNumbers)) {
+                    return Err(format!("check {} needs erp = \"tryton\"", c.name()));
+                }
+            }
+            Some("tryton") if self.branches != 2 => return Err(format!("erp = \"tryton\" runs on the compose stack, which has two branches, not {}", self.branches)),
+            Some("tryton") => {}
+            Some(other) => return Err(format!("erp = \"{other}\": the only ERP a scenario can run is \"tryton\" (the compose stack's erp profile)")),
+        }
         let sites = self.sites();
-        validate_steps(&self.steps, &sites, "step")
+        validate_steps(&self.steps, &sites, "step", self.erp.is_some())
     }
 }
 
-fn validate_steps(steps: &[Step], sites: &[String], path: &str) -> Result<(), String> {
+fn validate_steps(steps: &[Step], sites: &[String], path: &str, erp: bool) -> Result<(), String> {
     for (i, st) in steps.iter().enumerate() {
         let at = format!("{path}[{i}]");
         if let Some(site) = st.site() {
@@ -281,13 +325,25 @@ fn validate_steps(steps: &[Step], sites: &[String], path: &str) -> Result<(), St
                     return Err(format!("{at}: hours must be within (0, 24]"));
                 }
             }
+            Step::TrytonSell { .. } if !erp => return Err(format!("{at}: tryton_sell needs erp = \"tryton\"")),
+            Step::TrytonSell { sales, date, .. } => {
+                if *sales == 0 || *sales > 1000 {
+                    return Err(format!("{at}: tryton_sell needs 1 <= sales <= 1000"));
+                }
+                if let Some(d) = date {
+                    let ok = d.len() == 10 && d.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+                    if !ok {
+                        return Err(format!("{at}: date \"{d}\" is not YYYY-MM-DD"));
+                    }
+                }
+            }
             Step::AddProducts { count, .. } if *count == 0 || *count > 10_000 => return Err(format!("{at}: add_products needs 1 <= count <= 10000")),
             Step::Pause { seconds } if !(*seconds >= 0.0 && *seconds <= 3600.0) => return Err(format!("{at}: pause needs 0 <= seconds <= 3600")),
             Step::Repeat { times, steps } => {
                 if *times == 0 || steps.is_empty() {
                     return Err(format!("{at}: repeat needs times >= 1 and at least one step"));
                 }
-                validate_steps(steps, sites, &format!("{at}.step"))?;
+                validate_steps(steps, sites, &format!("{at}.step"), erp)?;
             }
             _ => {}
         }
@@ -304,6 +360,7 @@ impl Step {
             | Step::EditPrices { site, .. }
             | Step::ReceiveStock { site, .. }
             | Step::Sql { site, .. }
+            | Step::TrytonSell { site, .. }
             | Step::Cut { site }
             | Step::Restore { site }
             | Step::KillDaemon { site }
@@ -323,7 +380,7 @@ mod tests {
 
     #[test]
     fn shipped_scenarios_parse() {
-        for f in ["pos-offline", "module-install", "flapping-link", "crash-recovery"] {
+        for f in ["pos-offline", "module-install", "flapping-link", "crash-recovery", "tryton-offline"] {
             let path = format!("{}/../{f}.toml", env!("CARGO_MANIFEST_DIR"));
             let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
             let s = Scenario::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
@@ -349,6 +406,14 @@ mod tests {
         assert!(e.contains("colour"), "{e}");
         let e = Scenario::parse(&OK.replace("branch1", "main"), "f.toml").unwrap_err().to_string();
         assert!(e.contains("not on the main"), "{e}");
+        let sell = "name = \"x\"\ndescription = \"d\"\n[[step]]\ndo = \"tryton_sell\"\nsite = \"branch1\"\nsales = 2\n";
+        let e = Scenario::parse(sell, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("step[0]") && e.contains("erp = \"tryton\""), "{e}");
+        assert!(Scenario::parse(&format!("erp = \"tryton\"\n{sell}"), "f.toml").is_ok());
+        let e = Scenario::parse(&format!("erp = \"odoo\"\n{sell}"), "f.toml").unwrap_err().to_string();
+        assert!(e.contains("only ERP"), "{e}");
+        let e = Scenario::parse(&format!("erp = \"tryton\"\n{sell}date = \"2026-13\"\n"), "f.toml").unwrap_err().to_string();
+        assert!(e.contains("YYYY-MM-DD"), "{e}");
         let nested = "name = \"x\"\ndescription = \"d\"\n[[step]]\ndo = \"repeat\"\ntimes = 2\n[[step.step]]\ndo = \"sell\"\nsite = \"branch1\"\norders = 0\n";
         let e = Scenario::parse(nested, "f.toml").unwrap_err().to_string();
         assert!(e.contains("step[0].step[0]"), "{e}");

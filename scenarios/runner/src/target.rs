@@ -107,6 +107,33 @@ impl Target {
         }
     }
 
+    /// `n` sales through site `i`'s Tryton server dated `date`: per sale its
+    /// receipt and account-move numbers. The compose stack's erp profile
+    /// only (a scenario with `erp` is refused on the local target).
+    pub async fn tryton_sell(&mut self, i: usize, n: u32, date: Option<&str>) -> Result<Vec<(String, String)>, ScenarioError> {
+        match self {
+            Target::Local(_) => Err(ScenarioError::Setup("selling through Tryton needs the compose target (its erp profile)\nHINT: Run the scenario with --target compose.".into())),
+            Target::Compose(t) => t.tryton_sell(i, n, date).await,
+        }
+    }
+
+    /// `branchsync verify` at site `i` (a branch): whether every replicated
+    /// table agrees with the main's, and what it printed.
+    pub async fn verify(&mut self, i: usize) -> Result<(bool, String), ScenarioError> {
+        match self {
+            Target::Local(t) => t.verify(i).await,
+            Target::Compose(t) => t.verify(i).await,
+        }
+    }
+
+    /// The text of the ERP preset `name` as the sites' binary ships it.
+    pub async fn preset(&self, name: &str) -> Result<String, ScenarioError> {
+        match self {
+            Target::Local(t) => t.preset(name).await,
+            Target::Compose(t) => t.preset(name).await,
+        }
+    }
+
     /// The last `n` lines of site `i`'s daemon log (for a failure report).
     pub async fn log_tail(&self, i: usize, n: usize) -> String {
         match self {
