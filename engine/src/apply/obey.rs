@@ -50,7 +50,9 @@
 //!
 //! Mistakes heal: a row written here over a local delete that was not yet
 //! known (capture writes tombstones back asynchronously) is set right by the
-//! echo of that delete.
+//! echo of that delete, and a row written back under a key that a local
+//! update changed since (an ERP giving a new record its parent's id) by the
+//! echo of that update, which takes the row away from its old key.
 //!
 //! Tables without a key are multisets without decisions: other nodes' changes
 //! are applied as they come, this node's own are not applied twice.
@@ -134,7 +136,21 @@ impl Applier {
             // The main's whole row: written (or inserted back) unless a
             // newer local change of it is on its way.
             for ch in run {
-                if let RowChange::Update { new, .. } = ch {
+                if let RowChange::Update { old, new, .. } = ch {
+                    // An update that gave the row a new key moved it away
+                    // from its old one, here as at the main. The echo of
+                    // the insert before it may have written the row back
+                    // under that old key (this node's own tombstone of it
+                    // not yet known): it goes, as an echoed delete would
+                    // take it (not over a newer local change).
+                    if let Some(o) = old {
+                        let old_key: Vec<Option<&str>> = ks.iter().map(|k| o.values.get(*k).and_then(Value::as_text)).collect();
+                        let new_key: Vec<Option<&str>> = ks.iter().map(|k| new.get(*k).and_then(Value::as_text)).collect();
+                        if old_key != new_key && !ks.iter().any(|k| matches!(new.get(*k), Some(Value::Unchanged))) {
+                            let arrays: Vec<Vec<Option<&str>>> = old_key.iter().map(|v| vec![*v]).collect();
+                            self.delete_keys(e, &m, &arrays).await?;
+                        }
+                    }
                     self.obey_insert(e, &m, desc, new).await?;
                 }
             }
@@ -153,20 +169,8 @@ impl Applier {
             })
             .collect();
         let key_arrays: Vec<Vec<Option<&str>>> = (0..ks.len()).map(|j| old_keys.iter().map(|k| k[j]).collect()).collect();
-        let ts = e.header.commit_ts_us;
         if matches!(run[0], RowChange::Delete { .. }) {
-            let guard = self.guard_for(e, ks.len() + 1);
-            let mut types = vec![Type::TEXT_ARRAY; ks.len()];
-            if guard.takes_ts() {
-                types.push(Type::INT8);
-            }
-            let st = self.stmt(&sql::delete_guarded(&m.table, guard), &types).await?;
-            let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            if guard.takes_ts() {
-                params.push(&ts);
-            }
-            self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
-            return Ok(());
+            return self.delete_keys(e, &m, &key_arrays).await;
         }
         let RowChange::Update { new: first, .. } = &run[0] else { return Ok(()) };
         let set_src: Vec<usize> = (0..m.targets.len())
@@ -182,6 +186,24 @@ impl Applier {
         let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         params.extend(vals.iter().map(|a| a as &(dyn ToSql + Sync)));
         self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying updates to {}", m.table.name)))?;
+        Ok(())
+    }
+
+    /// Deletes the rows of `m` with the given keys (one array per key
+    /// column), within the guard of `e`.
+    async fn delete_keys(&mut self, e: &LogEntry, m: &Mapping, key_arrays: &[Vec<Option<&str>>]) -> Result<(), EngineError> {
+        let guard = self.guard_for(e, key_arrays.len() + 1);
+        let mut types = vec![Type::TEXT_ARRAY; key_arrays.len()];
+        if guard.takes_ts() {
+            types.push(Type::INT8);
+        }
+        let ts = e.header.commit_ts_us;
+        let st = self.stmt(&sql::delete_guarded(&m.table, guard), &types).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        if guard.takes_ts() {
+            params.push(&ts);
+        }
+        self.conn.client.execute(&st, &params).await.map_err(EngineError::pg(format!("applying deletes to {}", m.table.name)))?;
         Ok(())
     }
 
