@@ -182,6 +182,14 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 /// Formats an LSN as PostgreSQL does (`16/B374D848`).
+/// `s` as an SQL string literal that means `s` whatever
+/// `standard_conforming_strings` says (an `E''` string, backslashes and
+/// quotes doubled): for statements sent as simple queries, where a value
+/// cannot be a parameter.
+pub fn quote_literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 pub fn fmt_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
@@ -202,6 +210,28 @@ mod tests {
         assert_eq!(with("host=x user=postgres", "s3cret").as_deref(), Some("s3cret"));
         assert_eq!(with("host=x user=postgres password=given", "s3cret").as_deref(), Some("given"));
         assert_eq!(with("host=x", ""), None);
+    }
+
+    /// A literal reads back as the string it was made of, quotes,
+    /// backslashes and JSON escapes included, with either setting of
+    /// `standard_conforming_strings` (DDL replay sends a sealed JSON
+    /// message this way).
+    #[tokio::test]
+    async fn a_literal_reads_back_as_its_string_whatever_the_server_makes_of_backslashes() {
+        let pg = crate::test_utils::PgCluster::start();
+        let c = pg.connect().await;
+        let texts = ["plain", "it's", "a\\b", "\\'", "''\\\\", r#"{"sql":"CREATE TABLE \"x\" (a text DEFAULT 'q\\n')"}"#, "tab\there", "ünï çødé", ""];
+        for setting in ["on", "off"] {
+            c.batch_execute(&format!("SET standard_conforming_strings = {setting}")).await.unwrap();
+            for t in texts {
+                let rows = c.simple_query(&format!("SELECT {}", super::quote_literal(t))).await.unwrap();
+                let got = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                });
+                assert_eq!(got.as_deref(), Some(t), "standard_conforming_strings = {setting}");
+            }
+        }
     }
 
     #[test]

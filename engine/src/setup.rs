@@ -565,7 +565,7 @@ pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &S
          INSERT INTO branchsync.daemon_role (rolname) VALUES ({lit});
          GRANT SELECT ON branchsync.daemon_role TO PUBLIC;",
         db = quote_ident(&db),
-        lit = quote_literal(&role.name),
+        lit = crate::pg::quote_literal(&role.name),
     );
     let funcs = tx
         .query(
@@ -653,9 +653,6 @@ pub async fn grant_daemon_role(client: &mut Client, role: &DaemonRole, scope: &S
     Ok(DaemonRoleReport { created, tables: tables.len(), member_of, row_security })
 }
 
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 /// What `init --restored` found and did.
 #[derive(Debug, Clone)]

@@ -429,13 +429,13 @@ impl<'a> TableReader<'a> {
         }
         let rel = format!("ONLY {}.{}", quote_ident(&scan.table.schema), quote_ident(&scan.table.name));
         // The columns this site has and the other does not are left out.
-        let left_out: Vec<String> = shape.columns.iter().filter(|c| !scan.columns.contains(c)).map(|c| quote_literal(c)).collect();
+        let left_out: Vec<String> = shape.columns.iter().filter(|c| !scan.columns.contains(c)).map(|c| crate::pg::quote_literal(c)).collect();
         let row = if left_out.is_empty() { "to_jsonb(t)".to_string() } else { format!("(to_jsonb(t) - ARRAY[{}]::text[])", left_out.join(", ")) };
         let keyed = if scan.key.is_empty() {
             // A keyless table: the whole row is the key.
             format!("SELECT r AS k, r FROM (SELECT {row}::text AS r FROM {rel} t) s0")
         } else {
-            let key = scan.key.iter().map(|k| format!("{}, t.{}", quote_literal(k), quote_ident(k))).collect::<Vec<_>>().join(", ");
+            let key = scan.key.iter().map(|k| format!("{}, t.{}", crate::pg::quote_literal(k), quote_ident(k))).collect::<Vec<_>>().join(", ");
             format!("SELECT jsonb_build_object({key})::text AS k, {row}::text AS r FROM {rel} t")
         };
         let mask = scan.buckets - 1;
@@ -605,9 +605,6 @@ pub async fn emit_repairs(client: &Client, mark_key: &[u8], main_node: &str, to:
     r
 }
 
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 /// This site's own copy, read directly.
 impl Site for TableReader<'_> {

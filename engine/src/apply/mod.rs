@@ -1082,26 +1082,36 @@ impl Applier {
                     continue;
                 }
             };
+            // Three round trips: savepoint, search_path and role; the
+            // statement alone (its error is the statement's); then back to
+            // branchsync's role, the author's message, release.
+            let msg = DdlMessage {
+                query: checked.sql.clone(),
+                search_path: d.search_path.clone(),
+                role: d.role.clone(),
+                tag: d.tag.clone(),
+                ordinal: 1,
+                key: format!("apply/{}/{}/{}", self.stream, e.pos, self.stats.ddl_applied),
+            };
+            // The main relays it: apply's own DDL is not emitted by the
+            // trigger (REPLAYING_GUC), so write the author's message here.
+            let json = crate::marks::seal_text(&self.cfg.mark_key, ddl::DDL_MESSAGE_PREFIX, self.xid, &serde_json::to_string(&msg).unwrap_or_default());
+            let lit = crate::pg::quote_literal;
+            let before = format!(
+                "SAVEPOINT branchsync_ddl; SELECT pg_catalog.set_config('search_path', {}, true); SET LOCAL ROLE {}",
+                lit(&d.search_path),
+                branchsync_proto::changeset::quote_ident(&role)
+            );
+            let after = format!(
+                "RESET ROLE; SELECT pg_catalog.pg_logical_emit_message(true, {}::text, {}::text); RELEASE SAVEPOINT branchsync_ddl",
+                lit(ddl::DDL_MESSAGE_PREFIX),
+                lit(&json)
+            );
             let c = &self.conn.client;
-            c.batch_execute("SAVEPOINT branchsync_ddl").await.map_err(EngineError::pg("setting a savepoint for DDL"))?;
             let run = async {
-                c.execute("SELECT set_config('search_path', $1, true)", &[&d.search_path]).await?;
-                c.batch_execute(&format!("SET LOCAL ROLE {}", branchsync_proto::changeset::quote_ident(&role))).await?;
+                c.batch_execute(&before).await?;
                 c.batch_execute(&checked.sql).await?;
-                c.batch_execute("RESET ROLE").await?;
-                // The main relays it: apply's own DDL is not emitted by the
-                // trigger (REPLAYING_GUC), so write the author's message here.
-                let msg = DdlMessage {
-                    query: checked.sql.clone(),
-                    search_path: d.search_path.clone(),
-                    role: d.role.clone(),
-                    tag: d.tag.clone(),
-                    ordinal: 1,
-                    key: format!("apply/{}/{}/{}", self.stream, e.pos, self.stats.ddl_applied),
-                };
-                let json = crate::marks::seal_text(&self.cfg.mark_key, ddl::DDL_MESSAGE_PREFIX, self.xid, &serde_json::to_string(&msg).unwrap_or_default());
-                c.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&ddl::DDL_MESSAGE_PREFIX, &json]).await?;
-                c.batch_execute("RELEASE SAVEPOINT branchsync_ddl").await
+                c.batch_execute(&after).await
             }
             .await;
             match run {
@@ -1140,69 +1150,66 @@ impl Applier {
     /// not be a superuser, and branchsync's role must be a member of it
     /// (`init` makes it one of every owner). `Ok(Err(why))` when no role is
     /// usable.
+    ///
+    /// One round trip (a module install replays thousands of statements):
+    /// the author's `search_path` is set and every candidate is looked up
+    /// in one simple query, values written as literals.
     async fn ddl_role(&mut self, d: &DdlChange, checked: &parse::Checked) -> Result<Result<String, String>, EngineError> {
-        let c = &self.conn.client;
+        use branchsync_proto::changeset::quote_ident;
+        let lit = crate::pg::quote_literal;
         let role = match &self.cfg.ddl.run_as {
-            Some(r) => Some(r.clone()),
+            Some(r) => lit(r),
             None => {
-                c.execute("SELECT set_config('search_path', $1, true)", &[&d.search_path])
-                    .await
-                    .map_err(EngineError::pg("setting the author's search_path"))?;
-                let mut owner = None;
-                for t in &checked.targets {
-                    let name = match &t.schema {
-                        Some(s) => format!("{}.{}", branchsync_proto::changeset::quote_ident(s), branchsync_proto::changeset::quote_ident(&t.name)),
-                        None => branchsync_proto::changeset::quote_ident(&t.name),
-                    };
-                    owner = c
-                        .query_opt("SELECT o.rolname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE c.oid = pg_catalog.to_regclass($1)", &[&name])
-                        .await
-                        .map_err(EngineError::pg("looking up the owner of a table the DDL names"))?
-                        .map(|r| r.get::<_, String>(0));
-                    if owner.is_some() {
-                        break;
-                    }
-                }
-                // A new object: the role that made it at the author, if this
-                // node lets branchsync act as it (init made branchsync a
-                // member of the roles that own replicated tables or may
-                // create tables in a replicated schema).
-                if owner.is_none() {
-                    owner = c
-                        .query_opt(
-                            "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolname = $1 AND NOT rolsuper AND pg_has_role(current_user, oid, 'MEMBER')",
-                            &[&d.role],
-                        )
-                        .await
-                        .map_err(EngineError::pg("looking up the author's role"))?
-                        .map(|r| r.get::<_, String>(0));
-                }
-                match owner {
-                    Some(o) => Some(o),
-                    None => c
-                        .query_opt(
-                            "SELECT o.rolname::text FROM branchsync.known_tables k JOIN pg_catalog.pg_class c ON c.oid = k.relid \
-                             JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE NOT o.rolsuper GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
-                            &[],
-                        )
-                        .await
-                        .map_err(EngineError::pg("looking up the owner of the replicated tables"))?
-                        .map(|r| r.get::<_, String>(0)),
-                }
+                let targets: Vec<String> = checked
+                    .targets
+                    .iter()
+                    .map(|t| match &t.schema {
+                        Some(s) => format!("{}.{}", quote_ident(s), quote_ident(&t.name)),
+                        None => quote_ident(&t.name),
+                    })
+                    .map(|n| lit(&n))
+                    .collect();
+                // The owner of the first relation named that exists; else
+                // a new object: the role that made it at the author, if
+                // this node lets branchsync act as it (init made branchsync
+                // a member of the roles that own replicated tables or may
+                // create tables in a replicated schema); else the role
+                // owning most replicated tables.
+                format!(
+                    "coalesce(\
+                       (SELECT o.rolname::text FROM unnest(ARRAY[{targets}]::text[]) WITH ORDINALITY AS u(name, i) \
+                        JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(u.name) \
+                        JOIN pg_catalog.pg_roles o ON o.oid = c.relowner ORDER BY u.i LIMIT 1), \
+                       (SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolname = {author} AND NOT rolsuper AND pg_has_role(current_user, oid, 'MEMBER')), \
+                       (SELECT o.rolname::text FROM branchsync.known_tables k JOIN pg_catalog.pg_class c ON c.oid = k.relid \
+                        JOIN pg_catalog.pg_roles o ON o.oid = c.relowner WHERE NOT o.rolsuper GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1))",
+                    targets = targets.join(", "),
+                    author = lit(&d.role),
+                )
             }
         };
-        let Some(role) = role else {
+        let sql = format!(
+            "SELECT pg_catalog.set_config('search_path', {search_path}, true); \
+             SELECT r.role, s.rolsuper::text, pg_catalog.pg_has_role(current_user, s.oid, 'MEMBER')::text \
+             FROM (SELECT {role} AS role) r LEFT JOIN pg_catalog.pg_roles s ON s.rolname = r.role",
+            search_path = lit(&d.search_path),
+        );
+        let answer = self.conn.client.simple_query(&sql).await.map_err(EngineError::pg("looking up the role to replay DDL as"))?;
+        let row = answer.iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        }).last();
+        let Some(row) = row else {
+            return Err(EngineError::Corrupt("looking up the role to replay DDL as returned no row".into()));
+        };
+        let Some(role) = row.get(0).map(str::to_string) else {
             return Ok(Err("no replicated table here is owned by a role other than a superuser, and [ddl] run_as is not set. Set [ddl] run_as to the ERP's role.".into()));
         };
-        let row = c
-            .query_opt("SELECT rolsuper, pg_has_role(current_user, oid, 'MEMBER') FROM pg_catalog.pg_roles WHERE rolname = $1", &[&role])
-            .await
-            .map_err(EngineError::pg("looking up the DDL role"))?;
-        Ok(match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
-            None => Err(format!("role \"{role}\" does not exist here. Create the ERP's role at every site, or set [ddl] run_as.")),
-            Some((true, _)) => Err(format!("role \"{role}\" owns the table here and is a superuser. Run the ERP as a non-superuser role, or set [ddl] run_as to one.")),
-            Some((false, false)) => Err(format!("branchsync's role is not a member of role \"{role}\" here. Run branchsync init again (it grants the owners of replicated tables), or GRANT {role} TO branchsync's role.")),
-            Some((false, true)) => Ok(role),
+        Ok(match (row.get(1), row.get(2)) {
+            (None, _) => Err(format!("role \"{role}\" does not exist here. Create the ERP's role at every site, or set [ddl] run_as.")),
+            (Some("true"), _) => Err(format!("role \"{role}\" owns the table here and is a superuser. Run the ERP as a non-superuser role, or set [ddl] run_as to one.")),
+            (Some(_), Some("true")) => Ok(role),
+            (Some(_), _) => Err(format!("branchsync's role is not a member of role \"{role}\" here. Run branchsync init again (it grants the owners of replicated tables), or GRANT {role} TO branchsync's role.")),
         })
     }
 
