@@ -17,9 +17,11 @@
 //!   sales: pgbench's TPC-B-like transactions at a branch cut off from the
 //!   main (`BENCH_PGBENCH_SECONDS`, default 15, 4 clients), once with the
 //!   daemon capturing and once with `pg_recvlogical` draining an equivalent
-//!   slot (pgoutput, the same publication) instead, in alternating order;
+//!   slot (pgoutput, the same publication) instead, twice each per round in
+//!   the order A B B A (which of them is A alternates between rounds);
 //!   with each, how long after pgbench ends the daemon's capture has caught
-//!   up with the WAL (the site's log holds every sale);
+//!   up with the WAL (the site's log holds every sale), and where the
+//!   machine's CPU went during each run (per kind of process, from `/proc`);
 //! - `capture-open`: the same while a till holds a transaction open for
 //!   each whole run (`BENCH_OPEN_SECONDS`, default 60): the slot's restart
 //!   point cannot pass it, so a capture that decodes again from there on
@@ -359,8 +361,11 @@ async fn capture_rounds(rounds: usize, open: bool) -> String {
         println!("round {round}: pg_recvlogical {theirs:.0} TPS | branchsync capturing {ours:.0} TPS | ratio {:.2}x | capture caught up {lag:.1} s after pgbench ended", ours / theirs);
         rows.push((theirs, ours, lag));
     }
+    // Also every round's steps together: over an even number of rounds
+    // each side ran as often in the outer as in the middle positions.
+    let pooled = rows.iter().map(|p| p.1).sum::<f64>() / rows.iter().map(|p| p.0).sum::<f64>();
     let line = format!(
-        "{what} (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x; caught up {:.1} s after the run",
+        "{what} (pgbench at a branch): pg_recvlogical {:.0} TPS, branchsync {:.0} TPS, median ratio {:.2}x (all rounds pooled {pooled:.2}x); caught up {:.1} s after the run",
         mid(rows.iter().map(|p| p.0).collect()),
         mid(rows.iter().map(|p| p.1).collect()),
         mid(rows.iter().map(|p| p.1 / p.0).collect()),
@@ -382,9 +387,10 @@ fn pgbench_tps(site: &Site, seconds: i64) -> f64 {
         .unwrap_or_else(|| panic!("no TPS in pgbench's output: {text}"))
 }
 
-/// One paired run on fresh clusters: (TPS beside `pg_recvlogical`, TPS
-/// beside the capturing daemon, seconds from the end of its pgbench run
-/// until capture had caught up); `recvlogical_first` sets the order; with
+/// One paired run on fresh clusters, four pgbench runs in the order A B B
+/// A: (mean TPS beside `pg_recvlogical`, mean TPS beside the capturing
+/// daemon, seconds from the end of its last pgbench run until capture had
+/// caught up); `recvlogical_first` makes `pg_recvlogical` A; with
 /// `open`, a till's transaction stays open at the branch throughout.
 async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f64, f64, f64) {
     let mut topo = Topology::prepare(1, &format!("{POS_SCHEMA}CREATE ROLE erp LOGIN; GRANT CREATE ON SCHEMA public TO erp;")).await;
@@ -427,8 +433,21 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
     let mut ours = None;
     let mut theirs = None;
     let mut lag = f64::NAN;
-    for step in 0..2 {
-        if (step == 0) == recvlogical_first {
+    // Each step starts from the same state: the dead rows of the step
+    // before vacuumed, its dirty pages written (a checkpoint or a vacuum
+    // falling into one step's 15 s but not the other's moved single
+    // rounds by 10-20%).
+    let settle = || async {
+        branch.batch_execute("VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts, pgbench_history").await.expect("vacuum pgbench's tables");
+        branch.batch_execute("CHECKPOINT").await.expect("checkpoint the branch");
+    };
+    // Four steps, A B B A: the machine's speed drifts over minutes (by tens
+    // of percent on a shared two-core machine), and in this order a steady
+    // drift weighs on both sides alike.
+    let (mut theirs_sum, mut ours_sum) = (0.0, 0.0);
+    for step in 0..4 {
+        settle().await;
+        if (step == 0 || step == 3) == recvlogical_first {
             // The daemon stopped; pg_recvlogical drains a slot of the same
             // publication while pgbench runs.
             topo.branches[0].stop();
@@ -442,7 +461,11 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
                 .spawn()
                 .expect("start pg_recvlogical");
             open_till().await;
-            theirs = Some(pgbench_tps(&topo.branches[0], seconds));
+            let cpu0 = cpu_reading(&topo.main, &topo.branches[0]);
+            let tps = pgbench_tps(&topo.branches[0], seconds);
+            theirs_sum += tps;
+            theirs = Some(theirs_sum / if theirs.is_some() { 2.0 } else { 1.0 });
+            print_cpu(&format!("beside pg_recvlogical, {tps:.0} TPS"), &cpu0, &cpu_reading(&topo.main, &topo.branches[0]));
             let _ = child.kill();
             let _ = child.wait();
             close_till().await;
@@ -458,7 +481,11 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
             .await;
             let before = wait_status(&topo.branches[0], "branch status", Duration::from_secs(60), |_| true).await["captured_transactions"].as_i64().unwrap_or(0);
             open_till().await;
-            ours = Some(pgbench_tps(&topo.branches[0], seconds));
+            let cpu0 = cpu_reading(&topo.main, &topo.branches[0]);
+            let tps = pgbench_tps(&topo.branches[0], seconds);
+            ours_sum += tps;
+            ours = Some(ours_sum / if ours.is_some() { 2.0 } else { 1.0 });
+            print_cpu(&format!("beside the daemon, {tps:.0} TPS"), &cpu0, &cpu_reading(&topo.main, &topo.branches[0]));
             let ended = Instant::now();
             let end: u64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get::<_, i64>(0).try_into().unwrap_or(0);
             wait_status(&topo.branches[0], "the branch captured pgbench's transactions", Duration::from_secs(1800), |s| {
@@ -473,6 +500,88 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
     let st = recv(&["--drop-slot"]).status().expect("run pg_recvlogical --drop-slot");
     assert!(st.success(), "pg_recvlogical --drop-slot");
     (theirs.unwrap_or(f64::NAN), ours.unwrap_or(f64::NAN), lag)
+}
+
+/// Where the machine's CPU went while pgbench ran: per kind of process,
+/// from `/proc` (utime + stime of every process, and of the children the
+/// postmasters and this process reaped in the meantime: pgbench's
+/// backends and pgbench itself end before the second reading).
+struct CpuReading {
+    at: Instant,
+    by_kind: std::collections::BTreeMap<String, f64>,
+}
+
+fn cpu_reading(main: &Site, branch: &Site) -> CpuReading {
+    let (main_pm, branch_pm) = (postmaster_pid(main).unwrap_or(0), postmaster_pid(branch).unwrap_or(0));
+    let (main_d, branch_d) = (main.pid().unwrap_or(0), branch.pid().unwrap_or(0));
+    let me = std::process::id();
+    let mut by_kind = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Ok(pid) = name.parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let comm = &stat[open + 1..close];
+        let f: Vec<u64> = stat[close + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        let own = f.get(11..13).map_or(0, |t| t.iter().sum::<u64>()) as f64 / 100.0;
+        let reaped = f.get(13..15).map_or(0, |t| t.iter().sum::<u64>()) as f64 / 100.0;
+        let ppid = f.get(1).copied().unwrap_or(0) as u32;
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+        let site = if ppid == main_pm || pid == main_pm { Some("main") } else if ppid == branch_pm || pid == branch_pm { Some("branch") } else { None };
+        let kind = if pid == branch_d {
+            "branch daemon".to_string()
+        } else if pid == main_d {
+            "main daemon".to_string()
+        } else if let Some(site) = site {
+            let title = cmdline.trim().strip_prefix("postgres: ").unwrap_or("postmaster");
+            let what = if title.starts_with("walsender") {
+                "walsender".to_string()
+            } else if title.contains('(') {
+                format!("backend of {}", title.split_whitespace().next().unwrap_or("?"))
+            } else {
+                title.to_string()
+            };
+            format!("{site} pg: {what}")
+        } else {
+            comm.to_string()
+        };
+        // The processes that wake for each transaction: how often their
+        // threads were switched out (voluntarily or not).
+        if kind.contains("daemon") || kind.contains("walsender") || kind == "pg_recvlogical" {
+            let mut switches = 0u64;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                switches += status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            *by_kind.entry(format!("{kind} (thousand context switches)")).or_insert(0.0) += switches as f64 / 1000.0;
+        }
+        *by_kind.entry(kind).or_insert(0.0) += own;
+        if pid == main_pm || pid == branch_pm || pid == me {
+            let who = if pid == me { "bench's ended children (pgbench)".to_string() } else { format!("{} pg: ended backends", site.unwrap_or("?")) };
+            *by_kind.entry(who).or_insert(0.0) += reaped;
+        }
+    }
+    CpuReading { at: Instant::now(), by_kind }
+}
+
+/// Prints the CPU seconds each kind of process used between two readings
+/// (the larger ones), and the machine's total beside the wall time.
+fn print_cpu(step: &str, before: &CpuReading, after: &CpuReading) {
+    let wall = after.at.duration_since(before.at).as_secs_f64();
+    let mut used: Vec<(String, f64)> = after
+        .by_kind
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.by_kind.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d >= 0.05)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = used.iter().filter(|u| !u.0.contains("context switches")).map(|u| u.1).sum();
+    let parts: Vec<String> = used.iter().take(14).map(|(k, d)| format!("{k} {d:.1}")).collect();
+    println!("  cpu {step}: {total:.1} s in {wall:.1} s of wall time: {}", parts.join(", "));
 }
 
 /// CPU seconds so far of each PostgreSQL process a cluster runs now, by
