@@ -31,7 +31,9 @@ fi
 export BRANCHSYNC_TRYTON_BIN="$tryton_venv/bin"
 
 features="branchsync-server/failpoints"
-cargo build --workspace --bins --features "$features"
+# The binaries and every test target in one build (cargo schedules them
+# together; `cargo test` below then only runs them).
+cargo build --workspace --bins --tests --features "$features"
 
 # The compose target: the images (no registry needed) and the scenarios
 # pos-offline and tryton-offline against the docker-compose stack, with real
