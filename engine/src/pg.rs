@@ -181,7 +181,6 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-/// Formats an LSN as PostgreSQL does (`16/B374D848`).
 /// `s` as an SQL string literal that means `s` whatever
 /// `standard_conforming_strings` says (an `E''` string, backslashes and
 /// quotes doubled): for statements sent as simple queries, where a value
@@ -190,6 +189,7 @@ pub fn quote_literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
+/// Formats an LSN as PostgreSQL does (`16/B374D848`).
 pub fn fmt_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }

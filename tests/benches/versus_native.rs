@@ -519,10 +519,7 @@ fn cpu_reading(main: &Site, branch: &Site) -> CpuReading {
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         let Ok(pid) = name.parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let comm = &stat[open + 1..close];
-        let f: Vec<u64> = stat[close + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        let Some((comm, f)) = proc_stat(pid) else { continue };
         let own = f.get(11..13).map_or(0, |t| t.iter().sum::<u64>()) as f64 / 100.0;
         let reaped = f.get(13..15).map_or(0, |t| t.iter().sum::<u64>()) as f64 / 100.0;
         let ppid = f.get(1).copied().unwrap_or(0) as u32;
@@ -543,7 +540,7 @@ fn cpu_reading(main: &Site, branch: &Site) -> CpuReading {
             };
             format!("{site} pg: {what}")
         } else {
-            comm.to_string()
+            comm
         };
         // The processes that wake for each transaction: how often their
         // threads were switched out (voluntarily or not).
@@ -601,10 +598,16 @@ async fn backend_cpu(c: &tokio_postgres::Client) -> std::collections::BTreeMap<i
 
 /// CPU seconds of one process (0 when it is gone).
 fn own_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some(close) = stat.rfind(')') else { return 0.0 };
-    let f: Vec<u64> = stat[close + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-    f.get(11..13).map_or(0, |t| t.iter().sum()) as f64 / 100.0
+    proc_stat(pid).map_or(0, |(_, f)| f.get(11..13).map_or(0, |t| t.iter().sum())) as f64 / 100.0
+}
+
+/// A process's command and the fields of `/proc/<pid>/stat` after it
+/// (numbered from 0 there: 1 = ppid, 11..15 = utime, stime, cutime,
+/// cstime, in clock ticks of 1/100 s).
+fn proc_stat(pid: u32) -> Option<(String, Vec<u64>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    Some((stat[open + 1..close].to_string(), stat[close + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0)).collect()))
 }
 
 /// The postmaster of a site's cluster.
@@ -616,13 +619,7 @@ fn postmaster_pid(site: &Site) -> Option<u32> {
 /// CPU seconds of a process, its children that ended (reaped), and its
 /// running children: a PostgreSQL cluster's whole use, given its postmaster.
 fn cpu_seconds(pid: u32) -> f64 {
-    // Fields after the command's closing parenthesis: 2 = ppid, 12..15 =
-    // utime, stime, cutime, cstime (clock ticks).
-    let fields = |pid: &str| -> Option<Vec<u64>> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 2..];
-        Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
-    };
+    let fields = |pid: &str| pid.parse().ok().and_then(proc_stat).map(|(_, f)| f);
     let mut ticks = 0;
     if let Some(f) = fields(&pid.to_string()) {
         ticks += f.get(11..15).map_or(0, |t| t.iter().sum());
