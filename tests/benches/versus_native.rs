@@ -430,8 +430,8 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
             till.batch_execute("VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts").await.expect("vacuum pgbench's tables");
         }
     };
-    let mut ours = None;
-    let mut theirs = None;
+    // TPS of each step beside pg_recvlogical and beside the daemon.
+    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
     let mut lag = f64::NAN;
     // Each step starts from the same state: the dead rows of the step
     // before vacuumed, its dirty pages written (a checkpoint or a vacuum
@@ -444,7 +444,6 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
     // Four steps, A B B A: the machine's speed drifts over minutes (by tens
     // of percent on a shared two-core machine), and in this order a steady
     // drift weighs on both sides alike.
-    let (mut theirs_sum, mut ours_sum) = (0.0, 0.0);
     for step in 0..4 {
         settle().await;
         if (step == 0 || step == 3) == recvlogical_first {
@@ -463,8 +462,7 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
             open_till().await;
             let cpu0 = cpu_reading(&topo.main, &topo.branches[0]);
             let tps = pgbench_tps(&topo.branches[0], seconds);
-            theirs_sum += tps;
-            theirs = Some(theirs_sum / if theirs.is_some() { 2.0 } else { 1.0 });
+            theirs.push(tps);
             print_cpu(&format!("beside pg_recvlogical, {tps:.0} TPS"), &cpu0, &cpu_reading(&topo.main, &topo.branches[0]));
             let _ = child.kill();
             let _ = child.wait();
@@ -483,8 +481,7 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
             open_till().await;
             let cpu0 = cpu_reading(&topo.main, &topo.branches[0]);
             let tps = pgbench_tps(&topo.branches[0], seconds);
-            ours_sum += tps;
-            ours = Some(ours_sum / if ours.is_some() { 2.0 } else { 1.0 });
+            ours.push(tps);
             print_cpu(&format!("beside the daemon, {tps:.0} TPS"), &cpu0, &cpu_reading(&topo.main, &topo.branches[0]));
             let ended = Instant::now();
             let end: u64 = branch.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.expect("read the WAL position").get::<_, i64>(0).try_into().unwrap_or(0);
@@ -499,7 +496,8 @@ async fn capture_round(recvlogical_first: bool, seconds: i64, open: bool) -> (f6
     }
     let st = recv(&["--drop-slot"]).status().expect("run pg_recvlogical --drop-slot");
     assert!(st.success(), "pg_recvlogical --drop-slot");
-    (theirs.unwrap_or(f64::NAN), ours.unwrap_or(f64::NAN), lag)
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    (mean(&theirs), mean(&ours), lag)
 }
 
 /// Where the machine's CPU went while pgbench ran: per kind of process,

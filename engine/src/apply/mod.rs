@@ -1157,7 +1157,8 @@ impl Applier {
     async fn ddl_role(&mut self, d: &DdlChange, checked: &parse::Checked) -> Result<Result<String, String>, EngineError> {
         use branchsync_proto::changeset::quote_ident;
         let lit = crate::pg::quote_literal;
-        let role = match &self.cfg.ddl.run_as {
+        // The role as an SQL expression, evaluated with the search_path set.
+        let role_sql = match &self.cfg.ddl.run_as {
             Some(r) => lit(r),
             None => {
                 let targets: Vec<String> = checked
@@ -1191,7 +1192,7 @@ impl Applier {
         let sql = format!(
             "SELECT pg_catalog.set_config('search_path', {search_path}, true); \
              SELECT r.role, s.rolsuper::text, pg_catalog.pg_has_role(current_user, s.oid, 'MEMBER')::text \
-             FROM (SELECT {role} AS role) r LEFT JOIN pg_catalog.pg_roles s ON s.rolname = r.role",
+             FROM (SELECT {role_sql} AS role) r LEFT JOIN pg_catalog.pg_roles s ON s.rolname = r.role",
             search_path = lit(&d.search_path),
         );
         let answer = self.conn.client.simple_query(&sql).await.map_err(EngineError::pg("looking up the role to replay DDL as"))?;
